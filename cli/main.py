@@ -1,0 +1,157 @@
+"""The ``itpk`` command line: a thin shell over the library.
+
+Each command parses options, calls one library verb, prints, and exits.
+Heavy libraries (numpy, scipy, pandas, pymc) are imported inside commands so
+that ``itpk --help`` is instant. Bad input of any kind (an :class:`ItpkError`)
+prints one message and exits 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from itpk.errors import ItpkError
+
+app = typer.Typer(
+    name="itpk",
+    help="Intratumoral-immunotherapy dose and pharmacokinetics modeller.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The model library: list models, show one.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn domain errors into one message on stderr and exit code 1."""
+    try:
+        yield
+    except ItpkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, float]:
+    """``NAME=VALUE`` pairs to a dict; every malformed pair is reported."""
+    out: dict[str, float] = {}
+    problems = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            problems.append(f"--set {pair!r}: expected NAME=NUMBER (e.g. --set CL=2.5)")
+    if problems:
+        raise ItpkError("; ".join(problems))
+    return out
+
+
+def _parse_times(text: str) -> list[float]:
+    try:
+        times = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ItpkError(f"--at {text!r}: expected comma-separated numbers, e.g. --at 0,0.5,1,2,4") from None
+    if not times:
+        raise ItpkError(f"--at {text!r}: no times given")
+    return times
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The model library, one row per model: name, agent, routes, outputs, description."""
+    from itpk.spec import builtin_models, load_model
+
+    with user_errors():
+        rows = [load_model(name) for name in builtin_models()]
+    width = max(len(s.name) for s in rows)
+    typer.echo(f"{'model':<{width}}  {'agent':<14} {'routes':<12} {'outputs':<22} description")
+    for s in rows:
+        kind = "" if s.is_linear else " [nonlinear]"
+        typer.echo(
+            f"{s.name:<{width}}  {s.agent:<14} {','.join(s.routes):<12} {','.join(s.outputs):<22} {s.description}{kind}"
+        )
+
+
+@models_app.command("show")
+def models_show(model: Annotated[str, typer.Argument(help="Built-in model name or path to a .toml file.")]) -> None:
+    """Compartments, flows/ODEs, routes, outputs and parameters (value, unit, prior, source)."""
+    from itpk.describe import describe_model
+    from itpk.spec import load_model
+
+    with user_errors():
+        typer.echo(describe_model(load_model(model)))
+
+
+@app.command()
+def simulate(
+    model: Annotated[str, typer.Argument(help="Built-in model name or path to a .toml file.")],
+    route: Annotated[str, typer.Option(help="Route of the dose (it, ia, iv, sc, po; the model's routes).")],
+    dose: Annotated[float, typer.Option(help="Amount per dose, in the receiving compartment's amount unit (see `itpk models show`).")],
+    out: Annotated[Path, typer.Option(help="Output CSV (long: ID,TIME,OUTPUT,VALUE,UNIT).")],
+    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h).")] = None,
+    doses: Annotated[int, typer.Option(help="Number of doses.")] = 1,
+    infusion: Annotated[float | None, typer.Option(help="Infusion duration, model time unit (h); bolus if omitted.")] = None,
+    horizon: Annotated[float | None, typer.Option(help="Last output time (h); default: last dose + one interval, at least 24 h.")] = None,
+    step: Annotated[float | None, typer.Option(help="Output grid step (h); default horizon/240.")] = None,
+    at: Annotated[str | None, typer.Option(help="Explicit output times, comma-separated (h); replaces --step/--horizon.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
+    subjects: Annotated[int, typer.Option(help="Virtual population size drawn from the model's IIV (1 = typical subject).")] = 1,
+    seed: Annotated[int | None, typer.Option(help="Seed of the virtual population draw.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also write a PNG figure (linear and log axes).")] = None,
+    quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
+) -> None:
+    """Concentration-time profiles of a regimen (a virtual population with --subjects)."""
+    from itpk.workflows import run_simulation
+
+    with user_errors():
+        result = run_simulation(
+            model,
+            route=route,
+            dose=dose,
+            every=every,
+            doses=doses,
+            infusion=infusion,
+            horizon=horizon,
+            step=step,
+            at=_parse_times(at) if at is not None else None,
+            overrides=_parse_sets(set_ or []),
+            subjects=subjects,
+            seed=seed,
+            out=out,
+            plot=plot,
+        )
+    if not quiet:
+        typer.echo(result.message)
+
+
+def _register_optional() -> None:
+    """Commands whose modules may land separately (data, nca)."""
+    try:
+        from itpk.cli.data import data_app, nca_command
+    except ImportError:  # pragma: no cover - only while a module is missing
+        return
+    app.add_typer(data_app, name="data")
+    app.command("nca")(nca_command)
+
+
+_register_optional()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Concentration-time figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from itpk.io import atomic_write
+from itpk.simulate import Profiles
+
+
+def plot_profiles(
+    profiles: Profiles,
+    path: str | Path,
+    *,
+    dose_times: Sequence[float] = (),
+    title: str = "",
+    max_lines: int = 20,
+) -> Path:
+    """Write a PNG: one row per output, linear axis left, log axis right.
+
+    A population (S > 1) is drawn as its median with the 5–95% band and up to
+    ``max_lines`` individual curves; dose times are marked on the time axis.
+    """
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(profiles.outputs)
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False, constrained_layout=True)
+    t = profiles.times
+    tu = profiles.spec.time_unit
+    for row, name in enumerate(names):
+        values = profiles.outputs[name]
+        unit = profiles.spec.outputs[name].unit
+        for col, scale in enumerate(("linear", "log")):
+            ax = axes[row, col]
+            _draw(ax, t, values, max_lines)
+            for dt in dose_times:
+                ax.axvline(dt, color="0.6", lw=0.8, ls=":", zorder=0)
+            ax.set_xlabel(f"time ({tu})")
+            ax.set_ylabel(f"{name} ({unit})")
+            ax.grid(alpha=0.3)
+            if scale == "log":
+                positive = values[values > 0]
+                if positive.size:
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    ax.set_ylim(max(positive.min(), positive.max() * 1e-6) * 0.8, positive.max() * 1.5)
+            ax.set_title(f"{name} — {scale} scale", fontsize=10)
+    fig.suptitle(title or profiles.spec.name)
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
+def _draw(ax, t: np.ndarray, values: np.ndarray, max_lines: int) -> None:  # noqa: ANN001
+    if values.shape[0] == 1:
+        ax.plot(t, values[0], color="C0", lw=1.8)
+        return
+    lo, med, hi = np.percentile(values, [5, 50, 95], axis=0)
+    for v in values[:max_lines]:
+        ax.plot(t, v, color="C0", lw=0.5, alpha=0.25)
+    ax.fill_between(t, lo, hi, color="C0", alpha=0.2, label="5–95%")
+    ax.plot(t, med, color="C0", lw=2, label="median")
+    ax.legend(fontsize=8, loc="best")

@@ -1,0 +1,596 @@
+"""Model specifications: the frozen, validated form of a model file.
+
+``load_model`` is the only place that finds and reads model files (TOML, see
+SPEC.md §3). Everything downstream (simulation, fitting, reports) works from a
+:class:`ModelSpec`; a parameter's TOML name is its identity everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from itpk.errors import ModelSpecError
+from itpk.expr import CONSTANTS, FUNCTIONS, Expr, parse_expr, state_degree
+
+AGENTS = ("small_molecule", "cytokine", "antibody", "peptide", "virus", "generic")
+ERROR_MODELS = ("additive", "proportional", "combined", "log")
+ELIMINATION = "out"
+PRIORS: dict[str, tuple[str, ...]] = {
+    "lognormal": ("median", "sigma"),
+    "normal": ("mu", "sigma"),
+    "halfnormal": ("sigma",),
+    "beta": ("alpha", "beta"),
+    "uniform": ("lower", "upper"),
+    "logitnormal": ("median", "sigma"),
+}
+DEFAULT_IIV_CV = 0.3
+_RESERVED = frozenset(FUNCTIONS) | frozenset(CONSTANTS) | {ELIMINATION}
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A prior distribution of a population parameter.
+
+    ``lognormal`` and ``logitnormal`` take the median (in the parameter's unit)
+    and ``sigma`` on the log/logit scale; the others take their usual arguments.
+    """
+
+    dist: str
+    args: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        if self.dist not in PRIORS:
+            raise ModelSpecError(f"prior distribution {self.dist!r} is unknown; allowed: {', '.join(PRIORS)}")
+        want = set(PRIORS[self.dist])
+        if set(self.args) != want:
+            raise ModelSpecError(
+                f"prior {self.dist!r} takes {', '.join(sorted(want))}; found {', '.join(sorted(self.args)) or 'nothing'}"
+            )
+        for key, value in self.args.items():
+            if not math.isfinite(value):
+                raise ModelSpecError(f"prior {self.dist!r}: {key} = {value} is not a finite number")
+        positive = {"sigma", "alpha", "beta"} | ({"median"} if self.dist == "lognormal" else set())
+        for key in positive & set(self.args):
+            if self.args[key] <= 0:
+                raise ModelSpecError(f"prior {self.dist!r}: {key} must be > 0, found {self.args[key]}")
+        if self.dist == "uniform" and not self.args["lower"] < self.args["upper"]:
+            raise ModelSpecError(f"prior 'uniform': lower must be < upper, found {dict(self.args)}")
+        if self.dist == "logitnormal" and not 0 < self.args["median"] < 1:
+            raise ModelSpecError(f"prior 'logitnormal': median must be in (0, 1), found {self.args['median']}")
+
+    def describe(self) -> str:
+        """Short text such as ``lognormal(median=2, sigma=0.5)``."""
+        inner = ", ".join(f"{k}={v:g}" for k, v in self.args.items())
+        return f"{self.dist}({inner})"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A model parameter with its default, unit and (optional) prior and IIV.
+
+    Attributes
+    ----------
+    iiv_cv : float or None
+        Between-subject variability as a coefficient of variation (0.3 = 30%),
+        log-normal (logit-normal for fractions); None when the parameter has none.
+    fraction : bool
+        True for parameters bounded to [0, 1] (leak, extraction, bioavailability).
+    """
+
+    name: str
+    value: float
+    unit: str
+    description: str = ""
+    prior: Prior | None = None
+    iiv_cv: float | None = None
+    fraction: bool = False
+    fixed: bool = False
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise ModelSpecError(f"parameter {self.name!r}: value {self.value} is not a finite number")
+        if self.fraction and not 0 <= self.value <= 1:
+            raise ModelSpecError(f"parameter {self.name!r}: a fraction must be in [0, 1], found {self.value}")
+        if self.iiv_cv is not None and not self.iiv_cv > 0:
+            raise ModelSpecError(f"parameter {self.name!r}: iiv must be a CV > 0, found {self.iiv_cv}")
+
+
+@dataclass(frozen=True)
+class Covariate:
+    """A subject-level input (weight, lesion diameter...) with its default."""
+
+    name: str
+    value: float
+    unit: str
+    description: str = ""
+    time_varying: bool = False
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A named quantity computed from parameters and covariates (e.g. ``V_T``)."""
+
+    name: str
+    expr: Expr
+    unit: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Compartment:
+    """A state of the ODE system: an amount, with an optional volume expression."""
+
+    name: str
+    amount_unit: str
+    volume: Expr | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A first-order transfer: amount/time = ``rate`` × amount in ``source``."""
+
+    source: str
+    target: str
+    rate: Expr
+
+    @property
+    def key(self) -> str:
+        return f"{self.source} -> {self.target}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a dose given by this route goes: compartment -> fraction expression."""
+
+    name: str
+    into: Mapping[str, Expr]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Output:
+    """A measurable quantity: an expression of amounts and parameters, with unit and error model."""
+
+    name: str
+    expr: Expr
+    unit: str
+    error: str = "proportional"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.error not in ERROR_MODELS:
+            raise ModelSpecError(f"output {self.name!r}: error {self.error!r} is unknown; allowed: {', '.join(ERROR_MODELS)}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model. Build it with :func:`load_model` (or :func:`parse_model`)."""
+
+    name: str
+    description: str
+    agent: str
+    time_unit: str
+    compartments: tuple[Compartment, ...]
+    parameters: Mapping[str, Parameter]
+    covariates: Mapping[str, Covariate]
+    derived: Mapping[str, Derived]
+    flows: tuple[Flow, ...]
+    odes: Mapping[str, Expr]
+    routes: Mapping[str, Route]
+    outputs: Mapping[str, Output]
+    references: tuple[str, ...] = ()
+    source: str = "<memory>"
+    text: str = field(default="", repr=False)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Compartment names in their declared (1-based CMT) order."""
+        return tuple(c.name for c in self.compartments)
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the system is made of first-order flows only and outputs are linear in amounts."""
+        states = frozenset(self.state_names)
+        return not self.odes and all(
+            (d := state_degree(o.expr, states)) is not None and d <= 1 for o in self.outputs.values()
+        )
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the resolved model text (with any ``extends`` chain)."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def index(self, compartment: str) -> int:
+        """0-based position of a compartment."""
+        return self.state_names.index(compartment)
+
+
+_TOP_KEYS = (
+    "name", "description", "agent", "time_unit", "references", "extends",
+    "compartments", "parameters", "covariates", "derived", "flows", "odes", "routes", "outputs",
+)
+_PARAM_KEYS = ("value", "unit", "description", "prior", "iiv", "fraction", "fixed", "source")
+_COV_KEYS = ("value", "unit", "description", "time_varying")
+_CMT_KEYS = ("amount_unit", "volume", "description")
+_OUT_KEYS = ("expr", "unit", "error", "description")
+_ROUTE_KEYS = ("into", "description")
+_DERIVED_KEYS = ("expr", "unit", "description")
+
+
+def builtin_models() -> list[str]:
+    """Names of the model files shipped with itpk, sorted."""
+    root = resources.files("itpk.models")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """Load a model by built-in name or by path to a TOML file.
+
+    Parameters
+    ----------
+    name_or_path
+        A built-in model name (``itpk models list``) or a path to a ``.toml`` file.
+
+    Raises
+    ------
+    ModelSpecError
+        If the model cannot be found or the file is invalid; the message names
+        the file, the key and the offending text.
+
+    Examples
+    --------
+    >>> spec = load_model("one_cpt_iv")
+    >>> sorted(spec.parameters)
+    ['CL', 'V']
+    """
+    raw, source = _read_resolved(str(name_or_path), seen=())
+    return parse_model(raw, source=source)
+
+
+def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """Read a model file and merge the chain of ``extends`` it names."""
+    text, source = _read_text(name_or_path)
+    if source in seen:
+        raise ModelSpecError(f"{source}: 'extends' forms a cycle: {' -> '.join((*seen, source))}")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelSpecError(f"{source}: not valid TOML ({exc})") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, source
+    if not isinstance(parent, str):
+        raise ModelSpecError(f"{source}: 'extends' must be a model name or path, found {parent!r}")
+    if not parent.endswith(".toml") and (Path(source).parent / f"{parent}.toml").is_file():
+        parent = str(Path(source).parent / f"{parent}.toml")
+    base, _ = _read_resolved(parent, seen=(*seen, source))
+    return _merge(base, raw), source
+
+
+def _read_text(name_or_path: str) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelSpecError(f"cannot read model file {str(path)!r}: {exc}") from None
+    names = builtin_models()
+    if name_or_path not in names:
+        raise ModelSpecError(f"unknown model {name_or_path!r}; built-in models: {', '.join(names)} (or a path to a .toml file)")
+    resource = resources.files("itpk.models") / f"{name_or_path}.toml"
+    return resource.read_text(encoding="utf-8"), f"models/{name_or_path}.toml"
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge tables (child wins key by key); arrays and values are replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>") -> ModelSpec:
+    """Validate a model given as a parsed TOML mapping; every problem is reported at once."""
+    return _Parser(raw, source).parse()
+
+
+class _Parser:
+    """Collects every problem in a model file, then raises one ModelSpecError."""
+
+    def __init__(self, raw: Mapping[str, Any], source: str) -> None:
+        self.raw = raw
+        self.source = source
+        self.problems: list[str] = []
+
+    def fail(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def parse(self) -> ModelSpec:
+        raw = self.raw
+        for key in raw:
+            if key not in _TOP_KEYS:
+                self.fail(f"key {key!r}", f"unknown top-level key; allowed: {', '.join(_TOP_KEYS)}")
+        name = self._string(raw, "name", required=True, where="key 'name'")
+        agent = self._string(raw, "agent", where="key 'agent'") or "generic"
+        if agent not in AGENTS:
+            self.fail("key 'agent'", f"{agent!r} is unknown; allowed: {', '.join(AGENTS)}")
+        compartments = self._compartments()
+        parameters = self._parameters()
+        covariates = self._covariates()
+        derived = self._derived()
+        states = tuple(c.name for c in compartments)
+        self._check_names(states, parameters, covariates, derived)
+        inputs = set(parameters) | set(covariates)
+        self._check_derived(derived, inputs)
+        known = inputs | set(derived)
+        flows = self._flows(states, known)
+        odes = self._odes(states, known)
+        routes = self._routes(states, known)
+        outputs = self._outputs(states, known)
+        if not compartments:
+            self.fail("[compartments]", "a model needs at least one compartment")
+        if not outputs:
+            self.fail("[outputs]", "a model needs at least one output")
+        if self.problems:
+            raise ModelSpecError(f"{self.source}: invalid model file\n  - " + "\n  - ".join(self.problems))
+        refs = raw.get("references", [])
+        return ModelSpec(
+            name=name,
+            description=self._string(raw, "description", where="key 'description'"),
+            agent=agent,
+            time_unit=self._string(raw, "time_unit", where="key 'time_unit'") or "h",
+            compartments=compartments,
+            parameters=parameters,
+            covariates=covariates,
+            derived=derived,
+            flows=flows,
+            odes=odes,
+            routes=routes,
+            outputs=outputs,
+            references=tuple(str(r) for r in refs) if isinstance(refs, list) else (str(refs),),
+            source=self.source,
+            text=_canonical_text(raw),
+        )
+
+    # -- small readers -------------------------------------------------------------
+    def _string(self, table: Mapping[str, Any], key: str, *, where: str, required: bool = False) -> str:
+        value = table.get(key)
+        if value is None:
+            if required:
+                self.fail(where, "is required")
+            return ""
+        if not isinstance(value, str):
+            self.fail(where, f"must be text, found {value!r}")
+            return ""
+        return value
+
+    def _table(self, key: str) -> Mapping[str, Any]:
+        value = self.raw.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(f"[{key}]", f"must be a table, found {value!r}")
+            return {}
+        return value
+
+    def _entry(self, section: str, name: str, value: Any, allowed: tuple[str, ...], shorthand: str) -> dict[str, Any]:
+        """An entry is a table, or a bare value meaning ``{shorthand = value}``."""
+        if not isinstance(value, dict):
+            return {shorthand: value}
+        for key in value:
+            if key not in allowed:
+                self.fail(f"[{section}] {name!r}", f"unknown key {key!r}; allowed: {', '.join(allowed)}")
+        return value
+
+    def _expr(self, text: Any, where: str) -> Expr | None:
+        try:
+            return parse_expr(text, where=where)
+        except ModelSpecError as exc:
+            self.problems.append(str(exc))
+            return None
+
+    def _number(self, value: Any, where: str) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(where, f"must be a number, found {value!r}")
+            return None
+        return float(value)
+
+    def _unknown_names(self, expr: Expr | None, allowed: set[str], where: str) -> None:
+        if expr is None:
+            return
+        unknown = sorted(expr.names - allowed)
+        if unknown:
+            self.fail(
+                where,
+                f"unknown name(s) {', '.join(unknown)} in {expr.text!r}; known here: {', '.join(sorted(allowed)) or 'none'}",
+            )
+
+    # -- sections --------------------------------------------------------------------
+    def _compartments(self) -> tuple[Compartment, ...]:
+        out = []
+        for name, value in self._table("compartments").items():
+            entry = self._entry("compartments", name, value, _CMT_KEYS, "amount_unit")
+            where = f"[compartments] {name!r}"
+            unit = entry.get("amount_unit")
+            if not isinstance(unit, str) or not unit:
+                self.fail(where, f"needs amount_unit (e.g. \"mg\"), found {unit!r}")
+                unit = ""
+            volume = self._expr(entry["volume"], f"{where} volume") if "volume" in entry else None
+            out.append(Compartment(name, unit, volume, str(entry.get("description", ""))))
+        return tuple(out)
+
+    def _parameters(self) -> dict[str, Parameter]:
+        out = {}
+        for name, value in self._table("parameters").items():
+            entry = self._entry("parameters", name, value, _PARAM_KEYS, "value")
+            where = f"[parameters] {name!r}"
+            number = self._number(entry.get("value"), f"{where} value")
+            unit = entry.get("unit")
+            if not isinstance(unit, str):
+                self.fail(where, f"needs a unit (text; \"1\" for dimensionless), found {unit!r}")
+            prior = self._prior(entry.get("prior"), where)
+            iiv = self._iiv(entry.get("iiv"), where)
+            if number is None or not isinstance(unit, str):
+                continue
+            try:
+                out[name] = Parameter(
+                    name, number, unit, str(entry.get("description", "")), prior, iiv,
+                    bool(entry.get("fraction", False)), bool(entry.get("fixed", False)), str(entry.get("source", "")),
+                )
+            except ModelSpecError as exc:
+                self.fail(where, str(exc))
+        return out
+
+    def _prior(self, value: Any, where: str) -> Prior | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("dist"), str):
+            self.fail(f"{where} prior", f"must be a table with 'dist' and its arguments, found {value!r}")
+            return None
+        args = {k: v for k, v in value.items() if k != "dist"}
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in args.values()):
+            self.fail(f"{where} prior", f"arguments must be numbers, found {args!r}")
+            return None
+        try:
+            return Prior(value["dist"], {k: float(v) for k, v in args.items()})
+        except ModelSpecError as exc:
+            self.fail(f"{where} prior", str(exc))
+            return None
+
+    def _iiv(self, value: Any, where: str) -> float | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return DEFAULT_IIV_CV
+        number = self._number(value, f"{where} iiv")
+        if number is not None and number <= 0:
+            self.fail(f"{where} iiv", f"must be true/false or a CV > 0, found {value!r}")
+            return None
+        return number
+
+    def _covariates(self) -> dict[str, Covariate]:
+        out = {}
+        for name, value in self._table("covariates").items():
+            entry = self._entry("covariates", name, value, _COV_KEYS, "value")
+            where = f"[covariates] {name!r}"
+            number = self._number(entry.get("value"), f"{where} value")
+            unit = entry.get("unit", "")
+            if number is not None:
+                out[name] = Covariate(name, number, str(unit), str(entry.get("description", "")), bool(entry.get("time_varying", False)))
+        return out
+
+    def _derived(self) -> dict[str, Derived]:
+        out = {}
+        for name, value in self._table("derived").items():
+            entry = self._entry("derived", name, value, _DERIVED_KEYS, "expr")
+            expr = self._expr(entry.get("expr"), f"[derived] {name!r}")
+            if expr is not None:
+                out[name] = Derived(name, expr, str(entry.get("unit", "")), str(entry.get("description", "")))
+        return out
+
+    def _check_names(self, states: tuple[str, ...], *groups: Mapping[str, Any]) -> None:
+        seen: dict[str, str] = {s: "compartment" for s in states}
+        labels = ("parameter", "covariate", "derived quantity")
+        for label, group in zip(labels, groups, strict=True):
+            for name in group:
+                if name in seen:
+                    self.fail(f"name {name!r}", f"declared both as {seen[name]} and as {label}")
+                seen[name] = label
+        for name, label in seen.items():
+            if not name.isidentifier() or name.startswith("_"):
+                self.fail(f"{label} {name!r}", "names must be identifiers (letters, digits, '_'; not starting with '_')")
+            if name in _RESERVED:
+                self.fail(f"{label} {name!r}", f"is reserved ({', '.join(sorted(_RESERVED))})")
+
+    def _check_derived(self, derived: Mapping[str, Derived], inputs: set[str]) -> None:
+        known = set(inputs)
+        for name, item in derived.items():
+            self._unknown_names(item.expr, known, f"[derived] {name!r} (derived quantities may use parameters, covariates and derived quantities above them)")
+            known.add(name)
+
+    def _flows(self, states: tuple[str, ...], known: set[str]) -> tuple[Flow, ...]:
+        out = []
+        for key, value in self._table("flows").items():
+            where = f"[flows] {key!r}"
+            parts = [p.strip() for p in key.split("->")]
+            if len(parts) != 2:
+                self.fail(where, "key must read 'source -> target'")
+                continue
+            source, target = parts
+            if source not in states:
+                self.fail(where, f"source {source!r} is not a compartment; compartments: {', '.join(states)}")
+            if target not in states and target != ELIMINATION:
+                self.fail(where, f"target {target!r} is not a compartment or '{ELIMINATION}'; compartments: {', '.join(states)}")
+            if source == target:
+                self.fail(where, "a flow cannot go from a compartment to itself")
+            rate = self._expr(value, where)
+            self._unknown_names(rate, known, f"{where} (a first-order rate constant may not use amounts; use [odes])")
+            if rate is not None:
+                out.append(Flow(source, target, rate))
+        return tuple(out)
+
+    def _odes(self, states: tuple[str, ...], known: set[str]) -> dict[str, Expr]:
+        out = {}
+        for name, value in self._table("odes").items():
+            where = f"[odes] {name!r}"
+            if name not in states:
+                self.fail(where, f"is not a compartment; compartments: {', '.join(states)}")
+            expr = self._expr(value, where)
+            self._unknown_names(expr, known | set(states), where)
+            if expr is not None:
+                out[name] = expr
+        return out
+
+    def _routes(self, states: tuple[str, ...], known: set[str]) -> dict[str, Route]:
+        out = {}
+        for name, value in self._table("routes").items():
+            where = f"[routes] {name!r}"
+            if not isinstance(value, dict) or not isinstance(value.get("into"), dict) or not value["into"]:
+                self.fail(where, "must be a table with 'into = { compartment = fraction, ... }'")
+                continue
+            self._entry("routes", name, value, _ROUTE_KEYS, "into")
+            into = {}
+            for cmt, frac in value["into"].items():
+                if cmt not in states:
+                    self.fail(where, f"receiving compartment {cmt!r} is unknown; compartments: {', '.join(states)}")
+                expr = self._expr(frac, f"{where} into {cmt!r}")
+                self._unknown_names(expr, known, f"{where} into {cmt!r}")
+                if expr is not None:
+                    into[cmt] = expr
+            out[name] = Route(name, into, str(value.get("description", "")))
+        return out
+
+    def _outputs(self, states: tuple[str, ...], known: set[str]) -> dict[str, Output]:
+        out = {}
+        for name, value in self._table("outputs").items():
+            entry = self._entry("outputs", name, value, _OUT_KEYS, "expr")
+            where = f"[outputs] {name!r}"
+            expr = self._expr(entry.get("expr"), where)
+            self._unknown_names(expr, known | set(states), where)
+            unit = entry.get("unit")
+            if not isinstance(unit, str) or not unit:
+                self.fail(where, f"needs a unit, found {unit!r}")
+            if expr is None or not isinstance(unit, str):
+                continue
+            try:
+                out[name] = Output(name, expr, unit, str(entry.get("error", "proportional")), str(entry.get("description", "")))
+            except ModelSpecError as exc:
+                self.fail(where, str(exc))
+        return out
+
+
+def _canonical_text(raw: Mapping[str, Any]) -> str:
+    """A stable text of the resolved model, for hashing and for ``model.toml`` in run directories."""
+    import json
+
+    return json.dumps(raw, sort_keys=True, default=str)

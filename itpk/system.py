@@ -1,0 +1,186 @@
+"""From a ModelSpec and parameter values to numbers: parameters, K, routes, outputs.
+
+Everything here is vectorised over S parameter sets (subjects or posterior
+draws): a value is an array of shape (S,), a rate matrix (S, n, n), amounts
+(S, ..., n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from itpk.errors import ModelSpecError
+from itpk.events import Target
+from itpk.spec import ELIMINATION, ModelSpec
+
+
+@dataclass(frozen=True)
+class Values:
+    """Resolved parameters, covariates and derived quantities, each of shape (S,)."""
+
+    spec: ModelSpec
+    env: Mapping[str, np.ndarray]
+    size: int
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.env[name]
+
+
+def overridable(spec: ModelSpec) -> list[str]:
+    """Names a user may set: parameters and covariates."""
+    return [*spec.parameters, *spec.covariates]
+
+
+def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
+    """Parameters and covariates (defaults overridden by ``values``) plus derived quantities.
+
+    Parameters
+    ----------
+    spec
+        The model.
+    values
+        Overrides by name: scalars or 1-D arrays of one common length S
+        (parameter sets); scalars broadcast.
+
+    Raises
+    ------
+    ModelSpecError
+        For an unknown name (the message lists the known ones), arrays of
+        different lengths, or values that are not finite.
+    """
+    values = dict(values or {})
+    known = overridable(spec)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ModelSpecError(
+            f"model {spec.name!r} has no parameter or covariate {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+        )
+    arrays = {k: np.atleast_1d(np.asarray(v, dtype=float)) for k, v in values.items()}
+    sizes = {a.shape[0] for a in arrays.values() if a.ndim == 1 and a.shape[0] != 1}
+    if len(sizes) > 1 or any(a.ndim != 1 for a in arrays.values()):
+        raise ModelSpecError(f"parameter values must be scalars or 1-D arrays of one common length; found lengths {sorted(sizes)}")
+    size = sizes.pop() if sizes else 1
+    env: dict[str, np.ndarray] = {}
+    for name, item in [*spec.parameters.items(), *spec.covariates.items()]:
+        raw = arrays.get(name, np.asarray([item.value]))
+        if not np.all(np.isfinite(raw)):
+            raise ModelSpecError(f"{name}: values must be finite numbers, found {raw[~np.isfinite(raw)][:3].tolist()}")
+        env[name] = np.broadcast_to(raw, (size,)).astype(float)
+    with np.errstate(all="ignore"):
+        for name, item in spec.derived.items():
+            env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (size,))
+    return Values(spec, env, size)
+
+
+def rate_matrix(values: Values) -> np.ndarray:
+    """Compartment matrix K (S, n, n) of the first-order flows: dx/dt = K x + input."""
+    spec = values.spec
+    n = len(spec.compartments)
+    K = np.zeros((values.size, n, n))
+    with np.errstate(all="ignore"):
+        for flow in spec.flows:
+            k = np.broadcast_to(np.asarray(flow.rate.evaluate(values.env), dtype=float), (values.size,))
+            i = spec.index(flow.source)
+            K[:, i, i] -= k
+            if flow.target != ELIMINATION:
+                K[:, spec.index(flow.target), i] += k
+    if not np.all(np.isfinite(K)):
+        bad = sorted({f.key for f in spec.flows if not np.all(np.isfinite(f.rate.evaluate(values.env)))})
+        raise ModelSpecError(f"model {spec.name!r}: flow rate(s) {', '.join(bad)} are not finite for the given parameters")
+    return K
+
+
+def input_fractions(values: Values, target: Target) -> np.ndarray:
+    """Fraction of a dose that enters each compartment, shape (S, n)."""
+    spec = values.spec
+    out = np.zeros((values.size, len(spec.compartments)))
+    if target.compartment:
+        if target.name not in spec.state_names:
+            raise ModelSpecError(f"model {spec.name!r} has no compartment {target.name!r}; compartments: {', '.join(spec.state_names)}")
+        out[:, spec.index(target.name)] = 1.0
+        return out
+    route = spec.routes.get(target.name)
+    if route is None:
+        raise ModelSpecError(f"model {spec.name!r} has no route {target.name!r}; routes: {', '.join(spec.routes)}")
+    for cmt, frac in route.into.items():
+        out[:, spec.index(cmt)] += np.broadcast_to(np.asarray(frac.evaluate(values.env), dtype=float), (values.size,))
+    if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out.sum(axis=1) > 1 + 1e-12):
+        raise ModelSpecError(
+            f"model {spec.name!r}, route {target.name!r}: fractions must be finite, >= 0 and sum to <= 1; "
+            f"found sums {np.unique(np.round(out.sum(axis=1), 6))[:5].tolist()}"
+        )
+    return out
+
+
+def evaluate_outputs(values: Values, amounts: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Outputs from amounts of shape (S, T, n): name -> (S, T)."""
+    spec = values.spec
+    env: dict[str, Any] = {k: v[:, None] for k, v in values.env.items()}
+    for i, state in enumerate(spec.state_names):
+        env[state] = amounts[..., i]
+    out = {}
+    with np.errstate(all="ignore"):
+        for name in names or list(spec.outputs):
+            result = spec.outputs[name].expr.evaluate(env)
+            out[name] = np.broadcast_to(np.asarray(result, dtype=float), amounts.shape[:-1]).copy()
+    return out
+
+
+def rhs_function(values: Values, subject: int) -> Callable[[float, np.ndarray], np.ndarray]:
+    """Right-hand side f(t, x) of one subject (flows plus explicit ODE terms), amount/time."""
+    spec = values.spec
+    K = rate_matrix(values)[subject]
+    env = {k: float(v[subject]) for k, v in values.env.items()}
+    terms = [(spec.index(name), expr) for name, expr in spec.odes.items()]
+    states = spec.state_names
+
+    def rhs(t: float, x: np.ndarray) -> np.ndarray:
+        dx = K @ x
+        if terms:
+            local = dict(env)
+            local.update(zip(states, x, strict=True))
+            for i, expr in terms:
+                dx[i] += expr.evaluate(local, _SCALAR_BACKEND)
+        return dx
+
+    return rhs
+
+
+def _smin(*a: float) -> float:
+    return min(a)
+
+
+def _smax(*a: float) -> float:
+    return max(a)
+
+
+def _slog(x: float) -> float:
+    import math
+
+    return math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+
+
+def _ssqrt(x: float) -> float:
+    import math
+
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def _sexp(x: float) -> float:
+    import math
+
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+_SCALAR_BACKEND: dict[str, Callable[..., float]] = {
+    "exp": _sexp,
+    "log": _slog,
+    "sqrt": _ssqrt,
+    "abs": abs,
+    "min": _smin,
+    "max": _smax,
+}
