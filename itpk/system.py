@@ -88,9 +88,15 @@ def rate_matrix(values: Values) -> np.ndarray:
             K[:, i, i] -= k
             if flow.target != ELIMINATION:
                 K[:, spec.index(flow.target), i] += k
-    if not np.all(np.isfinite(K)):
-        bad = sorted({f.key for f in spec.flows if not np.all(np.isfinite(f.rate.evaluate(values.env)))})
-        raise ModelSpecError(f"model {spec.name!r}: flow rate(s) {', '.join(bad)} are not finite for the given parameters")
+    with np.errstate(all="ignore"):
+        bad = sorted({
+            f"{f.key} = {f.rate}" for f in spec.flows
+            if not np.all(np.isfinite(r := np.asarray(f.rate.evaluate(values.env)))) or np.any(r < 0)
+        })
+    if bad:
+        raise ModelSpecError(
+            f"model {spec.name!r}: first-order rate(s) {'; '.join(bad)} must be finite and >= 0 for the given parameters"
+        )
     return K
 
 

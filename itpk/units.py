@@ -1,0 +1,491 @@
+"""Units of a dataset: the ``NAME.units.toml`` sidecar and conversion into model units.
+
+A dataset ``trial.csv`` may have a sidecar ``trial.units.toml`` beside it::
+
+    TIME = "h"            # also used for II and DUR unless they are given
+    AMT = "mg"            # or a table by receiving compartment or route: [AMT] it = "PFU"
+    RATE = "mg/min"       # optional; default AMT unit / TIME unit
+    WT = "lb"             # any covariate column; converted to the model's covariate unit
+
+    [DV]                  # or DV = "ng/mL" for every output
+    plasma = "ng/mL"
+    tumor = "ng/g"        # tissue: converted with a density of 1 g/mL
+
+``LLOQ`` takes the unit of ``DV`` unless it is given. With a model, every column
+is converted to the model's units: time to ``spec.time_unit``; ``AMT`` to the
+amount unit of the receiving compartment; ``RATE`` to that amount unit per model
+time; ``DV``/``LLOQ`` to the output's unit. A column the sidecar does not name
+is taken to be in the model's unit already, and :class:`DatasetUnits` says so
+(``assumed``), as it does when there is no sidecar at all.
+
+Units are parsed by pint with three count units added: ``PFU`` (plaque-forming
+units), ``copies`` (genome copies, alias ``copy``) and ``cells``. Each is its
+own dimension, so ``PFU/mL`` converts to ``PFU/L`` but never to ``copies/mL``:
+the particle-to-PFU ratio depends on the agent and belongs in the model.
+
+Tissue concentrations per tissue mass (``ng/g``) are converted to and from
+concentrations per volume (``mg/L``) with a tissue density of 1 g/mL
+(:data:`TISSUE_DENSITY`), and the conversion note says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from itpk.errors import DatasetError
+
+if TYPE_CHECKING:  # pint and pandas load lazily so that the CLI starts fast
+    import pandas as pd
+    import pint
+
+    from itpk.spec import ModelSpec
+
+TISSUE_DENSITY = "1 g/mL"
+"""Density used to turn a concentration per tissue mass into one per volume."""
+
+TIME_COLUMNS = ("TIME", "II", "DUR")
+UNIT_KEYS = ("TIME", "II", "DUR", "AMT", "RATE", "DV", "LLOQ")
+_TABLE_KEYS = ("AMT", "RATE", "DV", "LLOQ")  # keys that may be a table by name
+
+
+@functools.cache
+def registry() -> pint.UnitRegistry:
+    """The pint registry itpk uses, with PFU, copies and cells as count units."""
+    import pint
+
+    ureg = pint.UnitRegistry()
+    # Separate dimensions: counts of different things must never convert into
+    # each other (1 PFU is not 1 genome copy, nor 1 cell).
+    ureg.define("PFU = [plaque_forming_units] = pfu")
+    ureg.define("copies = [genome_copies] = copy")
+    ureg.define("cells = [cells] = cell")
+    return ureg
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A multiplicative unit conversion: ``value_in_target = factor * value_in_source``.
+
+    Attributes
+    ----------
+    source, target : str
+        Unit texts as written (in the sidecar and in the model file).
+    factor : float
+        Multiplier from ``source`` to ``target`` (dimensionless).
+    note : str
+        Assumption used, if any (the tissue density).
+    """
+
+    source: str
+    target: str
+    factor: float
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"a unit conversion factor must be > 0, found {self.factor}")
+
+    def describe(self) -> str:
+        """E.g. ``ng/mL -> mg/L (x 0.001)``, with the note if any."""
+        text = f"{self.source} -> {self.target} (x {self.factor:g})"
+        return f"{text}, {self.note}" if self.note else text
+
+
+def parse_unit(text: str) -> pint.Unit:
+    """Parse a unit text, raising :class:`DatasetError` if pint does not know it."""
+    ureg = registry()
+    try:
+        quantity = ureg.Quantity(1, text)
+    except Exception:  # pint raises several types (undefined unit, syntax, ...)
+        raise DatasetError(f"{text!r} is not a unit itpk knows (e.g. h, day, mg, ug, ng/mL, mg/L, ng/g, PFU, copies/mL)") from None
+    if quantity.magnitude != 1:  # "1e6 PFU" parses as a scaled quantity, not a unit
+        raise DatasetError(f"{text!r} is a quantity, not a unit; write the scale into the values")
+    return quantity.units
+
+
+def conversion(source: str, target: str) -> Conversion:
+    """The factor that converts values in ``source`` units to ``target`` units.
+
+    Parameters
+    ----------
+    source, target
+        Unit texts such as ``"ng/mL"`` and ``"mg/L"``.
+
+    Raises
+    ------
+    DatasetError
+        If either unit is unknown or they measure different things; a
+        concentration per tissue mass (``ng/g``) and one per volume (``mg/L``)
+        convert with the tissue density of 1 g/mL.
+
+    Examples
+    --------
+    >>> conversion("ng/mL", "mg/L").factor
+    0.001
+    >>> conversion("ng/g", "mg/L").note
+    'tissue density 1 g/mL'
+    """
+    if source == target:
+        return Conversion(source, target, 1.0)
+    ureg = registry()
+    src, dst = parse_unit(source), parse_unit(target)
+    one = ureg.Quantity(1.0, src)
+    density = ureg.Quantity(TISSUE_DENSITY)
+    candidates = [(one, "")]
+    # Tissue: per-mass <-> per-volume only when a mass really is in a denominator,
+    # so that e.g. a plain ratio "1" never picks up a density.
+    if _per_mass(src):
+        candidates.append((one * density, f"tissue density {TISSUE_DENSITY}"))
+    if _per_mass(dst):
+        candidates.append((one / density, f"tissue density {TISSUE_DENSITY}"))
+    for quantity, note in candidates:
+        if quantity.dimensionality == ureg.Quantity(1.0, dst).dimensionality:
+            return Conversion(source, target, float(quantity.to(dst).magnitude), note)
+    raise DatasetError(f"{source!r} cannot be converted to {target!r} (they measure different things)")
+
+
+def _per_mass(unit: pint.Unit) -> bool:
+    """True for units such as ng/g: a mass per mass (tissue concentration)."""
+    ureg = registry()
+    if not ureg.Quantity(1.0, unit).dimensionless:
+        return False
+    return any(power < 0 and ureg.Quantity(1.0, name).dimensionality == {"[mass]": 1} for name, power in unit._units.items())
+
+
+@dataclass(frozen=True)
+class UnitsSidecar:
+    """The parsed ``NAME.units.toml``: column -> unit, or column -> {name: unit}.
+
+    Column keys are upper case (as dataset headers are); table keys (output,
+    compartment or route names) are kept as written.
+    """
+
+    path: str
+    columns: Mapping[str, str | Mapping[str, str]]
+
+    def __post_init__(self) -> None:
+        for key, value in self.columns.items():
+            if key != key.upper():
+                raise ValueError(f"sidecar keys are upper case, found {key!r}")
+            if not isinstance(value, (str, Mapping)):
+                raise ValueError(f"sidecar {key}: a unit text or a table, found {value!r}")
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    """``dir/NAME.csv`` -> ``dir/NAME.units.toml``."""
+    path = Path(csv_path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(f"{stem}.units.toml")
+
+
+def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = ()) -> UnitsSidecar | None:
+    """Read the units sidecar of a dataset, or None if there is none.
+
+    Parameters
+    ----------
+    csv_path
+        The dataset file; the sidecar is looked for beside it.
+    covariates
+        The dataset's covariate columns (upper case): a sidecar may also give
+        their units.
+
+    Raises
+    ------
+    DatasetError
+        Listing every problem: invalid TOML, unknown keys, values that are not
+        unit texts, units pint does not know.
+    """
+    path = sidecar_path(csv_path)
+    if not path.is_file():
+        return None
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise DatasetError(f"units file {path}: cannot be read as TOML ({exc})") from None
+    problems: list[str] = []
+    allowed = (*UNIT_KEYS, *(c.upper() for c in covariates))
+    parsed: dict[str, str | dict[str, str]] = {}
+    for key, value in raw.items():
+        where = f"units file {path.name}, {key}"
+        upper = key.upper()
+        if upper not in allowed:
+            problems.append(f"{where}: unknown key; allowed: {', '.join(allowed)}")
+        elif upper in parsed:
+            problems.append(f"{where}: given twice (keys are case-insensitive)")
+        elif isinstance(value, dict) and upper in _TABLE_KEYS:
+            table = {}
+            for name, unit in value.items():
+                if _check_unit_text(unit, f"{where}.{name}", problems):
+                    table[str(name)] = unit
+            parsed[upper] = table
+        elif _check_unit_text(value, where, problems):
+            parsed[upper] = value
+    if problems:
+        raise DatasetError(f"units file {path}: invalid\n  - " + "\n  - ".join(problems))
+    return UnitsSidecar(str(path), parsed)
+
+
+def _check_unit_text(value: Any, where: str, problems: list[str]) -> bool:
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f'{where}: found {value!r}; allowed: a unit text such as "h", "mg" or "ng/mL"')
+        return False
+    try:
+        parse_unit(value)
+    except DatasetError as exc:
+        problems.append(f"{where}: {exc}")
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class DatasetUnits:
+    """The units a dataset's values are in, after any conversion.
+
+    Attributes
+    ----------
+    time : str or None
+        Unit of TIME, II and DUR (None: unknown, no model and no sidecar).
+    amount : Mapping[str, str]
+        Dose key (receiving compartment or route) -> unit of AMT.
+    outputs : Mapping[str, str]
+        Output name -> unit of DV and LLOQ.
+    covariates : Mapping[str, str]
+        Covariate column -> unit, where known.
+    assumed : tuple of str
+        Columns whose unit was not declared and was taken to be the model's
+        (or left unknown without a model).
+    conversions : tuple of str
+        One line per conversion applied, e.g. ``DV[plasma]: ng/mL -> mg/L (x 0.001)``.
+    sidecar : str or None
+        Path of the units file read, if any.
+    """
+
+    time: str | None = None
+    amount: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    covariates: Mapping[str, str] = field(default_factory=dict)
+    assumed: tuple[str, ...] = ()
+    conversions: tuple[str, ...] = ()
+    sidecar: str | None = None
+
+    @property
+    def is_assumed(self) -> bool:
+        """True when some column's unit was taken, not declared."""
+        return bool(self.assumed)
+
+    def describe(self) -> list[str]:
+        """Lines for summaries: what the units are and where they came from."""
+        lines = []
+        if self.sidecar is None:
+            lines.append("units: no units file; values taken to be in the model's units" if self.time else "units: no units file and no model; values used as given")
+        else:
+            lines.append(f"units: from {self.sidecar}")
+        if self.time:
+            lines.append(f"  time: {self.time}")
+        lines += [f"  AMT[{key}]: {unit}" for key, unit in self.amount.items()]
+        lines += [f"  DV[{key}]: {unit}" for key, unit in self.outputs.items()]
+        lines += [f"  {key}: {unit}" for key, unit in self.covariates.items()]
+        if self.assumed and self.sidecar is not None:
+            lines.append(f"  assumed (not in the units file): {', '.join(self.assumed)}")
+        lines += [f"  converted {line}" for line in self.conversions]
+        return lines
+
+
+def convert_units(frame: pd.DataFrame, sidecar: UnitsSidecar | None, spec: ModelSpec | None) -> tuple[pd.DataFrame, DatasetUnits]:
+    """Convert a validated, normalised dataset frame into the model's units.
+
+    Parameters
+    ----------
+    frame
+        The normalised dataset (CMT already resolved to names).
+    sidecar
+        The units file, or None.
+    spec
+        The model; without one nothing is converted and the declared units are recorded.
+
+    Returns
+    -------
+    frame, units
+        A converted copy of the frame and the record of its units.
+
+    Raises
+    ------
+    DatasetError
+        Listing every column whose unit is unknown or incompatible with the model.
+    """
+    if spec is None:
+        return frame, _declared_only(frame, sidecar)
+    return _Converter(frame, sidecar, spec).run()
+
+
+def _declared_only(frame: pd.DataFrame, sidecar: UnitsSidecar | None) -> DatasetUnits:
+    """Without a model: record what the sidecar declares, convert nothing."""
+    if sidecar is None:
+        return DatasetUnits(assumed=("TIME", "AMT", "DV"))
+    cols = sidecar.columns
+    time = cols.get("TIME") if isinstance(cols.get("TIME"), str) else None
+    amount = _as_table(cols.get("AMT"), "all doses")
+    outputs = _as_table(cols.get("DV"), "all outputs")
+    covariates = {k: v for k, v in cols.items() if k not in UNIT_KEYS and isinstance(v, str)}
+    assumed = tuple(k for k in ("TIME", "AMT", "DV") if k not in cols)
+    return DatasetUnits(time, amount, outputs, covariates, assumed, (), sidecar.path)
+
+
+def _as_table(value: str | Mapping[str, str] | None, label: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    return {label: value} if isinstance(value, str) else dict(value)
+
+
+class _Converter:
+    """Converts each column of a frame into model units, collecting every problem."""
+
+    def __init__(self, frame: pd.DataFrame, sidecar: UnitsSidecar | None, spec: ModelSpec) -> None:
+        self.frame = frame.copy()
+        self.sidecar = sidecar
+        self.cols: Mapping[str, Any] = sidecar.columns if sidecar else {}
+        self.spec = spec
+        self.where = f"units file {Path(sidecar.path).name}" if sidecar else f"model {spec.name}"
+        self.problems: list[str] = []
+        self.conversions: list[str] = []
+        self.amount: dict[str, str] = {}
+        self.outputs: dict[str, str] = {}
+        self.covariates: dict[str, str] = {}
+
+    def run(self) -> tuple[pd.DataFrame, DatasetUnits]:
+        self._time()
+        self._doses()
+        self._observations()
+        self._covariates()
+        if self.problems:
+            raise DatasetError("dataset units: cannot convert to the model's units\n  - " + "\n  - ".join(self.problems))
+        assumed = tuple(k for k in ("TIME", "AMT", "DV") if k not in self.cols)
+        units = DatasetUnits(
+            self.spec.time_unit, self.amount, self.outputs, self.covariates, assumed,
+            tuple(self.conversions), self.sidecar.path if self.sidecar else None,
+        )
+        return self.frame, units
+
+    def _convert(self, source: str, target: str, label: str) -> float | None:
+        """Factor source -> target, recording the conversion (or the problem)."""
+        try:
+            conv = conversion(source, target)
+        except DatasetError as exc:
+            self.problems.append(f"{self.where}, {label}: {exc}")
+            return None
+        if conv.factor != 1 or conv.source != conv.target:
+            self.conversions.append(f"{label}: {conv.describe()}")
+        return conv.factor
+
+    def _time(self) -> None:
+        target = self.spec.time_unit
+        base = self.cols.get("TIME", target)
+        factors = {}
+        for column in TIME_COLUMNS:
+            source = self.cols.get(column, base)
+            factors[column] = self._convert(source, target, column) if column in self.cols or column == "TIME" else factors["TIME"]
+        for column, factor in factors.items():
+            if factor is not None and factor != 1 and column in self.frame:
+                self.frame[column] = self.frame[column] * factor
+
+    def _lookup(self, key: str, names: tuple[str, ...], default: str) -> str | None:
+        """The sidecar unit of a column: ``default`` if the key is absent, None if
+        its table has none of ``names`` (the first found wins)."""
+        value = self.cols.get(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return value
+        return next((value[name] for name in names if name in value), None)
+
+    def _doses(self) -> None:
+        import numpy as np
+
+        frame = self.frame
+        doses = frame.index[frame["EVID"].isin((1, 4))]
+        amt = frame["AMT"].to_numpy(dtype=float, copy=True)
+        rate = frame["RATE"].to_numpy(dtype=float, copy=True)
+        time_source = self.cols.get("TIME", self.spec.time_unit)
+        cache: dict[tuple[str, str, str], float | None] = {}
+        for i in doses:
+            route, cmt = frame.at[i, "ROUTE"], frame.at[i, "CMT"]
+            names = tuple(n for n in (cmt, route) if isinstance(n, str))
+            target = self._dose_target(route, cmt, int(frame.at[i, "ROW"]))
+            if target is None:
+                continue
+            key = names[0]
+            self.amount.setdefault(key, target)
+            source = self._lookup("AMT", names, target)
+            if source is None:
+                self.problems.append(f"{self.where}, AMT: no unit for {' or '.join(repr(n) for n in names)} (row {frame.at[i, 'ROW']}); allowed: a key for each receiving compartment or route, or one AMT unit")
+                continue
+            amt_factor = self._cached(cache, source, target, f"AMT[{key}]")
+            rate_source = self._lookup("RATE", names, f"({source})/({time_source})")
+            rate_factor = None
+            if rate_source is not None and rate[i] > 0:
+                rate_factor = self._cached(cache, rate_source, f"({target})/({self.spec.time_unit})", f"RATE[{key}]")
+            if amt_factor is not None:
+                amt[i] *= amt_factor
+            if rate_factor is not None:
+                rate[i] *= rate_factor
+        frame["AMT"] = amt
+        frame["RATE"] = np.where(np.isfinite(rate), rate, 0.0)
+
+    def _cached(self, cache: dict[tuple[str, str, str], float | None], source: str, target: str, label: str) -> float | None:
+        if (source, target, label) not in cache:
+            cache[(source, target, label)] = self._convert(source, target, label)
+        return cache[(source, target, label)]
+
+    def _dose_target(self, route: Any, cmt: Any, row: int) -> str | None:
+        """Amount unit of the compartment(s) a dose row goes into."""
+        spec = self.spec
+        if isinstance(cmt, str):
+            return next(c.amount_unit for c in spec.compartments if c.name == cmt)
+        into = spec.routes[route].into
+        units = {c.amount_unit for c in spec.compartments if c.name in into}
+        if len(units) == 1:
+            return units.pop()
+        detail = ", ".join(f"{c.name}: {c.amount_unit}" for c in spec.compartments if c.name in into)
+        self.problems.append(f"row {row}, AMT: route {route!r} doses compartments with different amount units ({detail}); allowed: give CMT to name one")
+        return None
+
+    def _observations(self) -> None:
+        frame = self.frame
+        obs = frame["EVID"] == 0
+        for name, output in self.spec.outputs.items():
+            self.outputs[name] = output.unit
+            rows = obs & (frame["CMT"] == name)
+            if not rows.any():
+                continue
+            for column, default in (("DV", output.unit), ("LLOQ", None)):
+                # LLOQ is in DV's unit unless the units file says otherwise.
+                source = self._lookup(column, (name,), default or self._lookup("DV", (name,), output.unit) or output.unit)
+                if source is None:
+                    self.problems.append(
+                        f"{self.where}, {column}: no unit for output {name!r}; allowed: {column} = \"unit\" "
+                        f"or a [{column}] table with a key for each output measured ({', '.join(self.spec.outputs)})"
+                    )
+                    continue
+                factor = self._convert(source, output.unit, f"{column}[{name}]")
+                if factor is not None and factor != 1:
+                    frame.loc[rows, column] = frame.loc[rows, column] * factor
+
+    def _covariates(self) -> None:
+        declared = {name.upper(): cov for name, cov in self.spec.covariates.items()}
+        for key, source in self.cols.items():
+            if key in UNIT_KEYS:
+                continue
+            cov = declared.get(key)
+            if cov is None or not cov.unit:
+                self.covariates[key] = source
+                continue
+            column = cov.name if cov.name in self.frame else key
+            factor = self._convert(source, cov.unit, column)
+            self.covariates[column] = cov.unit
+            if factor is not None and factor != 1:
+                self.frame[column] = self.frame[column] * factor

@@ -1,0 +1,116 @@
+"""The CLI is a thin shell: right files, one-line errors with exit 1, fast start-up."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from itpk.cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_models_list_shows_every_builtin():
+    result = run("models", "list")
+    assert result.exit_code == 0
+    for name in ("one_cpt_iv", "one_cpt_oral", "two_cpt_iv", "two_cpt_oral", "three_cpt_iv", "one_cpt_mm"):
+        assert name in result.output
+
+
+def test_models_show_lists_parameters_with_units_and_priors():
+    result = run("models", "show", "two_cpt_iv")
+    assert result.exit_code == 0
+    assert "central -> peripheral: Q / V1" in result.output
+    assert "L/h" in result.output and "lognormal(median=5, sigma=1)" in result.output
+
+
+def test_simulate_writes_long_csv_matching_closed_form(tmp_path):
+    out = tmp_path / "sim.csv"
+    result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", 100, "--at", "0,1,5", "--set", "CL=5", "--set", "V=50", "--out", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["ID", "TIME", "OUTPUT", "VALUE", "UNIT"]
+    expected = 100 / 50 * np.exp(-0.1 * np.array([0.0, 1.0, 5.0]))
+    np.testing.assert_allclose(frame["VALUE"], expected, rtol=1e-12)  # exact solution: rtol 1e-12
+    assert set(frame["UNIT"]) == {"mg/L"}
+
+
+def test_simulate_population_is_reproducible_and_plots(tmp_path):
+    a, b, png = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "p.png"
+    common = ["simulate", "two_cpt_iv", "--route", "iv", "--dose", 100, "--every", 12, "--doses", 4, "--infusion", 1,
+              "--subjects", 20, "--seed", 7]
+    assert run(*common, "--out", a, "--plot", png).exit_code == 0
+    assert run(*common, "--out", b).exit_code == 0
+    fa, fb = pd.read_csv(a), pd.read_csv(b)
+    pd.testing.assert_frame_equal(fa, fb)
+    assert fa["ID"].nunique() == 20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # subjects differ (IIV applied)
+    last = fa[fa["TIME"] == fa["TIME"].max()]["VALUE"]
+    assert last.std() > 0
+
+
+def test_simulate_nonlinear_model(tmp_path):
+    out = tmp_path / "mm.csv"
+    assert run("simulate", "one_cpt_mm", "--route", "iv", "--dose", 500, "--horizon", 24, "--step", 1, "--out", out).exit_code == 0
+    assert len(pd.read_csv(out)) == 25
+
+
+BAD = [
+    (["simulate", "nope", "--route", "iv", "--dose", 1], "unknown model 'nope'"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CLX=3"], "no parameter or covariate 'CLX'; known: CL, V1, Q, V2"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL"], "--set 'CL': expected NAME=NUMBER"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL=abc"], "--set 'CL=abc': expected NAME=NUMBER"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", -5], "amount must be a finite number > 0, found -5.0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "1,x"], "--at '1,x': expected comma-separated numbers"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "-1,2"], "output times must be finite and >= 0"),
+    (["simulate", "two_cpt_iv", "--route", "it", "--dose", 1], "no route 'it'; routes: iv"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 3], "3 doses need an interval > 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be > 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "subjects must be >= 1"),
+    (["models", "show", "nope"], "unknown model 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_input_exits_1_with_one_line(args, message, tmp_path):
+    if args[0] == "simulate":
+        args = [*args, "--out", tmp_path / "x.csv"]
+    result = run(*args)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_failed_run_keeps_previous_output(tmp_path):
+    out = tmp_path / "keep.csv"
+    out.write_text("previous\n")
+    result = run("simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL=-1", "--out", out)
+    assert result.exit_code == 1
+    assert "first-order rate(s) central -> out = CL / V1 must be finite and >= 0" in result.output
+    assert out.read_text() == "previous\n"
+
+
+def test_help_does_not_import_pymc():
+    code = "import sys; from itpk.cli.main import app; assert 'pymc' not in sys.modules and 'pytensor' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(shutil.which("itpk") is None and not (sys.prefix and shutil.which("itpk", path=f"{sys.prefix}/bin")),
+                    reason="console script not installed")
+def test_console_script_works_from_any_folder(tmp_path):
+    exe = shutil.which("itpk", path=f"{sys.prefix}/bin") or shutil.which("itpk")
+    result = subprocess.run([exe, "models", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "two_cpt_iv" in result.stdout

@@ -1,0 +1,170 @@
+"""Model files: loading, inheritance, and every ModelSpecError message."""
+
+import copy
+import textwrap
+
+import pytest
+
+from itpk import load_model
+from itpk.errors import ModelSpecError
+from itpk.spec import ModelSpec, Prior, builtin_models, parse_model
+
+CLASSIC = {
+    "one_cpt_iv": ({"CL", "V"}, {"iv"}),
+    "one_cpt_oral": ({"ka", "CL", "V", "F"}, {"po", "sc", "iv"}),
+    "two_cpt_iv": ({"CL", "V1", "Q", "V2"}, {"iv"}),
+    "two_cpt_oral": ({"ka", "CL", "V1", "Q", "V2", "F"}, {"po", "sc", "iv"}),
+    "three_cpt_iv": ({"CL", "V1", "Q2", "V2", "Q3", "V3"}, {"iv"}),
+    "one_cpt_mm": ({"Vmax", "Km", "V"}, {"iv"}),
+}
+
+MINIMAL = {
+    "name": "m",
+    "compartments": {"central": {"amount_unit": "mg", "volume": "V"}},
+    "parameters": {"CL": {"value": 2.0, "unit": "L/h"}, "V": {"value": 10.0, "unit": "L"}},
+    "flows": {"central -> out": "CL / V"},
+    "routes": {"iv": {"into": {"central": 1}}},
+    "outputs": {"plasma": {"expr": "central / V", "unit": "mg/L"}},
+}
+
+
+def variant(**changes):
+    raw = copy.deepcopy(MINIMAL)
+    for path, value in changes.items():
+        keys = path.split("__")
+        table = raw
+        for k in keys[:-1]:
+            table = table.setdefault(k, {})
+        if value is None:
+            table.pop(keys[-1], None)
+        else:
+            table[keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIC))
+def test_classic_models_have_spec_names(name):
+    spec = load_model(name)
+    params, routes = CLASSIC[name]
+    assert set(spec.parameters) == params
+    assert set(spec.routes) == routes
+    assert "plasma" in spec.outputs
+    assert spec.is_linear == (name != "one_cpt_mm")
+    assert all(p.unit for p in spec.parameters.values())
+
+
+def test_builtin_list_includes_classics():
+    assert set(CLASSIC) <= set(builtin_models())
+
+
+def test_minimal_model_parses():
+    spec = parse_model(MINIMAL, source="mem.toml")
+    assert isinstance(spec, ModelSpec)
+    assert spec.state_names == ("central",)
+    assert spec.is_linear
+    assert len(spec.sha256) == 64
+
+
+def test_load_from_path_and_extends(tmp_path):
+    from importlib.resources import files
+
+    (tmp_path / "base.toml").write_text(files("itpk.models").joinpath("one_cpt_iv.toml").read_text())
+    (tmp_path / "child.toml").write_text(textwrap.dedent("""
+        extends = "base"
+        name = "child"
+        [parameters]
+        CL = { value = 9.0 }
+    """))
+    spec = load_model(tmp_path / "child.toml")
+    assert spec.name == "child"
+    assert spec.parameters["CL"].value == 9.0
+    assert spec.parameters["CL"].unit == "L/h"  # inherited field by field
+    assert spec.parameters["V"].value == 50.0
+
+
+def test_extends_cycle(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('extends = "a"\nname = "b"\n')
+    with pytest.raises(ModelSpecError, match="'extends' forms a cycle"):
+        load_model(tmp_path / "a.toml")
+
+
+def test_unknown_model_lists_builtins():
+    with pytest.raises(ModelSpecError, match=r"unknown model 'nope'; built-in models: .*two_cpt_iv"):
+        load_model("nope")
+
+
+def test_missing_file():
+    with pytest.raises(ModelSpecError, match="cannot read model file"):
+        load_model("/nonexistent/x.toml")
+
+
+def test_invalid_toml(tmp_path):
+    (tmp_path / "bad.toml").write_text("name = \n")
+    with pytest.raises(ModelSpecError, match=r"bad.toml: not valid TOML"):
+        load_model(tmp_path / "bad.toml")
+
+
+ERRORS = [
+    ({"colour": "red"}, r"key 'colour': unknown top-level key; allowed: name, description"),
+    ({"name": None}, r"key 'name': is required"),
+    ({"name": 3}, r"key 'name': must be text, found 3"),
+    ({"agent": "robot"}, r"key 'agent': 'robot' is unknown; allowed: small_molecule"),
+    ({"compartments": "x"}, r"\[compartments\]: must be a table"),
+    ({"compartments__central": {"volume": "V"}}, r"\[compartments\] 'central': needs amount_unit"),
+    ({"compartments__central__colour": "red"}, r"\[compartments\] 'central': unknown key 'colour'; allowed: amount_unit"),
+    ({"parameters__CL": {"value": "two", "unit": "L/h"}}, r"\[parameters\] 'CL' value: must be a number, found 'two'"),
+    ({"parameters__CL": {"value": 2.0}}, r"\[parameters\] 'CL': needs a unit"),
+    ({"parameters__CL__prior": {"dist": "cauchy", "loc": 1}}, r"prior distribution 'cauchy' is unknown; allowed: lognormal"),
+    ({"parameters__CL__prior": {"dist": "lognormal", "mu": 1}}, r"prior 'lognormal' takes median, sigma; found mu"),
+    ({"parameters__CL__prior": {"dist": "lognormal", "median": 1, "sigma": -1}}, r"sigma must be > 0"),
+    ({"parameters__CL__prior": {"dist": "uniform", "lower": 2, "upper": 1}}, r"lower must be < upper"),
+    ({"parameters__CL__prior": "lognormal"}, r"prior: must be a table with 'dist'"),
+    ({"parameters__CL__iiv": -0.2}, r"iiv: must be true/false or a CV > 0"),
+    ({"parameters__CL__fraction": True}, r"a fraction must be in \[0, 1\], found 2.0"),
+    ({"parameters__CL__value": float("nan")}, r"value nan is not a finite number"),
+    ({"parameters__exp": {"value": 1.0, "unit": "1"}}, r"parameter 'exp': is reserved"),
+    ({"parameters__central": {"value": 1.0, "unit": "1"}}, r"name 'central': declared both as compartment and as parameter"),
+    ({"flows": {"central => out": "CL / V"}}, r"\[flows\] 'central => out': key must read 'source -> target'"),
+    ({"flows": {"blood -> out": "CL / V"}}, r"source 'blood' is not a compartment; compartments: central"),
+    ({"flows": {"central -> kidney": "CL / V"}}, r"target 'kidney' is not a compartment or 'out'"),
+    ({"flows": {"central -> out": "CLR / V"}}, r"unknown name\(s\) CLR in 'CLR / V'; known here: CL, V"),
+    ({"flows": {"central -> out": "CL / central"}}, r"a first-order rate constant may not use amounts"),
+    ({"flows": {"central -> out": "__import__('os')"}}, r"call of '__import__' is not allowed"),
+    ({"odes": {"blood": "-1"}}, r"\[odes\] 'blood': is not a compartment"),
+    ({"routes__iv": {"into": {"blood": 1}}}, r"receiving compartment 'blood' is unknown"),
+    ({"routes__iv": "central"}, r"\[routes\] 'iv': must be a table with 'into"),
+    ({"routes__iv__into": {"central": "f_leak"}}, r"unknown name\(s\) f_leak"),
+    ({"outputs__plasma": {"expr": "central / V"}}, r"\[outputs\] 'plasma': needs a unit"),
+    ({"outputs__plasma__error": "gaussian"}, r"error 'gaussian' is unknown; allowed: additive, proportional, combined, log"),
+    ({"outputs__plasma__expr": "central / VV"}, r"\[outputs\] 'plasma': unknown name\(s\) VV"),
+    ({"outputs": {}}, r"\[outputs\]: a model needs at least one output"),
+    ({"compartments": {}, "flows": {}, "routes": {}, "outputs": {}}, r"a model needs at least one compartment"),
+    ({"derived": {"V_T": "pi/6 * DIAM**3"}}, r"\[derived\] 'V_T' .*unknown name\(s\) DIAM"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), ERRORS)
+def test_model_spec_errors(changes, message):
+    raw = variant(**changes)
+    with pytest.raises(ModelSpecError, match=message) as info:
+        parse_model(raw, source="mem.toml")
+    assert str(info.value).startswith("mem.toml: invalid model file")
+
+
+def test_every_problem_is_reported_at_once():
+    raw = variant(agent="robot", flows={"blood -> out": "CLR"}, outputs__plasma__error="gaussian")
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(raw, source="mem.toml")
+    text = str(info.value)
+    for part in ("'robot' is unknown", "source 'blood'", "unknown name(s) CLR", "error 'gaussian'"):
+        assert part in text
+
+
+def test_prior_describe():
+    assert Prior("lognormal", {"median": 2.0, "sigma": 0.5}).describe() == "lognormal(median=2, sigma=0.5)"
+
+
+def test_nonlinear_output_makes_model_nonlinear():
+    spec = parse_model(variant(outputs__plasma__expr="central**2 / V"))
+    assert not spec.is_linear
