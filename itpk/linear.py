@@ -26,7 +26,7 @@ from itpk.system import Values, input_fractions, rate_matrix
 Inputs = tuple[tuple[Target, float], ...]
 
 
-def propagators(K: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
+def propagators(K: np.ndarray, dt: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """E = e^{KΔ} and G = ∫₀^Δ e^{Ks} ds for a batch of matrices K (S, n, n).
 
     Parameters
@@ -34,12 +34,13 @@ def propagators(K: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
     K
         Compartment matrices, 1/time.
     dt
-        Step Δ >= 0, time.
+        Step Δ >= 0, time: one for all, or one per matrix (S,).
     """
     S, n, _ = K.shape
+    step = np.broadcast_to(np.asarray(dt, dtype=float), (S,))[:, None, None]
     block = np.zeros((S, 2 * n, 2 * n))
-    block[:, :n, :n] = K * dt
-    block[:, :n, n:] = np.eye(n) * dt
+    block[:, :n, :n] = K * step
+    block[:, :n, n:] = np.eye(n) * step
     M = expm(block)
     return M[:, :n, :n], M[:, :n, n:]
 

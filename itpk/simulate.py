@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +19,11 @@ from itpk.events import (
     Target,
     expand,
 )
-from itpk.linear import LinearStepper
+from itpk.linear import Inputs, LinearStepper
 from itpk.ode import NonlinearStepper
 from itpk.spec import ModelSpec
 from itpk.system import Values, evaluate_outputs, resolve
+from itpk.threads import single_blas_thread
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +67,7 @@ class Profiles:
         return pd.concat(frames, ignore_index=True).sort_values(["ID", "TIME"], kind="stable", ignore_index=True)
 
 
+@single_blas_thread
 def simulate(
     spec: ModelSpec,
     schedule: Schedule,
@@ -120,23 +122,44 @@ def simulate(
 
 
 def _run(stepper: LinearStepper | NonlinearStepper, schedule: Schedule, times: np.ndarray) -> np.ndarray:
-    """Walk events and output times in order; returns amounts (S, T, n)."""
-    events = expand(schedule)
+    """Amounts (S, T, n) at ``times`` (after the events at each time)."""
     unique, inverse = np.unique(times, return_inverse=True)
-    breakpoints = np.union1d(unique, [e.time for e in events])
     recorded = np.empty((stepper.x.shape[0], unique.size, stepper.x.shape[1]))
+    wanted = dict(zip(unique.tolist(), range(unique.size), strict=True))
+
+    def record(t: float, before: np.ndarray, after: np.ndarray, inputs: Inputs) -> None:
+        if t in wanted:
+            recorded[:, wanted[t]] = after
+
+    walk(stepper, schedule, unique, record)
+    return recorded[:, inverse]
+
+
+def walk(
+    stepper: LinearStepper | NonlinearStepper,
+    schedule: Schedule,
+    times: np.ndarray,
+    record: Callable[[float, np.ndarray, np.ndarray, Inputs], None],
+) -> None:
+    """Advance through every event and time in order, calling ``record`` at each stop.
+
+    ``record(t, before, after, inputs)`` receives the amounts just before and
+    just after the events at ``t`` (equal when nothing happens at ``t``) and
+    the infusions running from ``t`` on. It is called at every event time and
+    every requested time, in increasing order.
+    """
+    events = expand(schedule)
+    breakpoints = np.union1d(np.asarray(times, dtype=float), [e.time for e in events])
     running: dict[int, tuple[Target, float]] = {}
-    now, ei, oi = float(breakpoints[0]), 0, 0
-    for bp in breakpoints:
-        stepper.advance(float(bp) - now, tuple(running.values()))
-        now = float(bp)
+    now, ei = float(breakpoints[0]), 0
+    for bp in breakpoints.tolist():
+        stepper.advance(bp - now, tuple(running.values()))
+        now = bp
+        before = stepper.state()
         while ei < len(events) and events[ei].time <= now:
             _apply(stepper, events[ei], running)
             ei += 1
-        if oi < unique.size and unique[oi] == bp:
-            recorded[:, oi] = stepper.state()
-            oi += 1
-    return recorded[:, inverse]
+        record(now, before, stepper.state(), tuple(running.values()))
 
 
 def _apply(stepper: LinearStepper | NonlinearStepper, event: Any, running: dict[int, tuple[Target, float]]) -> None:

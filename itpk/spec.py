@@ -188,6 +188,7 @@ class ModelSpec:
     routes: Mapping[str, Route]
     outputs: Mapping[str, Output]
     references: tuple[str, ...] = ()
+    exposure: Mapping[str, str] = field(default_factory=dict)
     source: str = "<memory>"
     text: str = field(default="", repr=False)
 
@@ -216,8 +217,9 @@ class ModelSpec:
 
 _TOP_KEYS = (
     "name", "description", "agent", "time_unit", "references", "extends",
-    "compartments", "parameters", "covariates", "derived", "flows", "odes", "routes", "outputs",
+    "compartments", "parameters", "covariates", "derived", "flows", "odes", "routes", "outputs", "exposure",
 )
+EXPOSURE_ROLES = {"systemic": "plasma", "local": "tumor", "abscopal": "lesion2"}
 _PARAM_KEYS = ("value", "unit", "description", "prior", "iiv", "fraction", "fixed", "source")
 _COV_KEYS = ("value", "unit", "description", "time_varying")
 _CMT_KEYS = ("amount_unit", "volume", "description")
@@ -343,6 +345,7 @@ class _Parser:
             self.fail("[compartments]", "a model needs at least one compartment")
         if not outputs:
             self.fail("[outputs]", "a model needs at least one output")
+        exposure = self._exposure(outputs)
         if self.problems:
             raise ModelSpecError(f"{self.source}: invalid model file\n  - " + "\n  - ".join(self.problems))
         refs = raw.get("references", [])
@@ -360,6 +363,7 @@ class _Parser:
             routes=routes,
             outputs=outputs,
             references=tuple(str(r) for r in refs) if isinstance(refs, list) else (str(refs),),
+            exposure=exposure,
             source=self.source,
             text=_canonical_text(raw),
         )
@@ -568,6 +572,22 @@ class _Parser:
                 if expr is not None:
                     into[cmt] = expr
             out[name] = Route(name, into, str(value.get("description", "")))
+        return out
+
+    def _exposure(self, outputs: Mapping[str, Output]) -> dict[str, str]:
+        """Which outputs play the systemic, local (injected lesion) and abscopal roles of SPEC §6.
+
+        Defaults: ``plasma``, ``tumor``, ``lesion2``, kept only when the model has them.
+        """
+        table = self._table("exposure")
+        out = {role: name for role, name in EXPOSURE_ROLES.items() if name in outputs}
+        for role, name in table.items():
+            if role not in EXPOSURE_ROLES:
+                self.fail(f"[exposure] {role!r}", f"unknown role; allowed: {', '.join(EXPOSURE_ROLES)}")
+            elif name not in outputs:
+                self.fail(f"[exposure] {role!r}", f"output {name!r} is unknown; outputs: {', '.join(outputs)}")
+            else:
+                out[role] = name
         return out
 
     def _outputs(self, states: tuple[str, ...], known: set[str]) -> dict[str, Output]:

@@ -29,6 +29,11 @@ class Values:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.env[name]
 
+    def take(self, index: np.ndarray | slice) -> Values:
+        """The parameter sets at ``index`` (for working through a population in chunks)."""
+        env = {k: np.asarray(v)[index] for k, v in self.env.items()}
+        return Values(self.spec, env, len(next(iter(env.values()))) if env else 0)
+
 
 def overridable(spec: ModelSpec) -> list[str]:
     """Names a user may set: parameters and covariates."""
