@@ -136,17 +136,10 @@ def simulate(
         typer.echo(result.message)
 
 
-def _register_optional() -> None:
-    """Commands whose modules may land separately (data, nca)."""
-    try:
-        from itpk.cli.data import data_app, nca_command
-    except ImportError:  # pragma: no cover - only while a module is missing
-        return
-    app.add_typer(data_app, name="data")
-    app.command("nca")(nca_command)
+from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own module
 
-
-_register_optional()
+app.add_typer(data_app, name="data")
+app.command("nca")(nca_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -100,7 +100,7 @@ def parse_unit(text: str) -> pint.Unit:
     """Parse a unit text, raising :class:`DatasetError` if pint does not know it."""
     ureg = registry()
     try:
-        quantity = ureg.Quantity(1, text)
+        quantity = ureg.parse_expression(text)
     except Exception:  # pint raises several types (undefined unit, syntax, ...)
         raise DatasetError(f"{text!r} is not a unit itpk knows (e.g. h, day, mg, ug, ng/mL, mg/L, ng/g, PFU, copies/mL)") from None
     if quantity.magnitude != 1:  # "1e6 PFU" parses as a scaled quantity, not a unit
@@ -342,6 +342,12 @@ def _as_table(value: str | Mapping[str, str] | None, label: str) -> dict[str, st
     return {label: value} if isinstance(value, str) else dict(value)
 
 
+def _per(amount: str, time: str) -> str:
+    """``amount/time`` as a unit text, parenthesised only when needed."""
+    wrap = lambda u: u if u.replace("_", "").isalnum() else f"({u})"  # noqa: E731
+    return f"{wrap(amount)}/{wrap(time)}"
+
+
 class _Converter:
     """Converts each column of a frame into model units, collecting every problem."""
 
@@ -363,7 +369,8 @@ class _Converter:
         self._observations()
         self._covariates()
         if self.problems:
-            raise DatasetError("dataset units: cannot convert to the model's units\n  - " + "\n  - ".join(self.problems))
+            unique = list(dict.fromkeys(self.problems))  # one line per distinct problem
+            raise DatasetError("cannot convert the dataset to the model's units\n  - " + "\n  - ".join(unique))
         assumed = tuple(k for k in ("TIME", "AMT", "DV") if k not in self.cols)
         units = DatasetUnits(
             self.spec.time_unit, self.amount, self.outputs, self.covariates, assumed,
@@ -425,10 +432,10 @@ class _Converter:
                 self.problems.append(f"{self.where}, AMT: no unit for {' or '.join(repr(n) for n in names)} (row {frame.at[i, 'ROW']}); allowed: a key for each receiving compartment or route, or one AMT unit")
                 continue
             amt_factor = self._cached(cache, source, target, f"AMT[{key}]")
-            rate_source = self._lookup("RATE", names, f"({source})/({time_source})")
+            rate_source = self._lookup("RATE", names, _per(source, time_source))
             rate_factor = None
             if rate_source is not None and rate[i] > 0:
-                rate_factor = self._cached(cache, rate_source, f"({target})/({self.spec.time_unit})", f"RATE[{key}]")
+                rate_factor = self._cached(cache, rate_source, _per(target, self.spec.time_unit), f"RATE[{key}]")
             if amt_factor is not None:
                 amt[i] *= amt_factor
             if rate_factor is not None:
@@ -462,16 +469,20 @@ class _Converter:
             rows = obs & (frame["CMT"] == name)
             if not rows.any():
                 continue
-            for column, default in (("DV", output.unit), ("LLOQ", None)):
-                # LLOQ is in DV's unit unless the units file says otherwise.
-                source = self._lookup(column, (name,), default or self._lookup("DV", (name,), output.unit) or output.unit)
+            dv_source = self._lookup("DV", (name,), output.unit)
+            # LLOQ is in DV's unit unless the units file gives its own.
+            lloq_source = self._lookup("LLOQ", (name,), dv_source or output.unit)
+            for column, source in (("DV", dv_source), ("LLOQ", lloq_source)):
                 if source is None:
                     self.problems.append(
                         f"{self.where}, {column}: no unit for output {name!r}; allowed: {column} = \"unit\" "
                         f"or a [{column}] table with a key for each output measured ({', '.join(self.spec.outputs)})"
                     )
-                    continue
-                factor = self._convert(source, output.unit, f"{column}[{name}]")
+            if dv_source is None or lloq_source is None:
+                continue
+            dv_factor = self._convert(dv_source, output.unit, f"DV[{name}]")
+            lloq_factor = dv_factor if lloq_source == dv_source else self._convert(lloq_source, output.unit, f"LLOQ[{name}]")
+            for column, factor in (("DV", dv_factor), ("LLOQ", lloq_factor)):
                 if factor is not None and factor != 1:
                     frame.loc[rows, column] = frame.loc[rows, column] * factor
 

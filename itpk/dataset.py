@@ -1,0 +1,625 @@
+"""Datasets: one NONMEM-style CSV, read, checked and normalised (SPEC.md §2).
+
+:func:`read_dataset` is the only way data enter itpk. It reads the file as
+text, checks every row and column (against a model's routes, compartments and
+outputs when one is given), and either returns a :class:`Dataset` or raises a
+single :class:`~itpk.errors.DatasetError` that lists every problem found: file
+row number (the header is row 1, as in a spreadsheet), column, what was found
+and what is allowed. Rows are never reordered or dropped; fully blank rows are
+skipped and listed in :attr:`Dataset.ignored_rows`.
+
+Missing cells are blank, ``.`` (NONMEM), ``NA``, ``N/A`` or ``NaN``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from itpk.errors import DatasetError
+from itpk.units import DatasetUnits, convert_units, read_sidecar
+
+if TYPE_CHECKING:
+    from itpk.spec import ModelSpec
+
+STANDARD_COLUMNS = (
+    "ID", "TIME", "EVID", "AMT", "DV", "ROUTE", "CMT", "RATE", "DUR", "II", "ADDL", "SS", "MDV", "BLQ", "LLOQ", "ARM",
+)
+REQUIRED_COLUMNS = ("ID", "TIME", "EVID")
+ALIASES = {"CENS": "BLQ"}
+ROUTES = ("it", "ia", "iv", "sc", "po")
+EVIDS = {0: "observation", 1: "dose", 2: "other", 3: "reset", 4: "reset and dose"}
+DOSE_EVIDS = (1, 4)
+MISSING_TEXT = ("", ".", "NA", "N/A", "NAN")  # compared upper case
+MAX_LISTED = 50
+"""At most this many problems are listed; the rest are counted."""
+
+_FLOATS = ("TIME", "AMT", "DV", "RATE", "DUR", "II", "LLOQ")
+_INTEGERS = {"EVID": tuple(EVIDS), "ADDL": None, "SS": (0, 1, 2), "MDV": (0, 1), "BLQ": (0, 1)}
+_NUMBER = "a number (with a decimal point, e.g. 1.5)"
+_EVID_TEXT = ", ".join(f"{k} ({v})" for k, v in EVIDS.items())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A checked dataset in normalised form, in the model's units.
+
+    Attributes
+    ----------
+    data : pandas.DataFrame
+        One row per file row, in file order, with every column of SPEC.md §2
+        (absent optional columns filled: AMT/RATE/DUR/II/ADDL/SS/BLQ 0, MDV 1
+        on non-observation rows), covariates, and ``ROW``: the row number in
+        the file (header = row 1). ``BLQ`` is 1 exactly on censored
+        observations (flagged in the file, or DV < LLOQ) and their ``LLOQ`` is
+        the censoring limit (LLOQ if given, else DV). ``CMT`` holds names (a
+        model's numbers resolved); ``ROUTE`` is lower case. Treat it as read-only.
+    source : str
+        The file read.
+    units : DatasetUnits
+        The units the values are in and any conversion applied.
+    model : str or None
+        Name of the model the data were checked against.
+    ignored_rows : tuple of int
+        Fully blank rows skipped (file row numbers).
+    """
+
+    data: pd.DataFrame = field(repr=False)
+    source: str
+    units: DatasetUnits = field(default_factory=DatasetUnits)
+    model: str | None = None
+    ignored_rows: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        missing = [c for c in ("ROW", *STANDARD_COLUMNS) if c not in self.data.columns]
+        if missing:
+            raise DatasetError(f"{self.source}: a Dataset needs the columns {', '.join(missing)} (build it with read_dataset)")
+        if len(self.data) == 0:
+            raise DatasetError(f"{self.source}: a Dataset needs at least one row")
+
+    @property
+    def subjects(self) -> tuple[Any, ...]:
+        """Subject IDs in file order."""
+        return tuple(pd.unique(self.data["ID"]).tolist())
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """Study arm labels in file order (empty without an ARM column)."""
+        return tuple(pd.unique(self.data["ARM"].dropna()).tolist())
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the outputs observed, in file order."""
+        return tuple(pd.unique(self.data.loc[self.data["EVID"] == 0, "CMT"].dropna()).tolist())
+
+    @property
+    def covariates(self) -> tuple[str, ...]:
+        """Covariate columns (everything that is not a standard column)."""
+        return tuple(c for c in self.data.columns if c not in STANDARD_COLUMNS and c != "ROW")
+
+    @property
+    def doses(self) -> pd.DataFrame:
+        """Dose rows (EVID 1 or 4)."""
+        return self.data[self.data["EVID"].isin(DOSE_EVIDS)]
+
+    @property
+    def observations(self) -> pd.DataFrame:
+        """Observation rows that count (EVID 0, MDV 0), censored ones included."""
+        return self.data[(self.data["EVID"] == 0) & (self.data["MDV"] == 0)]
+
+    @property
+    def censored(self) -> pd.Series:
+        """Boolean mask over :attr:`data`: observations below the limit of quantification."""
+        return (self.data["EVID"] == 0) & (self.data["MDV"] == 0) & (self.data["BLQ"] == 1)
+
+    @property
+    def units_assumed(self) -> bool:
+        """True when some units were not declared (no or partial units file)."""
+        return self.units.is_assumed
+
+
+def read_dataset(path: str | Path, spec: ModelSpec | None = None) -> Dataset:
+    """Read, check and normalise a dataset CSV (SPEC.md §2).
+
+    Parameters
+    ----------
+    path
+        The CSV file. A units file ``NAME.units.toml`` beside it is read too
+        (see :mod:`itpk.units`).
+    spec
+        The model the data are for: CMT is resolved against its compartments
+        (dose rows) and outputs (observation rows), ROUTE against its routes,
+        covariates against its declarations, and values are converted into its
+        units. Without a model only the model-free checks run.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DatasetError
+        One error listing every problem (row, column, found, allowed), also for
+        files that are missing, unreadable, empty or not CSV.
+
+    Examples
+    --------
+    >>> from importlib.resources import files
+    >>> ds = read_dataset(files("itpk.data") / "theoph.csv")
+    >>> len(ds.subjects), ds.outputs
+    (12, ('plasma',))
+    """
+    source = str(path)
+    header, rows, blank = _read_cells(Path(str(path)))
+    return _build(header, rows, blank, source, spec, Path(str(path)))
+
+
+def read_frame(frame: pd.DataFrame, spec: ModelSpec | None = None, *, source: str = "<frame>") -> Dataset:
+    """Check and normalise a dataset given as a DataFrame (as if read from CSV).
+
+    Row numbers in messages count the header as row 1, as for a file. No units
+    file is read: values are taken to be in the model's units.
+    """
+    header = [str(c) for c in frame.columns]
+    rows = [(i + 2, ["" if _isna(v) else str(v) for v in record]) for i, record in enumerate(frame.itertuples(index=False))]
+    if not rows:
+        raise DatasetError(f"{source}: invalid dataset\n  - file: has a header but no data rows; allowed: one row per event")
+    return _build(header, rows, (), source, spec, None)
+
+
+def _isna(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+
+
+def _build(
+    header: list[str], rows: list[tuple[int, list[str]]], blank: Iterable[int], source: str,
+    spec: ModelSpec | None, path: Path | None,
+) -> Dataset:
+    reader = _Reader(header, rows, source, spec)
+    frame = reader.run()
+    sidecar = None
+    if path is not None:
+        try:
+            sidecar = read_sidecar(path, reader.covariate_columns)
+        except DatasetError as exc:
+            reader.extra += _listed(exc)
+    reader.raise_if_problems()
+    try:
+        frame, units = convert_units(frame, sidecar, spec)
+    except DatasetError as exc:
+        raise DatasetError(_message(source, [], _listed(exc))) from None
+    return Dataset(_censor(frame), source, units, spec.name if spec else None, tuple(blank))
+
+
+def _listed(exc: DatasetError) -> list[str]:
+    """The ``  - `` items of a multi-line error message (or the message itself)."""
+    lines = [line[4:] for line in str(exc).splitlines() if line.startswith("  - ")]
+    return lines or [str(exc)]
+
+
+def _censor(frame: pd.DataFrame) -> pd.DataFrame:
+    """BLQ = 1 exactly on censored observations, whose LLOQ becomes the limit.
+
+    Done after unit conversion, since DV and LLOQ may have been given in different units.
+    """
+    obs = (frame["EVID"] == 0) & (frame["MDV"] == 0)
+    censored = obs & ((frame["BLQ"] == 1) | (frame["DV"] < frame["LLOQ"]))
+    frame = frame.assign(BLQ=censored.astype("int64"))
+    # Every censored row carries its limit: LLOQ if given, else DV (which then holds it).
+    return frame.assign(LLOQ=frame["LLOQ"].where(~censored | frame["LLOQ"].notna(), frame["DV"]))
+
+
+# -- reading the file ------------------------------------------------------------------
+
+
+def _fail(source: str, found: str, allowed: str) -> DatasetError:
+    return DatasetError(f"{source}: cannot read dataset\n  - file: {found}; allowed: {allowed}")
+
+
+def _read_cells(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], tuple[int, ...]]:
+    """Header and data rows (with file row numbers) as text; blank rows apart."""
+    source = str(path)
+    allowed = "a comma-separated text file (CSV) with a header row"
+    if not path.exists():
+        raise _fail(source, "does not exist", "a path to a CSV file")
+    if path.is_dir():
+        raise _fail(source, "is a directory", "a path to a CSV file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _fail(source, f"cannot be read ({exc.strerror})", allowed) from None
+    if b"\x00" in raw[:65536]:
+        raise _fail(source, "contains binary data (NUL bytes), not text", allowed)
+    try:
+        text = raw.decode("utf-8-sig")  # Excel writes a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise _fail(source, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})", "CSV saved as UTF-8") from None
+    if not text.strip():
+        raise _fail(source, "is empty", "a header row, then one row per event")
+    records: list[tuple[int, list[str]]] = []
+    try:
+        for number, cells in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+            records.append((number, cells))
+    except csv.Error as exc:
+        raise _fail(source, f"row {len(records) + 1} cannot be parsed as CSV ({exc})", allowed) from None
+    blank = tuple(n for n, cells in records if not any(c.strip() for c in cells))
+    skip = {1, *blank}
+    data = [(n, cells) for n, cells in records if n not in skip]
+    if 1 in blank:
+        raise _fail(source, "row 1 is blank", "a header row naming the columns (ID, TIME, EVID, ...)")
+    if not data:
+        raise _fail(source, "has a header but no data rows", "one row per event")
+    return records[0][1], data, blank
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a dataset: where, what was found, what is allowed.
+
+    ``row`` is the file row (header = 1) or None for the whole column/file.
+    """
+
+    row: int | None
+    column: str | None
+    found: str
+    allowed: str
+
+    def __str__(self) -> str:
+        parts = []
+        if self.row is not None:
+            parts.append("row 1 (header)" if self.row == 1 else f"row {self.row}")
+        if self.column is not None:
+            parts.append(self.column if self.row is not None else f"column {self.column}")
+        return f"{', '.join(parts) or 'file'}: {self.found}; allowed: {self.allowed}"
+
+
+def _message(source: str, problems: list[Problem], extra: list[str]) -> str:
+    ordered = sorted(problems, key=lambda p: (p.row or 0))
+    lines = [str(p) for p in ordered] + extra
+    shown = lines[:MAX_LISTED]
+    more = len(lines) - len(shown)
+    count = f"{len(lines)} problem{'s' if len(lines) != 1 else ''}"
+    text = f"{source}: invalid dataset, {count}:\n  - " + "\n  - ".join(shown)
+    return text + (f"\n  ... and {more} more" if more else "")
+
+
+def _fmt(value: Any) -> str:
+    """A cell value as a person would type it: 2 not 2.0."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _Reader:
+    """Checks the text cells of a dataset, collecting every problem, then normalises it."""
+
+    def __init__(self, header: list[str], rows: list[tuple[int, list[str]]], source: str, spec: ModelSpec | None) -> None:
+        self.raw_header = header
+        self.raw_rows = rows
+        self.source = source
+        self.spec = spec
+        self.problems: list[Problem] = []
+        self.extra: list[str] = []  # already-formatted problems (units file)
+        self.present: set[str] = set()
+        self.covariate_columns: tuple[str, ...] = ()
+        self._blank_cells: dict[str, pd.Series] = {}
+
+    def add(self, row: int | None, column: str | None, found: str, allowed: str) -> None:
+        self.problems.append(Problem(row, column, found, allowed))
+
+    def add_rows(self, mask: pd.Series, column: str | None, found: Any, allowed: str) -> None:
+        """One problem per row in ``mask``; ``found`` may be a function of the row index."""
+        for i in np.flatnonzero(mask.to_numpy(dtype=bool)):
+            self.add(int(self.row[i]), column, found(i) if callable(found) else found, allowed)
+
+    def raise_if_problems(self) -> None:
+        if self.problems or self.extra:
+            raise DatasetError(_message(self.source, self.problems, self.extra))
+
+    # -- the pipeline --------------------------------------------------------------
+    def run(self) -> pd.DataFrame | None:
+        names = self._header()
+        if self.problems:
+            self.raise_if_problems()
+        text = self._text_frame(names)
+        self.text = text
+        self.row = text["ROW"].to_numpy()
+        values = self._coerce(text)
+        self._check_columns(values)
+        self._check_subjects(values)
+        self._check_evid(values)
+        self._check_doses(values)
+        self._check_observations(values)
+        self._check_routes_and_cmt(values)
+        self._check_covariates(values)
+        self._check_duplicates(text)
+        return self._normalise(values)
+
+    def _header(self) -> list[str]:
+        """Upper-case names, aliases applied; blank, duplicated and missing columns reported."""
+        names = [ALIASES.get(h.strip().upper(), h.strip().upper()) for h in self.raw_header]
+        for j, name in enumerate(names):
+            if not name and any(j < len(cells) and cells[j].strip() for _, cells in self.raw_rows):
+                self.add(1, f"column {j + 1}", "blank name above values", "a column name")
+        seen: dict[str, list[int]] = {}
+        for j, name in enumerate(names):
+            if name:
+                seen.setdefault(name, []).append(j + 1)
+        for name, where in seen.items():
+            if len(where) > 1:
+                self.add(1, name, f"appears {len(where)} times (columns {', '.join(map(str, where))})",
+                         "each column once (headers are case-insensitive; CENS is BLQ)")
+        if "ROW" in seen:
+            self.add(1, "ROW", "a column named ROW", "another name (itpk adds ROW, the file row number)")
+        for name in REQUIRED_COLUMNS:
+            if name not in seen:
+                self.add(None, name, "missing", f"a header with the required columns {', '.join(REQUIRED_COLUMNS)}")
+        if len(seen) == 1 and any(sep in self.raw_header[0] for sep in ";\t|"):
+            self.add(1, None, f"one column named {self.raw_header[0][:60]!r}", "commas between columns (the file seems to use another separator)")
+        self.present = set(seen)
+        return names
+
+    def _text_frame(self, names: list[str]) -> pd.DataFrame:
+        """Cells as stripped text, one column per header name (absent standard columns blank)."""
+        width = len(names)
+        cells = []
+        for number, row in self.raw_rows:
+            extra = [c for c in row[width:] if c.strip()]
+            if extra:
+                self.add(number, None, f"{len(row)} cells, the last non-blank ones beyond the header",
+                         f"at most {width} cells (one per header column)")
+            cells.append([c.strip() for c in row[:width]] + [""] * (width - len(row)))
+        keep = [j for j, n in enumerate(names) if n]
+        frame = pd.DataFrame([[r[j] for j in keep] for r in cells], columns=[names[j] for j in keep], dtype=object)
+        for name in STANDARD_COLUMNS:
+            if name not in frame:
+                frame[name] = pd.Series("", index=frame.index, dtype=object)
+        frame["ROW"] = [n for n, _ in self.raw_rows]
+        self.covariate_columns = tuple(c for c in frame.columns if c not in STANDARD_COLUMNS and c != "ROW")
+        return frame
+
+    # -- types ---------------------------------------------------------------------
+    def _coerce(self, text: pd.DataFrame) -> dict[str, pd.Series]:
+        """Typed columns; unparseable cells are reported and become missing."""
+        values: dict[str, pd.Series] = {}
+        values["ID"] = self._ids(text["ID"])
+        for name in _FLOATS:
+            values[name] = self._numbers(name)
+        for name, allowed in _INTEGERS.items():
+            values[name] = self._integers(name, allowed)
+        for name in ("ROUTE", "CMT", "ARM"):
+            values[name] = text[name].where(~self._missing(name))
+        values["ROUTE"] = values["ROUTE"].str.lower()
+        return values
+
+    def _missing(self, column: str) -> pd.Series:
+        """Blank cells of a column (computed once per column)."""
+        if column not in self._blank_cells:
+            self._blank_cells[column] = self.text[column].str.upper().isin(MISSING_TEXT)
+        return self._blank_cells[column]
+
+    def _numbers(self, column: str, allowed: str = _NUMBER) -> pd.Series:
+        text = self.text[column]
+        missing = self._missing(column)
+        values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
+        bad = ~missing & ~np.isfinite(values)
+        self.add_rows(bad, column, lambda i: f"found {text.iat[i]!r}, not a number", allowed)
+        return values.where(~bad)
+
+    def _integers(self, column: str, allowed: tuple[int, ...] | None) -> pd.Series:
+        allowed_text = _EVID_TEXT if column == "EVID" else ("a whole number >= 0" if allowed is None else " or ".join(map(str, allowed)))
+        values = self._numbers(column, allowed_text)
+        ok = values.isna() | (values % 1 == 0)
+        ok &= values.isna() | (values.isin(allowed) if allowed is not None else values >= 0)
+        self.add_rows(~ok, column, lambda i: f"found {self.text[column].iat[i]!r}", allowed_text)
+        return values.where(ok)
+
+    def _ids(self, text: pd.Series) -> pd.Series:
+        missing = text.str.upper().isin(MISSING_TEXT)
+        ids = text.where(~missing)
+        # Integer IDs when every one reads back unchanged (so "01" and "1" stay distinct).
+        numeric = pd.to_numeric(ids, errors="coerce")
+        if numeric.notna().all() and (numeric % 1 == 0).all() and (numeric.astype("int64").astype(str) == ids).all():
+            return numeric.astype("int64")
+        return ids
+
+    # -- checks ----------------------------------------------------------------------
+    def _blank(self, values: dict[str, pd.Series], column: str, mask: pd.Series, found: str, allowed: str) -> None:
+        """Report blank cells of ``column`` on ``mask`` rows: one line if the column is absent."""
+        mask = mask & self._missing(column)
+        if not mask.any():
+            return
+        if column not in self.present:
+            rows = self.row[mask.to_numpy()]
+            listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            self.add(None, column, f"missing, needed on {len(rows)} rows ({listed})", allowed)
+        else:
+            self.add_rows(mask, column, found, allowed)
+
+    def _check_columns(self, values: dict[str, pd.Series]) -> None:
+        everywhere = pd.Series(True, index=values["ID"].index)
+        self._blank(values, "ID", everywhere, "blank", "a subject identifier")
+        self._blank(values, "TIME", everywhere, "blank", _NUMBER)
+        self._blank(values, "EVID", everywhere, "blank", _EVID_TEXT)
+
+    def _check_subjects(self, values: dict[str, pd.Series]) -> None:
+        """Each subject's rows together, and TIME non-decreasing within them."""
+        ids, time = values["ID"], values["TIME"]
+        known = ids.notna()
+        first_row: dict[Any, int] = {}
+        previous = None
+        for i in np.flatnonzero(known.to_numpy()):
+            current = ids.iat[i]
+            if current != previous and current in first_row:
+                self.add(int(self.row[i]), "ID", f"found {current} again after other subjects (its rows start at row {first_row[current]})",
+                         "each subject's rows together, in time order")
+            first_row.setdefault(current, int(self.row[i]))
+            previous = current
+        usable = known & time.notna()
+        frame = pd.DataFrame({"ID": ids[usable], "TIME": time[usable], "ROW": self.row[usable.to_numpy()]})
+        # Compare with the latest earlier time of the same subject (a running maximum),
+        # so one early value is reported once, not for every row after it.
+        before = frame.groupby("ID", sort=False)["TIME"].cummax().groupby(frame["ID"], sort=False).shift()
+        for i in np.flatnonzero((frame["TIME"] < before).to_numpy()):
+            self.add(int(frame["ROW"].iat[i]), "TIME", f"found {_fmt(frame['TIME'].iat[i])}, earlier than {_fmt(before.iat[i])} on an earlier row of ID {frame['ID'].iat[i]}",
+                     "times non-decreasing within a subject")
+
+    def _check_evid(self, values: dict[str, pd.Series]) -> None:
+        evid, mdv = values["EVID"], values["MDV"]
+        bad = evid.notna() & (evid != 0) & (mdv == 0)
+        self.add_rows(bad, "MDV", lambda i: f"found 0 on an EVID={_fmt(evid.iat[i])} row", "1 or blank (only observations, EVID=0, have MDV=0)")
+
+    def _check_doses(self, values: dict[str, pd.Series]) -> None:
+        evid, amt, rate, dur, ii, addl, ss = (values[c] for c in ("EVID", "AMT", "RATE", "DUR", "II", "ADDL", "SS"))
+        dose = evid.isin(DOSE_EVIDS)
+        # NONMEM's constant infusion at steady state has AMT=0, RATE>0, II=0.
+        ss_infusion = dose & ss.isin((1, 2)) & (ii.fillna(0) == 0) & (rate > 0)
+        self._blank(values, "AMT", dose & ~ss_infusion, "blank on a dose row", "an amount > 0")
+        self.add_rows(dose & ~ss_infusion & (amt <= 0), "AMT", lambda i: f"found {_fmt(amt.iat[i])} on a dose row (EVID={_fmt(evid.iat[i])})", "an amount > 0")
+        self.add_rows(ss_infusion & (amt < 0), "AMT", lambda i: f"found {_fmt(amt.iat[i])}", "0 or blank for a constant infusion at steady state")
+        dv = values["DV"]
+        ignored = evid.notna() & (evid != 0) & dv.notna() & (dv != 0)
+        self.add_rows(ignored, "DV", lambda i: f"found {_fmt(dv.iat[i])} on an EVID={_fmt(evid.iat[i])} row, where it would be ignored",
+                      "blank or 0 (put the sample on its own row with EVID=0)")
+        for column, series in (("RATE", rate), ("DUR", dur), ("II", ii)):
+            extra = " (modelled rates, RATE=-1/-2, are not supported)" if column == "RATE" else ""
+            self.add_rows(series < 0, column, lambda i, s=series: f"found {_fmt(s.iat[i])}", f"a value >= 0 or blank{extra}")
+        self.add_rows((rate > 0) & (dur > 0), "RATE/DUR", lambda i: f"found RATE={_fmt(rate.iat[i])} and DUR={_fmt(dur.iat[i])}",
+                      "one of them (the other blank or 0)")
+        self.add_rows(dose & (addl > 0) & ~(ii > 0), "II", lambda i: f"found {_fmt(ii.fillna(0).iat[i])} with ADDL={_fmt(addl.iat[i])}",
+                      "II > 0 when ADDL > 0 (the interval between the additional doses)")
+        self.add_rows(dose & ss.isin((1, 2)) & ~(ii > 0) & ~(rate > 0), "II", lambda i: f"found {_fmt(ii.fillna(0).iat[i])} with SS={_fmt(ss.iat[i])}",
+                      "II > 0 at steady state (or RATE > 0 with II=0 for a constant infusion)")
+        not_dose = evid.notna() & ~dose
+        for column in ("AMT", "RATE", "DUR", "II", "ADDL", "SS"):
+            series = values[column]
+            self.add_rows(not_dose & (series > 0), column, lambda i, s=series: f"found {_fmt(s.iat[i])} on an EVID={_fmt(evid.iat[i])} row, where it would be ignored",
+                          "blank or 0 (dosing columns apply to dose rows, EVID 1 or 4)")
+
+    def _check_observations(self, values: dict[str, pd.Series]) -> None:
+        evid, mdv, dv, blq, lloq = (values[c] for c in ("EVID", "MDV", "DV", "BLQ", "LLOQ"))
+        counted = (evid == 0) & (mdv.fillna(0) == 0)
+        with_limit = (blq == 1) & lloq.notna()  # BLQ=1 and LLOQ given: DV may be blank
+        self._blank(values, "DV", counted & ~with_limit, "blank on an observation row (EVID=0)", "a measured value, or MDV=1 to ignore the row")
+        self.add_rows(lloq <= 0, "LLOQ", lambda i: f"found {_fmt(lloq.iat[i])}", "a limit > 0 or blank")
+
+    def _check_routes_and_cmt(self, values: dict[str, pd.Series]) -> None:
+        spec = self.spec
+        evid, route, cmt = values["EVID"], values["ROUTE"], values["CMT"]
+        routes = tuple(spec.routes) if spec else ROUTES
+        owner = f" (model {spec.name})" if spec else ""
+        self.add_rows(route.notna() & ~route.isin(routes), "ROUTE", lambda i: f"found {self.text['ROUTE'].iat[i]!r}", f"one of {', '.join(routes)}{owner}")
+        dose, obs = evid.isin(DOSE_EVIDS), evid == 0
+        if route.isna().all() and cmt.isna().all() and dose.any() and not ({"ROUTE", "CMT"} & self.present):
+            self.add(None, "ROUTE", "missing (and no CMT column)", "ROUTE on dose rows (it, ia, iv, sc, po) or CMT naming the receiving compartment")
+        else:
+            self.add_rows(dose & route.isna() & cmt.isna(), "ROUTE/CMT", "both blank on a dose row",
+                          f"a route ({', '.join(routes)}) or a receiving compartment in CMT")
+        single = spec is not None and len(spec.outputs) == 1
+        if not single:
+            hint = f"an output of model {spec.name}: {', '.join(spec.outputs)}" if spec else "the name of the output measured (e.g. plasma)"
+            self._blank(values, "CMT", obs, "blank on an observation row", hint)
+        if spec is not None:
+            values["CMT"] = self._resolve_cmt(cmt, dose, obs)
+
+    def _resolve_cmt(self, cmt: pd.Series, dose: pd.Series, obs: pd.Series) -> pd.Series:
+        """Model names for CMT: 1-based numbers resolved, unknown names reported."""
+        spec = self.spec
+        assert spec is not None
+        resolved = cmt.copy()
+        for mask, names, kind in ((dose, spec.state_names, "a compartment"), (obs, tuple(spec.outputs), "an output")):
+            for i in np.flatnonzero((mask & cmt.notna()).to_numpy()):
+                name = _resolve_name(cmt.iat[i], names)
+                if name is None:
+                    row_kind = "dose" if kind == "a compartment" else "observation"
+                    self.add(int(self.row[i]), "CMT", f"found {cmt.iat[i]!r} on a{'n' if row_kind[0] == 'o' else ''} {row_kind} row",
+                             f"{kind} of model {spec.name}: {', '.join(names)} (or its number 1-{len(names)})")
+                resolved.iat[i] = name
+        if len(spec.outputs) == 1:
+            resolved = resolved.where(~(obs & cmt.isna()), next(iter(spec.outputs)))
+        return resolved
+
+    def _check_covariates(self, values: dict[str, pd.Series]) -> None:
+        """Covariates numeric where the model uses them, constant unless time-varying; ARM per subject."""
+        declared = {name.upper(): cov for name, cov in (self.spec.covariates.items() if self.spec else ())}
+        renamed = []
+        for column in self.covariate_columns:
+            cov = declared.get(column)
+            text = self.text[column]
+            missing = self._missing(column)
+            numbers = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
+            numeric = bool((missing | np.isfinite(numbers)).all())
+            name = cov.name if cov else column
+            renamed.append(name)
+            if cov is not None:
+                allowed = f"a number (covariate {cov.name} of model {self.spec.name}, {cov.unit or 'no unit'}; drop the column to use the default {cov.value:g})"
+                self.add_rows(~missing & ~np.isfinite(numbers), column, lambda i, t=text: f"found {t.iat[i]!r}, not a number", allowed)
+                self.add_rows(missing, column, "blank", allowed)
+            values[name] = numbers if numeric or cov is not None else text.where(~missing)
+            if not (cov is not None and cov.time_varying):
+                why = f"{name} is not time-varying in model {self.spec.name}" if self.spec else "without a model, covariates are constant; a model may declare them time-varying"
+                self._constant(values, name, f"one value per subject ({why})")
+        self.covariate_columns = tuple(renamed)
+        self._constant(values, "ARM", "one arm per subject")
+
+    def _constant(self, values: dict[str, pd.Series], column: str, allowed: str) -> None:
+        ids, series = values["ID"], values[column]
+        first: dict[Any, tuple[Any, int]] = {}
+        for i in np.flatnonzero((ids.notna() & series.notna()).to_numpy()):
+            subject, value = ids.iat[i], series.iat[i]
+            if subject not in first:
+                first[subject] = (value, int(self.row[i]))
+            elif value != first[subject][0]:
+                seen, row = first[subject]
+                self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {subject} has {_fmt(seen)} on row {row}", allowed)
+
+    def _check_duplicates(self, text: pd.DataFrame) -> None:
+        cells = text.drop(columns="ROW")
+        dup = cells.duplicated(keep=False)
+        first: dict[tuple[str, ...], int] = {}
+        for i in np.flatnonzero(dup.to_numpy()):
+            key = tuple(cells.iloc[i])
+            if key in first:
+                self.add(int(self.row[i]), None, f"a copy of row {first[key]}", "each event once (merge or delete the copy)")
+            else:
+                first[key] = int(self.row[i])
+
+    # -- normal form -----------------------------------------------------------------
+    def _normalise(self, values: dict[str, pd.Series]) -> pd.DataFrame | None:
+        if self.problems:
+            return None
+        evid = values["EVID"].astype("int64")
+        out = pd.DataFrame({"ROW": self.row.astype("int64"), "ID": values["ID"], "TIME": values["TIME"], "EVID": evid})
+        for column in ("AMT", "DV", "RATE", "DUR", "II", "LLOQ"):
+            out[column] = values[column]
+        for column in ("AMT", "RATE", "DUR", "II"):
+            out[column] = out[column].fillna(0.0)
+        for column in ("ADDL", "SS"):
+            out[column] = values[column].fillna(0).astype("int64")
+        out["MDV"] = values["MDV"].fillna((evid != 0).astype(float)).astype("int64")
+        for column in ("ROUTE", "CMT", "ARM"):
+            out[column] = values[column]
+        out["BLQ"] = values["BLQ"].fillna(0).astype("int64")
+        for column in self.covariate_columns:
+            out[column] = values[column]
+        return out[["ROW", *STANDARD_COLUMNS, *self.covariate_columns]]
+
+
+def _resolve_name(text: str, names: tuple[str, ...]) -> str | None:
+    """A name in ``names``, or its 1-based number."""
+    if text in names:
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if number.is_integer() and 1 <= number <= len(names):
+        return names[int(number) - 1]
+    return None
