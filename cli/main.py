@@ -41,7 +41,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, float]:
+def _parse_sets(pairs: list[str], *, option: str = "--set", example: str = "--set CL=2.5") -> dict[str, float]:
     """``NAME=VALUE`` pairs to a dict; every malformed pair is reported."""
     out: dict[str, float] = {}
     problems = []
@@ -52,7 +52,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, float]:
                 raise ValueError
             out[name.strip()] = float(value)
         except ValueError:
-            problems.append(f"--set {pair!r}: expected NAME=NUMBER (e.g. --set CL=2.5)")
+            problems.append(f"{option} {pair!r}: expected NAME=NUMBER (e.g. {example})")
     if problems:
         raise ItpkError("; ".join(problems))
     return out
@@ -133,6 +133,49 @@ def simulate(
             plot=plot,
         )
     if not quiet:
+        typer.echo(result.message)
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Argument(help="Built-in model name or path to a .toml file.")],
+    dose: Annotated[float, typer.Option(help="Amount per dose, in the receiving compartment's amount unit (mg for the built-in models).")],
+    routes: Annotated[str, typer.Option(help="Routes to compare, comma-separated; metrics compare it (or ia) with iv (or sc).")] = "it,iv",
+    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h).")] = None,
+    doses: Annotated[int, typer.Option(help="Number of doses.")] = 1,
+    infusion: Annotated[float | None, typer.Option(help="IV infusion duration (h); other routes are injections.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="OUTPUT=CONC: report the time above this concentration (output unit).")] = None,
+    threshold: Annotated[list[float] | None, typer.Option(help="Report P(metric > x) when comparing a population/posterior (repeatable).")] = None,
+    horizon: Annotated[float | None, typer.Option(help="Window for peaks and time above target (h); AUC of nonlinear models.")] = None,
+    out: Annotated[Path | None, typer.Option(help="CSV: one row per route quantity or metric.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the SPEC §4 JSON document on stdout.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="PNG of tumour and plasma profiles for each route.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Print nothing on success (except --json).")] = False,
+) -> None:
+    """Intratumoral vs systemic exposure: AUC/Cmax/Tmax per route and the local-gain metrics."""
+    import json
+
+    from itpk.workflows import run_comparison
+
+    with user_errors():
+        result = run_comparison(
+            model,
+            dose=dose,
+            routes=[r.strip() for r in routes.split(",") if r.strip()],
+            every=every,
+            doses=doses,
+            infusion=infusion,
+            overrides=_parse_sets(set_ or []),
+            targets=_parse_sets(target or [], option="--target", example="--target tumor=0.5"),
+            thresholds=threshold or (),
+            horizon=horizon,
+            out=out,
+            plot=plot,
+        )
+    if json_:
+        typer.echo(json.dumps(result.report, indent=2, allow_nan=True))
+    elif not quiet:
         typer.echo(result.message)
 
 

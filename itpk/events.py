@@ -141,6 +141,14 @@ class Schedule:
         """Distinct dose targets, in first-use order."""
         return tuple(dict.fromkeys(d.target for d in self.doses))
 
+    def scaled(self, factor: float) -> Schedule:
+        """The same regimen with every amount and rate multiplied by ``factor`` (durations kept)."""
+        from dataclasses import replace
+
+        return Schedule(
+            tuple(replace(d, amount=d.amount * factor, rate=d.rate * factor) for d in self.doses), self.resets
+        )
+
     def dose_times(self) -> tuple[float, ...]:
         """Every dose time after ADDL expansion, sorted."""
         return tuple(sorted({t for d in self.doses for t in d.times()}))

@@ -68,3 +68,42 @@ def _draw(ax, t: np.ndarray, values: np.ndarray, max_lines: int) -> None:  # noq
     ax.fill_between(t, lo, hi, color="C0", alpha=0.2, label="5–95%")
     ax.plot(t, med, color="C0", lw=2, label="median")
     ax.legend(fontsize=8, loc="best")
+
+
+def plot_routes(spec, values, schedules, path, *, title: str = "") -> Path:  # noqa: ANN001
+    """Local (tumour) and systemic (plasma) profiles of each route side by side, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from itpk.exposure import default_horizon
+    from itpk.simulate import simulate
+    from itpk.workflows import output_grid
+
+    roles = [spec.exposure[r] for r in ("local", "systemic", "abscopal") if r in spec.exposure] or list(spec.outputs)[:2]
+    fig, axes = plt.subplots(1, len(roles), figsize=(5.5 * len(roles), 4.2), squeeze=False, constrained_layout=True)
+    first = next(iter(schedules.values()))
+    horizon = max(24.0, 0.4 * default_horizon(values, first)) if spec.is_linear else None  # about 4 slowest half-lives
+    for route, schedule in schedules.items():
+        grid = output_grid(schedule, horizon=horizon, step=horizon / 600 if horizon else None)
+        horizon = grid[-1]
+        prof = simulate(spec, schedule, values, grid, outputs=roles)
+        for ax, name in zip(axes[0], roles, strict=True):
+            y = prof.outputs[name][0]
+            ax.plot(grid, np.where(y > 0, y, np.nan), lw=1.8, label=route)
+    for ax, name in zip(axes[0], roles, strict=True):
+        ax.set_yscale("log")
+        top = max(np.nanmax(line.get_ydata()) for line in ax.get_lines())
+        ax.set_ylim(top * 1e-6, top * 2)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(f"time ({spec.time_unit})")
+        ax.set_ylabel(f"{name} ({spec.outputs[name].unit})")
+        ax.set_title(spec.outputs[name].description or name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(title="route", fontsize=8)
+    fig.suptitle(title or spec.name)
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out

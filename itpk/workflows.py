@@ -9,16 +9,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from itpk.errors import ItpkError
+from itpk.exposure import Comparison, compare_routes, quantity_units, route_quantities, summarize
 from itpk.events import Schedule, regimen
 from itpk.io import atomic_write
 from itpk.population import sample_population
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
 from itpk.system import resolve
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_GRID = 200_000
 
@@ -112,3 +117,139 @@ def run_simulation(
 def _dose_unit(spec: ModelSpec, route: str) -> str:
     cmts = list(spec.routes[route].into)
     return next(c.amount_unit for c in spec.compartments if c.name == cmts[0])
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """What a comparison run produced: the numbers (as a JSON-ready dict) and files."""
+
+    comparison: Comparison
+    report: dict
+    csv: Path | None
+    png: Path | None
+    message: str
+
+
+def run_comparison(
+    model: str | Path | ModelSpec,
+    *,
+    dose: float,
+    routes: Sequence[str] = ("it", "iv"),
+    every: float | None = None,
+    doses: int = 1,
+    infusion: float | None = None,
+    overrides: Mapping[str, float] | None = None,
+    targets: Mapping[str, float] | None = None,
+    thresholds: Sequence[float] = (),
+    horizon: float | None = None,
+    out: str | Path | None = None,
+    plot: str | Path | None = None,
+) -> ComparisonResult:
+    """Exposure of the same dose and schedule by each route, and the SPEC §6 metrics.
+
+    ``dose`` is in the receiving compartment's amount unit, times in the
+    model's time unit; ``infusion`` (a duration) applies to the ``iv`` route
+    only (injections into a lesion or artery are boluses); ``targets`` maps an
+    output to a concentration for time above target; ``thresholds`` adds
+    P(metric > x) when several parameter sets are compared.
+    """
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    routes = list(dict.fromkeys(routes))
+    unknown = [r for r in routes if r not in spec.routes]
+    if unknown or not routes:
+        raise ItpkError(f"model {spec.name!r} has no route(s) {', '.join(unknown) or '(none given)'}; routes: {', '.join(spec.routes)}")
+    bad_targets = sorted(set(targets or {}) - set(spec.outputs))
+    if bad_targets:
+        raise ItpkError(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
+    values = resolve(spec, dict(overrides or {}))
+    schedules = {
+        r: regimen(r, dose, every=every, doses=doses, infusion=infusion if r == "iv" else None) for r in routes
+    }
+    comparison = compare_routes(spec, values, schedules, dose=dose, targets=targets, horizon=horizon)
+    report = comparison_report(comparison, schedules, thresholds=thresholds)
+    csv = atomic_write(out, lambda tmp: comparison_table(report).to_csv(tmp, index=False)) if out else None
+    png = None
+    if plot:
+        from itpk.plot import plot_routes
+
+        png = plot_routes(spec, values, schedules, plot, title=f"{spec.name}: {dose:g} {_dose_unit(spec, routes[0])} by route")
+    written = ", ".join(str(p) for p in (csv, png) if p)
+    return ComparisonResult(comparison, report, csv, png, format_comparison(report) + (f"\nwrote {written}" if written else ""))
+
+
+def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule], *, thresholds: Sequence[float] = ()) -> dict:
+    """The JSON document of ``itpk compare --json`` (SPEC §4), with units."""
+    spec = comparison.spec
+    units = quantity_units(spec)
+    routes = {
+        r: {k: summarize(v) for k, v in route_quantities(ex).items()} for r, ex in comparison.routes.items()
+    }
+    by_route = {r: {k: summarize(v, thresholds) for k, v in m.items()} for r, m in comparison.metrics.items()}
+    first = next(iter(by_route.values()), {})
+    linear = spec.is_linear
+    horizon = next((ex.horizon for ex in comparison.routes.values()), None)
+    report = {
+        "model": spec.name,
+        "dose": comparison.dose,
+        "dose_unit": _dose_unit(spec, next(iter(schedules))),
+        "regimen": _describe_regimen(next(iter(schedules.values())), spec.time_unit),
+        "auc_interval": "[0, inf)" if linear else f"[0, {horizon:g}] {spec.time_unit}",
+        "routes": routes,
+        "metrics": first,
+        "reference_route": comparison.reference,
+        "units": {**units, **dict.fromkeys(("G", "S", "S_max", "TI", "DSF", "systemic_sparing", "abscopal"), "1")},
+        "parameter_sets": comparison.size,
+    }
+    if len(by_route) > 1:
+        report["metrics_by_route"] = by_route
+    return report
+
+
+def comparison_table(report: dict) -> pd.DataFrame:
+    """The CSV of ``itpk compare``: one row per route quantity or metric."""
+    import pandas as pd
+
+    rows = []
+    units = report["units"]
+    for route, quantities in report["routes"].items():
+        rows += [_row("route", route, k, v, units.get(k, "")) for k, v in quantities.items()]
+    metrics = report.get("metrics_by_route") or ({report["metrics"] and _local_route(report): report["metrics"]} if report["metrics"] else {})
+    for route, values in metrics.items():
+        rows += [_row("metric", f"{route} vs {report['reference_route']}", k, v, "1") for k, v in values.items()]
+    return pd.DataFrame(rows)
+
+
+def _local_route(report: dict) -> str:
+    return next(r for r in ("it", "ia") if r in report["routes"])
+
+
+def _row(kind: str, route: str, quantity: str, value: float | dict, unit: str) -> dict:
+    if isinstance(value, dict):
+        return {"kind": kind, "route": route, "quantity": quantity, **value, "unit": unit}
+    return {"kind": kind, "route": route, "quantity": quantity, "value": value, "unit": unit}
+
+
+def _describe_regimen(schedule: Schedule, time_unit: str) -> str:
+    d = schedule.doses[0]
+    text = f"{d.addl + 1} dose(s)"
+    if d.addl:
+        text += f" every {d.ii:g} {time_unit}"
+    return text
+
+
+def format_comparison(report: dict) -> str:
+    """Plain-text summary for the terminal."""
+    lines = [f"{report['model']}: {report['dose']:g} {report['dose_unit']}, {report['regimen']}; AUC over {report['auc_interval']}"]
+    units = report["units"]
+    for route, q in report["routes"].items():
+        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.split("_", 1)[1] in ("plasma", "tumor")]
+        lines.append(f"  {route:>3}: " + "; ".join(parts))
+    if report["metrics"]:
+        lines.append(f"  metrics ({_local_route(report)} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | dict) -> str:
+    if isinstance(value, dict):
+        return f"{value['median']:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
+    return f"{value:.4g}"

@@ -1,0 +1,155 @@
+"""Exposure metrics (SPEC §6) against exact answers."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from typer.testing import CliRunner
+
+from itpk import load_model
+from itpk.cli.main import app
+from itpk.events import regimen
+from itpk.exposure import compare_routes, route_exposure, summarize
+from itpk.system import resolve
+
+
+def one_cpt_oral_conc(t, dose, ka, CL, V):
+    k = CL / V
+    return dose / V * ka / (ka - k) * (np.exp(-k * t) - np.exp(-ka * t))
+
+
+def test_oral_auc_cmax_tmax_time_above_are_exact():
+    ka, CL, V, dose, level = 1.2, 10.0, 80.0, 1000.0, 5.0
+    spec = load_model("one_cpt_oral")
+    ex = route_exposure(resolve(spec, {"ka": ka, "CL": CL, "V": V}), regimen("po", dose), outputs=["plasma"], targets={"plasma": level})
+    k = CL / V
+    tmax = np.log(ka / k) / (ka - k)
+    f = lambda t: one_cpt_oral_conc(t, dose, ka, CL, V) - level  # noqa: E731
+    # exact references: rtol 1e-10 (AUC = D/CL; Tmax = ln(ka/k)/(ka-k); crossings by brentq at xtol 1e-14)
+    assert ex.auc["plasma"][0] == pytest.approx(dose / CL, rel=1e-10)
+    assert ex.tmax["plasma"][0] == pytest.approx(tmax, rel=1e-10)
+    assert ex.cmax["plasma"][0] == pytest.approx(one_cpt_oral_conc(tmax, dose, ka, CL, V), rel=1e-10)
+    above = brentq(f, tmax, 200, xtol=1e-14) - brentq(f, 0, tmax, xtol=1e-14)
+    assert ex.time_above["plasma"][0] == pytest.approx(above, rel=1e-10)
+
+
+def test_infusion_peak_at_end_and_repeated_doses():
+    CL, V, dur = 5.0, 50.0, 2.0
+    spec = load_model("one_cpt_iv")
+    ex = route_exposure(resolve(spec, {"CL": CL, "V": V}), regimen("iv", 100.0, every=12, doses=3, infusion=dur), outputs=["plasma"])
+    k, rate = CL / V, 100.0 / dur
+    # closed-form peak of the third infusion (end of infusion at t = 26 h)
+    peak = sum(rate / CL * (1 - np.exp(-k * dur)) * np.exp(-k * (26.0 - (12.0 * i + dur))) for i in range(3))
+    assert ex.tmax["plasma"][0] == pytest.approx(26.0, rel=1e-12)
+    assert ex.cmax["plasma"][0] == pytest.approx(peak, rel=1e-10)
+    assert ex.auc["plasma"][0] == pytest.approx(300.0 / CL, rel=1e-10)
+
+
+def test_time_above_after_bolus_is_log_ratio():
+    spec = load_model("one_cpt_iv")
+    ex = route_exposure(resolve(spec, {"CL": 5.0, "V": 50.0}), regimen("iv", 100.0), outputs=["plasma"], targets={"plasma": 0.5})
+    assert ex.time_above["plasma"][0] == pytest.approx(np.log(2.0 / 0.5) / 0.1, rel=1e-10)
+
+
+def test_linear_auc_matches_dense_integration():
+    spec = load_model("it_cytokine")
+    values = resolve(spec)
+    from itpk.simulate import simulate
+
+    times = np.concatenate([np.linspace(0, 1, 20001), np.linspace(1, 200, 200001)[1:]])
+    prof = simulate(spec, regimen("it", 1.0), values, times)
+    ex = route_exposure(values, regimen("it", 1.0), outputs=list(spec.outputs))
+    for name in spec.outputs:
+        # trapezoid on a 5e-5 h grid: rtol 1e-6
+        assert ex.auc[name][0] == pytest.approx(np.trapezoid(prof.outputs[name][0], times), rel=1e-6)
+
+
+IDENTITY = {"k_out": 0.5, "CL": 2.0, "f_leak": 0.3, "k_deg": 0.0, "Kp": 0.2, "DIAM": 2.0}
+
+
+def test_spec_identity_with_peripheral_lesion2_and_lymph():
+    spec = load_model("it_linear")
+    values = resolve(spec, IDENTITY)
+    cmp = compare_routes(spec, values, {"it": regimen("it", 1.0), "iv": regimen("iv", 1.0)}, dose=1.0)
+    m = {k: v[0] for k, v in cmp.metrics["it"].items()}
+    expected = 1 + (1 - 0.3) * 2.0 / values["CL_in"][0]
+    # SPEC §6 identity: S = 1, G = DSF = TI = 1 + (1 - f) CL / CL_in; exact algebra, rtol 1e-10
+    assert m["S"] == pytest.approx(1.0, rel=1e-10)
+    for name in ("G", "DSF", "TI", "systemic_sparing"):
+        assert m[name] == pytest.approx(expected, rel=1e-10)
+    assert m["S_max"] < 1
+    assert m["abscopal"] == pytest.approx(1.0, rel=1e-10)
+
+
+def test_domain_example_gain_141():
+    # DOMAIN.md §2: k_out 0.5, CL_in 0.01 L/h, CL 2, f 0.3 -> G = 141.0
+    spec = load_model("it_linear")
+    V_T = np.pi / 6 * 2.0**3 / 1000
+    values = resolve(spec, {**IDENTITY, "Kp": 0.01 / (0.5 * V_T)})
+    cmp = compare_routes(spec, values, {"it": regimen("it", 1.0), "iv": regimen("iv", 1.0)}, dose=1.0)
+    assert cmp.metrics["it"]["G"][0] == pytest.approx(141.0, rel=1e-10)
+
+
+def test_local_loss_lowers_systemic_exposure():
+    spec = load_model("it_linear")
+    values = resolve(spec, {**IDENTITY, "k_deg": 0.2})
+    m = compare_routes(spec, values, {"it": regimen("it", 1.0), "iv": regimen("iv", 1.0)}, dose=1.0).metrics["it"]
+    assert m["S"][0] < 1
+    assert m["TI"][0] == pytest.approx(m["G"][0] / m["S"][0], rel=1e-14)
+
+
+def test_vectorised_equals_one_by_one():
+    spec = load_model("it_antibody")
+    k_out = np.array([0.001, 0.01, 0.1, 1.0])
+    sch = {"it": regimen("it", 5.0, every=168, doses=2), "iv": regimen("iv", 5.0, every=168, doses=2)}
+    together = compare_routes(spec, resolve(spec, {"k_out": k_out}), sch, dose=5.0, targets={"tumor": 1.0})
+    for i, k in enumerate(k_out):
+        alone = compare_routes(spec, resolve(spec, {"k_out": k}), sch, dose=5.0, targets={"tumor": 1.0})
+        for name, v in alone.metrics["it"].items():
+            assert together.metrics["it"][name][i] == pytest.approx(v[0], rel=1e-9)
+        assert together.routes["it"].cmax["plasma"][i] == pytest.approx(alone.routes["it"].cmax["plasma"][0], rel=1e-9)
+
+
+def test_summarize():
+    assert summarize(np.array([2.0])) == 2.0
+    s = summarize(np.arange(1, 1001, dtype=float), thresholds=[500])
+    assert s["median"] == 500.5 and s["P(>500)"] == 0.5
+    assert s["ci_low"] == pytest.approx(np.quantile(np.arange(1, 1001), 0.025))
+
+
+runner = CliRunner()
+
+
+def test_compare_json_schema_and_csv(tmp_path):
+    out = tmp_path / "c.csv"
+    result = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--routes", "it,iv", "--json", "--out", str(out), "--target", "tumor=1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["model"] == "it_antibody" and doc["dose"] == 10.0
+    assert set(doc["routes"]) == {"it", "iv"}
+    for key in ("AUC_plasma", "Cmax_plasma", "Tmax_plasma", "AUC_tumor", "T_above_tumor"):
+        assert key in doc["routes"]["it"]
+    assert set(doc["metrics"]) == {"G", "S", "S_max", "TI", "DSF", "systemic_sparing", "abscopal"}
+    assert doc["units"]["AUC_plasma"] == "mg/L*h"
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    g = table[(table["kind"] == "metric") & (table["quantity"] == "G")]["value"].item()
+    assert g == pytest.approx(doc["metrics"]["G"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "it_antibody", "--dose", "1", "--routes", "it,po"], "no route(s) po"),
+        (["compare", "it_antibody", "--dose", "1", "--target", "blood=3"], "--target: unknown output(s) blood"),
+        (["compare", "it_antibody", "--dose", "1", "--target", "tumor"], "--target 'tumor': expected NAME=NUMBER"),
+        (["compare", "it_antibody", "--dose", "0"], "amount must be a finite number > 0"),
+        (["compare", "it_antibody", "--dose", "1", "--set", "Kq=1"], "no parameter or covariate 'Kq'"),
+    ],
+)
+def test_compare_bad_input(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
