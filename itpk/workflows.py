@@ -242,7 +242,7 @@ def format_comparison(report: dict) -> str:
     lines = [f"{report['model']}: {report['dose']:g} {report['dose_unit']}, {report['regimen']}; AUC over {report['auc_interval']}"]
     units = report["units"]
     for route, q in report["routes"].items():
-        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.split("_", 1)[1] in ("plasma", "tumor")]
+        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.endswith(("_plasma", "_tumor"))]
         lines.append(f"  {route:>3}: " + "; ".join(parts))
     if report["metrics"]:
         lines.append(f"  metrics ({_local_route(report)} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
