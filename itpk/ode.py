@@ -18,7 +18,7 @@ from scipy.optimize import root
 from itpk.errors import ScheduleError
 from itpk.events import Dose, Target
 from itpk.linear import Inputs
-from itpk.system import Values, input_fractions, rhs_function
+from itpk.system import Values, initial_state, input_fractions, rhs_function
 
 RTOL = 1e-10
 ATOL = 1e-14
@@ -41,7 +41,8 @@ class NonlinearStepper:
                  rtol: float = RTOL, atol: float = ATOL) -> None:
         self.rhs = [rhs_function(values, s) for s in range(values.size)]
         self.fractions = {t: input_fractions(values, t) for t in targets}
-        self.x = np.zeros((values.size, len(values.spec.compartments)))
+        self.x0 = initial_state(values)
+        self.x = self.x0.copy()
         self.method, self.rtol, self.atol = method, rtol, atol
 
     def _flow(self, s: int, x0: np.ndarray, dt: float, u: np.ndarray) -> np.ndarray:
@@ -70,7 +71,7 @@ class NonlinearStepper:
         self.x = self.x + amount * self.fractions[target]
 
     def reset(self) -> None:
-        self.x = np.zeros_like(self.x)
+        self.x = self.x0.copy()
 
     def state(self) -> np.ndarray:
         return self.x.copy()

@@ -132,6 +132,7 @@ class Compartment:
     amount_unit: str
     volume: Expr | None = None
     description: str = ""
+    initial: Expr | None = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ _TOP_KEYS = (
 EXPOSURE_ROLES = {"systemic": "plasma", "local": "tumor", "abscopal": "lesion2"}
 _PARAM_KEYS = ("value", "unit", "description", "prior", "iiv", "fraction", "fixed", "source")
 _COV_KEYS = ("value", "unit", "description", "time_varying")
-_CMT_KEYS = ("amount_unit", "volume", "description")
+_CMT_KEYS = ("amount_unit", "volume", "description", "initial")
 _OUT_KEYS = ("expr", "unit", "error", "description")
 _ROUTE_KEYS = ("into", "description")
 _DERIVED_KEYS = ("expr", "unit", "description")
@@ -337,6 +338,9 @@ class _Parser:
         inputs = set(parameters) | set(covariates)
         self._check_derived(derived, inputs)
         known = inputs | set(derived)
+        for c in compartments:
+            self._unknown_names(c.initial, known, f"[compartments] {c.name!r} initial (may use parameters, covariates, derived quantities)")
+            self._unknown_names(c.volume, known, f"[compartments] {c.name!r} volume")
         flows = self._flows(states, known)
         odes = self._odes(states, known)
         routes = self._routes(states, known)
@@ -430,7 +434,8 @@ class _Parser:
                 self.fail(where, f"needs amount_unit (e.g. \"mg\"), found {unit!r}")
                 unit = ""
             volume = self._expr(entry["volume"], f"{where} volume") if "volume" in entry else None
-            out.append(Compartment(name, unit, volume, str(entry.get("description", ""))))
+            initial = self._expr(entry["initial"], f"{where} initial") if "initial" in entry else None
+            out.append(Compartment(name, unit, volume, str(entry.get("description", "")), initial))
         return tuple(out)
 
     def _parameters(self) -> dict[str, Parameter]:

@@ -105,6 +105,19 @@ def rate_matrix(values: Values) -> np.ndarray:
     return K
 
 
+def initial_state(values: Values) -> np.ndarray:
+    """Amounts at time 0 and after a reset, (S, n): the compartments' ``initial`` (default 0)."""
+    spec = values.spec
+    x0 = np.zeros((values.size, len(spec.compartments)))
+    with np.errstate(all="ignore"):
+        for i, c in enumerate(spec.compartments):
+            if c.initial is not None:
+                x0[:, i] = np.broadcast_to(np.asarray(c.initial.evaluate(values.env), dtype=float), (values.size,))
+    if not np.all(np.isfinite(x0)) or np.any(x0 < 0):
+        raise ModelSpecError(f"model {spec.name!r}: initial amounts must be finite and >= 0 for the given parameters")
+    return x0
+
+
 def input_fractions(values: Values, target: Target) -> np.ndarray:
     """Fraction of a dose that enters each compartment, shape (S, n)."""
     spec = values.spec

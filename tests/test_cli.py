@@ -102,9 +102,10 @@ def test_failed_run_keeps_previous_output(tmp_path):
     assert out.read_text() == "previous\n"
 
 
-def test_help_does_not_import_pymc():
+def test_help_does_not_import_pymc(tmp_path):
+    # run outside the checkout so the installed package (with itpk.cli) is the one imported
     code = "import sys; from itpk.cli.main import app; assert 'pymc' not in sys.modules and 'pytensor' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("itpk") is None and not (sys.prefix and shutil.which("itpk", path=f"{sys.prefix}/bin")),
