@@ -149,6 +149,12 @@ class Schedule:
             tuple(replace(d, amount=d.amount * factor, rate=d.rate * factor) for d in self.doses), self.resets
         )
 
+    def retarget(self, route: str) -> Schedule:
+        """The same doses given by another route."""
+        from dataclasses import replace
+
+        return Schedule(tuple(replace(d, target=Target(route)) for d in self.doses), self.resets)
+
     def dose_times(self) -> tuple[float, ...]:
         """Every dose time after ADDL expansion, sorted."""
         return tuple(sorted({t for d in self.doses for t in d.times()}))

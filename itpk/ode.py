@@ -54,7 +54,9 @@ class NonlinearStepper:
                         rtol=self.rtol, atol=scale)
         if not sol.success or not np.all(np.isfinite(sol.y[:, -1])):
             raise ScheduleError(f"the ODE solver failed for parameter set {s}: {sol.message}")
-        return sol.y[:, -1]
+        # Amounts cannot be negative; values like -1e-25 after a state has decayed
+        # over many decades are solver round-off, and would poison log-scale outputs.
+        return np.maximum(sol.y[:, -1], 0.0)
 
     def _input(self, s: int, inputs: Inputs) -> np.ndarray:
         u = np.zeros(self.x.shape[1])

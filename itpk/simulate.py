@@ -149,7 +149,8 @@ def walk(
     every requested time, in increasing order.
     """
     events = expand(schedule)
-    breakpoints = np.union1d(np.asarray(times, dtype=float), [e.time for e in events])
+    # The system starts from its initial state at time 0, whatever the first requested time.
+    breakpoints = np.union1d(np.asarray(times, dtype=float), [0.0, *(e.time for e in events)])
     running: dict[int, tuple[Target, float]] = {}
     now, ei = float(breakpoints[0]), 0
     for bp in breakpoints.tolist():

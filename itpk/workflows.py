@@ -63,13 +63,50 @@ def output_grid(schedule: Schedule, *, horizon: float | None, step: float | None
     return np.union1d(np.append(grid, horizon), extra)
 
 
+def build_schedule(
+    spec: ModelSpec,
+    *,
+    route: str | None,
+    dose: float | None,
+    every: float | None,
+    doses: int | None,
+    infusion: float | None,
+    regimen_name: str | None,
+    diam: float | None,
+    overrides: dict[str, float],
+) -> tuple[Schedule, str]:
+    """The schedule of a command: a regular regimen, or a named one (``tvec``).
+
+    A named regimen fixes amounts and times; with ``diam`` it also sets the
+    model's ``DIAM`` covariate. Returns the schedule and its route.
+    """
+    if regimen_name is not None:
+        from itpk.regimens import REGIMENS
+
+        if regimen_name not in REGIMENS:
+            raise ItpkError(f"--regimen {regimen_name!r} is unknown; regimens: {', '.join(REGIMENS)}")
+        if dose is not None or every is not None or infusion is not None:
+            raise ItpkError(f"--regimen {regimen_name} sets amounts and times: do not give --dose, --every or --infusion")
+        if diam is None:
+            raise ItpkError(f"--regimen {regimen_name} needs the lesion's longest diameter: --diam CM")
+        route = route or "it"
+        if "DIAM" in spec.covariates:
+            overrides.setdefault("DIAM", diam)
+        return REGIMENS[regimen_name](diam, visits=doses or 6, route=route), route
+    if route is None or dose is None:
+        raise ItpkError("give --route and --dose (or --regimen tvec --diam CM)")
+    return regimen(route, dose, every=every, doses=doses or 1, infusion=infusion), route
+
+
 def run_simulation(
     model: str | Path | ModelSpec,
     *,
-    route: str,
-    dose: float,
+    route: str | None = None,
+    dose: float | None = None,
+    regimen_name: str | None = None,
+    diam: float | None = None,
     every: float | None = None,
-    doses: int = 1,
+    doses: int | None = None,
     infusion: float | None = None,
     horizon: float | None = None,
     step: float | None = None,
@@ -88,11 +125,12 @@ def run_simulation(
     population from the model's IIV with ``seed``.
     """
     spec = model if isinstance(model, ModelSpec) else load_model(model)
+    overrides = dict(overrides or {})
+    schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
+                                     regimen_name=regimen_name, diam=diam, overrides=overrides)
     if route not in spec.routes:
         raise ItpkError(f"model {spec.name!r} has no route {route!r}; routes: {', '.join(spec.routes)}")
-    overrides = dict(overrides or {})
     resolve(spec, overrides)  # unknown names fail here, before any work
-    schedule = regimen(route, dose, every=every, doses=doses, infusion=infusion)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     params = sample_population(spec, subjects, seed=seed, typical=overrides) if subjects > 1 else overrides
     if subjects < 1:
@@ -103,9 +141,9 @@ def run_simulation(
     if plot:
         from itpk.plot import plot_profiles
 
-        label = f"{spec.name}: {dose:g} {_dose_unit(spec, route)} {route}" + (
-            f" × {doses} every {every:g} {spec.time_unit}" if doses > 1 else ""
-        ) + (f", {infusion:g} {spec.time_unit} infusion" if infusion else "")
+        label = f"{spec.name}: {regimen_name or _describe_regimen(schedule, spec.time_unit)} {route}" + (
+            f", {infusion:g} {spec.time_unit} infusion" if infusion else ""
+        )
         png = plot_profiles(profiles, plot, dose_times=schedule.dose_times(), title=label)
     written = ", ".join(str(p) for p in (csv, png) if p)
     message = f"simulated {spec.name}: {subjects} subject(s) × {times.size} times × {len(profiles.outputs)} output(s)" + (
@@ -133,10 +171,12 @@ class ComparisonResult:
 def run_comparison(
     model: str | Path | ModelSpec,
     *,
-    dose: float,
+    dose: float | None = None,
     routes: Sequence[str] = ("it", "iv"),
+    regimen_name: str | None = None,
+    diam: float | None = None,
     every: float | None = None,
-    doses: int = 1,
+    doses: int | None = None,
     infusion: float | None = None,
     overrides: Mapping[str, float] | None = None,
     targets: Mapping[str, float] | None = None,
@@ -161,10 +201,13 @@ def run_comparison(
     bad_targets = sorted(set(targets or {}) - set(spec.outputs))
     if bad_targets:
         raise ItpkError(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
-    values = resolve(spec, dict(overrides or {}))
-    schedules = {
-        r: regimen(r, dose, every=every, doses=doses, infusion=infusion if r == "iv" else None) for r in routes
-    }
+    overrides = dict(overrides or {})
+    base, _ = build_schedule(spec, route=routes[0], dose=dose, every=every, doses=doses, infusion=None,
+                             regimen_name=regimen_name, diam=diam, overrides=overrides)
+    values = resolve(spec, overrides)
+    iv_infused = regimen("iv", base.doses[0].amount, every=every, doses=doses or 1, infusion=infusion) if infusion else None
+    schedules = {r: iv_infused if (r == "iv" and iv_infused) else base.retarget(r) for r in routes}
+    dose = base.doses[0].amount if dose is None else dose
     comparison = compare_routes(spec, values, schedules, dose=dose, targets=targets, horizon=horizon)
     report = comparison_report(comparison, schedules, thresholds=thresholds)
     csv = atomic_write(out, lambda tmp: comparison_table(report).to_csv(tmp, index=False)) if out else None
@@ -172,7 +215,7 @@ def run_comparison(
     if plot:
         from itpk.plot import plot_routes
 
-        png = plot_routes(spec, values, schedules, plot, title=f"{spec.name}: {dose:g} {_dose_unit(spec, routes[0])} by route")
+        png = plot_routes(spec, values, schedules, plot, title=f"{spec.name}: {regimen_name or f'{dose:g} {_dose_unit(spec, routes[0])}'} by route")
     written = ", ".join(str(p) for p in (csv, png) if p)
     return ComparisonResult(comparison, report, csv, png, format_comparison(report) + (f"\nwrote {written}" if written else ""))
 
@@ -197,6 +240,7 @@ def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule],
         "routes": routes,
         "metrics": first,
         "reference_route": comparison.reference,
+        "exposure_outputs": dict(spec.exposure),
         "units": {**units, **dict.fromkeys(("G", "S", "S_max", "TI", "DSF", "systemic_sparing", "abscopal"), "1")},
         "parameter_sets": comparison.size,
     }
@@ -230,19 +274,22 @@ def _row(kind: str, route: str, quantity: str, value: float | dict, unit: str) -
 
 
 def _describe_regimen(schedule: Schedule, time_unit: str) -> str:
-    d = schedule.doses[0]
-    text = f"{d.addl + 1} dose(s)"
-    if d.addl:
-        text += f" every {d.ii:g} {time_unit}"
-    return text
+    parts = []
+    for d in schedule.doses:
+        text = f"{d.amount:g} at {d.time:g} {time_unit}"
+        if d.addl:
+            text += f" then {d.addl} more every {d.ii:g} {time_unit}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def format_comparison(report: dict) -> str:
     """Plain-text summary for the terminal."""
-    lines = [f"{report['model']}: {report['dose']:g} {report['dose_unit']}, {report['regimen']}; AUC over {report['auc_interval']}"]
+    lines = [f"{report['model']}: {report['regimen']} ({report['dose_unit']}); AUC over {report['auc_interval']}"]
     units = report["units"]
+    shown = tuple(f"_{name}" for role, name in report["exposure_outputs"].items() if role in ("local", "systemic"))
     for route, q in report["routes"].items():
-        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.endswith(("_plasma", "_tumor"))]
+        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.endswith(shown)]
         lines.append(f"  {route:>3}: " + "; ".join(parts))
     if report["metrics"]:
         lines.append(f"  metrics ({_local_route(report)} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
