@@ -127,7 +127,9 @@ def route_exposure(
     return _grid_exposure(values, schedule, outputs, targets, horizon)
 
 
-def _linear_exposure(values, schedule, outputs, targets, horizon) -> RouteExposure:  # noqa: ANN001
+def _linear_exposure(
+    values: Values, schedule: Schedule, outputs: Sequence[str], targets: Mapping[str, float], horizon: float | None
+) -> RouteExposure:
     auc = auc_linear(values, schedule, outputs)
     end = horizon if horizon is not None else default_horizon(values, schedule)
     grid = peak_grid(schedule, end)
@@ -335,7 +337,9 @@ def _newton_step(t: np.ndarray, h: np.ndarray, slope: np.ndarray, lo: np.ndarray
     return np.where(np.isfinite(newton) & (newton > lo) & (newton < hi), newton, 0.5 * (lo + hi))
 
 
-def _grid_exposure(values, schedule, outputs, targets, horizon) -> RouteExposure:  # noqa: ANN001
+def _grid_exposure(
+    values: Values, schedule: Schedule, outputs: Sequence[str], targets: Mapping[str, float], horizon: float | None
+) -> RouteExposure:
     end = horizon if horizon is not None else max(schedule.dose_times(), default=0.0) + 720.0
     grid = peak_grid(schedule, end)
     prof = simulate(values.spec, schedule, values, grid, outputs=list(outputs))

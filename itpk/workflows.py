@@ -257,7 +257,7 @@ def comparison_table(report: dict) -> pd.DataFrame:
     units = report["units"]
     for route, quantities in report["routes"].items():
         rows += [_row("route", route, k, v, units.get(k, "")) for k, v in quantities.items()]
-    metrics = report.get("metrics_by_route") or ({report["metrics"] and _local_route(report): report["metrics"]} if report["metrics"] else {})
+    metrics = report.get("metrics_by_route") or ({_local_route(report): report["metrics"]} if report["metrics"] else {})
     for route, values in metrics.items():
         rows += [_row("metric", f"{route} vs {report['reference_route']}", k, v, "1") for k, v in values.items()]
     return pd.DataFrame(rows)
