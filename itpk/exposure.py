@@ -18,13 +18,14 @@ import numpy as np
 
 from itpk.errors import ItpkError
 from itpk.events import Schedule
-from itpk.linear import LinearStepper, auc_infinity, matvec, propagators
-from itpk.simulate import simulate, walk
+from itpk.linear import auc_infinity
+from itpk.peaks import Trace, grid_modes, peak, time_above, trajectory
+from itpk.simulate import simulate
 from itpk.spec import ModelSpec
 from itpk.system import Values, evaluate_outputs, input_fractions, rate_matrix
 from itpk.threads import single_blas_thread
 
-GRID_POINTS = 800  # per chunk of the dense peak-search grid (plus log-spaced points after each dose)
+GRID_POINTS = 400  # per chunk of the dense peak-search grid (plus log-spaced points after each dose)
 CHUNK = 512  # parameter sets per chunk (bounds memory: CHUNK x grid x n floats)
 
 
@@ -81,7 +82,7 @@ def peak_grid(schedule: Schedule, horizon: float) -> np.ndarray:
     ends = [t + d.infusion_duration for d in schedule.doses if d.is_infusion for t in d.times()]
     pieces = [np.linspace(0.0, horizon, GRID_POINTS), np.asarray(ends)]
     for t in starts:
-        pieces.append(t + (horizon - t) * np.geomspace(1e-7, 1.0, 120))
+        pieces.append(t + (horizon - t) * np.geomspace(1e-7, 1.0, 80))
     grid = np.unique(np.concatenate(pieces))
     return grid[(grid >= 0) & (grid <= horizon)]
 
@@ -138,203 +139,15 @@ def _linear_exposure(
     above = {o: np.zeros(values.size) for o in targets}
     for start in range(0, values.size, CHUNK):
         part = values.take(slice(start, start + CHUNK))
-        traj = _trajectory(part, schedule, grid)
+        rows = slice(start, start + part.size)
+        traj = trajectory(part, schedule)
+        modes = grid_modes(traj, grid)
         for name in outputs:
-            c = output_coefficients(part, name)
-            peak, at = _peak(traj, c)
-            cmax[name][start:start + part.size], tmax[name][start:start + part.size] = peak, at
+            trace = Trace(traj, output_coefficients(part, name))
+            cmax[name][rows], tmax[name][rows] = peak(trace, grid, modes)
             if name in targets:
-                above[name][start:start + part.size] = _time_above(traj, c, targets[name])
+                above[name][rows] = time_above(trace, grid, targets[name], modes)
     return RouteExposure(auc, cmax, tmax, above, horizon)
-
-
-@dataclass(frozen=True)
-class _Trajectory:
-    """Exact states at events, and dense-grid states for locating peaks and crossings.
-
-    Grid states come from the eigendecomposition of K (cheap for any time
-    offset) and are used only to bracket; every reported value is recomputed
-    exactly from the event states with ``expm``.
-    """
-
-    times: np.ndarray  # (T,) grid
-    event_times: np.ndarray  # (E,)
-    before: np.ndarray  # (S, E, n) left limits at events (exact)
-    after: np.ndarray  # (S, E, n) states just after events (exact)
-    inputs: np.ndarray  # (S, E, n) input rate from each event on
-    last_event: np.ndarray  # (T,) index of the last event at or before each grid time
-    grid: np.ndarray  # (S, T, n) approximate states on the grid (after events)
-    K: np.ndarray  # (S, n, n)
-    eig: tuple[np.ndarray, np.ndarray, np.ndarray]  # λ (S, n), V, V⁻¹ (S, n, n)
-
-    def exact(self, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Exact states of sets ``s`` at times ``t`` (after events at t), (m, n)."""
-        e = np.searchsorted(self.event_times, t, side="right") - 1
-        E, G = propagators(self.K[s], t - self.event_times[e])
-        return matvec(E, self.after[s, e]) + matvec(G, self.inputs[s, e])
-
-
-def _trajectory(values: Values, schedule: Schedule, grid: np.ndarray) -> _Trajectory:
-    stepper = LinearStepper(values, schedule.targets())
-    times, before, after, inputs = [], [], [], []
-
-    def record(t, x_before, x_after, running) -> None:  # noqa: ANN001
-        times.append(t)
-        before.append(x_before)
-        after.append(x_after)
-        u = np.zeros_like(x_after)
-        for target, rate in running:
-            u += rate * stepper.fractions[target]
-        inputs.append(u)
-
-    event_times = np.union1d([0.0], [e for e in schedule.dose_times()] + _infusion_ends(schedule))
-    walk(stepper, schedule, event_times, record)
-    ev_t = np.asarray(times)
-    ev_after, ev_inputs = np.stack(after, 1), np.stack(inputs, 1)
-    last = np.searchsorted(ev_t, grid, side="right") - 1
-    eig = _eigen(stepper.K)
-    dense = _eigen_states(eig, ev_after[:, last], ev_inputs[:, last], grid - ev_t[last])
-    return _Trajectory(grid, ev_t, np.stack(before, 1), ev_after, ev_inputs, last, dense, stepper.K, eig)
-
-
-def _infusion_ends(schedule: Schedule) -> list[float]:
-    return [t + d.infusion_duration for d in schedule.doses if d.is_infusion for t in d.times()]
-
-
-def _eigen(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """K = VΛV⁻¹ per set (real when every eigenvalue is, as for most compartment systems)."""
-    lam, V = np.linalg.eig(K)
-    return lam, V, np.linalg.inv(V)
-
-
-def _eigen_states(eig: tuple[np.ndarray, np.ndarray, np.ndarray], x0: np.ndarray, u: np.ndarray, tau: np.ndarray) -> np.ndarray:
-    """x(τ) = e^{Kτ}x0 + ∫₀^τ e^{Ks}ds·u for x0, u (S, T, n) and τ (T,), via K = VΛV⁻¹.
-
-    Accurate to about eps·cond(V): used to bracket, never to report.
-    """
-    lam, V, Vinv = eig
-    a = np.einsum("sij,stj->sti", Vinv, x0)
-    b = np.einsum("sij,stj->sti", Vinv, u)
-    z = lam[:, None, :] * tau[None, :, None]
-    with np.errstate(all="ignore"):
-        phi = np.where(np.abs(z) > 1e-12, np.expm1(z) / lam[:, None, :], tau[None, :, None])
-    return np.einsum("sij,stj->sti", V, np.exp(z) * a + phi * b).real
-
-
-def _peak(traj: _Trajectory, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact maximum and its time: grid argmax, then Newton on y' in the neighbouring intervals.
-
-    Candidates: the exact values at the grid maximum (after events), the exact
-    left limits at events (a supremum at the end of an infusion cut short),
-    and interior stationary points of the two neighbouring grid intervals.
-    """
-    y = np.einsum("stn,sn->st", traj.grid, c)
-    S, T = y.shape
-    rows = np.arange(S)
-    j = np.argmax(y, axis=1)
-    at = traj.times[j].astype(float)
-    best = np.einsum("mn,mn->m", c, traj.exact(rows, at))
-    y_left = np.einsum("sen,sn->se", traj.before, c)
-    k = np.argmax(y_left, axis=1)
-    left_better = y_left[rows, k] > best
-    best[left_better], at[left_better] = y_left[rows, k][left_better], traj.event_times[k][left_better]
-    for a in (j - 1, j):  # intervals [t_a, t_a+1] on each side of the grid maximum
-        ok = (a >= 0) & (a + 1 < T)
-        s, a = rows[ok], a[ok]
-        if s.size == 0:
-            continue
-        t_star, y_star = _refine(traj, c, s, traj.times[a], traj.times[a + 1], level=None)
-        better = y_star > best[s]
-        best[s[better]], at[s[better]] = y_star[better], t_star[better]
-    return best, at
-
-
-def _time_above(traj: _Trajectory, c: np.ndarray, level: float) -> np.ndarray:
-    """Total time with output >= level; each crossing located exactly.
-
-    The grid (which contains every event time) splits time into intervals on
-    which the solution is smooth; values at their ends are left limits.
-    """
-    t = traj.times
-    y_start = np.einsum("stn,sn->st", traj.grid, c)[:, :-1]
-    end_is_event = np.isin(t[1:], traj.event_times)
-    y_end = np.einsum("stn,sn->st", traj.grid, c)[:, 1:].copy()
-    if np.any(end_is_event):
-        ev_index = np.searchsorted(traj.event_times, t[1:][end_is_event])
-        y_end[:, end_is_event] = np.einsum("sen,sn->se", traj.before[:, ev_index], c)
-    width = np.diff(t)[None, :]
-    total = np.where((y_start >= level) & (y_end >= level), width, 0.0).sum(axis=1)
-    s, a = np.nonzero((y_start >= level) != (y_end >= level))
-    if s.size:
-        t_cross, _ = _refine(traj, c, s, t[a], t[a + 1], level=level)
-        part = np.where(y_start[s, a] >= level, t_cross - t[a], t[a + 1] - t_cross)
-        np.add.at(total, s, part)
-    return total
-
-
-def _refine(traj: _Trajectory, c: np.ndarray, s: np.ndarray, t_lo: np.ndarray, t_hi: np.ndarray, *, level: float | None):
-    """Root of h on [t_lo, t_hi] per item, h = y' (level None) or y - level.
-
-    Safeguarded Newton on the eigen form of the solution (cheap for any t),
-    then exact Newton steps and the final value with ``expm`` from the last
-    event before t_lo (no event lies inside an interval). Items whose h does
-    not change sign get y = -inf for peaks: their endpoints are candidates already.
-    """
-    e = np.searchsorted(traj.event_times, t_lo, side="right") - 1
-    K, x0, u, cc = traj.K[s], traj.after[s, e], traj.inputs[s, e], c[s]
-    origin = traj.event_times[e]
-    lam, V, Vinv = (m[s] for m in traj.eig)
-    a, b = np.einsum("mij,mj->mi", Vinv, x0), np.einsum("mij,mj->mi", Vinv, u)
-    cV = np.einsum("mn,mnk->mk", cc, V)
-
-    def h_eigen(t):  # noqa: ANN001, ANN202 - y, y', y'' from the modes
-        tau = (t - origin)[:, None]
-        ez = np.exp(lam * tau)
-        with np.errstate(all="ignore"):
-            phi = np.where(np.abs(lam * tau) > 1e-12, np.expm1(lam * tau) / lam, tau)
-        y = (cV * (ez * a + phi * b)).sum(1).real
-        d1 = (cV * (lam * ez * a + ez * b)).sum(1).real
-        d2 = (cV * (lam * (lam * ez * a + ez * b))).sum(1).real
-        return (d1, d2) if level is None else (y - level, d1)
-
-    def h_exact(t):  # noqa: ANN001, ANN202
-        E, G = propagators(K, t - origin)
-        x = matvec(E, x0) + matvec(G, u)
-        dx = matvec(K, x) + u
-        y, d1 = np.einsum("mn,mn->m", cc, x), np.einsum("mn,mn->m", cc, dx)
-        if level is None:
-            return d1, np.einsum("mn,mn->m", cc, matvec(K, dx)), y
-        return y - level, d1, y
-
-    eps = 1e-13 * np.maximum(np.abs(t_hi), 1.0)
-    lo, hi = t_lo + eps, t_hi - eps  # inside the smooth piece (right of an event, left of the next)
-    h_lo, _ = h_eigen(lo)
-    h_hi, _ = h_eigen(hi)
-    bracketed = np.sign(h_lo) * np.sign(h_hi) < 0
-    t = np.where(bracketed, 0.5 * (lo + hi), lo)
-    for _ in range(200):
-        h, slope = h_eigen(t)
-        same = np.sign(h) == np.sign(h_lo)
-        lo, hi = np.where(same, t, lo), np.where(same, hi, t)
-        t_new = _newton_step(t, h, slope, lo, hi)
-        done = (np.abs(t_new - t) <= 1e-15 * np.maximum(np.abs(t), 1.0)) | ~bracketed
-        t = np.where(bracketed, t_new, t)
-        if np.all(done):
-            break
-    for _ in range(2):  # exact polish: quadratic convergence from an eps·cond(V)-accurate start
-        h, slope, _ = h_exact(t)
-        t = np.where(bracketed, np.clip(t - np.nan_to_num(h / np.where(slope == 0, np.inf, slope)), t_lo, t_hi), t)
-    _, _, y = h_exact(t)
-    if level is None:
-        y = np.where(bracketed, y, -np.inf)
-    return t, y
-
-
-def _newton_step(t: np.ndarray, h: np.ndarray, slope: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Newton where it stays inside the bracket, bisection elsewhere."""
-    with np.errstate(all="ignore"):
-        newton = t - h / slope
-    return np.where(np.isfinite(newton) & (newton > lo) & (newton < hi), newton, 0.5 * (lo + hi))
 
 
 def _grid_exposure(

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.linalg import expm
 
 from itpk.errors import ScheduleError
-from itpk.events import Dose, Target, steady_state_infusions
+from itpk.events import Dose, Target
 from itpk.system import Values, initial_state, input_fractions, rate_matrix
 
 Inputs = tuple[tuple[Target, float], ...]
