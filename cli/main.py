@@ -154,6 +154,7 @@ def compare(
     target: Annotated[list[str] | None, typer.Option(help="OUTPUT=CONC: report the time above this concentration (output unit).")] = None,
     threshold: Annotated[list[float] | None, typer.Option(help="Report P(metric > x) when comparing a population/posterior (repeatable).")] = None,
     horizon: Annotated[float | None, typer.Option(help="Window for peaks and time above target (h); AUC of nonlinear models.")] = None,
+    posterior: Annotated[Path | None, typer.Option(help="Run directory of a fit: metrics over its posterior (median, 95% CrI, P(>x)).")] = None,
     out: Annotated[Path | None, typer.Option(help="CSV: one row per route quantity or metric.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the SPEC §4 JSON document on stdout.")] = False,
     plot: Annotated[Path | None, typer.Option(help="PNG of tumour and plasma profiles for each route.")] = None,
@@ -178,6 +179,7 @@ def compare(
             targets=_parse_sets(target or [], option="--target", example="--target tumor=0.5"),
             thresholds=threshold or (),
             horizon=horizon,
+            posterior=posterior,
             out=out,
             plot=plot,
         )
@@ -185,6 +187,41 @@ def compare(
         typer.echo(json.dumps(result.report, indent=2, allow_nan=True))
     elif not quiet:
         typer.echo(result.message)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help="Dataset (NONMEM-style CSV, SPEC §2).")],
+    model: Annotated[str, typer.Option(help="Built-in model name or path to a .toml file.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write (replaced atomically).")],
+    method: Annotated[str, typer.Option(help="nuts (nutpie, default), pymc (PyMC's NUTS), map, advi.")] = "nuts",
+    draws: Annotated[int, typer.Option(help="Posterior draws per chain.")] = 1000,
+    tune: Annotated[int, typer.Option(help="Tuning draws per chain.")] = 1000,
+    chains: Annotated[int, typer.Option(help="Chains.")] = 4,
+    cores: Annotated[int | None, typer.Option(help="Cores for the chains (default: min(chains, available)).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random step.")] = None,
+    error: Annotated[list[str] | None, typer.Option(help="Residual error per output, OUTPUT=MODEL (additive, proportional, combined, log).")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit 3 when the diagnostics fail (R-hat > 1.01, bulk ESS < 400, divergences).")] = False,
+    quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
+) -> None:
+    """Hierarchical Bayesian fit of a model to trial data; writes the run directory."""
+    from itpk.workflows import run_fit
+
+    errors = {}
+    for item in error or []:
+        name, sep, kind = item.partition("=")
+        if not sep:
+            with user_errors():
+                raise ItpkError(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
+        errors[name.strip()] = kind.strip()
+    with user_errors():
+        result = run_fit(data, model=model, out=out, method=method, draws=draws, tune=tune, chains=chains,
+                         cores=cores, seed=seed, errors=errors, progress=not quiet and sys.stderr.isatty(),
+                         command=sys.argv)
+    if not quiet:
+        typer.echo(result.message)
+    if strict and result.diagnostics["passed"] is False:
+        raise typer.Exit(code=3)
 
 
 from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own module

@@ -240,3 +240,17 @@ def _degree(node: ast.expr, states: frozenset[str]) -> int | None:
         degrees = [_degree(a, states) for a in node.args]
         return 0 if all(d == 0 for d in degrees) else None
     return None
+
+
+def pytensor_backend() -> dict[str, Callable[..., Any]]:
+    """Pytensor implementations of the whitelisted functions (for model building)."""
+    import pytensor.tensor as pt
+
+    return {
+        "exp": pt.exp,
+        "log": pt.log,
+        "sqrt": pt.sqrt,
+        "abs": pt.abs,
+        "min": lambda *a: _fold(pt.minimum, a),
+        "max": lambda *a: _fold(pt.maximum, a),
+    }

@@ -207,6 +207,15 @@ class ModelSpec:
         )
 
     @property
+    def text_toml(self) -> str:
+        """The resolved model (``extends`` merged) as a TOML file that loads back to the same model."""
+        import json
+
+        from itpk.tomlio import dumps
+
+        return dumps(json.loads(self.text))
+
+    @property
     def sha256(self) -> str:
         """SHA-256 of the resolved model text (with any ``extends`` chain)."""
         return hashlib.sha256(self.text.encode()).hexdigest()
@@ -618,4 +627,4 @@ def _canonical_text(raw: Mapping[str, Any]) -> str:
     """A stable text of the resolved model, for hashing and for ``model.toml`` in run directories."""
     import json
 
-    return json.dumps(raw, sort_keys=True, default=str)
+    return json.dumps(raw, default=str)  # file order kept: [derived] entries depend on it

@@ -182,6 +182,7 @@ def run_comparison(
     targets: Mapping[str, float] | None = None,
     thresholds: Sequence[float] = (),
     horizon: float | None = None,
+    posterior: str | Path | None = None,
     out: str | Path | None = None,
     plot: str | Path | None = None,
 ) -> ComparisonResult:
@@ -193,7 +194,15 @@ def run_comparison(
     output to a concentration for time above target; ``thresholds`` adds
     P(metric > x) when several parameter sets are compared.
     """
-    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    if posterior is not None:
+        from itpk.run import load_run, posterior_values
+
+        spec, draws, _ = load_run(posterior)
+        if model not in (None, "", spec.name) and not isinstance(model, ModelSpec):
+            raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {model!r}")
+        overrides = posterior_values(spec, draws, overrides=overrides)
+    else:
+        spec = model if isinstance(model, ModelSpec) else load_model(model)
     routes = list(dict.fromkeys(routes))
     unknown = [r for r in routes if r not in spec.routes]
     if unknown or not routes:
@@ -300,3 +309,50 @@ def _fmt(value: float | dict) -> str:
     if isinstance(value, dict):
         return f"{value['median']:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
     return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class FitRunResult:
+    """A fit written to its run directory."""
+
+    run_dir: Path
+    diagnostics: dict
+    message: str
+
+
+def run_fit(
+    data: str | Path,
+    *,
+    model: str | Path,
+    out: str | Path,
+    method: str = "nuts",
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    cores: int | None = None,
+    seed: int | None = None,
+    errors: Mapping[str, str] | None = None,
+    progress: bool = False,
+    command: Sequence[str] = (),
+) -> FitRunResult:
+    """Read the data against the model, fit, and write the run directory (SPEC §5)."""
+    from itpk.dataset import read_dataset
+    from itpk.inference import fit
+    from itpk.run import diagnostics, summary_table, write_run
+
+    spec = load_model(model)
+    dataset = read_dataset(data, spec)
+    result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
+                 errors=errors, progress=progress)
+    run_dir = write_run(result, out, command=command)
+    diag = diagnostics(result)
+    table = summary_table(result)
+    lines = [f"fitted {spec.name} to {dataset.source} ({len(result.data.subjects)} subjects, "
+             f"{len(result.data.observations)} observations) with {method}; wrote {run_dir}"]
+    for row in table.itertuples(index=False):
+        extra = f", CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") else ""
+        lines.append(f"  {row.parameter:<16} {row.median:>10.4g} {row.unit:<8} [{row.ci_low:.4g}, {row.ci_high:.4g}]{extra}")
+    verdict = diag["passed"]
+    lines.append("diagnostics: " + ("passed" if verdict else ("not applicable" if verdict is None else "FAILED: " + "; ".join(diag["reasons"]))))
+    lines += [f"warning: {w}" for w in result.warnings]
+    return FitRunResult(run_dir, diag, "\n".join(lines))

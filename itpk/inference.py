@@ -1,0 +1,382 @@
+"""Hierarchical Bayesian models of dosed compartment systems (PyMC), and ``fit``.
+
+``build_model`` turns a model file and a dataset into a ``pm.Model`` whose
+variable names are the model file's names:
+
+- typical values ``CL``, ``V``… from the file's priors (log-normal priors are
+  sampled on the log scale as ``log_CL``; fractions on the logit scale);
+- between-subject variability for parameters marked ``iiv``: ``omega_CL``
+  (standard deviation of the log-normal η, prior HalfNormal(1)), non-centred
+  ``z_CL`` ~ N(0, 1) per subject, individual ``CL_i = CL·exp(omega_CL·z_CL)``;
+- covariates and derived quantities exactly as the file writes them;
+- predictions of linear models by the exact Op of :mod:`itpk.linop`;
+- one residual error model per output (additive, proportional, combined, log)
+  with the M3 likelihood for values below the limit of quantification.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from itpk.dataset import Dataset
+from itpk.errors import FitError
+from itpk.expr import pytensor_backend
+from itpk.spec import ELIMINATION, ERROR_MODELS, ModelSpec, Parameter
+from itpk.subjects import ExpandedDoses, Subject, expand_doses, last_reset, subjects
+
+CENSORING_METHOD = "M3 (Beal 2001): censored values contribute P(value < LLOQ) to the likelihood"
+OMEGA_PRIOR_SIGMA = 1.0  # HalfNormal on the SD of log-normal IIV: CVs up to ~130% are plausible a priori
+
+
+@dataclass(frozen=True)
+class FitData:
+    """The static side of a fit: subjects, doses, observations and which parameters are estimated."""
+
+    spec: ModelSpec
+    dataset: Dataset
+    subjects: list[Subject]
+    doses: ExpandedDoses
+    observations: pd.DataFrame  # one row per observation: ROW, ID, subject, TIME, output, DV, censored, LLOQ
+    outputs: tuple[str, ...]
+    errors: Mapping[str, str]
+    estimated: tuple[str, ...]
+    iiv: tuple[str, ...]
+    fixed: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def coords(self) -> dict[str, Any]:
+        return {
+            "subject": [s.id for s in self.subjects],
+            "observation": self.observations["ROW"].to_numpy(),
+        }
+
+
+def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | None = None) -> FitData:
+    """Check that the model can be fitted to the dataset and collect the static arrays."""
+    if not spec.is_linear:
+        raise FitError(
+            f"model {spec.name!r} is nonlinear; fitting nonlinear models (ODE solver with sensitivities) is not available yet"
+        )
+    if any(c.initial is not None for c in spec.compartments):
+        raise FitError(f"model {spec.name!r}: fitting models with non-zero initial amounts is not available yet")
+    errors = {**{o: spec.outputs[o].error for o in spec.outputs}, **dict(errors or {})}
+    bad = {o: e for o, e in errors.items() if o not in spec.outputs or e not in ERROR_MODELS}
+    if bad:
+        raise FitError(
+            f"error model override(s) {bad} invalid; outputs: {', '.join(spec.outputs)}; error models: {', '.join(ERROR_MODELS)}"
+        )
+    subject_list = subjects(dataset, spec)
+    doses = expand_doses(subject_list)
+    obs = _observations(subject_list, dataset)
+    if obs.empty:
+        raise FitError(f"{dataset.source}: no observations to fit")
+    outputs = tuple(o for o in spec.outputs if o in set(obs["output"]))
+    estimated = tuple(n for n, p in spec.parameters.items() if p.prior is not None and not p.fixed)
+    fixed = {n: p.value for n, p in spec.parameters.items() if n not in estimated}
+    iiv = tuple(n for n in estimated if spec.parameters[n].iiv_cv is not None)
+    return FitData(spec, dataset, subject_list, doses, obs, outputs, {o: errors[o] for o in outputs}, estimated, iiv, fixed)
+
+
+def _observations(subject_list: list[Subject], dataset: Dataset) -> pd.DataFrame:
+    frames = []
+    for i, s in enumerate(subject_list):
+        o = s.observations
+        times = o["TIME"].to_numpy(dtype=float)
+        censored = (o["BLQ"].to_numpy() == 1)
+        lloq = np.where(censored, o["LLOQ"].fillna(o["DV"]).to_numpy(dtype=float), np.nan)
+        frames.append(pd.DataFrame({
+            "ROW": o["ROW"].to_numpy(),
+            "ID": s.id,
+            "subject": i,
+            "TIME": times,
+            "output": o["CMT"].to_numpy(),
+            "DV": o["DV"].to_numpy(dtype=float),
+            "censored": censored,
+            "LLOQ": lloq,
+            "after": last_reset(s, times),
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | None = None):  # noqa: ANN201 - pm.Model
+    """The hierarchical PyMC model of ``spec`` for ``dataset``; returns ``(model, FitData)``.
+
+    Raises
+    ------
+    FitError
+        When the model or dataset cannot be fitted (nonlinear models, steady-state doses…).
+    """
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    data = prepare(spec, dataset, errors=errors)
+    N = len(data.subjects)
+    backend = pytensor_backend()
+    with pm.Model(coords=data.coords) as model:
+        env: dict[str, Any] = {}
+        for name, p in spec.parameters.items():
+            env[name] = _individual(pm, pt, p, data, N) if name in data.estimated else pt.as_tensor_variable(np.full(N, p.value))
+        for name in spec.covariates:
+            env[name] = pt.as_tensor_variable(np.array([s.covariates[name] for s in data.subjects], dtype=float))
+        for name, d in spec.derived.items():
+            env[name] = pt.as_tensor_variable(d.expr.evaluate(env, backend)) * pt.ones(N)
+        pred = pm.Deterministic("IPRED", _predict(pt, spec, data, env, backend), dims="observation")
+        _likelihood(pm, pt, data, pred)
+    return model, data
+
+
+def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int) -> Any:
+    """Typical value with its prior, and individual values (N,) with log-normal/logit-normal IIV."""
+    prior = p.prior
+    assert prior is not None  # estimated parameters have priors (prepare)
+    args = prior.args
+    if prior.dist == "lognormal":
+        log_typ = pm.Normal(f"log_{p.name}", mu=math.log(args["median"]), sigma=args["sigma"])
+        typical = pm.Deterministic(p.name, pt.exp(log_typ))
+        scale, inverse = log_typ, pt.exp
+    elif prior.dist == "logitnormal":
+        m = args["median"]
+        logit_typ = pm.Normal(f"logit_{p.name}", mu=math.log(m / (1 - m)), sigma=args["sigma"])
+        typical = pm.Deterministic(p.name, pt.sigmoid(logit_typ))
+        scale, inverse = logit_typ, pt.sigmoid
+    else:
+        dist = {
+            "normal": lambda: pm.Normal(p.name, mu=args["mu"], sigma=args["sigma"]),
+            "halfnormal": lambda: pm.HalfNormal(p.name, sigma=args["sigma"]),
+            "beta": lambda: pm.Beta(p.name, alpha=args["alpha"], beta=args["beta"]),
+            "uniform": lambda: pm.Uniform(p.name, lower=args["lower"], upper=args["upper"]),
+        }[prior.dist]
+        typical = dist()
+        if p.fraction or prior.dist == "beta":
+            scale, inverse = pt.log(typical) - pt.log1p(-typical), pt.sigmoid
+        else:
+            scale, inverse = pt.log(typical), pt.exp
+    if p.name not in data.iiv:
+        return typical * pt.ones(N)
+    omega = pm.HalfNormal(f"omega_{p.name}", sigma=OMEGA_PRIOR_SIGMA)
+    z = pm.Normal(f"z_{p.name}", 0.0, 1.0, dims="subject")
+    eta = pm.Deterministic(f"eta_{p.name}", omega * z, dims="subject")
+    return pm.Deterministic(f"{p.name}_i", inverse(scale + eta), dims="subject")
+
+
+def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:
+    from itpk.linop import Design, linear_predict
+
+    n, N = len(spec.compartments), len(data.subjects)
+    entries = [[pt.zeros(N) for _ in range(n)] for _ in range(n)]
+    for flow in spec.flows:
+        k = flow.rate.evaluate(env, backend) * pt.ones(N)
+        i = spec.index(flow.source)
+        entries[i][i] = entries[i][i] - k
+        if flow.target != ELIMINATION:
+            j = spec.index(flow.target)
+            entries[j][i] = entries[j][i] + k
+    K = pt.stack([pt.stack(row, axis=-1) for row in entries], axis=-2)  # (N, n, n)
+    F = _dose_vectors(pt, spec, data, env, backend)
+    C = pt.stack([_output_row(pt, spec, name, env, backend, N) for name in data.outputs], axis=1)  # (N, O, n)
+    obs = data.observations
+    d = data.doses
+    design = Design(
+        dose_time=d.time,
+        dose_duration=d.duration,
+        dose_valid=d.valid,
+        obs_subject=obs["subject"].to_numpy(dtype=np.int64),
+        obs_time=obs["TIME"].to_numpy(dtype=float),
+        obs_output=np.array([data.outputs.index(o) for o in obs["output"]], dtype=np.int64),
+        obs_after=obs["after"].to_numpy(dtype=float),
+    )
+    return linear_predict(K, F, C, design)
+
+
+def _dose_vectors(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:
+    """F (N, D, n): amount (bolus) or rate (infusion) times the route's fractions, per dose."""
+    d = data.doses
+    N, D = d.time.shape
+    n = len(spec.compartments)
+    targets = sorted({t for row in d.target for t in row if t is not None}, key=str)
+    fractions = []
+    for t in targets:
+        rows = [pt.zeros(N) for _ in range(n)]
+        if t.compartment:
+            rows[spec.index(t.name)] = pt.ones(N)
+        else:
+            for cmt, frac in spec.routes[t.name].into.items():
+                rows[spec.index(cmt)] = rows[spec.index(cmt)] + frac.evaluate(env, backend) * pt.ones(N)
+        fractions.append(pt.stack(rows, axis=-1))  # (N, n)
+    stacked = pt.stack(fractions, axis=0)  # (R, N, n)
+    index = np.array([[targets.index(t) if t is not None else 0 for t in row] for row in d.target], dtype=np.int64)
+    scale = np.where(d.rate > 0, d.rate, d.amount) * d.valid
+    subject = np.repeat(np.arange(N)[:, None], D, axis=1)
+    return stacked[index, subject] * scale[:, :, None]
+
+
+def _output_row(pt: Any, spec: ModelSpec, name: str, env: Mapping[str, Any], backend: Mapping[str, Any], N: int) -> Any:
+    """Coefficients c (N, n) of a linear output: y = c·x (the output at each unit amount)."""
+    expr = spec.outputs[name].expr
+    states = spec.state_names
+    zero = {**env, **dict.fromkeys(states, 0.0)}
+    base = expr.evaluate(zero, backend)
+    cols = [(expr.evaluate({**zero, s: 1.0}, backend) - base) * pt.ones(N) for s in states]
+    return pt.stack(cols, axis=-1)
+
+
+def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:
+    obs = data.observations
+    for output in data.outputs:
+        rows = np.flatnonzero((obs["output"] == output).to_numpy())
+        y = pred[rows]
+        dv = obs["DV"].to_numpy()[rows]
+        censored = obs["censored"].to_numpy()[rows]
+        lloq = obs["LLOQ"].to_numpy()[rows]
+        kind = data.errors[output]
+        scale = float(np.nanmedian(np.abs(dv[~censored]))) if np.any(~censored) else 1.0
+        coords = {f"obs_{output}": obs["ROW"].to_numpy()[rows]}
+        pm.modelcontext(None).add_coords(coords)
+        if kind == "log":
+            sigma = pm.HalfNormal(f"sigma_{output}", sigma=1.0)
+            mu = pt.log(pt.maximum(y, 1e-300))
+            observed = np.log(np.where(censored, lloq, dv))
+            lower = np.where(censored, np.log(lloq), -np.inf)
+        else:
+            if kind in ("additive", "combined"):
+                add = pm.HalfNormal(f"sigma_add_{output}" if kind == "combined" else f"sigma_{output}", sigma=scale)
+            if kind in ("proportional", "combined"):
+                prop = pm.HalfNormal(f"sigma_prop_{output}" if kind == "combined" else f"sigma_{output}", sigma=0.5)
+            if kind == "additive":
+                sigma = add
+            elif kind == "proportional":
+                sigma = prop * pt.maximum(y, 1e-300)
+            else:
+                sigma = pt.sqrt(add**2 + (prop * y) ** 2)
+            mu = y
+            observed = np.where(censored, lloq, dv)
+            lower = np.where(censored, lloq, -np.inf)
+        pm.Censored(f"DV_{output}", pm.Normal.dist(mu, sigma), lower=lower, upper=None, observed=observed, dims=f"obs_{output}")
+
+
+METHODS = ("nuts", "pymc", "map", "advi")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A finished fit: the ArviZ DataTree, the static data, timings (s) and warnings."""
+
+    tree: Any
+    data: FitData
+    method: str
+    settings: Mapping[str, Any]
+    timings: Mapping[str, float]
+    warnings: tuple[str, ...]
+
+
+def fit(
+    spec: ModelSpec,
+    dataset: Dataset,
+    *,
+    method: str = "nuts",
+    draws: int = 1000,
+    tune: int = 1000,
+    chains: int = 4,
+    cores: int | None = None,
+    seed: int | None = None,
+    errors: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Fit ``spec`` to ``dataset`` and return the posterior with predictive and log-likelihood groups.
+
+    Parameters
+    ----------
+    method
+        ``nuts`` (nutpie, default), ``pymc`` (PyMC's own NUTS), ``map`` (posterior mode of all
+        parameters *including the subjects' random effects*: IIV (omega) estimates collapse
+        and must not be trusted; the run says so), ``advi`` (mean-field variational, quick look).
+    draws, tune, chains, cores
+        Sampler settings (NUTS: per chain; ADVI: draws from the approximation).
+    seed
+        Seed of every random step (initialisation, sampling, predictive draws).
+    errors
+        Residual error model per output overriding the model file (e.g. ``{"plasma": "additive"}``).
+    """
+    import time
+
+    import pymc as pm
+
+    if method not in METHODS:
+        raise FitError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
+    for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
+        if not isinstance(value, int) or value < low:
+            raise FitError(f"--{label} must be a whole number >= {low}, found {value!r}")
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model, data = build_model(spec, dataset, errors=errors)
+    timings["build_s"] = time.perf_counter() - start
+    warnings: list[str] = []
+    cores = cores or min(chains, _available_cores())
+    start = time.perf_counter()
+    if method == "nuts":
+        tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings)
+    elif method == "pymc":
+        tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed, model=model,
+                         progressbar=progress, compute_convergence_checks=False)
+    elif method == "map":
+        tree = _map(model, seed, progress)
+        warnings.append("method map: a single posterior mode over all parameters including the random effects; "
+                        "IIV (omega) and shrinkage collapse toward 0 and intervals are not computed")
+    else:
+        approx = pm.fit(n=20000, method="advi", model=model, random_seed=seed, progressbar=progress)
+        tree = approx.sample(draws, random_seed=seed)
+        warnings.append("method advi: mean-field approximation; intervals are typically too narrow")
+    timings["sampling_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tree = _complete(tree, model, seed)
+    timings["predictive_s"] = time.perf_counter() - start
+    settings = {"method": method, "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
+                "errors": dict(data.errors), "censoring": CENSORING_METHOD}
+    return FitResult(tree, data, method, settings, timings, tuple(warnings))
+
+
+def _available_cores() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int, progress: bool, timings: dict[str, float]) -> Any:
+    import time
+
+    import nutpie
+
+    start = time.perf_counter()
+    compiled = nutpie.compile_pymc_model(model)
+    timings["compile_s"] = time.perf_counter() - start
+    return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed, progress_bar=progress)
+
+
+def _map(model: Any, seed: int, progress: bool) -> Any:
+    import pymc as pm
+    import xarray as xr
+
+    result = pm.find_MAP(model=model, random_seed=seed, jitter=False, return_inferencedata=True, progressbar=progress)
+    return xr.DataTree.from_dict({"posterior": result["posterior"].to_dataset()})
+
+
+def _complete(tree: Any, model: Any, seed: int) -> Any:
+    """Add log_likelihood, posterior_predictive, observed_data and prior groups."""
+    import pymc as pm
+
+    tree = pm.compute_log_likelihood(tree, model=model, progressbar=False)
+    pp = pm.sample_posterior_predictive(tree, model=model, random_seed=seed, progressbar=False)
+    for group in pp.children:
+        tree[group] = pp[group]
+    prior = pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
+    for group in ("prior", "prior_predictive"):
+        if group in prior.children:
+            tree[group] = prior[group]
+    return tree

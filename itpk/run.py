@@ -1,0 +1,317 @@
+"""Run directories (SPEC.md §5): everything a fit leaves, written atomically.
+
+The directory is assembled in a temporary sibling and renamed into place, so
+an interrupted run leaves the previous result (or nothing), never half a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from itpk.errors import ItpkError
+from itpk.inference import CENSORING_METHOD, FitResult
+
+RUN_FORMAT = 1
+R_HAT_MAX = 1.01
+ESS_BULK_MIN = 400
+SUMMARY_COLUMNS = ["parameter", "unit", "median", "mean", "sd", "ci_low", "ci_high", "r_hat", "ess_bulk", "ess_tail",
+                   "cv_percent", "shrinkage_percent"]
+
+
+def summary_table(result: FitResult) -> pd.DataFrame:
+    """Population parameters, then ``omega_*`` (with CV% and η-shrinkage), then residual errors.
+
+    Intervals are 95% equal-tailed; ``cv_percent`` = 100·sqrt(exp(ω²) − 1);
+    ``shrinkage_percent`` = 100·(1 − SD(posterior-mean η_i)/ω̂) with ω̂ the posterior median.
+    """
+    import arviz as az
+
+    data, post = result.data, result.tree["posterior"]
+    names = [*data.estimated, *(f"omega_{p}" for p in data.iiv), *(v for v in post.data_vars if str(v).startswith("sigma_"))]
+    stats = az.summary(result.tree, var_names=names, ci_prob=0.95, ci_kind="eti", round_to=None) if _has_chains(post) else None
+    rows = []
+    for name in names:
+        draws = np.asarray(post[name]).reshape(-1)
+        row = {
+            "parameter": name,
+            "unit": _unit(result, name),
+            "median": float(np.median(draws)),
+            "mean": float(np.mean(draws)),
+            "sd": float(np.std(draws, ddof=1)) if draws.size > 1 else float("nan"),
+            "ci_low": float(np.quantile(draws, 0.025)),
+            "ci_high": float(np.quantile(draws, 0.975)),
+        }
+        for key, col in (("r_hat", "r_hat"), ("ess_bulk", "ess_bulk"), ("ess_tail", "ess_tail")):
+            row[key] = float(stats.loc[name, col]) if stats is not None else float("nan")
+        if name.startswith("omega_"):
+            omega = row["median"]
+            row["cv_percent"] = 100 * float(np.sqrt(np.expm1(omega**2)))
+            eta = np.asarray(post[f"eta_{name[6:]}"]).reshape(-1, len(data.subjects)).mean(axis=0)
+            row["shrinkage_percent"] = 100 * (1 - float(np.std(eta, ddof=1)) / omega) if omega > 0 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _has_chains(post: Any) -> bool:
+    return post.sizes.get("draw", 1) > 3
+
+
+def _unit(result: FitResult, name: str) -> str:
+    spec = result.spec if hasattr(result, "spec") else result.data.spec
+    if name in spec.parameters:
+        return spec.parameters[name].unit
+    if name.startswith("sigma_"):
+        output = name.removeprefix("sigma_").removeprefix("add_").removeprefix("prop_")
+        kind = result.data.errors.get(output, "")
+        additive = name.startswith("sigma_add_") or (kind == "additive" and not name.startswith("sigma_prop_"))
+        return spec.outputs[output].unit if additive else "1"
+    return "1"
+
+
+def diagnostics(result: FitResult) -> dict[str, Any]:
+    """max R-hat, min bulk ESS, divergences and the pass/fail verdict with its reasons."""
+    import arviz as az
+
+    post = result.tree["posterior"]
+    if not _has_chains(post) or result.method not in ("nuts", "pymc"):
+        return {"max_r_hat": None, "min_ess_bulk": None, "divergences": None, "passed": None,
+                "reasons": [f"method {result.method}: no MCMC diagnostics"]}
+    names = [*result.data.estimated, *(f"omega_{p}" for p in result.data.iiv)]
+    rhat = az.rhat(result.tree, var_names=names)
+    ess = az.ess(result.tree, var_names=names, method="bulk")
+    max_rhat = float(max(float(np.max(rhat[v])) for v in rhat.data_vars))
+    min_ess = float(min(float(np.min(ess[v])) for v in ess.data_vars))
+    stats = result.tree["sample_stats"]
+    divergences = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
+    reasons = []
+    if not max_rhat <= R_HAT_MAX:
+        reasons.append(f"max R-hat {max_rhat:.3f} > {R_HAT_MAX}")
+    if not min_ess >= ESS_BULK_MIN:
+        reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
+    if divergences:
+        reasons.append(f"{divergences} divergent transitions")
+    return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
+            "reasons": reasons}
+
+
+def predictions_table(result: FitResult) -> pd.DataFrame:
+    """``ID,TIME,CMT,DV,BLQ,PRED,IPRED,IRES,PIT`` for every observation.
+
+    PRED: the typical subject (posterior-median population parameters, η = 0,
+    the subject's own covariates and doses); IPRED: posterior median of the
+    individual prediction; IRES = DV − IPRED; PIT: fraction of posterior
+    predictive draws at or below DV (empty for censored values).
+    """
+    obs = result.data.observations
+    post = result.tree["posterior"]
+    ipred = np.median(np.asarray(post["IPRED"]).reshape(-1, len(obs)), axis=0)
+    pit = np.full(len(obs), np.nan)
+    if "posterior_predictive" in result.tree.children:
+        pp = result.tree["posterior_predictive"]
+        for output in result.data.outputs:
+            rows = np.flatnonzero((obs["output"] == output).to_numpy())
+            draws = np.asarray(pp[f"DV_{output}"]).reshape(-1, rows.size)
+            if result.data.errors[output] == "log":
+                draws = np.exp(draws)
+            pit[rows] = (draws <= obs["DV"].to_numpy()[rows]).mean(axis=0)
+    pit[obs["censored"].to_numpy()] = np.nan
+    return pd.DataFrame({
+        "ID": obs["ID"], "TIME": obs["TIME"], "CMT": obs["output"], "DV": obs["DV"],
+        "BLQ": obs["censored"].astype(int), "PRED": typical_predictions(result), "IPRED": ipred,
+        "IRES": obs["DV"].to_numpy() - ipred, "PIT": pit,
+    })
+
+
+def typical_predictions(result: FitResult) -> np.ndarray:
+    """Predictions of the typical subject (η = 0) at each observation, with the subject's covariates and doses."""
+    from itpk.simulate import simulate
+
+    data, post = result.data, result.tree["posterior"]
+    typical = {name: float(np.median(np.asarray(post[name]))) for name in data.estimated}
+    obs = data.observations
+    out = np.empty(len(obs))
+    for i, s in enumerate(data.subjects):
+        rows = np.flatnonzero((obs["subject"] == i).to_numpy())
+        if rows.size == 0:
+            continue
+        prof = simulate(data.spec, s.schedule, {**typical, **s.covariates}, obs["TIME"].to_numpy()[rows])
+        outputs = obs["output"].to_numpy()[rows]
+        for name in set(outputs):
+            mask = outputs == name
+            out[rows[mask]] = prof.outputs[name][0][mask]
+    return out
+
+
+def write_run(result: FitResult, out: str | Path, *, command: Sequence[str] = ()) -> Path:
+    """Write the run directory of SPEC §5 atomically and return its path."""
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_files(result, tmp, command)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        if not (target / "run.json").is_file():
+            raise ItpkError(f"{target} exists and is not a run directory; refusing to replace it")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(result: FitResult, folder: Path, command: Sequence[str]) -> None:
+    start = time.perf_counter()
+    result.tree.to_netcdf(folder / "posterior.nc")
+    summary_table(result).to_csv(folder / "summary.csv", index=False)
+    predictions_table(result).to_csv(folder / "predictions.csv", index=False)
+    exposure = exposure_table(result)
+    if exposure is not None:
+        exposure.to_csv(folder / "exposure.csv", index=False)
+    (folder / "model.toml").write_text(result.data.spec.text_toml, encoding="utf-8")
+    timings = {**result.timings, "write_s": time.perf_counter() - start}
+    (folder / "run.json").write_text(json.dumps(run_record(result, command, timings), indent=2, default=str), encoding="utf-8")
+
+
+def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, float]) -> dict[str, Any]:
+    """The content of ``run.json``."""
+    import hashlib
+
+    from itpk import __version__
+
+    data = result.data
+    source = Path(data.dataset.source)
+    data_sha = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+    obs = data.observations
+    return {
+        "format": RUN_FORMAT,
+        "itpk_version": __version__,
+        "versions": _versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "command": list(command),
+        "model": data.spec.name,
+        "model_sha256": data.spec.sha256,
+        "data": str(source),
+        "data_sha256": data_sha,
+        "subjects": len(data.subjects),
+        "arms": sorted({s.arm for s in data.subjects if s.arm}),
+        "observations": {o: int((obs["output"] == o).sum()) for o in data.outputs},
+        "censored": {o: int(((obs["output"] == o) & obs["censored"]).sum()) for o in data.outputs},
+        "censoring_method": CENSORING_METHOD,
+        "units_assumed": bool(data.dataset.units_assumed),
+        "units": data.dataset.units.describe() if hasattr(data.dataset.units, "describe") else str(data.dataset.units),
+        "settings": dict(result.settings),
+        "timings_s": dict(timings),
+        "diagnostics": diagnostics(result),
+        "warnings": list(result.warnings),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("pymc", "pytensor", "arviz", "nutpie", "numpy", "scipy", "pandas", "numba"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def exposure_table(result: FitResult) -> pd.DataFrame | None:
+    """SPEC §6 metrics over the posterior of the population (typical) parameters, or None.
+
+    Written when the model has an ``it`` route and a systemic one; the dose is
+    the dataset's first dose amount, given once by each route.
+    """
+    from itpk.events import regimen
+    from itpk.exposure import LOCAL_ROUTES, REFERENCE_ROUTES, compare_routes, summarize
+    from itpk.system import resolve
+
+    spec, data = result.data.spec, result.data
+    local = next((r for r in LOCAL_ROUTES if r in spec.routes), None)
+    ref = next((r for r in REFERENCE_ROUTES if r in spec.routes), None)
+    if local != "it" or ref is None or "local" not in spec.exposure:
+        return None
+    post = result.tree["posterior"]
+    draws = {name: np.asarray(post[name]).reshape(-1) for name in data.estimated}
+    thin = max(1, len(next(iter(draws.values()))) // 1000)
+    values = resolve(spec, {k: v[::thin] for k, v in draws.items()})
+    dose = float(data.doses.amount[data.doses.valid][0])
+    cmp = compare_routes(spec, values, {local: regimen(local, dose), ref: regimen(ref, dose)}, dose=dose)
+    rows = []
+    for name, arr in cmp.metrics[local].items():
+        s = summarize(arr, thresholds=(1.0,))
+        s = s if isinstance(s, dict) else {"median": s, "ci_low": s, "ci_high": s}
+        rows.append({"metric": name, "route": f"{local} vs {ref}", "dose": dose, **s, "unit": "1"})
+    return pd.DataFrame(rows)
+
+
+REQUIRED_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "run.json", "model.toml")
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """The model, posterior draws of its population parameters (and omegas), and ``run.json``.
+
+    Raises ItpkError for a missing, incomplete or incompatible run directory.
+    """
+    import tomllib
+
+    import xarray as xr
+
+    from itpk.spec import parse_model
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise ItpkError(f"run directory {str(folder)!r} does not exist")
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise ItpkError(f"run directory {str(folder)!r} is incomplete: missing {', '.join(missing)}")
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ItpkError(f"{folder / 'run.json'}: unreadable ({exc})") from None
+    if record.get("format") != RUN_FORMAT:
+        raise ItpkError(f"{folder}: run format {record.get('format')!r} is not supported (this itpk reads format {RUN_FORMAT})")
+    spec = parse_model(tomllib.loads((folder / "model.toml").read_text(encoding="utf-8")), source=str(folder / "model.toml"))
+    tree = xr.open_datatree(folder / "posterior.nc")
+    post = tree["posterior"]
+    draws = {name: np.asarray(post[name]).reshape(-1) for name in post.data_vars
+             if name in spec.parameters or str(name).startswith("omega_")}
+    return spec, draws, record
+
+
+def posterior_values(spec: Any, draws: Mapping[str, np.ndarray], *, overrides: Mapping[str, float] | None = None,
+                     max_draws: int = 4000) -> dict[str, np.ndarray]:
+    """Population-parameter draws (thinned to at most ``max_draws``) for exposure metrics."""
+    typical = {k: v for k, v in draws.items() if k in spec.parameters}
+    n = len(next(iter(typical.values())))
+    thin = max(1, -(-n // max_draws))
+    values = {k: v[::thin] for k, v in typical.items()}
+    for name, value in (overrides or {}).items():
+        if name in values:
+            raise ItpkError(f"--set {name}: {name} is estimated in the posterior; only fixed parameters and covariates can be set")
+        values[name] = np.full(len(next(iter(values.values()))), value)
+    return values

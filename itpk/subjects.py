@@ -1,0 +1,126 @@
+"""From a Dataset to per-subject dosing schedules, covariates and observations.
+
+One place turns NONMEM rows into the event engine's objects, so simulation,
+fitting and reports see the same doses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from itpk.dataset import Dataset
+from itpk.errors import DatasetError
+from itpk.events import Dose, Schedule, Target
+from itpk.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject's schedule, covariates and observation rows (positions in ``Dataset.data``)."""
+
+    id: Any
+    schedule: Schedule
+    covariates: dict[str, float]
+    arm: str
+    observations: pd.DataFrame
+
+
+def subjects(dataset: Dataset, spec: ModelSpec) -> list[Subject]:
+    """Every subject of the dataset, in file order, with covariates defaulted from the model."""
+    frame = dataset.data
+    out = []
+    for sid, rows in frame.groupby("ID", sort=False):
+        obs = rows[(rows["EVID"] == 0) & (rows["MDV"] == 0)]
+        out.append(Subject(sid, _schedule(rows), _covariates(rows, spec), _arm(rows), obs))
+    return out
+
+
+def _schedule(rows: pd.DataFrame) -> Schedule:
+    doses = []
+    resets = []
+    for r in rows[rows["EVID"].isin([1, 3, 4])].itertuples(index=False):
+        if r.EVID == 3:
+            resets.append(float(r.TIME))
+            continue
+        target = Target(str(r.ROUTE)) if isinstance(r.ROUTE, str) and r.ROUTE else Target(str(r.CMT), compartment=True)
+        doses.append(
+            Dose(
+                float(r.TIME), float(r.AMT), target, rate=float(r.RATE or 0.0), duration=float(r.DUR or 0.0),
+                ii=float(r.II or 0.0), addl=int(r.ADDL or 0), ss=int(r.SS or 0), reset=bool(r.EVID == 4),
+            )
+        )
+    return Schedule(tuple(doses), tuple(resets))
+
+
+def _covariates(rows: pd.DataFrame, spec: ModelSpec) -> dict[str, float]:
+    values = {}
+    for name, cov in spec.covariates.items():
+        if name in rows.columns and rows[name].notna().any():
+            values[name] = float(rows[name].dropna().iloc[0])
+        else:
+            values[name] = cov.value
+    return values
+
+
+def _arm(rows: pd.DataFrame) -> str:
+    arms = rows["ARM"].dropna() if "ARM" in rows.columns else pd.Series(dtype=object)
+    return str(arms.iloc[0]) if len(arms) else ""
+
+
+@dataclass(frozen=True)
+class ExpandedDoses:
+    """Every dose of every subject after ADDL expansion (padded to D per subject).
+
+    ``rate`` is the infusion rate (0 for a bolus); ``duration`` is truncated at
+    the next reset (a reset stops a running infusion).
+    """
+
+    time: np.ndarray  # (N, D)
+    amount: np.ndarray  # (N, D)
+    rate: np.ndarray  # (N, D)
+    duration: np.ndarray  # (N, D)
+    target: list[list[Target]]  # N lists of D (padding: None)
+    valid: np.ndarray  # (N, D) bool
+
+
+def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
+    """ADDL-expanded doses of all subjects; steady-state doses are refused (not supported in fits yet)."""
+    per = []
+    for s in subject_list:
+        resets = sorted({*s.schedule.resets, *(d.time for d in s.schedule.doses if d.reset)})
+        doses = []
+        for d in s.schedule.doses:
+            if d.ss:
+                raise DatasetError(f"subject {s.id}: steady-state doses (SS={d.ss}) are not supported by itpk fit yet")
+            for t in d.times():
+                duration = d.infusion_duration if d.is_infusion else 0.0
+                later = [r for r in resets if t < r < t + duration]
+                if later:
+                    duration = later[0] - t
+                doses.append((t, d.amount, d.infusion_rate, duration, d.target))
+        per.append(sorted(doses, key=lambda x: x[0]))
+    N, D = len(per), max((len(p) for p in per), default=0) or 1
+    time, amount, rate, duration = (np.zeros((N, D)) for _ in range(4))
+    valid = np.zeros((N, D), dtype=bool)
+    target: list[list[Target]] = []
+    for i, doses in enumerate(per):
+        row = []
+        for j, (t, a, r, dur, tgt) in enumerate(doses):
+            time[i, j], amount[i, j], rate[i, j], duration[i, j], valid[i, j] = t, a, r, dur, True
+            row.append(tgt)
+        target.append(row + [None] * (D - len(row)))  # type: ignore[list-item]
+    return ExpandedDoses(time, amount, rate, duration, target, valid)
+
+
+def last_reset(subject: Subject, times: np.ndarray) -> np.ndarray:
+    """For each time, the last reset (EVID 3 or 4) at or before it; -inf when none."""
+    resets = np.array(sorted({*subject.schedule.resets, *(d.time for d in subject.schedule.doses if d.reset)}))
+    if resets.size == 0:
+        return np.full(times.shape, -math.inf)
+    idx = np.searchsorted(resets, times, side="right") - 1
+    return np.where(idx >= 0, resets[np.maximum(idx, 0)], -math.inf)
