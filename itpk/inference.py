@@ -316,6 +316,7 @@ def fit(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, data = build_model(spec, dataset, errors=errors)
+    _check_initial_point(model, data)
     timings["build_s"] = time.perf_counter() - start
     warnings: list[str] = []
     cores = cores or min(chains, _available_cores())
@@ -340,6 +341,24 @@ def fit(
     settings = {"method": method, "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
                 "errors": dict(data.errors), "censoring": CENSORING_METHOD}
     return FitResult(tree, data, method, settings, timings, tuple(warnings))
+
+
+def _check_initial_point(model: Any, data: FitData) -> None:
+    """Refuse, with the reason, a model whose log-density is not finite where sampling starts."""
+    logps = model.point_logps()
+    bad = [name for name, value in logps.items() if not np.isfinite(value)]
+    if not bad:
+        return
+    hints = []
+    for name in bad:
+        output = name.removeprefix("DV_")
+        if output in data.errors and data.errors[output] in ("proportional", "log"):
+            hints.append(
+                f"{name}: some observations have a prediction of 0 (e.g. before the first dose) under a "
+                f"{data.errors[output]} error model; use --error {output}=combined (or additive)"
+            )
+    raise FitError("the log-density is not finite at the initial point (" + ", ".join(bad) + ")"
+                   + ("; " + "; ".join(hints) if hints else ""))
 
 
 def _available_cores() -> int:

@@ -180,3 +180,12 @@ def test_compare_posterior_bad_run_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     out = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(tmp_path / "empty")])
     assert out.exit_code == 1 and "is incomplete: missing posterior.nc" in out.output
+
+
+def test_infinite_initial_log_density_is_explained():
+    from itpk.dataset import read_dataset
+
+    spec = load_model("one_cpt_oral")
+    # Theoph has pre-dose concentrations (0.74 mg/L at t = 0) where the prediction is exactly 0
+    with pytest.raises(FitError, match=r"not finite at the initial point \(DV_plasma\).*--error plasma=combined"):
+        fit(spec, read_dataset(THEOPH, spec), errors={"plasma": "proportional"}, method="map")

@@ -1,0 +1,378 @@
+"""The pytensor prediction Op of linear models (itpk.linop) against the exact numpy engine.
+
+Reference: ``itpk.simulate.simulate`` (matrix exponentials stepped through every
+event, independent of the modal sums in the Op). Tolerances, stated per test:
+
+- predictions: rtol 1e-10, atol 1e-12 × the largest prediction;
+- gradients of a random scalar function of y: central finite differences,
+  rtol 1e-6, atol 1e-7 × the largest gradient of that input;
+- numba backend vs ``perform``: rtol 1e-13 (the same kernels).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+import pytest
+
+from itpk import load_model
+from itpk.errors import FitError
+from itpk.events import Dose, Schedule, Target
+from itpk.linop import Design, linear_predict
+from itpk.simulate import simulate
+from itpk.spec import ModelSpec, parse_model
+from itpk.system import evaluate_outputs, input_fractions, rate_matrix, resolve
+
+RTOL, ATOL_REL = 1e-10, 1e-12  # predictions vs simulate
+GRAD_RTOL, GRAD_ATOL_REL = 1e-6, 1e-7  # gradients vs central differences
+PERFORM = "FAST_COMPILE"  # python linker: the Ops' perform
+
+
+# -- building K, F, C and the design from model files and schedules ---------------------
+
+
+def build(spec: ModelSpec, subjects: list[tuple[dict, Schedule, np.ndarray]]):
+    """K, F, C, Design and simulate's predictions for subjects (params, schedule, times).
+
+    Every output of the model is observed at every time. Doses are ADDL-expanded
+    into separate doses; infusions are truncated at the next reset.
+    """
+    outputs = list(spec.outputs)
+    n = len(spec.compartments)
+    values = [resolve(spec, p) for p, _, _ in subjects]
+    doses, resets = [], []
+    for v, (_, schedule, _) in zip(values, subjects, strict=True):
+        r = sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset)})
+        rows = []
+        for d in schedule.doses:
+            for t in d.times():
+                duration = d.infusion_duration if d.is_infusion else 0.0
+                later = [x for x in r if t < x < t + duration]
+                duration = later[0] - t if later else duration
+                scale = d.infusion_rate if d.is_infusion else d.amount
+                rows.append((t, duration, scale * input_fractions(v, d.target)[0]))
+        doses.append(rows)
+        resets.append(np.array(r))
+    N, D = len(subjects), max(len(d) for d in doses)
+    dose_time, dose_duration = np.full((N, D), np.nan), np.zeros((N, D))  # NaN padding must be ignored
+    dose_valid, F = np.zeros((N, D), bool), np.zeros((N, D, n))
+    for i, rows in enumerate(doses):
+        for j, (t, duration, f) in enumerate(rows):
+            dose_time[i, j], dose_duration[i, j], dose_valid[i, j], F[i, j] = t, duration, True, f
+    K = np.concatenate([rate_matrix(v) for v in values])
+    unit = np.vstack([np.zeros(n), np.eye(n)])[None]  # amounts 0 and e_k: outputs are linear in x
+    C = np.stack([
+        np.stack([(out := evaluate_outputs(v, unit, [o])[o][0])[1:] - out[0] for o in outputs]) for v in values
+    ])
+    obs_subject, obs_time, obs_output, obs_after, reference = [], [], [], [], []
+    for i, (p, schedule, times) in enumerate(subjects):
+        sim = simulate(spec, schedule, p, times)
+        for t_index, t in enumerate(times):
+            before = resets[i][resets[i] <= t]
+            for o, name in enumerate(outputs):
+                obs_subject.append(i)
+                obs_time.append(t)
+                obs_output.append(o)
+                obs_after.append(before[-1] if before.size else -math.inf)
+                reference.append(sim.outputs[name][0, t_index])
+    design = Design(dose_time, dose_duration, dose_valid, obs_subject, obs_time, obs_output, obs_after)
+    return K, F, C, design, np.array(reference)
+
+
+def predict(K, F, C, design, mode=PERFORM):
+    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+    return pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design), mode=mode)(K, F, C)
+
+
+def check_predictions(K, F, C, design, reference, rtol=RTOL):
+    got = predict(K, F, C, design)
+    np.testing.assert_allclose(got, reference, rtol=rtol, atol=ATOL_REL * np.abs(reference).max())
+    return got
+
+
+def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM):
+    """L = Σ w·y + Σ v·y²/scale (random w, v: a nonlinear function of y) and its gradient w.r.t. K, F, C."""
+    rng = np.random.default_rng(seed)
+    w, v = rng.normal(size=design.n_obs), rng.normal(size=design.n_obs)
+    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+    y = linear_predict(Kv, Fv, Cv, design)
+    loss = (w * y).sum() + (v * y**2).sum() / scale
+    value = pytensor.function([Kv, Fv, Cv], loss, mode=mode)
+    grads = pytensor.function([Kv, Fv, Cv], pytensor.grad(loss, [Kv, Fv, Cv]), mode=mode)
+    return value, grads
+
+
+def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0):
+    value, grads = loss_and_gradients(design, np.abs(predict(K, F, C, design)).max(), seed)
+    analytic = grads(K, F, C)
+    inputs = [K, F, C]
+    for which, (x, g) in enumerate(zip(inputs, analytic, strict=True)):
+        h = 1e-6 * np.abs(x).max()
+        fd = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            up, down = [a.copy() for a in inputs], [a.copy() for a in inputs]
+            up[which][index] += h
+            down[which][index] -= h
+            fd[index] = (value(*up) - value(*down)) / (2 * h)
+        np.testing.assert_allclose(g, fd, rtol=rtol, atol=GRAD_ATOL_REL * np.abs(fd).max(), err_msg="KFC"[which])
+
+
+# -- predictions equal simulate ---------------------------------------------------------
+
+TIMES = np.array([0.0, 0.25, 1.0, 2.0, 2.5, 6.0, 12.0, 12.5, 24.0, 36.0, 48.0, 72.0])
+
+
+def test_two_cpt_oral_bolus_infusion_addl_matches_simulate():
+    # rtol 1e-10 (3×3: LAPACK eigenvectors); plasma at the oral dose time exactly 0
+    spec = load_model("two_cpt_oral")
+    schedule = Schedule((
+        Dose(0.0, 100.0, Target("po"), ii=12.0, addl=3),
+        Dose(2.0, 50.0, Target("iv"), duration=0.5),
+        Dose(30.0, 40.0, Target("iv"), rate=20.0, ii=6.0, addl=1),
+    ))
+    subjects = [
+        ({"ka": 1.3, "CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, schedule, TIMES),
+        ({"ka": 0.4, "CL": 9.0, "V1": 30.0, "Q": 2.0, "V2": 20.0, "F": 0.6}, schedule, TIMES[::2]),
+    ]
+    K, F, C, design, reference = build(spec, subjects)
+    y = check_predictions(K, F, C, design, reference)
+    assert np.all(y[design.obs_time == 0.0] == 0.0)  # at an oral dose's time: exactly 0, not ±1e-16
+
+
+def test_three_cpt_iv_overlapping_infusions_match_simulate():
+    # rtol 1e-10; ADDL infusions longer than the interval overlap (superposition)
+    spec = load_model("three_cpt_iv")
+    schedule = Schedule((Dose(0.0, 500.0, Target("iv"), duration=8.0, ii=6.0, addl=2), Dose(1.0, 100.0, Target("iv"))))
+    p = {"CL": 2.9, "V1": 9.5, "Q2": 14.0, "V2": 31.0, "Q3": 1.3, "V3": 140.0}
+    check_predictions(*build(spec, [(p, schedule, TIMES)]))
+
+
+def it_linear_subjects():
+    """Routes it/iv/sc, bolus + infusions + ADDL, a reset that cuts an infusion short, and an EVID-4 dose."""
+    first = Schedule(
+        (
+            Dose(0.0, 10.0, Target("it"), ii=24.0, addl=1),
+            Dose(3.0, 5.0, Target("iv"), duration=2.0),
+            Dose(6.0, 8.0, Target("sc")),
+            Dose(26.0, 12.0, Target("iv"), duration=20.0),  # stopped by the reset at 36 h
+            Dose(48.0, 4.0, Target("it"), reset=True),
+        ),
+        resets=(36.0,),
+    )
+    second = Schedule((Dose(1.0, 20.0, Target("sc"), ii=12.0, addl=2), Dose(2.0, 3.0, Target("it"), rate=6.0)))
+    times = np.array([0.0, 0.5, 3.0, 4.0, 6.0, 10.0, 24.0, 30.0, 36.0, 40.0, 48.0, 50.0, 72.0])
+    return [
+        ({}, first, times),
+        ({"CL": 3.1, "k_out": 0.2, "f_leak": 0.35, "ka_sc": 0.05, "DIAM": 3.0, "Kp": 0.5}, second, times[1:]),
+    ]
+
+
+def test_it_linear_routes_reset_and_infusions_match_simulate():
+    # rtol 1e-10, every output (plasma, tumor, lesion2, lymph) at every time
+    y = check_predictions(*build(load_model("it_linear"), it_linear_subjects()))
+    assert np.all(np.isfinite(y))
+
+
+def test_one_and_two_compartment_closed_form_eigenpairs_match_simulate():
+    # rtol 1e-10: n = 1 and the 2×2 closed-form eigendecomposition (triangular and full)
+    schedule = Schedule((Dose(0.0, 100.0, Target("iv"), duration=1.5, ii=12.0, addl=2), Dose(5.0, 30.0, Target("iv"))))
+    check_predictions(*build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, schedule, TIMES)]))
+    check_predictions(*build(load_model("two_cpt_iv"), [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, schedule, TIMES)]))
+    oral = Schedule((Dose(0.0, 100.0, Target("po"), ii=12.0, addl=2), Dose(5.0, 30.0, Target("iv"), duration=1.0)))
+    check_predictions(*build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, oral, TIMES)]))
+
+
+def cyclic_model() -> ModelSpec:
+    """a -> b -> c -> a plus elimination from a: complex eigenvalues."""
+    return parse_model({
+        "name": "cyclic",
+        "compartments": {c: {"amount_unit": "mg"} for c in "abc"},
+        "parameters": {"k": {"value": 2.0, "unit": "1/h"}, "ke": {"value": 0.1, "unit": "1/h"}},
+        "flows": {"a -> b": "k", "b -> c": "k", "c -> a": "k", "a -> out": "ke"},
+        "routes": {"iv": {"into": {"a": 1}}, "split": {"into": {"b": 0.4, "c": 0.6}}},
+        "outputs": {"b": {"expr": "b", "unit": "mg"}, "total": {"expr": "a + b + c", "unit": "mg"}},
+    })
+
+
+def cyclic_subjects():
+    schedule = Schedule((Dose(0.0, 100.0, Target("iv")), Dose(1.0, 50.0, Target("split"), duration=2.0, ii=5.0, addl=1)))
+    return [({}, schedule, TIMES[:8]), ({"k": 0.7, "ke": 0.3}, schedule, TIMES[:8])]
+
+
+def test_complex_eigenvalues_match_simulate():
+    # rtol 1e-10; the cyclic flow must really give complex eigenvalues
+    spec = cyclic_model()
+    K, F, C, design, reference = build(spec, cyclic_subjects())
+    assert np.all(np.abs(np.linalg.eigvals(K).imag).max(axis=1) > 0.1)
+    check_predictions(K, F, C, design, reference)
+
+
+def test_no_elimination_compartment_zero_eigenvalue():
+    # rtol 1e-10: CL = 0 gives λ = 0 exactly (2×2 closed form) and ~1e-17 (3×3 LAPACK); φ(0, u) = u
+    schedule = Schedule((Dose(0.0, 100.0, Target("po")), Dose(2.0, 30.0, Target("iv"), duration=4.0)))
+    for name, p in (("one_cpt_oral", {"ka": 0.9, "CL": 0.0, "V": 20.0}), ("two_cpt_oral", {"ka": 0.9, "CL": 0.0, "V1": 20.0, "Q": 3.0, "V2": 40.0})):
+        K, F, C, design, reference = build(load_model(name), [(p, schedule, TIMES)])
+        assert np.abs(np.linalg.eigvals(K)).min() < 1e-12
+        check_predictions(K, F, C, design, reference)
+        check_gradients(K, F, C, design)
+
+
+def test_near_equal_eigenvalues_stay_accurate():
+    # ka = CL/V·(1 + 1e-9): cond(V) ~ 2e9. Predictions within 1e-6 of the profile's maximum
+    # (simulate switches to expm here); gradients finite, and the ones the model uses
+    # (dL/dka = K̄[1,0] − K̄[0,0], dL/dk = −K̄[1,1]) within 1e-6 × max|K̄| of central differences
+    # of simulate (step 1e-4·k). K̄[0,1], a structurally zero entry, is ill-conditioned here: not checked.
+    spec = load_model("one_cpt_oral")
+    CL, V = 4.2, 33.0
+    schedule = Schedule((Dose(0.0, 100.0, Target("po")), Dose(12.0, 50.0, Target("po"), duration=3.0)))
+
+    def setup(ka: float, k: float):
+        return build(spec, [({"ka": ka, "CL": k * V, "V": V}, schedule, TIMES)])
+
+    ka, k = CL / V * (1 + 1e-9), CL / V
+    K, F, C, design, reference = setup(ka, k)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(predict(K, F, C, design), reference, rtol=1e-6, atol=1e-6 * scale)
+    _, grads = loss_and_gradients(design, scale)
+    K_bar, F_bar, C_bar = grads(K, F, C)
+    assert all(np.all(np.isfinite(g)) for g in (K_bar, F_bar, C_bar))
+
+    def loss_of_simulate(ka: float, k: float) -> float:
+        rng = np.random.default_rng(0)  # the w, v of loss_and_gradients
+        w, v = rng.normal(size=design.n_obs), rng.normal(size=design.n_obs)
+        y = setup(ka, k)[4]
+        return float((w * y).sum() + (v * y**2).sum() / scale)
+
+    h = 1e-4 * k
+    d_ka = (loss_of_simulate(ka + h, k) - loss_of_simulate(ka - h, k)) / (2 * h)
+    d_k = (loss_of_simulate(ka, k + h) - loss_of_simulate(ka, k - h)) / (2 * h)
+    np.testing.assert_allclose([K_bar[0, 1, 0] - K_bar[0, 0, 0], -K_bar[0, 1, 1]], [d_ka, d_k], rtol=0, atol=1e-6 * np.abs(K_bar).max())
+
+
+def test_defective_or_non_finite_k_gives_nan_for_that_subject_only():
+    # ka == CL/V exactly: K is defective (V singular); a NaN rate: both subjects' rows are NaN, the other's finite
+    spec = load_model("one_cpt_oral")
+    schedule = Schedule((Dose(0.0, 100.0, Target("po")),))
+    subjects = [({"ka": 0.5, "CL": 5.0, "V": 10.0}, schedule, TIMES), ({"ka": 0.8, "CL": 4.0, "V": 20.0}, schedule, TIMES)]
+    K, F, C, design, _ = build(spec, subjects)
+    bad = design.obs_subject == 0
+    y = predict(K, F, C, design)
+    assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+    _, grads = loss_and_gradients(design)
+    for g in grads(K, F, C):
+        assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
+    K[0] = [[-0.5, 0.0], [0.5, np.nan]]
+    y = predict(K, F, C, design)
+    assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+
+
+# -- gradients --------------------------------------------------------------------------
+
+
+def test_gradients_match_central_differences_it_linear():
+    # rtol 1e-6 on every entry of K̄ (6×6), F̄ and C̄: bolus, infusions and a reset
+    K, F, C, design, _ = build(load_model("it_linear"), it_linear_subjects())
+    check_gradients(K, F, C, design)
+
+
+def test_gradients_match_central_differences_closed_form_2x2_and_complex():
+    # rtol 1e-6: the 2×2 closed-form path and the complex-arithmetic path
+    schedule = Schedule((Dose(0.0, 100.0, Target("po"), ii=12.0, addl=1), Dose(5.0, 30.0, Target("iv"), duration=1.0)))
+    check_gradients(*build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, schedule, TIMES)])[:4])
+    check_gradients(*build(cyclic_model(), cyclic_subjects())[:4])
+
+
+def test_verify_grad():
+    # pytensor's own check (random projection, one-sided differences): its default float64 tolerance 1e-4
+    K, F, C, design, _ = build(load_model("two_cpt_oral"), [
+        ({"ka": 1.3}, Schedule((Dose(0.0, 100.0, Target("po")), Dose(3.0, 20.0, Target("iv"), duration=2.0))), TIMES[:7])
+    ])
+    pytensor.gradient.verify_grad(
+        lambda k, f, c: linear_predict(k, f, c, design), [K, F, C], rng=np.random.default_rng(1), mode=PERFORM
+    )
+
+
+# -- numba backend and samplers -------------------------------------------------------------
+
+
+def test_numba_backend_equals_perform_without_object_mode():
+    # rtol 1e-13: the numba dispatch runs the same kernels as perform; any object-mode fallback fails.
+    # Subject 0 has complex eigenvalues (cyclic flow), subject 1 real ones (a 3×3 LAPACK K).
+    K, F, C, design, _ = build(cyclic_model(), cyclic_subjects())
+    K[1] = [[-1.3, 0.0, 0.0], [1.3, -0.9, 0.4], [0.0, 0.6, -0.4]]
+    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+    y = linear_predict(Kv, Fv, Cv, design)
+    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
+    outputs = [y, *pytensor.grad(loss, [Kv, Fv, Cv])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = pytensor.function([Kv, Fv, Cv], outputs, mode="NUMBA")(K, F, C)
+    reference = pytensor.function([Kv, Fv, Cv], outputs, mode=PERFORM)(K, F, C)
+    for got, want in zip(compiled, reference, strict=True):
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15 * np.abs(want).max())
+
+
+def test_nutpie_samples_a_tiny_model():
+    # smoke test: a 3-subject one_cpt_oral model compiles for nutpie with no object mode and samples
+    pm = pytest.importorskip("pymc")
+    nutpie = pytest.importorskip("nutpie")
+    spec = load_model("one_cpt_oral")
+    schedule = Schedule((Dose(0.0, 100.0, Target("po")),))
+    truth = [{"ka": 1.1, "CL": 4.0, "V": 30.0}, {"ka": 0.7, "CL": 5.0, "V": 45.0}, {"ka": 1.6, "CL": 3.0, "V": 35.0}]
+    times = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 24.0])
+    _, F, _, design, reference = build(spec, [(p, schedule, times) for p in truth])
+    observed = reference * np.exp(np.random.default_rng(2).normal(0.0, 0.1, reference.size))
+    N = len(truth)
+    with pm.Model() as model:
+        log_ka = pm.Normal("log_ka", 0.0, 1.0, shape=N)
+        log_k = pm.Normal("log_k", -2.0, 1.0)
+        log_V = pm.Normal("log_V", 3.5, 1.0)
+        ka, k, V = pt.exp(log_ka), pt.exp(log_k) * pt.ones(N), pt.exp(log_V) * pt.ones(N)
+        zero = pt.zeros(N)
+        K = pt.stack([pt.stack([-ka, zero], -1), pt.stack([ka, -k], -1)], -2)
+        C = pt.stack([zero, 1.0 / V], -1)[:, None, :]
+        y = linear_predict(K, F, C, design)
+        pm.LogNormal("DV", mu=pt.log(y), sigma=pm.HalfNormal("sigma", 0.5), observed=observed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = nutpie.compile_pymc_model(model)
+        trace = nutpie.sample(compiled, draws=20, tune=20, chains=1, seed=3, progress_bar=False)
+    assert np.all(np.isfinite(trace.posterior["log_k"].values))
+
+
+# -- the design -----------------------------------------------------------------------------
+
+
+def test_design_checks_name_the_field():
+    ok = {
+        "dose_time": np.zeros((1, 1)), "dose_duration": np.zeros((1, 1)), "dose_valid": np.ones((1, 1), bool),
+        "obs_subject": [0], "obs_time": [1.0], "obs_output": [0], "obs_after": [-np.inf],
+    }  # fmt: skip
+    design = Design(**ok)
+    assert design.obs_subject.dtype == np.int64 and not design.obs_time.flags.writeable
+    with pytest.raises(FitError, match=r"obs_subject must be in 0\.\.0, found \[1\]"):
+        Design(**{**ok, "obs_subject": [1]})
+    with pytest.raises(FitError, match=r"dose_duration must be >= 0"):
+        Design(**{**ok, "dose_duration": -np.ones((1, 1))})
+    with pytest.raises(FitError, match=r"obs_after must be <= obs_time"):
+        Design(**{**ok, "obs_after": [2.0]})
+    with pytest.raises(FitError, match=r"obs_output: must hold whole numbers"):
+        Design(**{**ok, "obs_output": [0.5]})
+    with pytest.raises(FitError, match=r"C has 1 output rows"):
+        linear_predict(np.zeros((1, 2, 2)), np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), Design(**{**ok, "obs_output": [1]}))
+
+
+def test_arrays_that_do_not_fit_the_design_raise():
+    # the kernels run without bounds checks, so a runtime shape mismatch must raise, not read out of bounds
+    K, F, C, design, _ = build(cyclic_model(), cyclic_subjects())
+    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+    f = pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design), mode=PERFORM)
+    with pytest.raises(ValueError, match="fewer doses"):
+        f(K, F[:, :1], C)
+    with pytest.raises(ValueError, match="disagree on N or n"):
+        f(K, F[:1], C)
