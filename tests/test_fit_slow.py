@@ -37,9 +37,13 @@ TRUE_ANTIBODY = {"CL": 0.0168, "V": 4.0, "k_out": 0.005, "f_leak": 0.2, "Kp": 0.
 def test_example_it_vs_iv_recovers_true_values():
     spec = load_model("it_antibody")
     data = read_dataset(Path(str(files("itpk.data") / "example_it_vs_iv.csv")), spec)
-    result = fit(spec, data, draws=500, tune=500, chains=4, seed=7)
+    result = fit(spec, data, draws=1000, tune=1000, chains=4, seed=7)
     post = result.tree["posterior"]
     for name, value in TRUE_ANTIBODY.items():
         draws = np.asarray(post[name]).reshape(-1)
         lo, hi = np.quantile(draws, [0.05, 0.95])
         assert lo <= value <= hi, (name, lo, hi, value)  # inside the 90% interval
+    from itpk.run import diagnostics
+
+    diag = diagnostics(result)
+    assert diag["max_r_hat"] <= 1.01 and diag["divergences"] == 0, diag

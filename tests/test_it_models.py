@@ -95,3 +95,16 @@ def test_identity_to_1e9_with_everything_switched_on():
     assert m["S"][0] == pytest.approx(1.0, rel=1e-9)
     for name in ("G", "DSF", "TI"):
         assert m[name][0] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "it_oncolytic_virus"])
+def test_priors_are_centred_on_the_defaults(name):
+    # a preset that overrides a value must override its prior too (extends merges field by field)
+    for p in load_model(name).parameters.values():
+        if p.prior is None:
+            continue
+        if p.prior.dist in ("lognormal", "logitnormal"):
+            assert p.prior.args["median"] == pytest.approx(p.value, rel=1e-12), p.name
+        if p.prior.dist == "beta":
+            a, b = p.prior.args["alpha"], p.prior.args["beta"]
+            assert abs(a / (a + b) - p.value) <= 0.05, p.name
