@@ -69,7 +69,7 @@ def _has_chains(post: Any) -> bool:
 
 
 def _unit(result: FitResult, name: str) -> str:
-    spec = result.spec if hasattr(result, "spec") else result.data.spec
+    spec = result.data.spec
     if name in spec.parameters:
         return spec.parameters[name].unit
     if name.startswith("sigma_"):
@@ -220,7 +220,7 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
         "censored": {o: int(((obs["output"] == o) & obs["censored"]).sum()) for o in data.outputs},
         "censoring_method": CENSORING_METHOD,
         "units_assumed": bool(data.dataset.units_assumed),
-        "units": data.dataset.units.describe() if hasattr(data.dataset.units, "describe") else str(data.dataset.units),
+        "units": data.dataset.units.describe(),
         "settings": dict(result.settings),
         "timings_s": dict(timings),
         "diagnostics": diagnostics(result),

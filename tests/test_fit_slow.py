@@ -47,3 +47,44 @@ def test_example_it_vs_iv_recovers_true_values():
 
     diag = diagnostics(result)
     assert diag["max_r_hat"] <= 1.01 and diag["divergences"] == 0, diag
+
+
+def simulate_trial(seed: int):
+    """8 subjects, 100 mg IV bolus, 6 samples each; one_cpt_iv with IIV and 10% proportional error."""
+    import pandas as pd
+
+    from itpk.dataset import read_frame
+    from itpk.events import regimen
+    from itpk.population import sample_population
+    from itpk.simulate import simulate
+
+    spec = load_model("one_cpt_iv")
+    rng = np.random.default_rng(seed)
+    params = sample_population(spec, 8, seed=int(rng.integers(2**31)))
+    times = np.array([0.5, 1, 2, 4, 8, 12])
+    conc = simulate(spec, regimen("iv", 100.0), params, times).outputs["plasma"]
+    rows = []
+    for i in range(8):
+        rows.append((i + 1, 0.0, 1, 100.0, "iv", "", np.nan))
+        rows += [(i + 1, t, 0, np.nan, "", "plasma", conc[i, j] * np.exp(rng.normal(0, 0.1))) for j, t in enumerate(times)]
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV"])
+    return spec, read_frame(frame, spec)
+
+
+def test_interval_coverage_calibration(capsys):
+    """20 simulate-and-fit replicates: the 90% intervals of CL and V should cover the truth ~90% of the time."""
+    truth = {"CL": 5.0, "V": 50.0}
+    hits = {k: 0 for k in truth}
+    replicates = 20
+    for r in range(replicates):
+        spec, data = simulate_trial(1000 + r)
+        result = fit(spec, data, draws=300, tune=300, chains=2, seed=r)
+        post = result.tree["posterior"]
+        for name, value in truth.items():
+            lo, hi = np.quantile(np.asarray(post[name]).reshape(-1), [0.05, 0.95])
+            hits[name] += int(lo <= value <= hi)
+    coverage = {k: v / replicates for k, v in hits.items()}
+    with capsys.disabled():
+        print(f"\n90% interval coverage over {replicates} replicates: {coverage}")
+    # binomial(20, 0.9): P(X <= 14) = 1.1%; fewer than 15 hits means miscalibration
+    assert all(h >= 15 for h in hits.values()), coverage
