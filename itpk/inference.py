@@ -9,7 +9,8 @@ variable names are the model file's names:
   (standard deviation of the log-normal η, prior HalfNormal(1)), non-centred
   ``z_CL`` ~ N(0, 1) per subject, individual ``CL_i = CL·exp(omega_CL·z_CL)``;
 - covariates and derived quantities exactly as the file writes them;
-- predictions of linear models by the exact Op of :mod:`itpk.linop`;
+- predictions of linear models by the exact Op of :mod:`itpk.linop`, of nonlinear ones (and
+  models with initial amounts) by the Dormand–Prince sensitivity Op of :mod:`itpk.odeop`;
 - one residual error model per output (additive, proportional, combined, log)
   with the M3 likelihood for values below the limit of quantification.
 """
@@ -59,12 +60,6 @@ class FitData:
 
 def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | None = None) -> FitData:
     """Check that the model can be fitted to the dataset and collect the static arrays."""
-    if not spec.is_linear:
-        raise FitError(
-            f"model {spec.name!r} is nonlinear; fitting nonlinear models (ODE solver with sensitivities) is not available yet"
-        )
-    if any(c.initial is not None for c in spec.compartments):
-        raise FitError(f"model {spec.name!r}: fitting models with non-zero initial amounts is not available yet")
     errors = {**{o: spec.outputs[o].error for o in spec.outputs}, **dict(errors or {})}
     bad = {o: e for o, e in errors.items() if o not in spec.outputs or e not in ERROR_MODELS}
     if bad:
@@ -94,7 +89,10 @@ def relevant_names(spec: ModelSpec, doses: ExpandedDoses, outputs: tuple[str, ..
     """
     targets = {t for row in doses.target for t in row if t is not None}
     names: set[str] = set()
-    reached: set[str] = set()
+    reached: set[str] = {c.name for c in spec.compartments if c.initial is not None}
+    for c in spec.compartments:
+        if c.initial is not None:
+            names |= c.initial.names
     for t in targets:
         if t.compartment:
             reached.add(t.name)
@@ -103,15 +101,22 @@ def relevant_names(spec: ModelSpec, doses: ExpandedDoses, outputs: tuple[str, ..
             for frac in spec.routes[t.name].into.values():
                 names |= frac.names
     changed = True
-    while changed:  # compartments reachable through flows
+    while changed:  # compartments reachable through flows and ODE terms
         changed = False
         for flow in spec.flows:
             if flow.source in reached and flow.target != ELIMINATION and flow.target not in reached:
                 reached.add(flow.target)
                 changed = True
+        for cmt, expr in spec.odes.items():
+            if cmt not in reached and expr.names & reached:
+                reached.add(cmt)
+                changed = True
     for flow in spec.flows:
         if flow.source in reached:
             names |= flow.rate.names
+    for cmt, expr in spec.odes.items():
+        if cmt in reached:
+            names |= expr.names
     for o in outputs:
         names |= spec.outputs[o].expr.names
     for name in reversed(list(spec.derived)):  # derived quantities bring in what they use
@@ -205,20 +210,11 @@ def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int) -> Any:
 def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:
     from itpk.linop import Design, linear_predict
 
-    n, N = len(spec.compartments), len(data.subjects)
-    entries = [[pt.zeros(N) for _ in range(n)] for _ in range(n)]
-    for flow in spec.flows:
-        k = flow.rate.evaluate(env, backend) * pt.ones(N)
-        i = spec.index(flow.source)
-        entries[i][i] = entries[i][i] - k
-        if flow.target != ELIMINATION:
-            j = spec.index(flow.target)
-            entries[j][i] = entries[j][i] + k
-    K = pt.stack([pt.stack(row, axis=-1) for row in entries], axis=-2)  # (N, n, n)
+    N = len(data.subjects)
     F = _dose_vectors(pt, spec, data, env, backend)
-    C = pt.stack([_output_row(pt, spec, name, env, backend, N) for name in data.outputs], axis=1)  # (N, O, n)
     obs = data.observations
     d = data.doses
+    outputs = data.outputs
     design = Design(
         dose_time=d.time,
         dose_duration=d.duration,
@@ -228,7 +224,32 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
         obs_output=np.array([data.outputs.index(o) for o in obs["output"]], dtype=np.int64),
         obs_after=obs["after"].to_numpy(dtype=float),
     )
-    return linear_predict(K, F, C, design)
+    if uses_exact_solution(spec):
+        C = pt.stack([_output_row(pt, spec, name, env, backend, N) for name in outputs], axis=1)  # (N, O, n)
+        return linear_predict(_rate_matrices(pt, spec, env, backend, N), F, C, design)
+    from itpk.odeop import OdeSystem, initial_amounts, ode_predict
+
+    system = OdeSystem.from_spec(spec, outputs=list(outputs))
+    return ode_predict(system, system.stack_inputs(env, N), initial_amounts(spec, env, N, backend), F, design)
+
+
+def _rate_matrices(pt: Any, spec: ModelSpec, env: Mapping[str, Any], backend: Mapping[str, Any], N: int) -> Any:
+    """K (N, n, n) of the first-order flows, built from the individual parameters."""
+    n = len(spec.compartments)
+    entries = [[pt.zeros(N) for _ in range(n)] for _ in range(n)]
+    for flow in spec.flows:
+        k = flow.rate.evaluate(env, backend) * pt.ones(N)
+        i = spec.index(flow.source)
+        entries[i][i] = entries[i][i] - k
+        if flow.target != ELIMINATION:
+            j = spec.index(flow.target)
+            entries[j][i] = entries[j][i] + k
+    return pt.stack([pt.stack(row, axis=-1) for row in entries], axis=-2)
+
+
+def uses_exact_solution(spec: ModelSpec) -> bool:
+    """Linear models starting from zero amounts use the exact Op; everything else the ODE Op."""
+    return spec.is_linear and all(c.initial is None for c in spec.compartments)
 
 
 def _dose_vectors(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:

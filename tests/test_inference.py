@@ -66,11 +66,15 @@ def test_proportional_and_log_error_models_build():
         assert np.isfinite(model.compile_logp()(model.initial_point()))
 
 
-def test_nonlinear_model_is_refused_clearly():
-    frame = pd.DataFrame([(1, 0.0, 1, 100.0, "iv", "", None), (1, 1.0, 0, None, "", "plasma", 1.0)],
+def test_nonlinear_model_builds_with_the_ode_op():
+    frame = pd.DataFrame([(1, 0.0, 1, 100.0, "iv", "", None), (1, 1.0, 0, None, "", "plasma", 1.0),
+                          (2, 0.0, 1, 300.0, "iv", "", None), (2, 2.0, 0, None, "", "plasma", 4.0)],
                          columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV"])
-    with pytest.raises(FitError, match="nonlinear"):
-        build_model(load_model("one_cpt_mm"), read_frame(frame, load_model("one_cpt_mm")))
+    spec = load_model("one_cpt_mm")
+    model, _ = build_model(spec, read_frame(frame, spec))
+    logp = model.compile_logp()(model.initial_point())
+    dlogp = model.compile_dlogp()(model.initial_point())
+    assert np.isfinite(logp) and np.all(np.isfinite(dlogp))
 
 
 def test_bad_method_and_error_override():

@@ -1,0 +1,264 @@
+"""The nonlinear prediction Op (itpk.odeop) against scipy's path and the exact linear Op.
+
+Reference: ``itpk.simulate.simulate`` (scipy LSODA at rtol 1e-10, restarted at
+every event) and, for a linear model, ``itpk.linop.linear_predict``.
+Tolerances, stated per test:
+
+- predictions: rtol 1e-6 (the Op runs at rtol 1e-8/1e-10), atol 1e-9 × the largest prediction;
+- gradients of a random scalar function of y: central finite differences of
+  the Op itself at rtol 1e-10 (step 1e-4 relative, so solver noise ~1e-10/1e-4
+  stays below the checked 1e-4), compared at rtol 1e-4;
+- numba backend vs ``perform``: rtol 1e-12 (the same kernel).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+import pytest
+
+from itpk import load_model
+from itpk.events import Dose, Schedule, Target
+from itpk.expr import parse_expr
+from itpk.exprvm import compile_trees, derivative, lower
+from itpk.linop import Design, linear_predict
+from itpk.odeop import OdeSystem, ode_predict
+from itpk.regimens import tvec_schedule
+from itpk.simulate import simulate
+from itpk.spec import ModelSpec
+from itpk.system import initial_state, input_fractions, rate_matrix, resolve
+
+PERFORM = "FAST_COMPILE"  # python linker: the Op's perform
+RTOL = 1e-6
+
+
+def build(spec: ModelSpec, subjects: list[tuple[dict, Schedule, np.ndarray]], outputs: list[str] | None = None):
+    """System, p, x0, F, Design and simulate's predictions for subjects (params, schedule, times).
+
+    Every listed output (all by default) is observed at every time; doses are
+    ADDL-expanded; infusions are truncated at the next reset.
+    """
+    outputs = list(outputs or spec.outputs)
+    system = OdeSystem.from_spec(spec, outputs)
+    n = len(spec.compartments)
+    values = [resolve(spec, p) for p, _, _ in subjects]
+    doses, resets = [], []
+    for v, (_, schedule, _) in zip(values, subjects, strict=True):
+        r = sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset)})
+        rows = []
+        for d in schedule.doses:
+            for t in d.times():
+                duration = d.infusion_duration if d.is_infusion else 0.0
+                later = [x for x in r if t < x < t + duration]
+                duration = later[0] - t if later else duration
+                scale = d.infusion_rate if d.is_infusion else d.amount
+                rows.append((t, duration, scale * input_fractions(v, d.target)[0]))
+        doses.append(rows)
+        resets.append(np.array(r))
+    N, D = len(subjects), max(len(d) for d in doses)
+    dose_time, dose_duration = np.full((N, D), np.nan), np.zeros((N, D))
+    dose_valid, F = np.zeros((N, D), bool), np.zeros((N, D, n))
+    for i, rows in enumerate(doses):
+        for j, (t, duration, f) in enumerate(rows):
+            dose_time[i, j], dose_duration[i, j], dose_valid[i, j], F[i, j] = t, duration, True, f
+    p = np.stack([np.array([float(v[name][0]) for name in system.input_names]) for v in values])
+    x0 = np.concatenate([initial_state(v) for v in values])
+    obs_subject, obs_time, obs_output, obs_after, reference = [], [], [], [], []
+    for i, (params, schedule, times) in enumerate(subjects):
+        sim = simulate(spec, schedule, params, times)
+        for t_index, t in enumerate(times):
+            before = resets[i][resets[i] <= t]
+            for o, name in enumerate(outputs):
+                obs_subject.append(i)
+                obs_time.append(t)
+                obs_output.append(o)
+                obs_after.append(before[-1] if before.size else -math.inf)
+                reference.append(sim.outputs[name][0, t_index])
+    design = Design(dose_time, dose_duration, dose_valid, obs_subject, obs_time, obs_output, obs_after)
+    return system, p, x0, F, design, np.array(reference)
+
+
+def predict(system, p, x0, F, design, mode=PERFORM, **kwargs):
+    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
+    return pytensor.function([pv, xv, Fv], ode_predict(system, pv, xv, Fv, design, **kwargs), mode=mode)(p, x0, F)
+
+
+def check_predictions(system, p, x0, F, design, reference, rtol=RTOL, **kwargs):
+    got = predict(system, p, x0, F, design, **kwargs)
+    np.testing.assert_allclose(got, reference, rtol=rtol, atol=1e-9 * np.abs(reference).max())
+    return got
+
+
+# -- the expression machine --------------------------------------------------------------
+
+
+def test_programs_and_derivatives_match_evaluate_and_differences():
+    # every operator, n-ary max, constant powers; derivatives vs central differences (rtol 1e-7)
+    text = "-Vmax * (c / V) / (Km + c / V) + abs(c - 3)**2 + max(c, V, 2) + (6/pi*c)**(1/3) + exp(-c) * log(V) + sqrt(Km) ** V + min(c, Km)"
+    expr = parse_expr(text, where="test")
+    slots = {"c": 0, "Vmax": 1, "V": 2, "Km": 3}
+    tree = lower(expr, slots)
+    prog = compile_trees([tree] + [derivative(tree, s) for s in range(4)])
+    z = np.array([5.0, 10.0, 1.5, 2.0])
+    values = prog.evaluate(z)
+
+    def f(v):
+        return expr.evaluate(dict(zip(slots, v, strict=True)))
+
+    assert math.isclose(values[0], f(z), rel_tol=1e-14)
+    h = 1e-6
+    fd = [(f(z + h * e) - f(z - h * e)) / (2 * h) for e in np.eye(4)]
+    np.testing.assert_allclose(values[1:], fd, rtol=1e-7)
+
+
+def test_program_gives_nan_not_exceptions():
+    tree = lower(parse_expr("log(a) + sqrt(a) + 1 / b", where="t"), {"a": 0, "b": 1})
+    out = compile_trees([tree]).evaluate(np.array([-1.0, 0.0]))
+    assert np.isnan(out[0])
+
+
+# -- predictions vs simulate -----------------------------------------------------------------
+
+TIMES = np.array([0.0, 0.25, 1.0, 2.0, 2.5, 6.0, 12.0, 12.5, 24.0, 36.0, 48.0, 72.0])
+
+
+def test_one_cpt_mm_bolus_infusion_repeated_doses_match_simulate():
+    # rtol 1e-6: saturable elimination far above and below Km, a reset, two subjects
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule(
+        (Dose(0.0, 500.0, Target("iv"), ii=12.0, addl=3), Dose(2.0, 200.0, Target("iv"), duration=3.0),
+         Dose(30.0, 50.0, Target("iv"), rate=20.0, ii=6.0, addl=1), Dose(60.0, 80.0, Target("iv"), reset=True)),
+    )  # fmt: skip
+    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES), ({"Vmax": 30.0, "Km": 8.0, "V": 60.0}, schedule, TIMES[1::2])]
+    y = check_predictions(*build(spec, subjects))
+    assert np.all(np.isfinite(y))
+
+
+def test_virus_tvec_60_days_matches_simulate():
+    # rtol 1e-6 over 60 days of the T-VEC schedule (3 visits), every output; counts span 1e0..1e11
+    spec = load_model("it_oncolytic_virus")
+    schedule = tvec_schedule(3.0, visits=3)
+    times = np.array([1.0, 6.0, 24.0, 100.0, 300.0, 504.0, 505.0, 600.0, 840.0, 1000.0, 1440.0])
+    system, p, x0, F, design, reference = build(spec, [({}, schedule, times), ({"beta": 1e-10, "k_clear": 2.0}, schedule, times)])
+    check_predictions(system, p, x0, F, design, reference, gradient=False)
+
+
+def test_linear_model_through_the_ode_op_equals_the_exact_op():
+    # rtol 1e-6 against linop (exact modal sums): two_cpt_iv, bolus + infusion + ADDL
+    spec = load_model("two_cpt_iv")
+    schedule = Schedule((Dose(0.0, 100.0, Target("iv"), duration=1.5, ii=12.0, addl=2), Dose(5.0, 30.0, Target("iv"))))
+    system, p, x0, F, design, reference = build(spec, [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, schedule, TIMES), ({}, schedule, TIMES)])
+    K = np.concatenate([rate_matrix(resolve(spec, s)) for s in ({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, {})])
+    C = np.zeros((2, 1, 2))
+    C[:, 0, 0] = 1.0 / p[:, system.input_names.index("V1")]
+    exact = linear_predict(K, F, C, design).eval(mode=PERFORM)
+    got = predict(system, p, x0, F, design)
+    np.testing.assert_allclose(got, exact, rtol=RTOL, atol=1e-12 * np.abs(exact).max())
+    np.testing.assert_allclose(reference, exact, rtol=1e-9)
+
+
+# -- gradients ------------------------------------------------------------------------------
+
+
+def loss_functions(system, design, scale, mode=PERFORM, **kwargs):
+    rng = np.random.default_rng(0)
+    w, v = rng.normal(size=design.n_obs), rng.normal(size=design.n_obs)
+    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
+    y = ode_predict(system, pv, xv, Fv, design, **kwargs)
+    loss = (w * y).sum() + (v * y**2).sum() / scale
+    value = pytensor.function([pv, xv, Fv], loss, mode=mode)
+    grads = pytensor.function([pv, xv, Fv], pytensor.grad(loss, [pv, xv, Fv]), mode=mode)
+    return value, grads
+
+
+def check_gradients(system, p, x0, F, design, reference, *, rtol=1e-4, skip_zero_x0=True):
+    kwargs = {"rtol": 1e-10, "atol": 1e-12}
+    value, grads = loss_functions(system, design, np.abs(reference).max(), **kwargs)
+    analytic = grads(p, x0, F)
+    inputs = [p, x0, F]
+    for which, (x, g) in enumerate(zip(inputs, analytic, strict=True)):
+        fd = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            h = 1e-4 * abs(x[index]) if x[index] != 0 else 1e-3  # absolute for zeros: amounts of any unit stay tiny
+            up, down = [a.copy() for a in inputs], [a.copy() for a in inputs]
+            up[which][index] += h
+            down[which][index] -= h
+            fd[index] = (value(*up) - value(*down)) / (2 * h)
+        np.testing.assert_allclose(g, fd, rtol=rtol, atol=1e-6 * np.abs(fd).max(), err_msg=["p", "x0", "F"][which])
+
+
+def test_gradients_match_central_differences_one_cpt_mm():
+    # rtol 1e-4 on p̄ (Vmax, Km, V), x̄0 and F̄ (bolus amounts and infusion rates)
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 300.0, Target("iv")), Dose(4.0, 40.0, Target("iv"), duration=2.0), Dose(12.0, 100.0, Target("iv"))))
+    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES[1:]), ({}, schedule, TIMES[2::3])]
+    system, p, x0, F, design, reference = build(spec, subjects)
+    x0[:, 0] = [5.0, 0.0]  # a non-zero initial amount, so x̄0 is exercised
+    check_gradients(system, p, x0, F, design, reference)
+
+
+def test_gradients_match_central_differences_nonlinear_outputs():
+    # rtol 1e-4: virus model over 10 days, outputs with state- and parameter-dependent expressions (** (1/3), /V)
+    spec = load_model("it_oncolytic_virus")
+    schedule = Schedule((Dose(0.0, 2e6, Target("it")), Dose(96.0, 1e8, Target("it"))))
+    times = np.array([2.0, 24.0, 90.0, 100.0, 240.0])
+    system, p, x0, F, design, reference = build(spec, [({}, schedule, times)], ["virus_tumor", "tumor_diameter", "virus_blood"])
+    check_gradients(system, p, x0, F, design, reference)
+
+
+# -- numba backend and samplers -------------------------------------------------------------
+
+
+def test_numba_backend_equals_perform_without_object_mode():
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 300.0, Target("iv"), ii=8.0, addl=2), Dose(4.0, 40.0, Target("iv"), duration=2.0)))
+    system, p, x0, F, design, _ = build(spec, [({}, schedule, TIMES), ({"Km": 9.0}, schedule, TIMES[::2])])
+    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
+    y = ode_predict(system, pv, xv, Fv, design)
+    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
+    outputs = [y, *pytensor.grad(loss, [pv, xv, Fv])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = pytensor.function([pv, xv, Fv], outputs, mode="NUMBA")(p, x0, F)
+    wanted = pytensor.function([pv, xv, Fv], outputs, mode=PERFORM)(p, x0, F)
+    for got, want in zip(compiled, wanted, strict=True):
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+
+
+def test_failed_solve_gives_nan_for_that_subject_only():
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 300.0, Target("iv")),))
+    system, p, x0, F, design, _ = build(spec, [({}, schedule, TIMES), ({}, schedule, TIMES)])
+    p[0, system.input_names.index("Km")] = np.nan
+    y = predict(system, p, x0, F, design)
+    bad = design.obs_subject == 0
+    assert np.all(np.isnan(y[bad][1:])) and np.all(np.isfinite(y[~bad]))
+
+
+def test_nutpie_samples_a_tiny_model():
+    # smoke test: 3 subjects of one_cpt_mm, Vmax per subject, compiled for nutpie with no object mode
+    pm = pytest.importorskip("pymc")
+    nutpie = pytest.importorskip("nutpie")
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 400.0, Target("iv")),))
+    truth = [{"Vmax": 10.0}, {"Vmax": 14.0}, {"Vmax": 7.0}]
+    times = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 24.0])
+    system, _, x0, F, design, reference = build(spec, [(t, schedule, times) for t in truth])
+    observed = reference * np.exp(np.random.default_rng(2).normal(0.0, 0.1, reference.size))
+    N = len(truth)
+    with pm.Model() as model:
+        log_vmax = pm.Normal("log_Vmax", np.log(10.0), 0.5, shape=N)
+        log_V = pm.Normal("log_V", np.log(50.0), 0.5)
+        env = {"Vmax": pt.exp(log_vmax), "Km": 2.0, "V": pt.exp(log_V)}
+        y = ode_predict(system, system.stack_inputs(env, N), x0, F, design)
+        pm.LogNormal("DV", mu=pt.log(y), sigma=pm.HalfNormal("sigma", 0.5), observed=observed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = nutpie.compile_pymc_model(model)
+        trace = nutpie.sample(compiled, draws=20, tune=20, chains=1, seed=3, progress_bar=False)
+    assert np.all(np.isfinite(trace.posterior["log_V"].values))
