@@ -224,10 +224,12 @@ def fit(
         raise typer.Exit(code=3)
 
 
-from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own module
+from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own modules
+from itpk.cli.report import report_command  # noqa: E402
 
 app.add_typer(data_app, name="data")
 app.command("nca")(nca_command)
+app.command("report")(report_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -40,7 +40,13 @@ def summary_table(result: FitResult) -> pd.DataFrame:
 
     data, post = result.data, result.tree["posterior"]
     names = [*data.estimated, *(f"omega_{p}" for p in data.iiv), *(v for v in post.data_vars if str(v).startswith("sigma_"))]
-    stats = az.summary(result.tree, var_names=names, ci_prob=0.95, ci_kind="eti", round_to=None) if _has_chains(post) else None
+    stats = None
+    if _has_chains(post):  # az.summary rounds its output; the diagnostics are computed unrounded here
+        stats = pd.DataFrame({
+            "r_hat": _per_variable(az.rhat(result.tree, var_names=names), names),
+            "ess_bulk": _per_variable(az.ess(result.tree, var_names=names, method="bulk"), names),
+            "ess_tail": _per_variable(az.ess(result.tree, var_names=names, method="tail"), names),
+        }, index=names)
     rows = []
     for name in names:
         draws = np.asarray(post[name]).reshape(-1)
@@ -62,6 +68,10 @@ def summary_table(result: FitResult) -> pd.DataFrame:
             row["shrinkage_percent"] = 100 * (1 - float(np.std(eta, ddof=1)) / omega) if omega > 0 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _per_variable(dataset: Any, names: list[str]) -> list[float]:
+    return [float(np.asarray(dataset[n])) for n in names]
 
 
 def _has_chains(post: Any) -> bool:
@@ -161,6 +171,11 @@ def write_run(result: FitResult, out: str | Path, *, command: Sequence[str] = ()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_files(result, tmp, command)
+        from itpk.io import _umask
+
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~_umask())
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,7 +227,7 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
         "command": list(command),
         "model": data.spec.name,
         "model_sha256": data.spec.sha256,
-        "data": str(source),
+        "data": str(source.resolve()) if source.is_file() else str(source),
         "data_sha256": data_sha,
         "subjects": len(data.subjects),
         "arms": sorted({s.arm for s in data.subjects if s.arm}),
