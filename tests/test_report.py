@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -175,3 +176,29 @@ def test_cli_writes_report_and_exits_1_on_bad_run(runs, tmp_path):
     assert result.exit_code == 1
     assert "error:" in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (.ci/run installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(nuts_html, runs, tmp_path):
+    """A real fit's report loads without console errors and its screenshot is not blank."""
+    import matplotlib.image
+
+    from itpk.report import write_report
+
+    page = write_report(runs["nuts"], tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1280,2000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot.is_file(), result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.std() > 0.05  # a blank page is one flat colour
