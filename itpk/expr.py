@@ -71,13 +71,18 @@ def numpy_backend() -> dict[str, Callable[..., Any]]:
     """Numpy implementations of the whitelisted functions."""
     import numpy as np
 
+    return _backend(np)
+
+
+def _backend(module: Any) -> dict[str, Callable[..., Any]]:
+    """The whitelisted functions from an array library with numpy's names (numpy, pytensor.tensor)."""
     return {
-        "exp": np.exp,
-        "log": np.log,
-        "sqrt": np.sqrt,
-        "abs": np.abs,
-        "min": lambda *a: _fold(np.minimum, a),
-        "max": lambda *a: _fold(np.maximum, a),
+        "exp": module.exp,
+        "log": module.log,
+        "sqrt": module.sqrt,
+        "abs": module.abs,
+        "min": lambda *a: _fold(module.minimum, a),
+        "max": lambda *a: _fold(module.maximum, a),
     }
 
 
@@ -246,11 +251,4 @@ def pytensor_backend() -> dict[str, Callable[..., Any]]:
     """Pytensor implementations of the whitelisted functions (for model building)."""
     import pytensor.tensor as pt
 
-    return {
-        "exp": pt.exp,
-        "log": pt.log,
-        "sqrt": pt.sqrt,
-        "abs": pt.abs,
-        "min": lambda *a: _fold(pt.minimum, a),
-        "max": lambda *a: _fold(pt.maximum, a),
-    }
+    return _backend(pt)
