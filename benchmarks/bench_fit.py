@@ -1,0 +1,1125 @@
+"""Benchmark: ``itpk.inference.fit`` against hand-written PyMC models of the same hierarchy, on Theoph.
+
+Engines, all on ``data/theoph.csv`` (12 subjects, 132 concentrations including the pre-dose
+samples), same seed, 4 chains x (1000 tune + 1000 draws) unless said otherwise:
+
+(a) ``fit(load_model("one_cpt_oral"), read_dataset(theoph), seed=S)`` with its defaults (nutpie,
+    the model file's ``combined`` error); also once with ``errors={"plasma": "additive"}``.
+(b) The same model written by hand in PyMC with the closed-form one-compartment first-order-
+    absorption solution, sampled with nutpie: the expert's best baseline. Same priors (read from
+    models/one_cpt_oral.toml), same non-centred log-normal IIV (``log_X ~ Normal(log median,
+    sigma)``, ``omega_X ~ HalfNormal(1)``, ``z_X ~ N(0, 1)`` per subject), same residual error model
+    and same observations. The script checks that its log-density equals itpk's at a common point.
+(c) The same hand-written model sampled with PyMC's own NUTS (``pm.sample(nuts_sampler="pymc")``,
+    cores=2). Note: under PyMC 6 a bare ``pm.sample()`` dispatches to nutpie whenever the default
+    pytensor mode is numba, so ``nuts_sampler="pymc"`` is needed to get PyMC's sampler.
+(d) The same model with ``pymc.ode.DifferentialEquation`` (one 2-state ODE Op per subject, forward
+    sensitivities by scipy ``odeint``), PyMC NUTS. Time-boxed: one gradient is timed through
+    ``model.compile_dlogp()``. A from-scratch 2 x (50 tune + 50 draws) run needs ~15,000 leapfrog
+    steps per chain (counted on the closed form with the same sampler and seed: 50 tuning steps
+    leave the adaptation poor), i.e. ~15 min per chain, so the measured run starts both chains
+    from (c)'s adaptation (mass matrix, step size, last draws; no tuning, which favours (d)) and
+    samples up to 200 draws under a wall-clock cap (``--ode-budget``, default 240 s); the ESS/s of
+    what finished is reported, next to a projection of (c)'s whole run at (d)'s gradient cost
+    (same sampler, same posterior, only the gradient cost differs).
+
+Plus (a) for ``it_antibody`` on ``data/example_it_vs_iv.csv`` (4 chains x 500 + 500).
+
+Timing conventions (all ``time.perf_counter`` wall-clock, imports excluded):
+
+- cold: a fresh Python process with empty pytensor (``base_compiledir``) and numba
+  (``NUMBA_CACHE_DIR``) caches, one run (this script re-invoked with ``--worker``);
+- disk-warm: another fresh process reusing the caches the cold run left (what a second
+  ``itpk fit`` from the command line costs);
+- first in process / warm: the first and the second run of the engine in this (main) process,
+  which uses the default caches as found; the second run is the "warm" figure.
+- sampling: time inside the sampler only (itpk: ``timings["sampling_s"] - timings["compile_s"]``,
+  because itpk's ``sampling_s`` starts before nutpie's compilation; PyMC NUTS: the
+  ``sampling_time`` PyMC records, which excludes its logp compilation).
+- ESS/s = min ESS_bulk over (ka, CL, V, omega_ka, omega_CL, omega_V) / sampling time.
+
+Usage::
+
+    python benchmarks/bench_fit.py              # full run (about 10-12 min on 2 cores)
+    python benchmarks/bench_fit.py --quick      # smoke test (about 2 min)
+    python benchmarks/bench_fit.py --json out.json --no-profile
+
+When a target is missed the full run ends with a profile of (a) against (b) (``--no-profile``
+skips it, ``--profile`` forces it): per-gradient cost, compile and predictive splits, and two
+measured what-ifs done by monkey-patching in this process only (library files are not touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+THEOPH = ROOT / "data" / "theoph.csv"
+IT_DATA = ROOT / "data" / "example_it_vs_iv.csv"
+ORAL_TOML = ROOT / "models" / "one_cpt_oral.toml"
+PUBLISHED = {"ka": 1.593, "CL": 2.752, "V": 31.81}  # nlmixr2 FOCEi, additive error (data/README.md)
+KEY = ("ka", "CL", "V", "omega_ka", "omega_CL", "omega_V")
+TARGETS = {"wall": 1.25, "pymc": 2.0, "ode": 1000.0}
+T = time.perf_counter
+
+
+# --------------------------------------------------------------------------------------
+# Data and hand-written models (independent of itpk)
+# --------------------------------------------------------------------------------------
+
+
+def theoph_arrays() -> dict:
+    """Theoph as arrays, read with pandas only: every EVID 0 row is an observation."""
+    import pandas as pd
+
+    df = pd.read_csv(THEOPH)
+    doses = df[df["EVID"] == 1]
+    obs = df[df["EVID"] == 0]
+    ids = list(pd.unique(df["ID"]))
+    if doses["ID"].duplicated().any():
+        raise SystemExit("theoph.csv: the closed form here assumes one dose per subject")
+    amount = doses.set_index("ID")["AMT"].astype(float)
+    dose_time = doses.set_index("ID")["TIME"].astype(float)
+    index = {sid: i for i, sid in enumerate(ids)}
+    tau = obs["TIME"].to_numpy(float) - dose_time.loc[obs["ID"]].to_numpy()
+    if np.any(tau < 0):
+        raise SystemExit("theoph.csv: an observation before the dose")
+    return {
+        "ids": ids,
+        "subject": obs["ID"].map(index).to_numpy(np.int64),
+        "tau": tau,
+        "dv": obs["DV"].to_numpy(float),
+        "amount": amount.loc[ids].to_numpy(),
+    }
+
+
+def oral_priors() -> dict:
+    with open(ORAL_TOML, "rb") as fh:
+        params = tomllib.load(fh)["parameters"]
+    return {n: (params[n]["prior"]["median"], params[n]["prior"]["sigma"]) for n in ("ka", "CL", "V")}
+
+
+def _hierarchy(pm, pt, priors):
+    """Typical values, omegas and z in itpk's order and names; returns individual (ka, CL, V)."""
+    individual = {}
+    for name in ("ka", "CL", "V"):
+        median, sigma = priors[name]
+        log_typ = pm.Normal(f"log_{name}", mu=math.log(median), sigma=sigma)
+        pm.Deterministic(name, pt.exp(log_typ))
+        omega = pm.HalfNormal(f"omega_{name}", sigma=1.0)
+        z = pm.Normal(f"z_{name}", 0.0, 1.0, dims="subject")
+        individual[name] = pt.exp(log_typ + omega * z)
+    return individual["ka"], individual["CL"], individual["V"]
+
+
+def _residual(pm, pt, d, conc, error):
+    scale = float(np.median(np.abs(d["dv"])))  # itpk: HalfNormal(median |DV|) for the additive SD
+    if error == "combined":
+        add = pm.HalfNormal("sigma_add_plasma", sigma=scale)
+        prop = pm.HalfNormal("sigma_prop_plasma", sigma=0.5)
+        sd = pt.sqrt(add**2 + (prop * conc) ** 2)
+    elif error == "additive":
+        sd = pm.HalfNormal("sigma_plasma", sigma=scale)
+    else:
+        raise ValueError(error)
+    pm.Normal("DV_plasma", mu=conc, sigma=sd, observed=d["dv"])
+
+
+def hand_model(d: dict, priors: dict, error: str = "combined"):
+    """(b)/(c): closed form C = F·D·ka/(V(ka − k))·(e^{−kτ} − e^{−kaτ}), k = CL/V, F = 1."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    s = d["subject"]
+    with pm.Model(coords={"subject": d["ids"]}) as model:
+        ka, CL, V = _hierarchy(pm, pt, priors)
+        ka, V, k = ka[s], V[s], (CL / V)[s]
+        conc = d["amount"][s] * ka / (V * (ka - k)) * (pt.exp(-k * d["tau"]) - pt.exp(-ka * d["tau"]))
+        _residual(pm, pt, d, conc, error)
+    return model
+
+
+def _oral_rhs(y, t, p):
+    return [-p[0] * y[0], p[0] * y[0] - p[1] * y[1]]
+
+
+def ode_model(d: dict, priors: dict, error: str = "combined"):
+    """(d): depot/central amounts by pymc.ode (one Op per subject); C = central / V; 0 at τ = 0."""
+    import pymc as pm
+    import pytensor.tensor as pt
+    from pymc.ode import DifferentialEquation
+
+    s = d["subject"]
+    if np.any(np.diff(s) < 0):
+        raise SystemExit("ode_model expects observations grouped by subject")
+    with pm.Model(coords={"subject": d["ids"]}) as model:
+        ka, CL, V = _hierarchy(pm, pt, priors)
+        k = CL / V
+        parts = []
+        for i in range(len(d["ids"])):
+            rows = np.flatnonzero(s == i)
+            tau = d["tau"][rows]
+            after = np.flatnonzero(tau > 0)  # odeint needs times after t0; at τ = 0 the depot dose gives C = 0
+            ode = DifferentialEquation(func=_oral_rhs, times=tau[after], n_states=2, n_theta=2, t0=0.0)
+            sol = ode(y0=[float(d["amount"][i]), 0.0], theta=pt.stack([ka[i], k[i]]))
+            parts.append(pt.set_subtensor(pt.zeros(len(rows))[after], sol[:, 1] / V[i]))
+        _residual(pm, pt, d, pt.concatenate(parts), error)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------
+
+
+def diagnostics(tree, free_names=None) -> dict:
+    import arviz as az
+
+    post = tree["posterior"]
+    n_draws = int(post.sizes["draw"]) * int(post.sizes["chain"])
+    out = {"draws_total": n_draws}
+    if int(post.sizes["draw"]) < 4:
+        return out
+    ess = az.ess(tree, var_names=list(KEY), method="bulk")
+    rhat = az.rhat(tree, var_names=list(KEY))
+    out["ess"] = {k: float(ess[k].min()) for k in KEY}
+    out["min_ess"] = min(out["ess"].values())
+    out["max_rhat_key"] = max(float(rhat[k].max()) for k in KEY)
+    if free_names:
+        r_all = az.rhat(tree, var_names=free_names)
+        out["max_rhat_all"] = max(float(r_all[k].max()) for k in free_names)
+    out["median"] = {k: float(post[k].median()) for k in ("ka", "CL", "V")}
+    stats = tree["sample_stats"]
+    for name in ("n_steps", "tree_size"):
+        if name in stats:
+            out["n_steps_mean"] = float(stats[name].mean())
+            break
+    if "diverging" in stats:
+        out["divergences"] = int(stats["diverging"].sum())
+    return out
+
+
+def _free_names(model) -> list[str]:
+    return [v.name for v in model.free_RVs]
+
+
+# --------------------------------------------------------------------------------------
+# Engines: each returns a JSON-able dict
+# --------------------------------------------------------------------------------------
+
+
+def run_itpk(model_name: str, data_path: Path, seed: int, draws: int, tune: int, chains: int, errors=None) -> dict:
+    from itpk import load_model
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model, fit
+
+    spec = load_model(model_name)
+    start = T()
+    ds = read_dataset(data_path, spec)
+    read_s = T() - start
+    start = T()
+    result = fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed, errors=errors)
+    wall = T() - start
+    tm = dict(result.timings)
+    model, _ = build_model(spec, ds, errors=errors)  # only for the free-variable names
+    out = {
+        "wall": wall,
+        "read_s": read_s,
+        "build": tm["build_s"],
+        "compile": tm["compile_s"],
+        "sampling": tm["sampling_s"] - tm["compile_s"],
+        "sampling_s_reported": tm["sampling_s"],
+        "extras": tm["predictive_s"],
+        "cores": result.settings["cores"],
+        "errors": dict(result.settings["errors"]),
+    }
+    if model_name == "one_cpt_oral":
+        out.update(diagnostics(result.tree, _free_names(model)))
+    else:
+        import arviz as az
+
+        names = _free_names(model)
+        rhat = az.rhat(result.tree, var_names=names)
+        per = {k: float(rhat[k].max()) for k in names}
+        out["max_rhat_all"] = max(per.values())
+        out["max_rhat_population"] = max(v for k, v in per.items() if not k.startswith("z_"))
+        out["rhat_worst"] = max(per, key=per.get)
+        ess = az.ess(result.tree, var_names=names, method="bulk")
+        out["min_ess_all"] = min(float(ess[k].min()) for k in names)
+        out["divergences"] = int(result.tree["sample_stats"]["diverging"].sum())
+    return out
+
+
+def run_hand_nutpie(seed: int, draws: int, tune: int, chains: int, error: str = "combined", extras: bool = False,
+                    target_accept: float | None = None) -> dict:
+    import nutpie
+
+    d, priors = theoph_arrays(), oral_priors()
+    start = T()
+    model = hand_model(d, priors, error)
+    build = T() - start
+    start = T()
+    compiled = nutpie.compile_pymc_model(model)
+    compile_s = T() - start
+    cores = min(chains, _cores())
+    start = T()
+    kw = {} if target_accept is None else {"target_accept": target_accept}
+    tree = nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed, progress_bar=False, **kw)
+    sampling = T() - start
+    out = {"build": build, "compile": compile_s, "sampling": sampling, "cores": cores, "target_accept": target_accept}
+    out["wall"] = build + compile_s + sampling
+    if extras:  # the groups itpk's fit adds, computed the same way
+        out["extras"] = _extras(tree, model, seed)
+    out.update(diagnostics(tree, _free_names(model)))
+    return out
+
+
+def _extras(tree, model, seed: int) -> float:
+    import pymc as pm
+
+    start = T()
+    tree = pm.compute_log_likelihood(tree, model=model, progressbar=False)
+    pm.sample_posterior_predictive(tree, model=model, random_seed=seed, progressbar=False)
+    pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
+    return T() - start
+
+
+def run_hand_pymc(seed: int, draws: int, tune: int, chains: int, keep_tree: bool = False) -> dict:
+    import pymc as pm
+
+    d, priors = theoph_arrays(), oral_priors()
+    start = T()
+    model = hand_model(d, priors)
+    build = T() - start
+    cores = min(chains, _cores())
+    start = T()
+    tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed, model=model,
+                     nuts_sampler="pymc", progressbar=False, compute_convergence_checks=False,
+                     discard_tuned_samples=False)
+    call = T() - start
+    sampling = float(tree["posterior"].attrs["sampling_time"])
+    out = {"build": build, "compile": call - sampling, "sampling": sampling, "cores": cores, "wall": build + call}
+    out.update(diagnostics(tree, _free_names(model)))
+    out["library"] = tree["posterior"].attrs.get("inference_library")
+    steps = [float(tree[g]["n_steps"].sum()) for g in ("warmup_sample_stats", "sample_stats") if g in tree.children]
+    out["leapfrogs_total"] = sum(steps)
+    if keep_tree:
+        out["_tree"] = tree
+    return out
+
+
+class Others:
+    """CPU seconds used by *other* processes between start and stop: busy time of the whole machine
+    (/proc/stat) minus this process's and its reaped children's CPU time (os.times)."""
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return float("nan")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _mine() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __init__(self):
+        self.busy, self.mine, self.wall = self._busy(), self._mine(), T()
+
+    def stop(self) -> dict:
+        busy, mine, wall = self._busy() - self.busy, self._mine() - self.mine, T() - self.wall
+        return {"others_cpu_s": max(0.0, busy - mine), "own_cpu_s": mine, "span_s": wall}
+
+
+def timed(fn, *a, **kw) -> dict:
+    meter = Others()
+    out = fn(*a, **kw)
+    out["contention"] = meter.stop()
+    return out
+
+
+def time_call(fn, arg, min_time: float = 1.0, min_calls: int = 3) -> float:
+    fn(arg)
+    n, start = 0, T()
+    while n < min_calls or T() - start < min_time:
+        fn(arg)
+        n += 1
+    return (T() - start) / n
+
+
+def _leapfrogs_per_chain(tree) -> np.ndarray:
+    groups = [g for g in ("warmup_sample_stats", "sample_stats") if g in tree.children]
+    return sum(tree[g]["n_steps"].values.sum(axis=1) for g in groups)
+
+
+def _adaptation(tree, model) -> tuple[np.ndarray, float, list[dict]]:
+    """Diagonal mass matrix (posterior variance of the unconstrained values), step size and the
+    last draw of each chain, from a PyMC NUTS run of a model with the same variables."""
+    post = tree["posterior"]
+    var = []
+    for value in model.value_vars:
+        name = model.values_to_rvs[value].name
+        x = post[name].values
+        x = np.log(x) if value.name.endswith("_log__") else x
+        var.append(x.reshape(x.shape[0] * x.shape[1], -1).var(axis=0))
+    step = float(np.mean(tree["sample_stats"]["step_size"].values[:, -1]))
+    starts = [{rv.name: post[rv.name].values[c, -1] for rv in model.free_RVs} for c in range(post.sizes["chain"])]
+    return np.concatenate(var), step, starts
+
+
+def run_ode(seed: int, draws: int, chains: int, budget: float, c_tree, scratch: int) -> dict:
+    """(d): gradient cost; leapfrogs a from-scratch ``scratch`` + ``scratch`` run would need (counted on
+    the closed form, same sampler and seed); then ``draws`` post-warmup draws per chain under a
+    wall-clock cap, starting from (c)'s adaptation (mass matrix, step size, last draws): no tuning,
+    which favours (d)."""
+    import warnings
+
+    import pymc as pm
+    from pymc.step_methods.hmc.quadpotential import QuadPotentialDiag
+
+    d, priors = theoph_arrays(), oral_priors()
+    start = T()
+    model = ode_model(d, priors)
+    build = T() - start
+    cores = min(chains, _cores())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numba will use object mode")
+        start = T()
+        dlogp = model.compile_dlogp()
+        logp = model.compile_logp()
+        compile_s = T() - start
+        point = model.initial_point()
+        grad_s = time_call(dlogp, point, min_time=2.0)
+        closed_model = hand_model(d, priors)
+        logp_diff = abs(float(logp(point)) - float(closed_model.compile_logp()(point)))
+
+        probe = pm.sample(draws=scratch, tune=scratch, chains=chains, cores=cores, random_seed=seed, model=closed_model,
+                          nuts_sampler="pymc", progressbar=False, compute_convergence_checks=False,
+                          discard_tuned_samples=False)
+        scratch_leapfrogs = _leapfrogs_per_chain(probe)
+
+        var, step_size, starts = _adaptation(c_tree, model)
+        began = T()
+
+        def cap(trace, draw):
+            if T() - began > budget:
+                raise KeyboardInterrupt
+
+        with model:
+            step = pm.NUTS(potential=QuadPotentialDiag(var), step_scale=step_size * var.size**0.25)
+        start = T()
+        tree = pm.sample(draws=draws, tune=0, chains=chains, cores=cores, random_seed=seed, model=model, step=step,
+                         initvals=starts[:chains], nuts_sampler="pymc", progressbar=False,
+                         compute_convergence_checks=False, callback=cap)
+        call = T() - start
+    out = {
+        "build": build, "compile": compile_s, "grad_s": grad_s, "logp_abs_diff_vs_closed_form": logp_diff,
+        "scratch": scratch, "scratch_leapfrogs_per_chain": [float(x) for x in scratch_leapfrogs],
+        "scratch_estimate_s": float(np.max(scratch_leapfrogs)) * grad_s * math.ceil(chains / cores),
+        "step_size": step_size, "sample_call": call, "cores": cores, "budget": budget, "capped": call > budget,
+        "chains": chains, "draws_asked": draws,
+    }
+    if "posterior" in tree.children:
+        post = tree["posterior"]
+        attrs_time = post.attrs.get("sampling_time")
+        out["sampling"] = float(attrs_time) if attrs_time is not None else call
+        out["draws_done"] = int(post.sizes["draw"])
+        out.update(diagnostics(tree))
+        out["leapfrogs_per_chain"] = [float(x) for x in _leapfrogs_per_chain(tree)]
+    else:
+        out["sampling"], out["draws_done"] = call, 0
+    out["wall"] = build + compile_s + call
+    return out
+
+
+def grad_seconds_python(model) -> float:
+    """One log-density gradient through ``model.compile_dlogp()`` (a Python call, as (d) is timed)."""
+    f = model.compile_dlogp()
+    return time_call(f, model.initial_point(), min_time=1.0)
+
+
+def _fit_target_accept() -> float | None:
+    """The target acceptance rate ``itpk.inference.fit`` passes to nutpie (None if it has no such option)."""
+    from itpk.inference import fit
+
+    p = inspect.signature(fit).parameters.get("target_accept")
+    return None if p is None else p.default
+
+
+def _cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------------------
+# Worker mode (cold / disk-warm runs in a fresh process)
+# --------------------------------------------------------------------------------------
+
+
+def worker(engine: str, args: argparse.Namespace) -> dict:
+    start = T()
+    import nutpie  # noqa: F401
+    import pymc  # noqa: F401
+
+    import itpk.inference  # noqa: F401
+
+    imports = T() - start
+    if engine == "a":
+        out = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains)
+    elif engine == "b":
+        out = run_hand_nutpie(args.seed, args.draws, args.tune, args.chains)
+    elif engine == "c":
+        out = run_hand_pymc(args.seed, args.draws, args.tune, args.chains)
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+    out["imports"] = imports
+    return out
+
+
+def spawn_worker(engine: str, cache: Path, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env["PYTENSOR_FLAGS"] = ",".join(filter(None, [env.get("PYTENSOR_FLAGS", ""), f"base_compiledir={cache / 'pytensor'}"]))
+    env["NUMBA_CACHE_DIR"] = str(cache / "numba")
+    out_json = cache / f"result_{engine}_{time.time_ns()}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--json", str(out_json),
+           "--seed", str(args.seed), "--draws", str(args.draws), "--tune", str(args.tune), "--chains", str(args.chains)]
+    start = T()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {engine} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(out_json.read_text())
+    out["process"] = T() - start
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import arviz
+    import numba
+    import nutpie
+    import pymc
+    import pytensor
+    import scipy
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "itpk"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        rev, dirty = "?", ""
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": _cores(), "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__, "pymc": pymc.__version__,
+        "pytensor": pytensor.__version__, "nutpie": nutpie.__version__, "numba": numba.__version__,
+        "arviz": arviz.__version__, "pytensor_mode": str(pytensor.config.mode),
+        "git": rev + (" (itpk/ has uncommitted changes)" if dirty else " (itpk/ clean)"),
+        "load_start": os.getloadavg(),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Profile of (a) against (b): measured in this process, library files untouched
+# --------------------------------------------------------------------------------------
+
+
+def _grad_us_numba(compiled, model) -> float:
+    """µs per log-density + gradient call of nutpie's compiled function, looped inside numba."""
+    import numba
+
+    fn = compiled.logp_func.vm.jit_fn
+    point = model.initial_point()
+    x = np.concatenate([np.ravel(point[v.name]) for v in model.value_vars]).astype(float)
+
+    @numba.njit
+    def loop(f, x, n):
+        acc = 0.0
+        for _ in range(n):
+            acc += np.sum(f(x)[0])
+        return acc
+
+    loop(fn, x, 10)
+    n = 50_000
+    start = T()
+    loop(fn, x, n)
+    return (T() - start) / n * 1e6
+
+
+def _closed_form_predict(pt, spec, data, env, backend):
+    """The closed form in place of itpk's exact Op, inside itpk's own graph (what-if 1)."""
+    d = data.doses
+    if d.time.shape[1] != 1:
+        raise SystemExit("closed-form what-if: one dose per subject only")
+    obs = data.observations
+    s = obs["subject"].to_numpy()
+    tau = obs["TIME"].to_numpy(float) - d.time[s, 0]
+    amount = d.amount[s, 0]
+    ka, V = env["ka"][s], env["V"][s]
+    k = env["CL"][s] / V
+    return amount * ka / (V * (ka - k)) * (pt.exp(-k * tau) - pt.exp(-ka * tau))
+
+
+def _real2_kernels():
+    """What-if 2: the Op's kernels for 2x2 K in real arithmetic (closed-form eigenpairs and inverse).
+
+    Same modal sums and Daleckii–Krein adjoint as itpk.linop (its _forward_pass/_backward_pass are
+    reused); what changes is no complex arrays, no LAPACK branch and no complex specialisation.
+    """
+    import numba
+
+    import itpk.linop as L
+
+    nj = numba.njit(cache=False, boundscheck=False, nogil=True)
+
+    @nj
+    def decompose(K):
+        N = K.shape[0]
+        lam = np.empty((N, 2))
+        V = np.empty((N, 2, 2))
+        W = np.empty((N, 2, 2))
+        status = np.empty(N, np.int64)
+        for i in range(N):
+            ok = np.isfinite(K[i, 0, 0]) and np.isfinite(K[i, 0, 1]) and np.isfinite(K[i, 1, 0]) and np.isfinite(K[i, 1, 1])
+            if ok:
+                ok = L._eig2(K[i], lam[i], V[i])
+            if ok:
+                a, b, c, e = V[i, 0, 0], V[i, 0, 1], V[i, 1, 0], V[i, 1, 1]
+                det = a * e - b * c
+                ok = det != 0.0
+                if ok:
+                    W[i, 0, 0], W[i, 0, 1], W[i, 1, 0], W[i, 1, 1] = e / det, -b / det, -c / det, a / det
+                    cond = max(abs(a) + abs(c), abs(b) + abs(e)) * max(abs(W[i, 0, 0]) + abs(W[i, 1, 0]), abs(W[i, 0, 1]) + abs(W[i, 1, 1]))
+                    ok = cond <= L.MAX_COND
+            status[i] = L.REAL if ok else L.BAD
+            if not ok:
+                lam[i] = np.nan
+                V[i] = np.nan
+                W[i] = np.nan
+        return lam, V, W, status
+
+    @nj
+    def forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+        lam, V, W, status = decompose(K)
+        y = np.zeros(obs_subject.shape[0])
+        L._forward_pass(lam, V, W, F, C, status, L.REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y)
+        for m in range(y.shape[0]):
+            if status[obs_subject[m]] == L.BAD:
+                y[m] = np.nan
+        return y, lam.astype(np.complex128), V.astype(np.complex128), W.astype(np.complex128)
+
+    @nj
+    def backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+        N = lam.shape[0]
+        lr, Vr, Wr = np.ascontiguousarray(lam.real), np.ascontiguousarray(V.real), np.ascontiguousarray(W.real)
+        status = np.empty(N, np.int64)
+        for i in range(N):
+            status[i] = L.REAL if np.isfinite(lr[i, 0]) else L.BAD
+        Kbar, Fbar, Cbar = np.zeros((N, 2, 2)), np.zeros(F.shape), np.zeros(C.shape)
+        L._backward_pass(lr, Vr, Wr, F, C, status, L.REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf,
+                         pair_s, pair_u, ybar, Kbar, Fbar, Cbar)
+        for i in range(N):
+            if status[i] == L.BAD:
+                Kbar[i] = np.nan
+                Fbar[i] = np.nan
+                Cbar[i] = np.nan
+        return Kbar, Fbar, Cbar
+
+    salt = int(hashlib.sha256(inspect.getsource(_real2_kernels).encode()).hexdigest()[:12], 16)
+    return forward, backward, salt
+
+
+def _numpy_complete(tree, model, seed):
+    """What-if 3: itpk's ``_complete`` for one uncensored output with combined error, from the IPRED
+    draws in numpy (log-likelihood and posterior predictive) instead of two compiled PyMC passes."""
+    import pymc as pm
+    import xarray as xr
+
+    (name,) = [v.name for v in model.observed_RVs]
+    dim = f"obs_{name.removeprefix('DV_')}"
+    post = tree["posterior"]
+    ipred = post["IPRED"].values
+    observed = np.asarray(model.rvs_to_values[model[name]].data)
+    add = post[f"sigma_add_{name.removeprefix('DV_')}"].values[..., None]
+    prop = post[f"sigma_prop_{name.removeprefix('DV_')}"].values[..., None]
+    sd = np.sqrt(add**2 + (prop * ipred) ** 2)
+    rows = np.asarray(model.coords[dim])
+    coords = {"chain": post["chain"].values, "draw": post["draw"].values, dim: rows}
+    dims = ("chain", "draw", dim)
+    loglik = -0.5 * ((observed - ipred) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
+    tree["log_likelihood"] = xr.DataTree(xr.Dataset({name: (dims, loglik)}, coords=coords))
+    draws = np.random.default_rng(seed).normal(ipred, sd)
+    tree["posterior_predictive"] = xr.DataTree(xr.Dataset({name: (dims, draws)}, coords=coords))
+    tree["observed_data"] = xr.DataTree(xr.Dataset({name: ((dim,), observed)}, coords={dim: rows}))
+    prior = pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
+    for group in ("prior", "prior_predictive"):
+        if group in prior.children:
+            tree[group] = prior[group]
+    return tree
+
+
+class _Kernels:
+    """Swap the numba implementation of itpk's LinearPredict Ops in this process (and back)."""
+
+    def __init__(self):
+        import itpk.linop as L
+
+        self.L = L
+        self.original = (L._numba_linear_predict, L._numba_linear_predict_grad)
+
+    def _register(self, fwd, bwd):
+        from pytensor.link.numba.dispatch.basic import (
+            register_funcify_default_op_cache_key,
+        )
+
+        register_funcify_default_op_cache_key(self.L.LinearPredict)(fwd)
+        register_funcify_default_op_cache_key(self.L.LinearPredictGrad)(bwd)
+
+    def real2(self):
+        forward, backward, salt = _real2_kernels()
+        self._register(lambda op, node=None, **kw: (forward, salt), lambda op, node=None, **kw: (backward, salt + 1))
+
+    def restore(self):
+        self._register(*self.original)
+
+
+def profile(args: argparse.Namespace) -> dict:
+    import nutpie
+    import pymc as pm
+
+    import itpk.inference as inf
+    from itpk import load_model
+    from itpk.dataset import read_dataset
+
+    spec = load_model("one_cpt_oral")
+    ds = read_dataset(THEOPH, spec)
+    d, priors = theoph_arrays(), oral_priors()
+    seed, draws, tune, chains = args.seed, args.draws, args.tune, args.chains
+    cores = min(chains, _cores())
+    ta = _fit_target_accept()
+    kw_a = {} if ta is None else {"target_accept": ta}
+    jitter = lambda m: {v for v in m.free_RVs if v.name.startswith(("omega_", "sigma_"))}
+    prof: dict = {}
+
+    def sample(compiled, **kw):
+        start = T()
+        tree = nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed, progress_bar=False, **kw)
+        return T() - start, tree
+
+    def compile_fresh(build, itpk_model=True, **kw):
+        """nutpie compile of a freshly built model (as every fit() call does): fastest of calls 2 and 3."""
+        times = []
+        for _ in range(3):
+            model = build()
+            extra = {"jitter_rvs": jitter(model)} if itpk_model else {}
+            start = T()
+            compiled = nutpie.compile_pymc_model(model, **extra, **kw)
+            times.append(T() - start)
+        return min(times[1:]), compiled, model
+
+    build_a = lambda: inf.build_model(spec, ds)[0]
+    names = [*(v.name for v in build_a().free_RVs), "ka", "CL", "V"]
+
+    # 1. the fit() pipeline of (a), step by step (second pass)
+    for _ in range(2):
+        row = {}
+        start = T()
+        model, data = inf.build_model(spec, ds)
+        row["build_model"] = T() - start
+        start = T()
+        inf._check_initial_point(model, data)
+        row["check_initial_point"] = T() - start
+        start = T()
+        compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter(model))
+        row["nutpie_compile"] = T() - start
+        row["sampling"], tree = sample(compiled, **kw_a)
+        start = T()
+        tree = pm.compute_log_likelihood(tree, model=model, progressbar=False)
+        row["log_likelihood"] = T() - start
+        start = T()
+        pm.sample_posterior_predictive(tree, model=model, random_seed=seed, progressbar=False)
+        row["posterior_predictive"] = T() - start
+        start = T()
+        pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
+        row["prior_predictive"] = T() - start
+    prof["a_steps"] = row
+    prof["a_n_steps"] = float(tree["sample_stats"]["n_steps"].mean())
+    prof["a_compile"], a_compiled, a_model = compile_fresh(build_a)
+    prof["a_grad_us"] = _grad_us_numba(a_compiled, a_model)
+    prof["a_compile_free_only"], _, _ = compile_fresh(build_a, var_names=names)
+    prof["b_compile"], b_compiled, b_model = compile_fresh(lambda: hand_model(d, priors), itpk_model=False)
+    prof["b_grad_us"] = _grad_us_numba(b_compiled, b_model)
+    probe = {k: v + 0.05 for k, v in a_model.initial_point().items()}
+    base = float(a_model.compile_logp()(probe))
+
+    # 2. what-if 1: itpk's graph with the closed form instead of the exact Op; then the whole fit() so
+    original_predict = inf._predict
+    inf._predict = _closed_form_predict
+    try:
+        prof["cf_compile"], cf_compiled, cf_model = compile_fresh(build_a)
+        prof["cf_grad_us"] = _grad_us_numba(cf_compiled, cf_model)
+        prof["cf_sampling"], _ = sample(cf_compiled, **kw_a)
+        prof["cf_logp_diff"] = abs(float(cf_model.compile_logp()(probe)) - base)
+        calls = []
+        for _ in range(3):
+            start = T()
+            cf_fit = inf.fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed)
+            calls.append((T() - start, dict(cf_fit.timings)))
+        prof["cf_fit_wall"], prof["cf_fit_timings"] = min(calls[1:], key=lambda c: c[0])
+    finally:
+        inf._predict = original_predict
+
+    # 3. what-if 3: what-if 1 plus log-likelihood and posterior predictive from the IPRED draws in numpy
+    original_complete = inf._complete
+    inf._predict, inf._complete = _closed_form_predict, _numpy_complete
+    try:
+        calls = []
+        for _ in range(3):
+            start = T()
+            np_fit = inf.fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed)
+            calls.append((T() - start, dict(np_fit.timings)))
+        prof["np_fit_wall"], prof["np_fit_timings"] = min(calls[1:], key=lambda c: c[0])
+        check_model, _ = inf.build_model(spec, ds)
+        reference = pm.compute_log_likelihood(np_fit.tree.copy(), model=check_model, progressbar=False)
+        prof["np_loglik_diff"] = float(np.max(np.abs(reference["log_likelihood"]["DV_plasma"].values
+                                                     - np_fit.tree["log_likelihood"]["DV_plasma"].values)))
+    finally:
+        inf._predict, inf._complete = original_predict, original_complete
+
+    # 4. what-if 2: real-arithmetic 2x2 kernels for the exact Op
+    kernels = _Kernels()
+    kernels.real2()
+    try:
+        prof["r2_compile"], r2_compiled, r2_model = compile_fresh(build_a)
+        prof["r2_compile_free_only"], _, _ = compile_fresh(build_a, var_names=names)
+        prof["r2_grad_us"] = _grad_us_numba(r2_compiled, r2_model)
+        prof["r2_sampling"], r2_tree = sample(r2_compiled, **kw_a)
+        r2 = diagnostics(r2_tree)
+        prof["r2_median"], prof["r2_min_ess"] = r2["median"], r2["min_ess"]
+        prof["r2_logp_diff"] = abs(float(r2_model.compile_logp()(probe)) - base)
+    finally:
+        kernels.restore()
+    return prof
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def fmt(x, digits=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}f}"
+
+
+def report_engine(label: str, r: dict) -> None:
+    ess = r.get("min_ess")
+    sps = ess / r["sampling"] if ess and r["sampling"] > 0 else None
+    r["ess_per_s"] = sps
+    print(f"  {label}")
+    print(f"    build {fmt(r['build'])} s | compile {fmt(r['compile'])} s | sampling {fmt(r['sampling'])} s"
+          + (f" | extras (log-lik + post. & prior predictive) {fmt(r['extras'])} s" if "extras" in r else "")
+          + f" | wall {fmt(r['wall'])} s")
+    if ess is not None:
+        print(f"    min ESS_bulk {ess:.0f} (" + ", ".join(f"{k} {v:.0f}" for k, v in r["ess"].items()) + f") | ESS/s {fmt(sps, 1)}"
+              + f" | max R-hat {fmt(r['max_rhat_key'], 3)} (key), {fmt(r.get('max_rhat_all'), 3)} (all free)"
+              + f" | mean leapfrogs/draw {fmt(r.get('n_steps_mean'), 1)} | divergences {r.get('divergences', '-')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: short chains, no cold runs, short ODE box")
+    parser.add_argument("--seed", type=int, default=20261127)
+    parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--tune", type=int, default=None)
+    parser.add_argument("--chains", type=int, default=None)
+    parser.add_argument("--ode-budget", type=float, default=None, help="wall-clock cap (s) of the ODE sampling")
+    parser.add_argument("--cold", dest="cold", action="store_true", default=None, help="run the cold/disk-warm workers")
+    parser.add_argument("--no-cold", dest="cold", action="store_false")
+    parser.add_argument("--profile", dest="profile", action="store_true", default=None)
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--worker", choices=("a", "b", "c"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    q = args.quick
+    args.draws = args.draws or (100 if q else 1000)
+    args.tune = args.tune if args.tune is not None else (100 if q else 1000)
+    args.chains = args.chains or (2 if q else 4)
+    args.ode_budget = args.ode_budget or (30.0 if q else 240.0)
+    cold = (not q) if args.cold is None else args.cold
+
+    if args.worker:
+        out = worker(args.worker, args)
+        args.json.write_text(json.dumps(out))
+        return
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    total_start = T()
+    overall = Others()
+    start = T()
+    import nutpie  # noqa: F401
+    import pymc  # noqa: F401
+
+    import itpk.inference  # noqa: F401
+
+    imports = T() - start
+    logging.getLogger("pymc").setLevel(logging.ERROR)  # after the import: PyMC sets its own level
+    info = machine()
+    res: dict = {"machine": info, "settings": {"seed": args.seed, "draws": args.draws, "tune": args.tune,
+                                              "chains": args.chains, "quick": q}, "imports_s": imports}
+    print("== itpk fit benchmark (Theoph, one_cpt_oral)")
+    print(f"machine: {info['cpu']}, {info['logical_cores']} logical cores ({info['usable_cores']} usable), {info['os']}")
+    print(f"software: Python {info['python']}, numpy {info['numpy']}, scipy {info['scipy']}, pymc {info['pymc']}, "
+          f"pytensor {info['pytensor']} (mode {info['pytensor_mode']}), nutpie {info['nutpie']}, numba {info['numba']}, "
+          f"arviz {info['arviz']}; itpk git {info['git']}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in info['load_start'])}; imports {imports:.1f} s (not counted)")
+    print(f"settings: seed {args.seed}, {args.chains} chains x ({args.tune} tune + {args.draws} draws), "
+          f"cores = min(chains, {_cores()})" + (" [--quick]" if q else ""))
+
+    # same data and same model?
+    from itpk import load_model
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model, prepare
+
+    d, priors = theoph_arrays(), oral_priors()
+    spec = load_model("one_cpt_oral")
+    ds = read_dataset(THEOPH, spec)
+    fd = prepare(spec, ds)
+    same_data = (np.array_equal(fd.observations["DV"].to_numpy(float), d["dv"])
+                 and np.array_equal(fd.observations["TIME"].to_numpy(float), d["tau"]))
+    itpk_model, _ = build_model(spec, ds)
+    point = itpk_model.initial_point()
+    point = {k: v + 0.05 for k, v in point.items()}  # off the prior medians
+    lp_itpk = float(itpk_model.compile_logp()(point))
+    lp_hand = float(hand_model(d, priors).compile_logp()(point))
+    print(f"check: same {len(d['dv'])} observations as itpk's FitData (incl. {int(np.sum(d['tau'] == 0))} pre-dose): {same_data}; "
+          f"log-density at a common point: itpk {lp_itpk:.9f}, hand-written {lp_hand:.9f} (|diff| {abs(lp_itpk - lp_hand):.1e})")
+    res["check"] = {"same_data": bool(same_data), "logp_itpk": lp_itpk, "logp_hand": lp_hand}
+
+    # cold and disk-warm, each in a fresh process
+    if cold:
+        print("\n-- cold (fresh process, empty pytensor + numba caches) and disk-warm (fresh process, caches from the cold run)")
+        root = Path(tempfile.mkdtemp(prefix="bench_fit_"))
+        res["cold"], res["disk_warm"] = {}, {}
+        for engine in ("a", "b", "c"):
+            cache = root / engine
+            res["cold"][engine] = timed(spawn_worker, engine, cache, args)
+            if engine in ("a", "b"):
+                res["disk_warm"][engine] = timed(spawn_worker, engine, cache, args)
+        for engine, label in (("a", "(a) itpk fit"), ("b", "(b) hand + nutpie"), ("c", "(c) hand + PyMC NUTS")):
+            r = res["cold"][engine]
+            line = (f"  {label:22s} cold: wall {fmt(r['wall'])} s (build {fmt(r['build'])}, compile {fmt(r['compile'])}, "
+                    f"sampling {fmt(r['sampling'])}" + (f", extras {fmt(r['extras'])}" if "extras" in r else "") + ")")
+            if engine in res["disk_warm"]:
+                w = res["disk_warm"][engine]
+                line += (f"; disk-warm: wall {fmt(w['wall'])} s (build {fmt(w['build'])}, compile {fmt(w['compile'])}, "
+                         f"sampling {fmt(w['sampling'])}" + (f", extras {fmt(w['extras'])}" if "extras" in w else "") + ")")
+            others = [x["contention"]["others_cpu_s"] for x in (r, res["disk_warm"].get(engine)) if x]
+            print(line + f"; other processes' CPU {', '.join(f'{x:.1f}' for x in others)} s")
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+    # side by side in this process: first run, then warm (second) run of each engine
+    print("\n-- in this process: run 1 (first in process, default caches as found) then run 2 (warm)")
+    runs = {"a": [], "b": [], "c": []}
+    n_runs = 2 if q else 3
+    for _ in range(n_runs):
+        runs["a"].append(timed(run_itpk, "one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains))
+        runs["b"].append(timed(run_hand_nutpie, args.seed, args.draws, args.tune, args.chains, extras=True))
+        runs["c"].append(timed(run_hand_pymc, args.seed, args.draws, args.tune, args.chains, keep_tree=True))
+    best = {k: min(range(1, n_runs), key=lambda i, k=k: v[i]["wall"]) for k, v in runs.items()}
+    c_tree = runs["c"][best["c"]]["_tree"]
+    for r in runs["c"]:
+        r.pop("_tree")
+    res["first"] = {k: v[0] for k, v in runs.items()}
+    res["warm"] = {k: v[best[k]] for k, v in runs.items()}
+    res["warm_runs"] = {k: [r["wall"] for r in v[1:]] for k, v in runs.items()}
+    print(f"   warm = the faster of runs 2..{n_runs} by wall time; ESS and draws are identical across runs (same seed)")
+    for key, label in (("a", "(a) itpk fit (nutpie, combined error)"), ("b", "(b) hand-written closed form + nutpie"),
+                       ("c", "(c) hand-written closed form + PyMC NUTS")):
+        f = res["first"][key]
+        print(f"  first run: wall {fmt(f['wall'])} s (compile {fmt(f['compile'])} s); warm runs' walls "
+              + ", ".join(fmt(x) for x in res["warm_runs"][key]) + " s; other processes' CPU during the warm run "
+              f"{res['warm'][key]['contention']['others_cpu_s']:.1f} s over {res['warm'][key]['contention']['span_s']:.1f} s")
+        report_engine(label + " [warm]", res["warm"][key])
+    w = res["warm"]
+    # (b)'s wall is build + compile + sample, as an expert would run it; its extras are timed apart
+    w["b"]["wall_with_extras"] = w["b"]["wall"] + w["b"]["extras"]
+
+    a_add = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains, errors={"plasma": "additive"})
+    b_add = run_hand_nutpie(args.seed, args.draws, args.tune, args.chains, error="additive")
+    res["additive"] = {"a": a_add, "b": b_add}
+    report_engine("(a) itpk fit, errors={'plasma': 'additive'} [first compile of this graph, warm process]", a_add)
+    report_engine("(b) hand-written, additive [first compile of this graph, warm process]", b_add)
+    print(f"    (a)/(b) sampling ESS/s, additive: {fmt(b_add['ess_per_s'] and a_add['ess_per_s'] / b_add['ess_per_s'], 2)}")
+    ta = _fit_target_accept()
+    if ta is not None:
+        b_ta = run_hand_nutpie(args.seed, args.draws, args.tune, args.chains, target_accept=ta)
+        res["b_target_accept"] = b_ta
+        report_engine(f"(b) hand-written, combined, nutpie target_accept={ta} as itpk's fit uses [second compile of this graph]", b_ta)
+
+    # (d) ODE, time-boxed
+    print("\n-- (d) pymc.ode.DifferentialEquation + PyMC NUTS (time-boxed)")
+    ode_chains, ode_draws, scratch = (1, 10, 10) if q else (2, 200, 50)
+    od = timed(run_ode, args.seed, ode_draws, ode_chains, args.ode_budget, c_tree, scratch)
+    res["ode"] = od
+    grad_b = grad_seconds_python(hand_model(d, priors))
+    grad_a = grad_seconds_python(itpk_model)
+    res["grad_python_s"] = {"a": grad_a, "b": grad_b, "d": od["grad_s"]}
+    print(f"  one gradient via model.compile_dlogp() (Python call): (d) ODE {od['grad_s'] * 1e3:.1f} ms, "
+          f"(b)/(c) closed form {grad_b * 1e6:.1f} µs, (a) itpk graph {grad_a * 1e6:.1f} µs "
+          f"-> (d) costs {od['grad_s'] / grad_a:,.0f}x (a)'s gradient")
+    print(f"  ODE vs closed-form log-density at the initial point: |diff| {od['logp_abs_diff_vs_closed_form']:.1e}")
+    lf = od["scratch_leapfrogs_per_chain"]
+    print(f"  from scratch, {ode_chains} chain(s) x ({scratch} tune + {scratch} draws) takes {', '.join(f'{x:.0f}' for x in lf)} "
+          f"leapfrog steps per chain (counted on the closed form, same sampler and seed) -> about "
+          f"{od['scratch_estimate_s'] / 60:.0f} min at (d)'s gradient cost, beyond the {od['budget']:.0f} s cap; so instead:")
+    print(f"  measured: {ode_chains} chain(s) started from (c)'s adaptation (diagonal mass matrix = (c)'s posterior variance, "
+          f"step size {od['step_size']:.3f}, last draws), no tuning, up to {ode_draws} draws, cap {od['budget']:.0f} s: "
+          f"{'stopped by the cap' if od['capped'] else 'finished'} after {fmt(od['sample_call'], 1)} s with "
+          f"{od['draws_done']} draws per chain")
+    if od.get("min_ess") is not None:
+        od["ess_per_s"] = od["min_ess"] / od["sampling"]
+        print(f"    min ESS_bulk {od['min_ess']:.1f} over {od['draws_total']} draws in {fmt(od['sampling'], 1)} s of sampling "
+              f"-> ESS/s {od['ess_per_s']:.3f} (short chains: ESS is rough; max R-hat {fmt(od['max_rhat_key'], 2)}; "
+              f"mean leapfrogs/draw {fmt(od.get('n_steps_mean'), 1)})")
+    else:
+        od["ess_per_s"] = None
+        print("    too few draws finished for an ESS")
+    c = w["c"]
+    c_workers = c["cores"]
+    projected_time = c["leapfrogs_total"] * od["grad_s"] / c_workers + c["sampling"]
+    od["projected_sampling_s"] = projected_time
+    od["projected_ess_per_s"] = c["min_ess"] / projected_time
+    print(f"  projection: (c)'s whole run ({c['leapfrogs_total']:.0f} leapfrog steps incl. tuning, {c_workers} workers) at "
+          f"(d)'s gradient cost -> {projected_time / 3600:.1f} h of sampling for ESS {c['min_ess']:.0f} -> ESS/s "
+          f"{od['projected_ess_per_s']:.3f}")
+
+    # it_antibody
+    print("\n-- (a) it_antibody on data/example_it_vs_iv.csv")
+    it_chains, it_n = (2, 50) if q else (4, 500)
+    it = timed(run_itpk, "it_antibody", IT_DATA, args.seed, it_n, it_n, it_chains)
+    res["it_antibody"] = it
+    print(f"  {it_chains} chains x ({it_n} tune + {it_n} draws), first run of this model in the process: wall {fmt(it['wall'])} s "
+          f"(build {fmt(it['build'])}, compile {fmt(it['compile'])}, sampling {fmt(it['sampling'])}, extras {fmt(it['extras'])}); "
+          f"max R-hat {fmt(it['max_rhat_population'], 3)} (population parameters), {fmt(it['max_rhat_all'], 3)} "
+          f"(all free, worst {it['rhat_worst']}); min ESS_bulk {it['min_ess_all']:.0f}; divergences {it['divergences']}")
+
+    # summary
+    a, b = w["a"], w["b"]
+    ratios = {
+        "wall_warm": a["wall"] / b["wall"],
+        "wall_warm_no_extras": (a["wall"] - a["extras"]) / b["wall"],
+        "wall_warm_equal_work": a["wall"] / b["wall_with_extras"],
+        "pymc_ess_s": a["ess_per_s"] / c["ess_per_s"],
+        "ode_ess_s_measured": (a["ess_per_s"] / od["ess_per_s"]) if od["ess_per_s"] else None,
+        "ode_ess_s_projected": a["ess_per_s"] / od["projected_ess_per_s"],
+        "nutpie_ess_s_a_over_b": a["ess_per_s"] / b["ess_per_s"],
+    }
+    if cold:
+        ratios["wall_cold"] = res["cold"]["a"]["wall"] / res["cold"]["b"]["wall"]
+        ratios["wall_disk_warm"] = res["disk_warm"]["a"]["wall"] / res["disk_warm"]["b"]["wall"]
+    res["ratios"] = ratios
+
+    def verdict(value, target, higher):
+        if value is None:
+            return "n/a"
+        ok = value >= target if higher else value <= target
+        return "met" if ok else "MISSED"
+
+    print("\n== summary")
+    print(f"  (a)/(b) wall, warm (second run in process): {ratios['wall_warm']:.2f}  [target <= {TARGETS['wall']}: "
+          f"{verdict(ratios['wall_warm'], TARGETS['wall'], False)}]   (a) {a['wall']:.2f} s vs (b) {b['wall']:.2f} s")
+    print(f"      without itpk's extras (log-lik, predictive): {ratios['wall_warm_no_extras']:.2f}; "
+          f"against (b) doing the same extras: {ratios['wall_warm_equal_work']:.2f}")
+    if cold:
+        print(f"  (a)/(b) wall, cold: {ratios['wall_cold']:.2f}  [{verdict(ratios['wall_cold'], TARGETS['wall'], False)}]   "
+              f"(a) {res['cold']['a']['wall']:.1f} s vs (b) {res['cold']['b']['wall']:.1f} s;  disk-warm: "
+              f"{ratios['wall_disk_warm']:.2f} ((a) {res['disk_warm']['a']['wall']:.1f} s vs (b) {res['disk_warm']['b']['wall']:.1f} s)")
+    print(f"  (a) vs (c) sampling ESS/s: {ratios['pymc_ess_s']:.2f}x  [target >= {TARGETS['pymc']}: "
+          f"{verdict(ratios['pymc_ess_s'], TARGETS['pymc'], True)}]   {a['ess_per_s']:.0f} vs {c['ess_per_s']:.0f} ESS/s")
+    print(f"  (a) vs (d) ESS/s: measured {fmt(ratios['ode_ess_s_measured'], 0)}x, projected {ratios['ode_ess_s_projected']:,.0f}x  "
+          f"[target >= {TARGETS['ode']:.0f}: measured {verdict(ratios['ode_ess_s_measured'], TARGETS['ode'], True)}, "
+          f"projected {verdict(ratios['ode_ess_s_projected'], TARGETS['ode'], True)}]")
+    print(f"  (a)/(b) sampling ESS/s (both nutpie): {ratios['nutpie_ess_s_a_over_b']:.2f}")
+    print("  posterior medians           ka      CL      V")
+    print(f"    nlmixr2 FOCEi (additive) {PUBLISHED['ka']:6.3f} {PUBLISHED['CL']:7.3f} {PUBLISHED['V']:7.2f}")
+    for label, r in (("(a) itpk, combined", a), ("(b) hand, combined", b), ("(c) PyMC NUTS, comb.", c),
+                     ("(a) itpk, additive", a_add), ("(b) hand, additive", b_add)):
+        m = r["median"]
+        print(f"    {label:24s} {m['ka']:6.3f} {m['CL']:7.3f} {m['V']:7.2f}")
+    missed = any(verdict(v, TARGETS[t], h) == "MISSED" for v, t, h in (
+        (ratios["wall_warm"], "wall", False), (ratios["pymc_ess_s"], "pymc", True), (ratios["ode_ess_s_projected"], "ode", True)))
+    do_profile = args.profile if args.profile is not None else (missed and not q)
+    if do_profile:
+        print("\n== profile of (a) against (b) (warm, this process; what-ifs monkey-patched here only)")
+        prof = profile(args)
+        res["profile"] = prof
+        s = prof["a_steps"]
+        print("  fit() pipeline of (a), second pass, split: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
+        print(f"  log-density + gradient, nutpie's compiled function looped in numba: (a) {prof['a_grad_us']:.1f} µs, "
+              f"(b) {prof['b_grad_us']:.1f} µs ({prof['a_grad_us'] / prof['b_grad_us']:.1f}x); mean leapfrogs/draw "
+              f"(a) {prof['a_n_steps']:.1f}, (b) {fmt(b.get('n_steps_mean'), 1)}")
+        print(f"  nutpie compile of a freshly built model (fastest of 2nd/3rd): (a) {prof['a_compile']:.2f} s; (a) storing only "
+              f"free variables + ka, CL, V (no IPRED/eta/_i in nutpie's expand function) {prof['a_compile_free_only']:.2f} s; "
+              f"(b) {prof['b_compile']:.2f} s")
+        t = prof["cf_fit_timings"]
+        print(f"  what-if 1, itpk's graph with the closed form instead of the exact Op: compile {prof['cf_compile']:.2f} s, "
+              f"gradient {prof['cf_grad_us']:.1f} µs, sampling {prof['cf_sampling']:.2f} s, log-density |diff| {prof['cf_logp_diff']:.1e}")
+        print(f"    whole fit() so (fastest of 2nd/3rd call): wall {prof['cf_fit_wall']:.2f} s (build {t['build_s']:.2f}, "
+              f"compile {t['compile_s']:.2f}, sampling {t['sampling_s'] - t['compile_s']:.2f}, extras {t['predictive_s']:.2f}) "
+              f"-> (a)/(b) wall {prof['cf_fit_wall'] / b['wall']:.2f}")
+        t = prof["np_fit_timings"]
+        print(f"  what-if 3 = what-if 1 + log-likelihood and posterior predictive from the stored IPRED draws in numpy "
+              f"(log-likelihood |diff| vs PyMC's {prof['np_loglik_diff']:.1e}): fit() wall {prof['np_fit_wall']:.2f} s "
+              f"(build {t['build_s']:.2f}, compile {t['compile_s']:.2f}, sampling {t['sampling_s'] - t['compile_s']:.2f}, "
+              f"extras {t['predictive_s']:.2f}) -> (a)/(b) wall {prof['np_fit_wall'] / b['wall']:.2f}")
+        print(f"  what-if 2, exact Op with real-arithmetic 2x2 kernels: compile {prof['r2_compile']:.2f} s (free-only "
+              f"{prof['r2_compile_free_only']:.2f} s), gradient {prof['r2_grad_us']:.1f} µs, sampling {prof['r2_sampling']:.2f} s, "
+              f"min ESS {prof['r2_min_ess']:.0f}, medians ka {prof['r2_median']['ka']:.3f} CL {prof['r2_median']['CL']:.3f} "
+              f"V {prof['r2_median']['V']:.2f}, log-density |diff| vs current kernels {prof['r2_logp_diff']:.1e}")
+    res["load_end"] = os.getloadavg()
+    res["total_s"] = T() - total_start
+    res["contention"] = overall.stop()
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in res['load_end'])}; total {res['total_s'] / 60:.1f} min; "
+          f"CPU used by other processes meanwhile: {res['contention']['others_cpu_s']:.0f} s "
+          f"({res['contention']['others_cpu_s'] / res['total_s']:.0%} of one core on average)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
