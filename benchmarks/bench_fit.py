@@ -31,8 +31,11 @@ Timing conventions (all ``time.perf_counter`` wall-clock, imports excluded):
   (``NUMBA_CACHE_DIR``) caches, one run (this script re-invoked with ``--worker``);
 - disk-warm: another fresh process reusing the caches the cold run left (what a second
   ``itpk fit`` from the command line costs);
-- first in process / warm: the first and the second run of the engine in this (main) process,
-  which uses the default caches as found; the second run is the "warm" figure.
+- first in process / warm: the first run of the engine in this (main) process, which uses the
+  default caches as found, then two more; "warm" is the faster of runs 2 and 3 (same seed, so the
+  draws are identical and only the timings differ).
+- contention: CPU time used by *other* processes during each timed run (/proc/stat busy time
+  minus this process's and its children's CPU), printed so a noisy run can be recognised.
 - sampling: time inside the sampler only (itpk: ``timings["sampling_s"] - timings["compile_s"]``,
   because itpk's ``sampling_s`` starts before nutpie's compilation; PyMC NUTS: the
   ``sampling_time`` PyMC records, which excludes its logp compilation).
@@ -40,13 +43,14 @@ Timing conventions (all ``time.perf_counter`` wall-clock, imports excluded):
 
 Usage::
 
-    python benchmarks/bench_fit.py              # full run (about 10-12 min on 2 cores)
+    python benchmarks/bench_fit.py              # full run (about 10 min on 2 cores)
     python benchmarks/bench_fit.py --quick      # smoke test (about 2 min)
     python benchmarks/bench_fit.py --json out.json --no-profile
 
 When a target is missed the full run ends with a profile of (a) against (b) (``--no-profile``
-skips it, ``--profile`` forces it): per-gradient cost, compile and predictive splits, and two
-measured what-ifs done by monkey-patching in this process only (library files are not touched).
+skips it, ``--profile`` forces it): per-gradient cost, compile and predictive splits, and three
+measured what-ifs done by monkey-patching ``itpk.inference`` / ``itpk.linop`` in this process (and in
+a cold worker) only; library files are not touched.
 """
 
 from __future__ import annotations
@@ -477,10 +481,14 @@ def worker(engine: str, args: argparse.Namespace) -> dict:
     import nutpie  # noqa: F401
     import pymc  # noqa: F401
 
-    import itpk.inference  # noqa: F401
+    import itpk.inference
 
     imports = T() - start
     if engine == "a":
+        out = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains)
+    elif engine == "w3":  # (a) with what-if 3 applied (profile only)
+        inf = itpk.inference
+        inf._predict, inf._complete = _closed_form_predict, _numpy_complete
         out = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains)
     elif engine == "b":
         out = run_hand_nutpie(args.seed, args.draws, args.tune, args.chains)
@@ -538,7 +546,7 @@ def machine() -> dict:
         "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": _cores(), "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__, "pymc": pymc.__version__,
         "pytensor": pytensor.__version__, "nutpie": nutpie.__version__, "numba": numba.__version__,
-        "arviz": arviz.__version__, "pytensor_mode": str(pytensor.config.mode),
+        "arviz": arviz.__version__, "pytensor_mode": type(pytensor.compile.mode.get_default_mode().linker).__name__,
         "git": rev + (" (itpk/ has uncommitted changes)" if dirty else " (itpk/ clean)"),
         "load_start": os.getloadavg(),
     }
@@ -867,7 +875,7 @@ def main() -> None:
     parser.add_argument("--profile", dest="profile", action="store_true", default=None)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--worker", choices=("a", "b", "c"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("a", "b", "c", "w3"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     q = args.quick
     args.draws = args.draws or (100 if q else 1000)
@@ -902,7 +910,7 @@ def main() -> None:
     print("== itpk fit benchmark (Theoph, one_cpt_oral)")
     print(f"machine: {info['cpu']}, {info['logical_cores']} logical cores ({info['usable_cores']} usable), {info['os']}")
     print(f"software: Python {info['python']}, numpy {info['numpy']}, scipy {info['scipy']}, pymc {info['pymc']}, "
-          f"pytensor {info['pytensor']} (mode {info['pytensor_mode']}), nutpie {info['nutpie']}, numba {info['numba']}, "
+          f"pytensor {info['pytensor']} (default linker {info['pytensor_mode']}), nutpie {info['nutpie']}, numba {info['numba']}, "
           f"arviz {info['arviz']}; itpk git {info['git']}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in info['load_start'])}; imports {imports:.1f} s (not counted)")
     print(f"settings: seed {args.seed}, {args.chains} chains x ({args.tune} tune + {args.draws} draws), "
@@ -1087,6 +1095,13 @@ def main() -> None:
     if do_profile:
         print("\n== profile of (a) against (b) (warm, this process; what-ifs monkey-patched here only)")
         prof = profile(args)
+        if cold:
+            root = Path(tempfile.mkdtemp(prefix="bench_fit_w3_"))
+            prof["w3_cold"] = timed(spawn_worker, "w3", root, args)
+            prof["w3_disk_warm"] = timed(spawn_worker, "w3", root, args)
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
         res["profile"] = prof
         s = prof["a_steps"]
         print("  fit() pipeline of (a), second pass, split: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
@@ -1107,6 +1122,11 @@ def main() -> None:
               f"(log-likelihood |diff| vs PyMC's {prof['np_loglik_diff']:.1e}): fit() wall {prof['np_fit_wall']:.2f} s "
               f"(build {t['build_s']:.2f}, compile {t['compile_s']:.2f}, sampling {t['sampling_s'] - t['compile_s']:.2f}, "
               f"extras {t['predictive_s']:.2f}) -> (a)/(b) wall {prof['np_fit_wall'] / b['wall']:.2f}")
+        if "w3_cold" in prof:
+            wc, wd = prof["w3_cold"], prof["w3_disk_warm"]
+            print(f"    what-if 3 cold: wall {wc['wall']:.2f} s (build {wc['build']:.2f}, compile {wc['compile']:.2f}, "
+                  f"sampling {wc['sampling']:.2f}, extras {wc['extras']:.2f}) -> (a)/(b) cold {wc['wall'] / res['cold']['b']['wall']:.2f}; "
+                  f"disk-warm: wall {wd['wall']:.2f} s -> {wd['wall'] / res['disk_warm']['b']['wall']:.2f}")
         print(f"  what-if 2, exact Op with real-arithmetic 2x2 kernels: compile {prof['r2_compile']:.2f} s (free-only "
               f"{prof['r2_compile_free_only']:.2f} s), gradient {prof['r2_grad_us']:.1f} µs, sampling {prof['r2_sampling']:.2f} s, "
               f"min ESS {prof['r2_min_ess']:.0f}, medians ka {prof['r2_median']['ka']:.3f} CL {prof['r2_median']['CL']:.3f} "

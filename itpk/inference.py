@@ -387,7 +387,8 @@ def fit(
         tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings, target_accept)
     elif method == "pymc":
         tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed, model=model,
-                         progressbar=progress, compute_convergence_checks=False, target_accept=target_accept)
+                         progressbar=progress, compute_convergence_checks=False, target_accept=target_accept,
+                         nuts_sampler="pymc")  # PyMC 6 would otherwise hand over to nutpie
     elif method == "map":
         tree = _map(model, seed, progress)
         warnings.append("method map: a single posterior mode over all parameters including the random effects; "
@@ -396,7 +397,7 @@ def fit(
         approx = pm.fit(n=20000, method="advi", model=model, random_seed=seed, progressbar=progress)
         tree = approx.sample(draws, random_seed=seed)
         warnings.append("method advi: mean-field approximation; intervals are typically too narrow")
-    timings["sampling_s"] = time.perf_counter() - start
+    timings["sampling_s"] = time.perf_counter() - start - timings.get("compile_s", 0.0)
     start = time.perf_counter()
     tree = _complete(tree, model, seed)
     timings["predictive_s"] = time.perf_counter() - start
