@@ -429,6 +429,24 @@ def _status(lam: np.ndarray) -> np.ndarray:
 # counting), which per subject was a third of the Theoph-sized gradient.
 
 
+@numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True, inline="always")
+def _modal_coordinates(V, W, C, F, zero, a, b):  # noqa: ANN001, ANN202
+    """a[o] = Vᵀc_o (output rows) and b[d] = V⁻¹f_d (dose vectors) of one subject, in place."""
+    n = V.shape[0]
+    for o in range(C.shape[0]):
+        for j in range(n):
+            acc = zero
+            for r in range(n):
+                acc += V[r, j] * C[o, r]
+            a[o, j] = acc
+    for d in range(F.shape[0]):
+        for j in range(n):
+            acc = zero
+            for r in range(n):
+                acc += W[j, r] * F[d, r]
+            b[d, j] = acc
+
+
 @_njit
 def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y):
     """Add to y the modal sums of every subject whose status is ``which`` (real or complex arrays)."""
@@ -440,18 +458,7 @@ def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_
     for i in range(N):
         if status[i] != which:
             continue
-        for o in range(O):
-            for j in range(n):
-                acc = zero
-                for r in range(n):
-                    acc += V[i, r, j] * C[i, o, r]
-                a[o, j] = acc
-        for d in range(D):
-            for j in range(n):
-                acc = zero
-                for r in range(n):
-                    acc += W[i, j, r] * F[i, d, r]
-                b[d, j] = acc
+        _modal_coordinates(V[i], W[i], C[i], F[i], zero, a, b)
         for p in range(subject_start[i], subject_start[i + 1]):
             d, o, s, u, inf = pair_dose[p], pair_out[p], pair_s[p], pair_u[p], pair_inf[p]
             if s == 0.0 and not inf:
@@ -485,20 +492,9 @@ def _backward_pass(
     for i in range(N):
         if status[i] != which:
             continue
-        for o in range(O):
-            for j in range(n):
-                acc = zero
-                for r in range(n):
-                    acc += V[i, r, j] * C[i, o, r]
-                a[o, j] = acc
-                abar[o, j] = zero
-        for d in range(D):
-            for j in range(n):
-                acc = zero
-                for r in range(n):
-                    acc += W[i, j, r] * F[i, d, r]
-                b[d, j] = acc
-                bbar[d, j] = zero
+        _modal_coordinates(V[i], W[i], C[i], F[i], zero, a, b)
+        abar[:, :] = zero
+        bbar[:, :] = zero
         for j in range(n):
             for k in range(n):
                 X[j, k] = zero

@@ -359,6 +359,18 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
     return h
 
 
+@_njit_inline
+def _restart(X: np.ndarray, x0: np.ndarray, P: int, sens: bool, running: np.ndarray, u: np.ndarray) -> None:
+    """State x0 with ∂x/∂x0 = I and no infusion running: the start, and every reset."""
+    X[:, :] = 0.0
+    for k in range(x0.shape[0]):
+        X[k, 0] = x0[k]
+        if sens:
+            X[k, 1 + P + k] = 1.0
+    running[:] = False
+    u[:] = 0.0
+
+
 @_njit
 def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
              ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
@@ -412,13 +424,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     gvals = np.empty(1)
     for i in range(N):
         e0, e1 = ev_start[i], ev_start[i + 1]
-        X[:, :] = 0.0
-        for k in range(n):
-            X[k, 0] = x0[i, k]
-            if sens:
-                X[k, 1 + P + k] = 1.0
-        running[:] = False
-        u[:] = 0.0
+        _restart(X, x0[i], P, sens, running, u)
         steps[:] = 0
         t = 0.0 if e0 == e1 else min(0.0, ev_time[e0])  # the system starts from x0 at time 0
         h = 0.0
@@ -434,14 +440,8 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 t = te
             kind = ev_kind[e]
             d = ev_index[e]
-            if kind == RESET:
-                X[:, :] = 0.0
-                for k in range(n):
-                    X[k, 0] = x0[i, k]
-                    if sens:
-                        X[k, 1 + P + k] = 1.0
-                running[:] = False
-                u[:] = 0.0
+            if kind == RESET:  # amounts back to x0 (sensitivity ∂x/∂x0 = I), infusions stopped
+                _restart(X, x0[i], P, sens, running, u)
                 h = 0.0
             elif kind == BOLUS:
                 for k in range(n):
