@@ -17,7 +17,7 @@ OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html).", show_default=False),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success and show no progress bar.")]
 
 
 def report_command(run_dir: RunDirArg, out: OutOpt = None, quiet: QuietOpt = False) -> None:
@@ -26,7 +26,7 @@ def report_command(run_dir: RunDirArg, out: OutOpt = None, quiet: QuietOpt = Fal
     from itpk.report import write_report
 
     try:
-        path = write_report(run_dir, out)
+        path = write_report(run_dir, out, progress=not quiet)
     except ItpkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -15,9 +15,10 @@ import base64
 import hashlib
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -62,11 +63,22 @@ class RunData:
     exposure: pd.DataFrame | None
     arms: dict[Any, str] = field(default_factory=dict)  # subject ID -> arm (from the data file when readable)
     doses: dict[Any, list[float]] = field(default_factory=dict)  # subject ID -> dose times
+    subjects: dict[Any, Any] = field(default_factory=dict)  # subject ID -> itpk.subjects.Subject (data file)
     data_note: str = ""
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, progress: bool = True) -> Path:
     """Render the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically.
+
+    Parameters
+    ----------
+    run_dir
+        Run directory written by ``itpk fit`` (SPEC §5).
+    out
+        HTML file to write.
+    progress
+        Show a progress bar on stderr while rendering; it only ever appears when stderr is a
+        terminal, so pipes and logs stay clean. ``False`` silences it (``itpk report --quiet``).
 
     Raises
     ------
@@ -74,7 +86,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         When the run directory is missing, incomplete or from an incompatible itpk version.
     """
     run = read_run(run_dir)
-    text = render_report(run)
+    with Progress(len(run.predictions["ID"].unique()) + len(SECTIONS), enabled=progress) as bar:
+        text = render_report(run, bar)
     return write_text(Path(out) if out is not None else run.folder / "report.html", text)
 
 
@@ -112,54 +125,116 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _read_doses(run: RunData) -> None:
-    """Dose times and arms from the fitted data file, when it is still there and unchanged."""
+    """Subjects (schedules, covariates), dose times and arms from the fitted data file.
+
+    Only when the file is still there and unchanged (SHA-256 of ``run.json``): a changed file
+    could hold other doses than the ones the posterior was fitted to.
+    """
     from itpk.dataset import read_dataset
     from itpk.subjects import subjects
 
     source = run.record.get("data")
+    lost = ("dose times are not marked, individual fits are drawn at the observation times only "
+            "and the VPC is not split by arm")
     if not source or not Path(source).is_file():
-        run.data_note = f"data file {source!r} not found: dose times are not marked and the VPC is not split by arm"
+        run.data_note = f"data file {source!r} not found: {lost}"
         return
     sha = hashlib.sha256(Path(source).read_bytes()).hexdigest()
     if run.record.get("data_sha256") and sha != run.record["data_sha256"]:
-        run.data_note = f"data file {source} changed since the fit: dose times are not marked and the VPC is not split by arm"
+        run.data_note = f"data file {source} changed since the fit: {lost}"
         return
     try:
         for s in subjects(read_dataset(source, run.spec), run.spec):
             run.arms[s.id] = s.arm
-            run.doses[s.id] = sorted({float(d.time) for d in s.schedule.doses})
+            run.doses[s.id] = [float(t) for t in s.schedule.dose_times()]  # ADDL repeats included
+            run.subjects[s.id] = s
     except ItpkError as exc:
-        run.arms, run.doses = {}, {}
-        run.data_note = f"data file {source} could not be re-read ({exc}): dose times are not marked"
+        run.arms, run.doses, run.subjects = {}, {}, {}
+        run.data_note = f"data file {source} could not be re-read ({exc}): {lost}"
 
 
 # --------------------------------------------------------------------------------------------- rendering
 
 
-def render_report(run: RunData) -> str:
-    """The HTML text of the report."""
+# Sections in the order they are computed, with the label the progress bar shows.
+SECTIONS = {
+    "parameters": "parameter table", "prior_figure": "prior vs posterior", "gof": "goodness of fit",
+    "individual": "individual fits", "vpc": "prediction-corrected VPC", "exposure": "exposure",
+    "sampler": "sampler diagnostics",
+}
+
+
+class Progress:
+    """A progress bar on stderr (rich) when ``enabled`` and stderr is a terminal; otherwise silent.
+
+    Parameters
+    ----------
+    total
+        Number of steps (subjects simulated plus report sections).
+    enabled
+        False silences it whatever stderr is (``--quiet``).
+    """
+
+    def __init__(self, total: int, *, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()  # never in pipes or logs
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            from rich import progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(rp.TextColumn("report: {task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                                    rp.TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("reading", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def step(self, label: str) -> None:
+        """Announce the step about to run."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=label)
+
+    def advance(self) -> None:
+        """One step done."""
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+
+def render_report(run: RunData, progress: Progress | None = None) -> str:
+    """The HTML text of the report (``progress`` advances once per subject and once per section)."""
     from importlib.resources import files
 
     import jinja2
 
+    bar = progress or Progress(0, enabled=False)
     _matplotlib()
     template_text = files("itpk").joinpath(TEMPLATE).read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    context = {
+    builders = {
+        "parameters": parameter_rows, "prior_figure": prior_posterior_figure, "gof": gof_figures,
+        "individual": lambda r: individual_figures(r, bar), "vpc": vpc_figures, "exposure": exposure_section,
+        "sampler": sampler_section,
+    }
+    context: dict[str, Any] = {
         "title": f"itpk report — {run.spec.name}",
         "verdict": verdict(run),
         "fitted": fitted_rows(run),
         "provenance": provenance_rows(run),
-        "warnings": list(run.record.get("warnings", [])) + ([run.data_note] if run.data_note else []),
-        "parameters": parameter_rows(run),
-        "prior_figure": prior_posterior_figure(run),
-        "gof": gof_figures(run),
-        "individual": individual_figures(run),
-        "vpc": vpc_figures(run),
-        "exposure": exposure_section(run),
-        "sampler": sampler_section(run),
         "time_unit": run.spec.time_unit,
     }
+    for key, label in SECTIONS.items():
+        bar.step(label)
+        context[key] = builders[key](run)
+        bar.advance()
+    notes = [run.data_note, context["individual"]["note"]]
+    context["warnings"] = list(run.record.get("warnings", [])) + [n for n in notes if n]
     return env.from_string(template_text).render(**context)
 
 
@@ -182,14 +257,27 @@ def png(fig: Any) -> str:
 
 
 def log_axis(ax: Any, which: str = "y") -> None:
-    """Log scale with plain major labels (1, 10, 0.1) and no minor-tick labels (they overlap)."""
+    """Log scale with plain labels (1, 10, 0.1). Minor ticks are labelled only on short axes (at 2
+    and 5 below two decades, all of them below a factor of 5), else one lonely label, or none,
+    is all a reader gets."""
     import matplotlib.ticker
 
     for name in ("x", "y") if which == "both" else (which,):
         getattr(ax, f"set_{name}scale")("log")
         axis = getattr(ax, f"{name}axis")
         axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_label(axis)))
+
+
+def _minor_label(axis: Any) -> Any:
+    def label(v: float, _: Any) -> str:  # evaluated at draw time, when the final limits are known
+        lo, hi = sorted(axis.get_view_interval())
+        if not (lo > 0 and v > 0 and hi / lo < 100):
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
+        return f"{v:g}" if hi / lo < 5 or mantissa in (2, 5) else ""
+
+    return label
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -393,7 +481,7 @@ def prior_posterior_figure(run: RunData) -> str | None:
         ax.set_xlabel(f"{name} ({unit})")
         ax.set_yticks([])
         ax.set_ylabel("density" + (" of log value" if log else ""), fontsize=8)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(which="both", labelsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8, loc="upper right")
@@ -474,7 +562,7 @@ def _scatter_obs(ax: Any, x: np.ndarray, y: np.ndarray, cens: np.ndarray, censor
         yc = np.where(np.isfinite(yc), yc, np.nan)
         ax.scatter(x[cens], yc, s=22, marker="v", facecolor="none", edgecolor=COLORS[1], label="censored (BLQ, at LLOQ)")
     ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=8)
+    ax.tick_params(which="both", labelsize=8)
 
 
 def _identity(ax: Any, x: np.ndarray, y: np.ndarray, *, log: bool) -> None:
@@ -496,8 +584,168 @@ def _identity(ax: Any, x: np.ndarray, y: np.ndarray, *, log: bool) -> None:
 
 # --------------------------------------------------------------------------------------------- 5 individual fits
 
+CURVE_POINTS = 200  # evenly spaced times per subject, before dose, infusion-end and observation times are added
+CURVE_DRAWS_LINEAR = 200  # exact and batched over draws: ~20 ms per subject
+# Nonlinear models go through scipy's stiff solver one draw at a time (~1 s per draw for the
+# oncolytic-virus model, whatever the number of times), so fewer draws and times.
+CURVE_POINTS_NONLINEAR = 60
+CURVE_DRAWS_NONLINEAR = 20
+# Re-simulated vs fitted IPRED at the observation times, same draws: loose enough for the fit's
+# ODE solver tolerance, tight enough to catch a wrong subject, dose or parameter (O(1) errors).
+CURVE_RTOL = 1e-2
+BAND = (0.05, 0.5, 0.95)
 
-def ipred_quantiles(run: RunData, q: tuple[float, ...] = (0.05, 0.5, 0.95)) -> np.ndarray | None:
+
+@dataclass(frozen=True)
+class SubjectCurves:
+    """Posterior percentiles of one subject's outputs on a fine time grid.
+
+    Attributes
+    ----------
+    times : ndarray (T,)
+        Model time unit; includes every observation and dose time of the subject.
+    bands : dict of output -> ndarray (3, T)
+        5th, 50th and 95th posterior percentiles of the individual prediction, output unit.
+    draws : int
+        Posterior draws simulated.
+    """
+
+    times: np.ndarray
+    bands: dict[str, np.ndarray]
+    draws: int
+
+
+def curve_grid(schedule: Any, obs_times: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
+    """Times (model time unit) at which to draw a subject's curves.
+
+    ``points`` evenly spaced times from 0 to 5% past the last observation or dose, plus the
+    observation times, dose times, infusion ends and a few log-spaced times after each dose
+    (so peaks and early rises are not stepped over), and a time just before each later dose
+    (so a bolus shows as a jump rather than a slanted line).
+    """
+    doses = np.asarray(schedule.dose_times(), dtype=float)
+    ends = np.array([t + d.infusion_duration for d in schedule.doses if d.is_infusion
+                     and math.isfinite(d.infusion_duration) for t in d.times()], dtype=float)
+    end = 1.05 * max([0.0, *np.asarray(obs_times, dtype=float), *doses, *ends]) or 1.0
+    early = (doses[:, None] + end * np.geomspace(1e-4, 0.02, 10)[None, :]).ravel()
+    before = doses[doses > 0] - 1e-6 * end
+    grid = np.concatenate([np.linspace(0.0, end, points), obs_times, doses, ends, early, before])
+    return np.unique(np.clip(grid, 0.0, end))
+
+
+def draw_index(total: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``limit`` of ``total`` flattened draws, chosen with ``seed``."""
+    if total <= limit:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+
+
+def subject_parameters(run: RunData, position: int | None, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Draws ``index`` of one subject's parameters, by the model file's names.
+
+    IIV parameters from ``NAME_i[..., position]`` (``position``: the subject's place on the
+    posterior's ``subject`` axis), other estimated ones from the population ``NAME``; parameters
+    absent from the posterior are held at the model file's values by :func:`itpk.system.resolve`.
+    """
+    post = run.tree["posterior"]
+    values = {}
+    for name in run.spec.parameters:
+        if f"{name}_i" in post and position is not None:
+            arr = np.asarray(post[f"{name}_i"])
+            values[name] = arr.reshape(-1, arr.shape[-1])[index, position]
+        elif name in post:
+            values[name] = np.asarray(post[name]).reshape(-1)[index]
+    return values
+
+
+def subject_curves(run: RunData, sid: Any, index: np.ndarray) -> SubjectCurves:
+    """Simulate one subject for posterior draws ``index`` on :func:`curve_grid` (one batched call).
+
+    Raises
+    ------
+    ItpkError
+        When the data file's subject is unknown to the posterior, or the re-simulation disagrees
+        with the fit's IPRED at the observation times (relative tolerance ``CURVE_RTOL``).
+    """
+    from itpk.simulate import simulate
+
+    post, pred = run.tree["posterior"], run.predictions
+    subject = run.subjects[sid]
+    position = None
+    if "subject" in post.coords:
+        ids = [str(v) for v in np.asarray(post.coords["subject"])]
+        if str(sid) not in ids:
+            raise ItpkError(f"subject {sid} of the data file is not in the posterior")
+        position = ids.index(str(sid))
+    rows = np.flatnonzero((pred["ID"].astype(str) == str(sid)).to_numpy())
+    obs_t = pred["TIME"].to_numpy(dtype=float)[rows]
+    outputs = [o for o in _outputs(run) if o in set(pred["CMT"].astype(str).to_numpy()[rows])]
+    times = curve_grid(subject.schedule, obs_t, CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)
+    params = {**subject_parameters(run, position, index), **subject.covariates}
+    prof = simulate(run.spec, subject.schedule, params, times, outputs=outputs)
+    _check_against_ipred(run, sid, rows, index, times, prof.outputs)
+    bands = {o: np.quantile(prof.outputs[o], BAND, axis=0) for o in outputs}
+    return SubjectCurves(times, bands, int(index.size))
+
+
+def _check_against_ipred(run: RunData, sid: Any, rows: np.ndarray, index: np.ndarray, times: np.ndarray,
+                         outputs: dict[str, np.ndarray]) -> None:
+    """The curves must reproduce the fitted IPRED draw by draw: a wrong subject, parameter or
+    dose mapping would otherwise draw a plausible but false curve."""
+    post = run.tree["posterior"]
+    if "IPRED" not in post or rows.size == 0:
+        return
+    ipred = np.asarray(post["IPRED"])
+    if ipred.shape[-1] != len(run.predictions):
+        raise ItpkError(f"subject {sid}: posterior IPRED and predictions.csv disagree on the observations")
+    ipred = ipred.reshape(-1, ipred.shape[-1])[index][:, rows]
+    cmt = run.predictions["CMT"].astype(str).to_numpy()[rows]
+    at = np.searchsorted(times, run.predictions["TIME"].to_numpy(dtype=float)[rows])
+    sim = np.stack([outputs[c][:, j] for c, j in zip(cmt, at, strict=True)], axis=1)
+    scale = np.abs(ipred).max()
+    if not np.allclose(sim, ipred, rtol=CURVE_RTOL, atol=CURVE_RTOL * scale):
+        worst = float(np.max(np.abs(sim - ipred) / (np.abs(ipred) + CURVE_RTOL * scale)))
+        raise ItpkError(f"subject {sid}: re-simulated predictions differ from the fitted IPRED (relative {worst:.2g})")
+
+
+def individual_curves(run: RunData, progress: Progress | None = None) -> tuple[dict[Any, SubjectCurves], str]:
+    """Smooth posterior curves of every subject, and a note on any subject drawn without them.
+
+    Empty (with the reason) when the data file could not be re-read; a subject whose
+    re-simulation fails falls back to its observation times, named in the note.
+    """
+    ids = list(dict.fromkeys(run.predictions["ID"].tolist()))
+    if not run.subjects:  # no data file: the caller draws at the observation times and run.data_note says why
+        for _ in ids:
+            if progress:
+                progress.advance()
+        return {}, ""
+    linear = run.spec.is_linear
+    post = run.tree["posterior"]
+    total = int(post.sizes.get("chain", 1) * post.sizes.get("draw", 1))
+    seed = int(run.record.get("settings", {}).get("seed") or 0)
+    index = draw_index(total, CURVE_DRAWS_LINEAR if linear else CURVE_DRAWS_NONLINEAR, seed)
+    by_str = {str(k): k for k in run.subjects}
+    curves, failed = {}, []
+    for sid in ids:
+        if progress:
+            progress.step(f"individual fits: subject {sid}")
+        try:
+            if str(sid) not in by_str:
+                raise ItpkError(f"subject {sid} is not in the data file")
+            curves[sid] = subject_curves(run, by_str[str(sid)], index)
+        except ItpkError as exc:
+            failed.append(str(exc))
+        if progress:
+            progress.advance()
+    note = ""
+    if failed:
+        note = (f"individual fits of {len(failed)} subject(s) drawn at the observation times only: "
+                + "; ".join(failed[:5]) + (" …" if len(failed) > 5 else ""))
+    return curves, note
+
+
+def ipred_quantiles(run: RunData, q: tuple[float, ...] = BAND) -> np.ndarray | None:
     """(len(q), n_obs) posterior quantiles of IPRED at every observation, or None."""
     post = run.tree["posterior"]
     if "IPRED" not in post:
@@ -510,67 +758,128 @@ def ipred_quantiles(run: RunData, q: tuple[float, ...] = (0.05, 0.5, 0.95)) -> n
     return np.quantile(arr, q, axis=0)
 
 
-def individual_figures(run: RunData) -> list[str]:
+def individual_figures(run: RunData, progress: Progress | None = None) -> dict[str, Any]:
+    """Pages of individual fits: smooth posterior curves when the data file could be re-read.
+
+    Returns
+    -------
+    dict
+        ``pages`` (PNG data URIs), ``smooth`` (subjects drawn with smooth curves), ``total``
+        (subjects), ``draws`` (posterior draws per curve) and ``note`` (why some are not smooth).
+    """
     plt = _matplotlib()
-    pred = run.predictions
+    curves, note = individual_curves(run, progress)
     band = ipred_quantiles(run)
     outputs = _outputs(run)
-    ids = list(dict.fromkeys(pred["ID"].tolist()))
-    tu = run.spec.time_unit
+    ids = list(dict.fromkeys(run.predictions["ID"].tolist()))
     units = {run.spec.outputs[o].unit for o in outputs}
-    ylabel = f"concentration ({units.pop()})" if len(units) == 1 else "concentration (unit per output, see legend)"
-    figures = []
+    ylabel = f"concentration ({units.pop()})" if len(units) == 1 else "concentration (unit: see legend)"
+    pages = []
     for start in range(0, len(ids), SUBJECTS_PER_FIGURE):
         page = ids[start:start + SUBJECTS_PER_FIGURE]
         ncol = min(4, len(page))
         nrow = -(-len(page) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow + 0.6), squeeze=False,
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow + 0.7), squeeze=False,
                                  constrained_layout=True)
         for ax, sid in zip(axes.flat, page, strict=False):
-            for k, output in enumerate(outputs):
-                rows = np.flatnonzero(((pred["ID"] == sid) & (pred["CMT"].astype(str) == output)).to_numpy())
-                if rows.size == 0:
-                    continue
-                color = COLORS[k % len(COLORS)]
-                t = pred["TIME"].to_numpy()[rows]
-                order = np.argsort(t, kind="stable")
-                rows, t = rows[order], t[order]
-                label = f"{output} ({run.spec.outputs[output].unit})"
-                if band is not None:
-                    lo, med, hi = band[:, rows]
-                    ax.fill_between(t, lo, hi, color=color, alpha=0.2, lw=0)
-                    ax.plot(t, med, color=color, lw=1.4, label=label)
-                dv = pred["DV"].to_numpy()[rows]
-                cens = pred["BLQ"].to_numpy()[rows] == 1
-                ax.plot(t[~cens], dv[~cens], "o", ms=3.5, color=color)
-                if cens.any():
-                    ax.plot(t[cens], dv[cens], "v", ms=5, mfc="none", color=color)
-            for dt in run.doses.get(sid, []):
-                ax.axvline(dt, color="0.5", lw=0.8, ls=":", zorder=0)
-            positive = ax.get_lines() and any((np.asarray(line.get_ydata()) > 0).any() for line in ax.get_lines())
-            if positive:
-                log_axis(ax, "y")
-            arm = run.arms.get(sid, "")
-            ax.set_title(f"ID {sid}" + (f" — {arm}" if arm else ""), fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel(f"time ({tu})", fontsize=8)
+            _subject_panel(ax, run, sid, outputs, curves.get(sid), band)
             ax.set_ylabel(ylabel, fontsize=8)
         for ax in list(axes.flat)[len(page):]:
             ax.set_visible(False)
-        handles, labels = [], []
-        for ax in axes.flat:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in labels:
-                    handles.append(h)
-                    labels.append(lab)
-        fig.legend(handles, [f"{lab}: median IPRED, 90% band; points observed, ▽ censored" for lab in labels],
-                   loc="outside lower center", fontsize=8, ncol=max(1, len(labels)), frameon=False)
-        figures.append(png(fig))
-    return figures
+        fig.legend(*_individual_legend(run, outputs), loc="outside lower center", fontsize=8,
+                   ncol=len(outputs) + 3, frameon=False)
+        pages.append(png(fig))
+    draws = next(iter(curves.values())).draws if curves else 0
+    return {"pages": pages, "smooth": len(curves), "total": len(ids), "draws": draws, "note": note}
+
+
+def _subject_panel(ax: Any, run: RunData, sid: Any, outputs: list[str], curve: SubjectCurves | None,
+                   band: np.ndarray | None) -> None:
+    """One subject: median and 90% band per output (smooth, or at the observation times), data, doses."""
+    pred = run.predictions
+    observed, drawn = [], []
+    for k, output in enumerate(outputs):
+        rows = np.flatnonzero(((pred["ID"] == sid) & (pred["CMT"].astype(str) == output)).to_numpy())
+        if rows.size == 0:
+            continue
+        color = COLORS[k % len(COLORS)]
+        t = pred["TIME"].to_numpy()[rows]
+        order = np.argsort(t, kind="stable")
+        rows, t = rows[order], t[order]
+        if curve is not None and output in curve.bands:
+            x, (lo, med, hi) = curve.times, curve.bands[output]
+        elif band is not None:
+            x, (lo, med, hi) = t, band[:, rows]
+        else:
+            x = lo = med = hi = None
+        if x is not None:
+            drawn.append((x, lo, med, hi, color))
+        dv = pred["DV"].to_numpy()[rows]
+        cens = pred["BLQ"].to_numpy()[rows] == 1
+        observed.append(dv)
+        ax.plot(t[~cens], dv[~cens], "o", ms=3.5, color=color, mec="white", mew=0.4, zorder=3)
+        if cens.any():
+            ax.plot(t[cens], dv[cens], "v", ms=5, mfc="none", color=color, zorder=3)
+    values = np.concatenate(observed) if observed else np.array([])
+    floor = _log_floor(values, [m for _, _, m, _, _ in drawn])
+    for x, lo, med, hi, color in drawn:
+        if floor is not None:  # a log axis cannot show the zero before a dose reaches a compartment
+            lo, med, hi = (np.maximum(v, floor) for v in (lo, med, hi))
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+        ax.plot(x, med, color=color, lw=1.3)
+    for dt in run.doses.get(sid, []):
+        ax.axvline(dt, color="0.35", lw=0.9, ls=":", zorder=0)
+        # a triangle on the time axis, visible even for a dose at time 0 (where the line hides in the frame)
+        ax.plot(dt, 0, marker="^", ms=6, color="0.2", transform=ax.get_xaxis_transform(), clip_on=False, zorder=4)
+    if floor is not None:
+        log_axis(ax, "y")
+        top = max([float(np.nanmax(values)) if values.size else 0.0, *(float(np.nanmax(h)) for *_, h, _ in drawn)])
+        ax.set_ylim(floor, top * 2 if top > floor else floor * 10)
+    if curve is not None:
+        ax.set_xlim(0, curve.times[-1])
+    arm = run.arms.get(sid, "")
+    ax.set_title(f"ID {sid}" + (f" — arm {arm}" if arm else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(which="both", labelsize=7)
+    ax.set_xlabel(f"time ({run.spec.time_unit})", fontsize=8)
+
+
+def _log_floor(observed: np.ndarray, medians: list[np.ndarray]) -> float | None:
+    """Bottom of a log axis: a decade below the lowest observation (or the lowest positive median),
+    and at most 6 decades below the top, so near-zero predictions do not squash the data."""
+    pos = observed[np.isfinite(observed) & (observed > 0)]
+    meds = np.concatenate(medians) if medians else np.array([])
+    meds = meds[np.isfinite(meds) & (meds > 0)]
+    if pos.size == 0 and meds.size == 0:
+        return None
+    low = pos.min() / 10 if pos.size else meds.min()
+    top = max(pos.max() if pos.size else 0.0, meds.max() if meds.size else 0.0)
+    return float(max(low, top * 1e-6))
+
+
+def _individual_legend(run: RunData, outputs: list[str]) -> tuple[list[Any], list[str]]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []
+    labels = []
+    for k, output in enumerate(outputs):
+        color = COLORS[k % len(COLORS)]
+        handles.append((Patch(color=color, alpha=0.2, lw=0), Line2D([], [], color=color, lw=1.3)))
+        labels.append(f"{output} ({run.spec.outputs[output].unit}): posterior median, 90% band")
+    handles += [Line2D([], [], ls="", marker="o", color="0.3", ms=4),
+                Line2D([], [], ls="", marker="v", mfc="none", color="0.3", ms=5)]
+    labels += ["observed", "censored (BLQ, drawn at the LLOQ)"]
+    if run.doses:  # unknown without the data file
+        handles.append(Line2D([], [], color="0.35", lw=0.9, ls=":", marker="^", ms=6, mfc="0.2", mec="0.2"))
+        labels.append("dose")
+    return handles, labels
 
 
 # --------------------------------------------------------------------------------------------- 6 VPC
+
+VPC_REPLICATES = 500  # posterior predictive replicates of the dataset used per VPC (evenly thinned)
+PERCENTILES = (5, 50, 95)
 
 
 def _predictive(run: RunData, output: str, rows: np.ndarray) -> np.ndarray | None:
@@ -581,85 +890,242 @@ def _predictive(run: RunData, output: str, rows: np.ndarray) -> np.ndarray | Non
     arr = arr.reshape(-1, arr.shape[-1])
     if arr.shape[1] != rows.size:
         return None
-    if run.record.get("settings", {}).get("errors", {}).get(output) == "log":
+    if _log_error(run, output):
         arr = np.exp(arr)
     return arr
 
 
+def _log_error(run: RunData, output: str) -> bool:
+    return run.record.get("settings", {}).get("errors", {}).get(output) == "log"
+
+
 def time_bins(times: np.ndarray, max_bins: int = 10) -> np.ndarray:
-    """Bin index per time: one bin per distinct nominal time when few, else quantile bins."""
+    """Bin index per time (0, 1, … with no empty bin): one bin per distinct time when few, else quantile bins."""
     unique = np.unique(times)
     if unique.size <= max_bins:
         return np.searchsorted(unique, times)
     edges = np.unique(np.quantile(times, np.linspace(0, 1, max_bins + 1)))
-    return np.clip(np.searchsorted(edges, times, side="right") - 1, 0, edges.size - 2)
+    raw = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, edges.size - 2)
+    return np.unique(raw, return_inverse=True)[1]
+
+
+def prediction_correct(values: np.ndarray, pred: np.ndarray, bins: np.ndarray, *, log: bool = False) -> np.ndarray:
+    """Prediction-corrected values (Bergstrand et al. 2011, AAPS J 13:143, lower bound 0).
+
+    ``pcY_ij = Y_ij · PRED_bin / PRED_ij`` with ``PRED_bin`` the median PRED of the bin of
+    observation ij. With ``log`` (log-normal residual error) the correction is additive on the
+    log scale, ``log pcY = log Y + median(log PRED_bin) − log PRED``, i.e. the same ratio with
+    the bin's median taken on the log scale.
+
+    Parameters
+    ----------
+    values : ndarray (..., n)
+        Observed or simulated values, output unit; the last axis runs over observations.
+    pred : ndarray (n,)
+        Population predictions (PRED) of the same observations, output unit, > 0.
+    bins : ndarray (n,) of int
+        Bin of each observation (0, 1, …).
+
+    Returns
+    -------
+    ndarray (..., n)
+        Corrected values, output unit.
+
+    Examples
+    --------
+    >>> prediction_correct(np.array([1.0, 1.0, 1.0, 1.0]), np.array([1.0, 2.0, 4.0, 8.0]), np.array([0, 0, 1, 1]))
+    array([1.5 , 0.75, 1.5 , 0.75])
+    """
+    pred = np.asarray(pred, dtype=float)
+    bins = np.asarray(bins)
+    typical = np.empty_like(pred)
+    for b in np.unique(bins):
+        m = bins == b
+        typical[m] = np.exp(np.median(np.log(pred[m]))) if log else np.median(pred[m])
+    return np.asarray(values, dtype=float) * (typical / pred)
 
 
 def vpc_figures(run: RunData) -> list[dict[str, Any]]:
+    """One prediction-corrected VPC per output (all subjects, then per arm), with a BLQ-fraction panel."""
     plt = _matplotlib()
     pred = run.predictions
-    tu = run.spec.time_unit
     figures = []
     for output in _outputs(run):
-        unit = run.spec.outputs[output].unit
         rows = np.flatnonzero((pred["CMT"].astype(str) == output).to_numpy())
         sim = _predictive(run, output, rows)
         if sim is None:
             continue
-        sim = sim[:: max(1, sim.shape[0] // 500)]
+        sim = sim[:: max(1, -(-sim.shape[0] // VPC_REPLICATES))]
         d = pred.iloc[rows]
         cens = d["BLQ"].to_numpy() == 1
-        lloq = float(np.median(d["DV"].to_numpy()[cens])) if cens.any() else None
-        strata = d["ID"].map(run.arms).fillna("all").astype(str).to_numpy() if run.arms else np.full(len(d), "all")
-        names = list(dict.fromkeys(strata))
+        strata = _strata(run, d["ID"])
         ncol = 2 if cens.any() else 1
-        fig, axes = plt.subplots(len(names), ncol, figsize=(6.5 * ncol, 3.4 * len(names)), squeeze=False,
+        fig, axes = plt.subplots(len(strata), ncol, figsize=(6.3 * ncol, 3.3 * len(strata) + 0.6), squeeze=False,
                                  constrained_layout=True)
-        for r, stratum in enumerate(names):
-            m = strata == stratum
-            t, dv, s, c = d["TIME"].to_numpy()[m], d["DV"].to_numpy()[m], sim[:, m], cens[m]
-            b = time_bins(t)
-            nb = int(b.max()) + 1
-            mid = np.array([np.median(t[b == i]) for i in range(nb)])
-            ax = axes[r, 0]
-            for q, ls in ((5, "--"), (50, "-"), (95, "--")):
-                sim_q = np.array([np.percentile(s[:, b == i], q, axis=1) for i in range(nb)])  # (nb, draws)
-                lo, hi = np.percentile(sim_q, [5, 95], axis=1)
-                ax.fill_between(mid, lo, hi, color=COLORS[0] if q == 50 else COLORS[1], alpha=0.18, lw=0, step=None)
-                obs_q = np.array([np.percentile(dv[b == i], q) for i in range(nb)])
-                ax.plot(mid, obs_q, color="k", ls=ls, lw=1.3, label=f"observed {q}th percentile" if q != 95 else None)
-            ax.plot(t[~c], dv[~c], ".", color="0.55", ms=3, zorder=0)
-            if c.any():
-                ax.plot(t[c], dv[c], "v", color=COLORS[1], mfc="none", ms=4, zorder=0)
-            if lloq is not None:
-                ax.axhline(lloq, color=COLORS[1], lw=0.8, ls=":", label=f"LLOQ {fmt(lloq)} {unit}")
-            if (dv > 0).any():
-                log_axis(ax, "y")
-            ax.set_xlabel(f"time ({tu})", fontsize=9)
-            ax.set_ylabel(f"{output} ({unit})", fontsize=9)
-            ax.set_title(f"{output}, arm {stratum}" if stratum != "all" else output, fontsize=10)
-            ax.grid(alpha=0.3)
-            if r == 0:
-                ax.legend(fontsize=7, loc="best")
+        dropped = 0
+        for r, (stratum, m) in enumerate(strata.items()):
+            dropped = max(dropped, _pc_panel(axes[r, 0], run, output, d[m], sim[:, m], stratum))
             if ncol == 2:
-                ax = axes[r, 1]
-                obs_frac = np.array([c[b == i].mean() for i in range(nb)])
-                sim_frac = np.array([(s[:, b == i] <= lloq * (1 + 1e-9)).mean(axis=1) for i in range(nb)])
-                lo, hi = np.percentile(sim_frac, [5, 95], axis=1)
-                ax.fill_between(mid, lo, hi, color=COLORS[1], alpha=0.2, lw=0, label="simulated 90% interval")
-                ax.plot(mid, obs_frac, "k-o", ms=3, lw=1.2, label="observed")
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_xlabel(f"time ({tu})", fontsize=9)
-                ax.set_ylabel("fraction below LLOQ", fontsize=9)
-                ax.set_title(f"{output}: fraction censored" + (f", arm {stratum}" if stratum != "all" else ""), fontsize=10)
-                ax.grid(alpha=0.3)
-                if r == 0:
-                    ax.legend(fontsize=7, loc="best")
-        figures.append({"output": output, "image": png(fig), "draws": sim.shape[0]})
+                _blq_panel(axes[r, 1], run, output, d[m], sim[:, m], stratum)
+        fig.legend(*_vpc_legend(cens.any()), loc="outside lower center", fontsize=8, ncol=2 * ncol, frameon=False)
+        figures.append({"output": output, "unit": run.spec.outputs[output].unit, "image": png(fig),
+                        "draws": sim.shape[0], "dropped": dropped, "log": _log_error(run, output),
+                        "strata": len(strata), "blq": bool(cens.any())})
     return figures
 
 
+def _strata(run: RunData, ids: pd.Series) -> dict[str, np.ndarray]:
+    """All subjects pooled (what the prediction correction is for), then each arm when there are several."""
+    out = {"all subjects": np.ones(len(ids), dtype=bool)}
+    arms = ids.map(run.arms).fillna("").astype(str).to_numpy() if run.arms else np.full(len(ids), "")
+    names = [a for a in dict.fromkeys(arms) if a]
+    if len(names) > 1:
+        out.update({f"arm {a}": arms == a for a in names})
+    return out
+
+
+def _lloq(d: pd.DataFrame) -> float | None:
+    cens = d["BLQ"].to_numpy() == 1
+    return float(np.median(d["DV"].to_numpy()[cens])) if cens.any() else None
+
+
+def _pc_panel(ax: Any, run: RunData, output: str, d: pd.DataFrame, sim: np.ndarray, stratum: str) -> int:
+    """Observed percentiles of pcDV against 90% intervals of the simulated ones; returns observations dropped."""
+    unit, tu = run.spec.outputs[output].unit, run.spec.time_unit
+    p = d["PRED"].to_numpy(dtype=float)
+    keep = np.isfinite(p) & (p > 0)  # the ratio needs PRED > 0 (e.g. not before any drug arrives)
+    t, dv, cens, p, sim = d["TIME"].to_numpy()[keep], d["DV"].to_numpy()[keep], (d["BLQ"].to_numpy() == 1)[keep], \
+        p[keep], sim[:, keep]
+    if t.size == 0:
+        ax.text(0.5, 0.5, "no observation with PRED > 0", ha="center", va="center", transform=ax.transAxes)
+        return int((~keep).sum())
+    lloq = _lloq(d)
+    if lloq is not None:  # a replicate below the LLOQ would have been reported as censored, like the data
+        sim = np.maximum(sim, lloq)
+    b = time_bins(t)
+    nb = int(b.max()) + 1
+    mid = np.array([np.median(t[b == i]) for i in range(nb)])
+    log = _log_error(run, output)
+    pc_dv, pc_sim = prediction_correct(dv, p, b, log=log), prediction_correct(sim, p, b, log=log)
+    ax.plot(t[~cens], pc_dv[~cens], ".", color="0.6", ms=3, zorder=0)
+    if cens.any():
+        ax.plot(t[cens], pc_dv[cens], "v", color=COLORS[1], mfc="none", ms=4, zorder=0)
+    for q in PERCENTILES:
+        sim_q = np.stack([np.percentile(pc_sim[:, b == i], q, axis=1) for i in range(nb)])  # (bins, replicates)
+        lo, hi = np.percentile(sim_q, [5, 95], axis=1)
+        ax.fill_between(mid, lo, hi, color=COLORS[0] if q == 50 else COLORS[1], alpha=0.2, lw=0)
+        obs_q = np.array([np.percentile(pc_dv[b == i], q) for i in range(nb)])
+        ax.plot(mid, obs_q, color="k", ls="-" if q == 50 else "--", lw=1.3, marker="o" if q == 50 else None, ms=3)
+    if (pc_dv > 0).any():
+        log_axis(ax, "y")
+    ax.set_xlabel(f"time ({tu})", fontsize=9)
+    ax.set_ylabel(f"prediction-corrected {output} ({unit})", fontsize=9)
+    ax.set_title(f"prediction-corrected VPC — {output}, {stratum}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.tick_params(which="both", labelsize=8)
+    return int((~keep).sum())
+
+
+def _blq_panel(ax: Any, run: RunData, output: str, d: pd.DataFrame, sim: np.ndarray, stratum: str) -> None:
+    """Observed fraction below the LLOQ per time bin against the simulated 90% interval (not corrected)."""
+    cens = d["BLQ"].to_numpy() == 1
+    t = d["TIME"].to_numpy()
+    lloq = _lloq(d)
+    b = time_bins(t)
+    nb = int(b.max()) + 1
+    mid = np.array([np.median(t[b == i]) for i in range(nb)])
+    obs = np.array([cens[b == i].mean() for i in range(nb)])
+    if lloq is None:
+        simulated = np.zeros((nb, sim.shape[0]))
+    else:
+        simulated = np.stack([(sim[:, b == i] <= lloq * (1 + 1e-9)).mean(axis=1) for i in range(nb)])
+    lo, hi = np.percentile(simulated, [5, 95], axis=1)
+    ax.fill_between(mid, lo, hi, color=COLORS[1], alpha=0.2, lw=0)
+    ax.plot(mid, obs, "k-o", ms=3, lw=1.2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"time ({run.spec.time_unit})", fontsize=9)
+    ax.set_ylabel("fraction below LLOQ (dimensionless)", fontsize=9)
+    where = f"LLOQ {fmt(lloq)} {run.spec.outputs[output].unit}" if lloq is not None else "none censored"
+    ax.set_title(f"{output}: fraction censored, {stratum} ({where})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.tick_params(which="both", labelsize=8)
+
+
+def _vpc_legend(censored: bool) -> tuple[list[Any], list[str]]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = [Line2D([], [], color="k", marker="o", ms=3, lw=1.3), Line2D([], [], color="k", ls="--", lw=1.3),
+                          Patch(color=COLORS[0], alpha=0.3, lw=0), Patch(color=COLORS[1], alpha=0.3, lw=0),
+                          Line2D([], [], ls="", marker=".", color="0.6")]
+    labels = ["observed median (pcDV)", "observed 5th and 95th percentiles (pcDV)",
+              "simulated median: 90% interval", "simulated 5th and 95th percentiles: 90% intervals",
+              "observations (pcDV)"]
+    if censored:
+        handles += [Line2D([], [], ls="", marker="v", mfc="none", color=COLORS[1]),
+                    Line2D([], [], color="k", marker="o", ms=3, lw=1.2)]
+        labels += ["censored (at the LLOQ, corrected)", "observed fraction below LLOQ (right)"]
+    return handles, labels
+
+
 # --------------------------------------------------------------------------------------------- 7 exposure
+
+
+ROUTE_COLORS = ("#9467bd", "#2ca02c")  # local route, systemic route (not the output colours used elsewhere)
+
+
+def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | None:
+    """Tumour and plasma profiles of the typical subject after the same single dose by each route.
+
+    The population parameters' posterior (thinned, covariates at the model's defaults, the same
+    bolus regimens as ``exposure.csv``) is simulated to 5% past the last observation; lines are
+    posterior medians and bands 90% credible bands. None when the model names no local and
+    systemic outputs.
+    """
+    from itpk.events import regimen
+    from itpk.run import posterior_values
+    from itpk.simulate import simulate
+
+    roles = run.spec.exposure
+    outputs = [roles[r] for r in ("local", "systemic") if r in roles and roles[r] in run.spec.outputs]
+    if not outputs or not any(k in run.spec.parameters for k in run.draws):
+        return None
+    limit = CURVE_DRAWS_LINEAR if run.spec.is_linear else CURVE_DRAWS_NONLINEAR
+    values = posterior_values(run.spec, run.draws, max_draws=limit)
+    last = float(run.predictions["TIME"].max())
+    times = curve_grid(regimen(local, dose), np.array([last]), CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)
+    bands = {route: {o: np.quantile(v, BAND, axis=0) for o, v in
+                     simulate(run.spec, regimen(route, dose), values, times, outputs=outputs).outputs.items()}
+             for route in (local, ref)}
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, len(outputs), figsize=(5.6 * len(outputs), 3.6), squeeze=False, constrained_layout=True)
+    for ax, output in zip(axes.flat, outputs, strict=True):
+        medians = [bands[r][output][1] for r in bands]
+        floor = _log_floor(np.array([]), medians)
+        for color, (route, b) in zip(ROUTE_COLORS, bands.items(), strict=True):
+            lo, med, hi = (np.maximum(v, floor) if floor is not None else v for v in b[output])
+            ax.fill_between(times, lo, hi, color=color, alpha=0.2, lw=0)
+            ax.plot(times, med, color=color, lw=1.5, label=f"{route.upper()} {fmt(dose)} {_dose_unit(run, route)}".rstrip())
+        if floor is not None:
+            log_axis(ax, "y")
+        unit = run.spec.outputs[output].unit
+        role = "injected lesion" if output == roles.get("local") else "systemic circulation"
+        ax.set_title(f"{output} ({role})", fontsize=10)
+        ax.set_xlabel(f"time after the dose ({run.spec.time_unit})", fontsize=9)
+        ax.set_ylabel(f"{output} ({unit})", fontsize=9)
+        ax.set_xlim(0, times[-1])
+        ax.grid(alpha=0.3)
+        ax.tick_params(which="both", labelsize=8)
+        ax.legend(fontsize=8, title="route, dose (median, 90% band)", title_fontsize=8)
+    return png(fig)
+
+
+def _dose_unit(run: RunData, route: str) -> str:
+    """Amount unit of the compartments a route doses into (the dose's unit), or "" when unknown."""
+    spec = run.spec
+    into = getattr(spec.routes.get(route), "into", {})
+    units = {c.amount_unit for c in spec.compartments if c.name in into}
+    return units.pop() if len(units) == 1 else ""
 
 
 def exposure_section(run: RunData) -> dict[str, Any] | None:
@@ -668,7 +1134,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         return None
     route = str(e["route"].iloc[0]) if "route" in e else "it vs iv"
     ref = route.split(" vs ")[-1].upper() if " vs " in route else "systemic"
-    dose = f"{fmt(e['dose'].iloc[0])}" if "dose" in e else "?"
+    dose = f"{fmt(e['dose'].iloc[0])} {_dose_unit(run, route.split(' vs ')[0])}".strip() if "dose" in e else "?"
     pcol = next((c for c in e.columns if c.startswith("P(>")), None)
     rows, sentences = [], []
     for row in e.to_dict("records"):
@@ -683,7 +1149,12 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
             if p is not None and pd.notna(p):
                 text += f"; P(>1) = {float(p):.2f}"
             sentences.append(text + ".")
-    return {"rows": rows, "sentences": sentences, "route": route, "dose": dose, "pcol": pcol or "P(>1)"}
+    profiles = None
+    if " vs " in route and "dose" in e:
+        local, reference = route.split(" vs ")[:2]
+        profiles = exposure_profiles(run, local, reference, float(e["dose"].iloc[0]))
+    return {"rows": rows, "sentences": sentences, "route": route, "dose": dose, "pcol": pcol or "P(>1)",
+            "profiles": profiles}
 
 
 # --------------------------------------------------------------------------------------------- 8 sampler
@@ -721,7 +1192,7 @@ def sampler_section(run: RunData) -> dict[str, Any]:
                 log_axis(axes[r, 0], "y")
             axes[r, 1].set_yticks([])
             for ax in axes[r]:
-                ax.tick_params(labelsize=7)
+                ax.tick_params(which="both", labelsize=7)
         axes[0, 0].set_title("trace (one colour per chain)", fontsize=9)
         axes[0, 1].set_title("rank histogram (flat = chains agree)", fontsize=9)
         axes[-1, 0].set_xlabel("draw (after tuning)", fontsize=8)
