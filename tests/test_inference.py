@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from itpk.cli.main import app
 from scipy import stats
 from typer.testing import CliRunner
 
 from itpk import load_model
-from itpk.cli.main import app
 from itpk.dataset import read_frame
 from itpk.errors import FitError
 from itpk.inference import build_model, fit
@@ -48,7 +48,7 @@ def test_log_density_matches_hand_computation_with_m3():
 
     CL = 4.0 * np.exp(0.3 * np.array([0.5, -1.0]))
     V = 45.0 * np.exp(0.2 * np.array([-0.3, 0.8]))
-    pred = lambda i, dose, t: dose / V[i] * np.exp(-CL[i] / V[i] * t)  # noqa: E731
+    pred = lambda i, dose, t: dose / V[i] * np.exp(-CL[i] / V[i] * t)
     prior = (stats.norm.logpdf(math.log(4.0), math.log(5.0), 1.0) + stats.norm.logpdf(math.log(45.0), math.log(50.0), 1.0)
              + stats.halfnorm.logpdf(0.3, scale=1.0) + stats.halfnorm.logpdf(0.2, scale=1.0)
              + stats.norm.logpdf([0.5, -1.0, -0.3, 0.8]).sum()
@@ -75,6 +75,52 @@ def test_nonlinear_model_builds_with_the_ode_op():
     logp = model.compile_logp()(model.initial_point())
     dlogp = model.compile_dlogp()(model.initial_point())
     assert np.isfinite(logp) and np.all(np.isfinite(dlogp))
+
+
+@pytest.mark.parametrize("kind", ["additive", "proportional", "combined", "log"])
+def test_numpy_log_likelihood_equals_pymc(kind):
+    # the log_likelihood group comes from IPRED draws in numpy (itpk.residuals), not from PyMC's
+    # compute_log_likelihood: both on the same 50 prior draws. Quantified values rtol 1e-10; the
+    # M3 terms (row 2 is censored) rtol 1e-6: PyMC's compiled normal log-CDF differs from scipy's
+    # log_ndtr (exact to rounding) by up to ~3e-7 relative in the tail
+    import pymc as pm
+    import xarray as xr
+
+    from itpk.inference import _complete
+
+    fast = {"mode": "FAST_COMPILE"}  # the python linker: no numba compile in the fast suite
+    model, data = build_model(load_model("one_cpt_iv"), tiny_dataset(), errors={"plasma": kind})
+    prior = pm.sample_prior_predictive(draws=50, model=model, random_seed=3, compile_kwargs=fast)
+    tree = xr.DataTree.from_dict({"posterior": prior["prior"].to_dataset()})
+    ours = _complete(tree.copy(), model, data, seed=3)["log_likelihood"]["DV_plasma"].values
+    theirs = pm.compute_log_likelihood(tree.copy(), model=model, progressbar=False,
+                                       compile_kwargs=fast)["log_likelihood"]["DV_plasma"].values
+    assert ours.shape == theirs.shape == (1, 50, 5)
+    finite = np.isfinite(theirs)
+    assert finite.mean() > 0.9 and np.array_equal(finite, np.isfinite(ours))
+    censored = np.zeros_like(finite)
+    censored[..., 2] = True
+    for mask, rtol in ((finite & ~censored, 1e-10), (finite & censored, 1e-6)):
+        np.testing.assert_allclose(ours[mask], theirs[mask], rtol=rtol, atol=1e-12)
+
+
+def test_posterior_predictive_draws_follow_the_error_model():
+    # 20,000 draws at one posterior point: mean and SD of each observation within 4 standard
+    # errors of N(μ, σ) for quantified values; censored ones never below the LLOQ (M3 reporting)
+    from itpk.residuals import location_scale, observed_outputs, pointwise
+
+    data = build_model(load_model("one_cpt_iv"), tiny_dataset(), errors={"plasma": "combined"})[1]
+    (obs,) = observed_outputs(data.observations, data.outputs, data.errors)
+    n = 20_000
+    ipred = np.tile(np.array([[2.0, 1.2, 0.05, 0.9, 0.3]]), (n, 1))
+    post = {"IPRED": ipred, "sigma_add_plasma": np.full(n, 0.1), "sigma_prop_plasma": np.full(n, 0.2)}
+    _, draws = pointwise(post, obs, np.random.default_rng(0))
+    mu, sd = location_scale("combined", ipred[0], {"add": 0.1, "prop": 0.2}, np)
+    quantified = ~np.isfinite(obs.lower)
+    np.testing.assert_allclose(draws.mean(0)[quantified], mu[quantified], atol=4 * sd.max() / math.sqrt(n))
+    np.testing.assert_allclose(draws.std(0)[quantified], sd[quantified], rtol=4 / math.sqrt(2 * n))
+    assert np.all(draws[:, ~quantified] >= obs.lower[~quantified])
+    assert np.mean(draws[:, ~quantified] == obs.lower[~quantified]) > 0.5  # LLOQ 0.2 above the mean 0.05
 
 
 def test_bad_method_and_error_override():

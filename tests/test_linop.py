@@ -83,8 +83,15 @@ def build(spec: ModelSpec, subjects: list[tuple[dict, Schedule, np.ndarray]]):
     return K, F, C, design, np.array(reference)
 
 
-def predict(K, F, C, design, mode=PERFORM):
-    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+def inputs(K, F, C, static=False):
+    """Symbolic K, F, C; with ``static`` their shapes are known, so n <= 2 takes the small kernels."""
+    if static:
+        return pt.tensor("K", shape=K.shape), pt.tensor("F", shape=F.shape), pt.tensor("C", shape=C.shape)
+    return pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+
+
+def predict(K, F, C, design, mode=PERFORM, static=False):
+    Kv, Fv, Cv = inputs(K, F, C, static)
     return pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design), mode=mode)(K, F, C)
 
 
@@ -94,11 +101,14 @@ def check_predictions(K, F, C, design, reference, rtol=RTOL):
     return got
 
 
-def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM):
-    """L = Σ w·y + Σ v·y²/scale (random w, v: a nonlinear function of y) and its gradient w.r.t. K, F, C."""
+def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM, shapes=None):
+    """L = Σ w·y + Σ v·y²/scale (random w, v: a nonlinear function of y) and its gradient w.r.t. K, F, C.
+
+    ``shapes``: (K, F, C) arrays whose shapes become static (the small kernels for n <= 2).
+    """
     rng = np.random.default_rng(seed)
     w, v = rng.normal(size=design.n_obs), rng.normal(size=design.n_obs)
-    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+    Kv, Fv, Cv = inputs(*shapes, static=True) if shapes is not None else inputs(None, None, None)
     y = linear_predict(Kv, Fv, Cv, design)
     loss = (w * y).sum() + (v * y**2).sum() / scale
     value = pytensor.function([Kv, Fv, Cv], loss, mode=mode)
@@ -106,8 +116,9 @@ def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM):
     return value, grads
 
 
-def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0):
-    value, grads = loss_and_gradients(design, np.abs(predict(K, F, C, design)).max(), seed)
+def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0, static=False):
+    scale = np.abs(predict(K, F, C, design, static=static)).max()
+    value, grads = loss_and_gradients(design, scale, seed, shapes=(K, F, C) if static else None)
     analytic = grads(K, F, C)
     inputs = [K, F, C]
     for which, (x, g) in enumerate(zip(inputs, analytic, strict=True)):
@@ -376,3 +387,71 @@ def test_arrays_that_do_not_fit_the_design_raise():
         f(K, F[:, :1], C)
     with pytest.raises(ValueError, match="disagree on N or n"):
         f(K, F[:1], C)
+
+
+# -- the small (1–2 compartment, real-arithmetic) kernels ----------------------------------
+
+
+def small_cases():
+    schedule = Schedule((Dose(0.0, 100.0, Target("iv"), duration=1.5, ii=12.0, addl=2), Dose(5.0, 30.0, Target("iv"))))
+    oral = Schedule((Dose(0.0, 100.0, Target("po"), ii=12.0, addl=2), Dose(5.0, 30.0, Target("iv"), duration=1.0)))
+    return [
+        build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, schedule, TIMES), ({"CL": 1.1, "V": 9.0}, schedule, TIMES)]),
+        build(load_model("two_cpt_iv"), [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, schedule, TIMES)]),
+        build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, oral, TIMES),
+                                           ({"ka": 0.9, "CL": 0.0, "V": 20.0}, oral, TIMES)]),  # λ = 0
+    ]
+
+
+def test_small_kernels_are_chosen_from_static_shapes_only_for_n_up_to_2():
+    design = small_cases()[0][3]
+    for n, small in ((1, True), (2, True), (3, False)):
+        K, F, C = np.zeros((2, n, n)), np.zeros((2, design.n_doses, n)), np.zeros((2, 1, n))
+        y = linear_predict(*inputs(K, F, C, static=True), design)
+        assert y.owner.op.small is small
+    assert linear_predict(*inputs(None, None, None), design).owner.op.small is False  # n unknown
+
+
+def test_small_kernels_match_simulate_and_the_general_kernels():
+    # rtol 1e-10 vs simulate; rtol 1e-13 vs the general (complex-capable) kernels, the same modal sums
+    for K, F, C, design, reference in small_cases():
+        got = predict(K, F, C, design, static=True)
+        np.testing.assert_allclose(got, reference, rtol=RTOL, atol=ATOL_REL * np.abs(reference).max())
+        np.testing.assert_allclose(got, predict(K, F, C, design), rtol=1e-13, atol=1e-15 * np.abs(got).max())
+
+
+def test_small_kernel_gradients_match_central_differences():
+    # rtol 1e-6, atol 1e-7 × max: K̄, F̄, C̄ of the real-arithmetic backward pass
+    for K, F, C, design, _ in small_cases():
+        check_gradients(K, F, C, design, static=True)
+
+
+def test_small_kernels_give_nan_for_a_defective_or_non_finite_subject_only():
+    spec = load_model("one_cpt_oral")
+    schedule = Schedule((Dose(0.0, 100.0, Target("po")),))
+    subjects = [({"ka": 0.5, "CL": 5.0, "V": 10.0}, schedule, TIMES), ({"ka": 0.8, "CL": 4.0, "V": 20.0}, schedule, TIMES)]
+    K, F, C, design, _ = build(spec, subjects)
+    bad = design.obs_subject == 0
+    for K0 in (K[0].copy(), np.array([[-0.5, 0.0], [0.5, np.nan]])):
+        K[0] = K0
+        y = predict(K, F, C, design, static=True)
+        assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+        _, grads = loss_and_gradients(design, shapes=(K, F, C))
+        for g in grads(K, F, C):
+            assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
+
+
+def test_small_kernels_numba_backend_equals_perform_without_object_mode():
+    # rtol 1e-13: the numba dispatch of the small kernels runs what perform runs
+    K, F, C, design, _ = small_cases()[2]
+    Kv, Fv, Cv = inputs(K, F, C, static=True)
+    y = linear_predict(Kv, Fv, Cv, design)
+    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
+    outputs = [y, *pytensor.grad(loss, [Kv, Fv, Cv])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = pytensor.function([Kv, Fv, Cv], outputs, mode="NUMBA")(K, F, C)
+    reference = pytensor.function([Kv, Fv, Cv], outputs, mode=PERFORM)(K, F, C)
+    for got, want in zip(compiled, reference, strict=True):
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15 * np.abs(want).max())
