@@ -234,18 +234,45 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     return ode_predict(system, system.stack_inputs(env, N), initial_amounts(spec, env, N, backend), F, design)
 
 
+def _assemble(pt: Any, terms: list[tuple[Any, dict[int, float]]], shape: tuple[int, ...], N: int) -> Any:
+    """Σ_k value_k · E_k as one product with a constant matrix: (N, *shape).
+
+    ``terms`` pairs a value (a tensor of shape (N,) or a number) with the entries of the
+    constant E_k it multiplies (flat index -> coefficient). One stack and one dot keep the
+    graph (and its gradient) small: entry-by-entry stacks of n² zeros and sums made the
+    it_antibody graph several times larger and slower to compile.
+    """
+    size = math.prod(shape)
+    constant = np.zeros(size)
+    values, rows = [], []
+    for value, entries in terms:
+        if isinstance(value, (int, float)):
+            for index, coef in entries.items():
+                constant[index] += coef * value
+            continue
+        row = np.zeros(size)
+        for index, coef in entries.items():
+            row[index] += coef
+        values.append(value * pt.ones(N))
+        rows.append(row)
+    if values:
+        flat = pt.dot(pt.stack(values, axis=1), np.stack(rows)) + constant
+    else:
+        flat = pt.as_tensor_variable(np.tile(constant, (N, 1)))
+    return flat.reshape((N, *shape))
+
+
 def _rate_matrices(pt: Any, spec: ModelSpec, env: Mapping[str, Any], backend: Mapping[str, Any], N: int) -> Any:
     """K (N, n, n) of the first-order flows, built from the individual parameters."""
     n = len(spec.compartments)
-    entries = [[pt.zeros(N) for _ in range(n)] for _ in range(n)]
+    terms = []
     for flow in spec.flows:
-        k = flow.rate.evaluate(env, backend) * pt.ones(N)
         i = spec.index(flow.source)
-        entries[i][i] = entries[i][i] - k
+        entries = {i * n + i: -1.0}
         if flow.target != ELIMINATION:
-            j = spec.index(flow.target)
-            entries[j][i] = entries[j][i] + k
-    return pt.stack([pt.stack(row, axis=-1) for row in entries], axis=-2)
+            entries[spec.index(flow.target) * n + i] = 1.0
+        terms.append((flow.rate.evaluate(env, backend), entries))
+    return _assemble(pt, terms, (n, n), N)
 
 
 def uses_exact_solution(spec: ModelSpec) -> bool:
@@ -259,20 +286,23 @@ def _dose_vectors(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any
     N, D = d.time.shape
     n = len(spec.compartments)
     targets = sorted({t for row in d.target for t in row if t is not None}, key=str)
-    fractions = []
-    for t in targets:
-        rows = [pt.zeros(N) for _ in range(n)]
+    R = max(len(targets), 1)
+    terms: list[tuple[Any, dict[int, float]]] = []
+    for r, t in enumerate(targets):
         if t.compartment:
-            rows[spec.index(t.name)] = pt.ones(N)
+            terms.append((1.0, {r * n + spec.index(t.name): 1.0}))
         else:
             for cmt, frac in spec.routes[t.name].into.items():
-                rows[spec.index(cmt)] = rows[spec.index(cmt)] + frac.evaluate(env, backend) * pt.ones(N)
-        fractions.append(pt.stack(rows, axis=-1))  # (N, n)
-    stacked = pt.stack(fractions, axis=0)  # (R, N, n)
-    index = np.array([[targets.index(t) if t is not None else 0 for t in row] for row in d.target], dtype=np.int64)
+                terms.append((frac.evaluate(env, backend), {r * n + spec.index(cmt): 1.0}))
+    fractions = _assemble(pt, terms, (R, n), N)  # (N, R, n)
+    # G[i, d, r] = the dose's amount (or rate) when dose d of subject i goes to target r
+    G = np.zeros((N, D, R))
     scale = np.where(d.rate > 0, d.rate, d.amount) * d.valid
-    subject = np.repeat(np.arange(N)[:, None], D, axis=1)
-    return stacked[index, subject] * scale[:, :, None]
+    for i, row in enumerate(d.target):
+        for k, t in enumerate(row):
+            if t is not None:
+                G[i, k, targets.index(t)] = scale[i, k]
+    return pt.matmul(G, fractions)
 
 
 def _output_row(pt: Any, spec: ModelSpec, name: str, env: Mapping[str, Any], backend: Mapping[str, Any], N: int) -> Any:
@@ -281,8 +311,9 @@ def _output_row(pt: Any, spec: ModelSpec, name: str, env: Mapping[str, Any], bac
     states = spec.state_names
     zero = {**env, **dict.fromkeys(states, 0.0)}
     base = expr.evaluate(zero, backend)
-    cols = [(expr.evaluate({**zero, s: 1.0}, backend) - base) * pt.ones(N) for s in states]
-    return pt.stack(cols, axis=-1)
+    # a state the output does not name has coefficient 0: no graph for it
+    terms = [(expr.evaluate({**zero, s: 1.0}, backend) - base, {k: 1.0}) for k, s in enumerate(states) if s in expr.names]
+    return _assemble(pt, terms, (len(states),), N)
 
 
 def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:

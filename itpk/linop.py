@@ -567,13 +567,10 @@ def _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, p
 
 
 @_njit
-def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
-    """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) for the gradient."""
-    if K.shape[2] != K.shape[1]:
-        raise ValueError("linear_predict: K must be (N, n, n)")
-    _check_shapes(K.shape[0], K.shape[1], F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
+def _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject, y, lam_out, V_out, W_out):
+    """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) into the given arrays."""
     lam, V, W, status = _decompose_all(K)
-    y = np.zeros(obs_subject.shape[0])
+    y[:] = 0.0
     pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u)
     if np.any(status == REAL):
         lr, Vr, Wr = np.ascontiguousarray(lam.real), np.ascontiguousarray(V.real), np.ascontiguousarray(W.real)
@@ -583,19 +580,17 @@ def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
     for m in range(y.shape[0]):
         if status[obs_subject[m]] == BAD:
             y[m] = np.nan
-    return y, lam, V, W
+    lam_out[:] = lam
+    V_out[:] = V
+    W_out[:] = W
 
 
 @_njit
-def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
-    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,); NaN for unusable subjects."""
-    N, n = lam.shape[0], lam.shape[1]
-    _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
-    if ybar.shape[0] != obs_subject.shape[0]:
-        raise ValueError("linear_predict: the output gradient does not have one value per observation")
-    Kbar = np.zeros((N, n, n))
-    Fbar = np.zeros(F.shape)
-    Cbar = np.zeros(C.shape)
+def _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, ybar, lam, V, W, Kbar, Fbar, Cbar):
+    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,) into the given arrays; NaN for unusable subjects."""
+    Kbar[:] = 0.0
+    Fbar[:] = 0.0
+    Cbar[:] = 0.0
     status = _status(lam)
     pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u)
     if np.any(status == REAL):
@@ -603,12 +598,16 @@ def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_
         _backward_pass(lr, Vr, Wr, F, C, status, REAL, *pairs, ybar, Kbar, Fbar, Cbar)
     if np.any(status == COMPLEX):
         _backward_pass(lam, V, W, F, C, status, COMPLEX, *pairs, ybar, Kbar, Fbar, Cbar)
-    for i in range(N):
+    _nan_bad(status, Kbar, Fbar, Cbar)
+
+
+@_njit
+def _nan_bad(status, Kbar, Fbar, Cbar):
+    for i in range(status.shape[0]):
         if status[i] == BAD:
             Kbar[i] = np.nan
             Fbar[i] = np.nan
             Cbar[i] = np.nan
-    return Kbar, Fbar, Cbar
 
 
 @_njit
@@ -649,12 +648,48 @@ def _decompose_small(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return lam, V, W, status
 
 
-# Small systems run through native entry points (:mod:`itpk.native`): compiled once per
-# machine, not re-optimised by LLVM inside every model's graph. Block layout (int64):
-# sizes N, n, D, O, M, P, then the addresses of K, F, C, obs_subject, subject_start,
-# pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, then the kernel's own arrays.
+@_njit
+def _forward_small_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject, y, lam_out, V_out, W_out):
+    """:func:`_forward_core` for 1–2 compartments in real arithmetic only (Λ, V, V⁻¹ real)."""
+    lam, V, W, status = _decompose_small(K)
+    y[:] = 0.0
+    _forward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y)
+    for m in range(y.shape[0]):
+        if status[obs_subject[m]] == BAD:
+            y[m] = np.nan
+    lam_out[:] = lam
+    V_out[:] = V
+    W_out[:] = W
+
+
+@_njit
+def _backward_small_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, ybar, lam, V, W, Kbar, Fbar, Cbar):
+    """:func:`_backward_core` for the real Λ, V, V⁻¹ of :func:`_forward_small_core`."""
+    N = lam.shape[0]
+    status = np.empty(N, dtype=np.int64)
+    for i in range(N):
+        status[i] = REAL if np.isfinite(lam[i, 0]) else BAD
+    Kbar[:] = 0.0
+    Fbar[:] = 0.0
+    Cbar[:] = 0.0
+    _backward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
+                   ybar, Kbar, Fbar, Cbar)
+    _nan_bad(status, Kbar, Fbar, Cbar)
+
+
+# --------------------------------------------------------------------------------------
+# Native entry points
+# --------------------------------------------------------------------------------------
+# The kernels run as native entry points (:mod:`itpk.native`): compiled once per machine,
+# not re-optimised by LLVM inside every model's graph (measured on Theoph: ~3.5 s of each
+# fit's compilation; on it_antibody, more). Block layout (int64): sizes N, n, D, O, M, P;
+# the addresses of K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
+# pair_inf, pair_s, pair_u; the kernel's own arrays; last, a flag the kernel sets to 1 when
+# it finished (an exception inside a C entry point cannot propagate: the caller sees the
+# flag still 0 and returns NaN, which a sampler rejects).
 _SIZES, _DESIGN = 6, 11
-_F64, _I64, _BOOL = (as_pointer(t) for t in (numba.types.float64, numba.types.int64, numba.types.boolean))
+_F64, _I64, _C128, _BOOL = (as_pointer(t) for t in (numba.types.float64, numba.types.int64, numba.types.complex128,
+                                                    numba.types.boolean))
 
 
 @_njit
@@ -677,8 +712,8 @@ def _unpack(a):
 
 @_njit
 def _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra):
-    """The int64 block of the arrays (C-contiguous, checked by the caller) plus ``extra`` addresses."""
-    a = np.empty(_SIZES + _DESIGN + extra.shape[0], dtype=np.int64)
+    """The int64 block of C-contiguous arrays, ``extra`` addresses and the completion flag (0)."""
+    a = np.empty(_SIZES + _DESIGN + extra.shape[0] + 1, dtype=np.int64)
     a[0], a[1], a[2], a[3] = K.shape[0], K.shape[1], F.shape[1], C.shape[1]
     a[4], a[5] = obs_subject.shape[0], pair_obs.shape[0]
     arrays = (K.ctypes.data, F.ctypes.data, C.ctypes.data, obs_subject.ctypes.data, subject_start.ctypes.data,
@@ -688,79 +723,147 @@ def _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pa
         a[_SIZES + k] = arrays[k]
     for k in range(extra.shape[0]):
         a[_SIZES + _DESIGN + k] = extra[k]
+    a[-1] = 0
     return a
 
 
-def _forward_small_native(block):
-    """Native kernel: y (M,), Λ (N, n), V, V⁻¹ (N, n, n) real, written to the block's last four addresses."""
-    a = numba.carray(_I64(block), (_SIZES + _DESIGN + 4,))
+_FWD_SLOTS, _BWD_SLOTS = _SIZES + _DESIGN + 4 + 1, _SIZES + _DESIGN + 7 + 1
+
+
+def _forward_native(block):
+    a = numba.carray(_I64(block), (_FWD_SLOTS,))
     K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
     N, n, M = a[0], a[1], a[4]
-    y = numba.carray(_F64(a[17]), (M,))
-    lam_out = numba.carray(_F64(a[18]), (N, n))
-    V_out = numba.carray(_F64(a[19]), (N, n, n))
-    W_out = numba.carray(_F64(a[20]), (N, n, n))
-    lam, V, W, status = _decompose_small(K)
-    y[:] = 0.0
-    _forward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y)
-    for m in range(M):
-        if status[obs_subject[m]] == BAD:
-            y[m] = np.nan
-    lam_out[:] = lam
-    V_out[:] = V
-    W_out[:] = W
+    _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
+                  numba.carray(_F64(a[17]), (M,)), numba.carray(_C128(a[18]), (N, n)),
+                  numba.carray(_C128(a[19]), (N, n, n)), numba.carray(_C128(a[20]), (N, n, n)))
+    a[-1] = 1
+
+
+def _forward_small_native(block):
+    a = numba.carray(_I64(block), (_FWD_SLOTS,))
+    K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
+    N, n, M = a[0], a[1], a[4]
+    _forward_small_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
+                        numba.carray(_F64(a[17]), (M,)), numba.carray(_F64(a[18]), (N, n)),
+                        numba.carray(_F64(a[19]), (N, n, n)), numba.carray(_F64(a[20]), (N, n, n)))
+    a[-1] = 1
+
+
+def _backward_native(block):
+    a = numba.carray(_I64(block), (_BWD_SLOTS,))
+    _, F, C, _, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
+    N, n, D, O, M = a[0], a[1], a[2], a[3], a[4]
+    _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
+                   numba.carray(_F64(a[17]), (M,)), numba.carray(_C128(a[18]), (N, n)),
+                   numba.carray(_C128(a[19]), (N, n, n)), numba.carray(_C128(a[20]), (N, n, n)),
+                   numba.carray(_F64(a[21]), (N, n, n)), numba.carray(_F64(a[22]), (N, D, n)),
+                   numba.carray(_F64(a[23]), (N, O, n)))
+    a[-1] = 1
 
 
 def _backward_small_native(block):
-    """Native kernel: K̄, F̄, C̄ from ȳ, Λ, V, V⁻¹ (the block's last seven addresses)."""
-    a = numba.carray(_I64(block), (_SIZES + _DESIGN + 7,))
+    a = numba.carray(_I64(block), (_BWD_SLOTS,))
     _, F, C, _, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
     N, n, D, O, M = a[0], a[1], a[2], a[3], a[4]
-    ybar = numba.carray(_F64(a[17]), (M,))
-    lam = numba.carray(_F64(a[18]), (N, n))
-    V = numba.carray(_F64(a[19]), (N, n, n))
-    W = numba.carray(_F64(a[20]), (N, n, n))
-    Kbar = numba.carray(_F64(a[21]), (N, n, n))
-    Fbar = numba.carray(_F64(a[22]), (N, D, n))
-    Cbar = numba.carray(_F64(a[23]), (N, O, n))
-    status = np.empty(N, dtype=np.int64)
-    for i in range(N):
-        status[i] = REAL if np.isfinite(lam[i, 0]) else BAD
-    Kbar[:] = 0.0
-    Fbar[:] = 0.0
-    Cbar[:] = 0.0
-    _backward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
-                   ybar, Kbar, Fbar, Cbar)
-    for i in range(N):
-        if status[i] == BAD:
-            Kbar[i] = np.nan
-            Fbar[i] = np.nan
-            Cbar[i] = np.nan
+    _backward_small_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
+                         numba.carray(_F64(a[17]), (M,)), numba.carray(_F64(a[18]), (N, n)),
+                         numba.carray(_F64(a[19]), (N, n, n)), numba.carray(_F64(a[20]), (N, n, n)),
+                         numba.carray(_F64(a[21]), (N, n, n)), numba.carray(_F64(a[22]), (N, D, n)),
+                         numba.carray(_F64(a[23]), (N, O, n)))
+    a[-1] = 1
 
 
-_NATIVE_FORWARD = NativeKernel(_forward_small_native, f"itpk_linop_forward_small_{_CACHE_VERSION:x}")
-_NATIVE_BACKWARD = NativeKernel(_backward_small_native, f"itpk_linop_backward_small_{_CACHE_VERSION:x}")
-_call_forward_small, _call_backward_small = _NATIVE_FORWARD.call, _NATIVE_BACKWARD.call
+_NATIVE = {
+    name: NativeKernel(kernel, f"itpk_linop_{name}_{_CACHE_VERSION:x}")
+    for name, kernel in (("forward", _forward_native), ("forward_small", _forward_small_native),
+                         ("backward", _backward_native), ("backward_small", _backward_small_native))
+}
+_call_forward, _call_forward_small = _NATIVE["forward"].call, _NATIVE["forward_small"].call
+_call_backward, _call_backward_small = _NATIVE["backward"].call, _NATIVE["backward_small"].call
+
+
+# --------------------------------------------------------------------------------------
+# What the Ops run (perform and the numba backend): check, allocate, call the entry point
+# --------------------------------------------------------------------------------------
+
+
+@_njit
+def _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out) -> None:
+    """Raise on arrays that do not fit the design: the kernels run without bounds checks."""
+    if F.shape[0] != N or C.shape[0] != N or F.shape[2] != n or C.shape[2] != n:
+        raise ValueError("linear_predict: K (N, n, n), F (N, D, n) and C (N, O, n) disagree on N or n")
+    if subject_start.shape[0] != N + 1:
+        raise ValueError("linear_predict: K has a different number of subjects than the design")
+    for p in range(pair_obs.shape[0]):
+        if pair_dose[p] >= F.shape[1] or pair_out[p] >= C.shape[1] or pair_obs[p] >= obs_subject.shape[0]:
+            raise ValueError("linear_predict: F has fewer doses or C fewer outputs than the design uses")
+
+
+@_njit
+def _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra):
+    c = np.ascontiguousarray
+    return _pack(c(K), c(F), c(C), c(obs_subject), c(subject_start), c(pair_obs), c(pair_dose), c(pair_out),
+                 c(pair_inf), c(pair_s), c(pair_u), extra)
+
+
+@_njit
+def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+    """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) for the gradient."""
+    if K.shape[2] != K.shape[1]:
+        raise ValueError("linear_predict: K must be (N, n, n)")
+    N, n = K.shape[0], K.shape[1]
+    _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
+    y = np.empty(obs_subject.shape[0])
+    lam = np.empty((N, n), dtype=np.complex128)
+    V, W = np.empty((N, n, n), dtype=np.complex128), np.empty((N, n, n), dtype=np.complex128)
+    extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
+    block = _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    _call_forward(block.ctypes.data)
+    if block[-1] != 1:
+        y[:] = np.nan
+    return y, lam, V, W
+
+
+@_njit
+def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,); NaN for unusable subjects."""
+    N, n = lam.shape[0], lam.shape[1]
+    _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
+    if ybar.shape[0] != obs_subject.shape[0]:
+        raise ValueError("linear_predict: the output gradient does not have one value per observation")
+    c = np.ascontiguousarray
+    ybar, lam, V, W = c(ybar), c(lam), c(V), c(W)
+    Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
+    extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
+                      Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
+    # Kbar stands in for K in the block (same shape; the backward kernels do not read K)
+    block = _design_block(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    _call_backward(block.ctypes.data)
+    if block[-1] != 1:
+        Kbar[:] = np.nan
+        Fbar[:] = np.nan
+        Cbar[:] = np.nan
+    return Kbar, Fbar, Cbar
 
 
 @_njit
 def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
     """:func:`_forward` for 1–2 compartments in real arithmetic only: Λ, V, V⁻¹ are real.
 
-    Same modal sums; what it saves is compilation — no complex specialisation,
-    no LAPACK, and the work runs in a native entry point compiled once per
-    machine (measured on Theoph: ~3.5 s less compilation per fit) — and a third
-    of the time per gradient. Shapes are checked when the node is made (static
-    shapes only), so this wrapper holds little code for LLVM to re-optimise.
-    Needs :func:`_register_native` in the process.
+    Same modal sums; no complex specialisation and no LAPACK in its entry point
+    (which compiles in seconds where the general one takes tens), a third less
+    time per gradient, and no shape checks at run time: they are made once when
+    the node is made (:func:`_check_small_node`, static shapes only).
     """
     N, n = K.shape[0], K.shape[1]
-    K, F, C = np.ascontiguousarray(K), np.ascontiguousarray(F), np.ascontiguousarray(C)
     y = np.empty(obs_subject.shape[0])
     lam, V, W = np.empty((N, n)), np.empty((N, n, n)), np.empty((N, n, n))
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
-    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_forward_small(block.ctypes.data)
+    if block[-1] != 1:
+        y[:] = np.nan
     return y, lam, V, W
 
 
@@ -768,14 +871,17 @@ def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pai
 def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
     """:func:`_backward` for the real Λ, V, V⁻¹ of :func:`_forward_small`."""
     N, n = lam.shape[0], lam.shape[1]
-    F, C, ybar = np.ascontiguousarray(F), np.ascontiguousarray(C), np.ascontiguousarray(ybar)
-    lam, V, W = np.ascontiguousarray(lam), np.ascontiguousarray(V), np.ascontiguousarray(W)
+    c = np.ascontiguousarray
+    ybar, lam, V, W = c(ybar), c(lam), c(V), c(W)
     Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
     extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
-    # V stands in for K in the block (same shape; the backward kernel does not read K)
-    block = _pack(V, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _design_block(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_backward_small(block.ctypes.data)
+    if block[-1] != 1:
+        Kbar[:] = np.nan
+        Fbar[:] = np.nan
+        Cbar[:] = np.nan
     return Kbar, Fbar, Cbar
 
 
@@ -807,10 +913,10 @@ def _check_small_node(K: Any, F: Any, C: Any, design: list[Any]) -> None:
         raise FitError("linear_predict: " + "; ".join(problems))
 
 
-def _register_native() -> None:
-    """Publish the small-system entry points (once per process) before anything calls them."""
-    _NATIVE_FORWARD.register()
-    _NATIVE_BACKWARD.register()
+def _register_native(small: bool) -> None:
+    """Publish the entry points the Ops call (once per process) before anything calls them."""
+    for direction in ("forward", "backward"):
+        _NATIVE[direction + ("_small" if small else "")].register()
 
 
 # --------------------------------------------------------------------------------------
@@ -856,8 +962,7 @@ class LinearPredict(Op):
         return Apply(self, [K, F, C, *design_vars], outputs)
 
     def perform(self, node: Apply, inputs: list[np.ndarray], output_storage: list[list[Any]]) -> None:
-        if self.small:
-            _register_native()
+        _register_native(self.small)
         kernel = _forward_small if self.small else _forward
         for storage, value in zip(output_storage, kernel(*inputs), strict=True):
             storage[0] = value
@@ -902,8 +1007,7 @@ class LinearPredictGrad(Op):
         return Apply(self, inputs, outputs)
 
     def perform(self, node: Apply, inputs: list[np.ndarray], output_storage: list[list[Any]]) -> None:
-        if self.small:
-            _register_native()
+        _register_native(self.small)
         kernel = _backward_small if self.small else _backward
         for storage, value in zip(output_storage, kernel(*inputs), strict=True):
             storage[0] = value
@@ -920,15 +1024,13 @@ class LinearPredictGrad(Op):
 @register_funcify_default_op_cache_key(LinearPredict)
 def _numba_linear_predict(op: LinearPredict, node: Apply | None = None, **kwargs: Any) -> tuple[Any, int]:
     # The kernel already has the node's input order; pytensor inlines it into the graph's function.
-    if op.small:
-        _register_native()
+    _register_native(op.small)
     return (_forward_small, _CACHE_VERSION + 1) if op.small else (_forward, _CACHE_VERSION)
 
 
 @register_funcify_default_op_cache_key(LinearPredictGrad)
 def _numba_linear_predict_grad(op: LinearPredictGrad, node: Apply | None = None, **kwargs: Any) -> tuple[Any, int]:
-    if op.small:
-        _register_native()
+    _register_native(op.small)
     return (_backward_small, _CACHE_VERSION + 3) if op.small else (_backward, _CACHE_VERSION + 2)
 
 
