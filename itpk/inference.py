@@ -329,7 +329,7 @@ def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:
         pm.Censored(obs.name, pm.Normal.dist(mu, sigma), lower=obs.lower, upper=None, observed=obs.observed, dims=obs.dim)
 
 
-METHODS = ("nuts", "pymc", "map", "advi")
+METHODS = ("nuts", "pymc", "map", "laplace", "advi")
 
 
 @dataclass(frozen=True)
@@ -365,7 +365,9 @@ def fit(
     method
         ``nuts`` (nutpie, default), ``pymc`` (PyMC's own NUTS), ``map`` (posterior mode of all
         parameters *including the subjects' random effects*: IIV (omega) estimates collapse
-        and must not be trusted; the run says so), ``advi`` (mean-field variational, quick look).
+        and must not be trusted; the run says so), ``laplace`` (random effects integrated out by the
+        Laplace approximation, as NONMEM's LAPLACIAN: population parameters, omegas and sigmas with
+        approximate intervals, see :mod:`itpk.laplace`), ``advi`` (mean-field variational, quick look).
     draws, tune, chains, cores
         Sampler settings (NUTS: per chain; ADVI: draws from the approximation).
     seed
@@ -404,6 +406,10 @@ def fit(
         tree = _map(model, seed, progress)
         warnings.append("method map: a single posterior mode over all parameters including the random effects; "
                         "IIV (omega) and shrinkage collapse toward 0 and intervals are not computed")
+    elif method == "laplace":
+        tree, note = _laplace(model, data, draws, seed, progress)
+        warnings.append("method laplace: random effects integrated out by the Laplace approximation (FOCE-style); "
+                        "intervals are Gaussian on the log/logit scale and there are no MCMC diagnostics" + note)
     else:
         approx = pm.fit(n=20000, method="advi", model=model, random_seed=seed, progressbar=progress)
         tree = approx.sample(draws, random_seed=seed)
@@ -467,6 +473,36 @@ def _map(model: Any, seed: int, progress: bool) -> Any:
 
     result = pm.find_MAP(model=model, random_seed=seed, jitter=False, return_inferencedata=True, progressbar=progress)
     return xr.DataTree.from_dict({"posterior": result["posterior"].to_dataset()})
+
+
+def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -> tuple[Any, str]:
+    """Laplace-approximate posterior draws as a DataTree (one chain), and a note when not converged."""
+    import xarray as xr
+
+    from itpk.laplace import laplace
+
+    z_names = [f"z_{p}" for p in data.iiv]
+    values, result = laplace(model, z_names, len(data.subjects), draws=draws, seed=seed,
+                             progress=(lambda msg: print(msg, flush=True)) if progress else None)
+    # constrained values and deterministics as functions of the value variables (model["CL"] would
+    # be a random draw from the prior, not a function of the draws)
+    outs = [v for v in model.unobserved_value_vars if not v.name.endswith("__")]
+    names = [v.name for v in outs]
+    fn = model.compile_fn(outs, inputs=model.value_vars, on_unused_input="ignore", point_fn=False, mode="FAST_COMPILE")
+    ordered = [values[v.name] for v in model.value_vars]
+    columns: list[list[np.ndarray]] = [[] for _ in names]
+    for s in range(draws):
+        for column, value in zip(columns, fn(*[v[s] for v in ordered]), strict=True):
+            column.append(np.asarray(value))
+    data_vars = {}
+    for name, column in zip(names, columns, strict=True):
+        arr = np.stack(column)[None]  # (chain, draw, ...)
+        dims = list(model.named_vars_to_dims.get(name, ())) or [f"{name}_dim_{i}" for i in range(arr.ndim - 2)]
+        data_vars[name] = (("chain", "draw", *dims), arr)
+    coords = {"chain": [0], "draw": np.arange(draws), **{k: np.asarray(v) for k, v in model.coords.items() if v is not None}}
+    posterior = xr.Dataset(data_vars, coords={k: v for k, v in coords.items() if any(k in d[0] for d in data_vars.values())})
+    note = "" if result.converged else f"; the optimiser did not fully converge ({result.message})"
+    return xr.DataTree.from_dict({"posterior": posterior}), note
 
 
 def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
