@@ -310,20 +310,24 @@ def test_verify_grad():
 # -- numba backend and samplers -------------------------------------------------------------
 
 
-def test_numba_backend_equals_perform_without_object_mode():
-    # rtol 1e-13: the numba dispatch runs the same kernels as perform; any object-mode fallback fails.
-    # Subject 0 has complex eigenvalues (cyclic flow), subject 1 real ones (a 3×3 LAPACK K).
-    K, F, C, design, _ = build(cyclic_model(), cyclic_subjects())
-    K[1] = [[-1.3, 0.0, 0.0], [1.3, -0.9, 0.4], [0.0, 0.6, -0.4]]
-    Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
+def numba_and_perform(K, F, C, design, static=False):
+    """y and its gradient (of a random quadratic loss) by the numba backend and by perform."""
+    Kv, Fv, Cv = inputs(K, F, C, static)
     y = linear_predict(Kv, Fv, Cv, design)
     loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
     outputs = [y, *pytensor.grad(loss, [Kv, Fv, Cv])]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*object mode.*")
         compiled = pytensor.function([Kv, Fv, Cv], outputs, mode="NUMBA")(K, F, C)
-    reference = pytensor.function([Kv, Fv, Cv], outputs, mode=PERFORM)(K, F, C)
-    for got, want in zip(compiled, reference, strict=True):
+    return compiled, pytensor.function([Kv, Fv, Cv], outputs, mode=PERFORM)(K, F, C)
+
+
+def test_numba_backend_equals_perform_without_object_mode():
+    # rtol 1e-13: the numba dispatch runs the same kernels as perform; any object-mode fallback fails.
+    # Subject 0 has complex eigenvalues (cyclic flow), subject 1 real ones (a 3×3 LAPACK K).
+    K, F, C, design, _ = build(cyclic_model(), cyclic_subjects())
+    K[1] = [[-1.3, 0.0, 0.0], [1.3, -0.9, 0.4], [0.0, 0.6, -0.4]]
+    for got, want in zip(*numba_and_perform(K, F, C, design), strict=True):
         assert np.all(np.isfinite(want))
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15 * np.abs(want).max())
 
@@ -443,15 +447,6 @@ def test_small_kernels_give_nan_for_a_defective_or_non_finite_subject_only():
 
 def test_small_kernels_numba_backend_equals_perform_without_object_mode():
     # rtol 1e-13: the numba dispatch of the small kernels runs what perform runs
-    K, F, C, design, _ = small_cases()[2]
-    Kv, Fv, Cv = inputs(K, F, C, static=True)
-    y = linear_predict(Kv, Fv, Cv, design)
-    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
-    outputs = [y, *pytensor.grad(loss, [Kv, Fv, Cv])]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*object mode.*")
-        compiled = pytensor.function([Kv, Fv, Cv], outputs, mode="NUMBA")(K, F, C)
-    reference = pytensor.function([Kv, Fv, Cv], outputs, mode=PERFORM)(K, F, C)
-    for got, want in zip(compiled, reference, strict=True):
+    for got, want in zip(*numba_and_perform(*small_cases()[2][:4], static=True), strict=True):
         assert np.all(np.isfinite(want))
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15 * np.abs(want).max())
