@@ -730,47 +730,55 @@ def _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pa
 _FWD_SLOTS, _BWD_SLOTS = _SIZES + _DESIGN + 4 + 1, _SIZES + _DESIGN + 7 + 1
 
 
+@_njit
+def _modal_real(a, first):
+    """Λ (N, n), V, V⁻¹ (N, n, n) float64 at block slots first..first+2."""
+    N, n = a[0], a[1]
+    return (numba.carray(_F64(a[first]), (N, n)), numba.carray(_F64(a[first + 1]), (N, n, n)),
+            numba.carray(_F64(a[first + 2]), (N, n, n)))
+
+
+@_njit
+def _modal_complex(a, first):
+    """Λ (N, n), V, V⁻¹ (N, n, n) complex128 at block slots first..first+2."""
+    N, n = a[0], a[1]
+    return (numba.carray(_C128(a[first]), (N, n)), numba.carray(_C128(a[first + 1]), (N, n, n)),
+            numba.carray(_C128(a[first + 2]), (N, n, n)))
+
+
+@_njit
+def _gradients(a, first):
+    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) at block slots first..first+2."""
+    N, n, D, O = a[0], a[1], a[2], a[3]
+    return (numba.carray(_F64(a[first]), (N, n, n)), numba.carray(_F64(a[first + 1]), (N, D, n)),
+            numba.carray(_F64(a[first + 2]), (N, O, n)))
+
+
 def _forward_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
-    K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
-    N, n, M = a[0], a[1], a[4]
-    _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
-                  numba.carray(_F64(a[17]), (M,)), numba.carray(_C128(a[18]), (N, n)),
-                  numba.carray(_C128(a[19]), (N, n, n)), numba.carray(_C128(a[20]), (N, n, n)))
+    u = _unpack(a)  # K, F, C, obs_subject, then the pair arrays
+    _forward_core(u[0], u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18))
     a[-1] = 1
 
 
 def _forward_small_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
-    K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
-    N, n, M = a[0], a[1], a[4]
-    _forward_small_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
-                        numba.carray(_F64(a[17]), (M,)), numba.carray(_F64(a[18]), (N, n)),
-                        numba.carray(_F64(a[19]), (N, n, n)), numba.carray(_F64(a[20]), (N, n, n)))
+    u = _unpack(a)
+    _forward_small_core(u[0], u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18))
     a[-1] = 1
 
 
 def _backward_native(block):
     a = numba.carray(_I64(block), (_BWD_SLOTS,))
-    _, F, C, _, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
-    N, n, D, O, M = a[0], a[1], a[2], a[3], a[4]
-    _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
-                   numba.carray(_F64(a[17]), (M,)), numba.carray(_C128(a[18]), (N, n)),
-                   numba.carray(_C128(a[19]), (N, n, n)), numba.carray(_C128(a[20]), (N, n, n)),
-                   numba.carray(_F64(a[21]), (N, n, n)), numba.carray(_F64(a[22]), (N, D, n)),
-                   numba.carray(_F64(a[23]), (N, O, n)))
+    u = _unpack(a)
+    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18), *_gradients(a, 21))
     a[-1] = 1
 
 
 def _backward_small_native(block):
     a = numba.carray(_I64(block), (_BWD_SLOTS,))
-    _, F, C, _, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = _unpack(a)
-    N, n, D, O, M = a[0], a[1], a[2], a[3], a[4]
-    _backward_small_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
-                         numba.carray(_F64(a[17]), (M,)), numba.carray(_F64(a[18]), (N, n)),
-                         numba.carray(_F64(a[19]), (N, n, n)), numba.carray(_F64(a[20]), (N, n, n)),
-                         numba.carray(_F64(a[21]), (N, n, n)), numba.carray(_F64(a[22]), (N, D, n)),
-                         numba.carray(_F64(a[23]), (N, O, n)))
+    u = _unpack(a)
+    _backward_small_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18), *_gradients(a, 21))
     a[-1] = 1
 
 
