@@ -555,18 +555,6 @@ def _backward_pass(
 
 
 @_njit
-def _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out) -> None:
-    """Raise on arrays that do not fit the design: the kernels run without bounds checks."""
-    if F.shape[0] != N or C.shape[0] != N or F.shape[2] != n or C.shape[2] != n:
-        raise ValueError("linear_predict: K (N, n, n), F (N, D, n) and C (N, O, n) disagree on N or n")
-    if subject_start.shape[0] != N + 1:
-        raise ValueError("linear_predict: K has a different number of subjects than the design")
-    for p in range(pair_obs.shape[0]):
-        if pair_dose[p] >= F.shape[1] or pair_out[p] >= C.shape[1] or pair_obs[p] >= obs_subject.shape[0]:
-            raise ValueError("linear_predict: F has fewer doses or C fewer outputs than the design uses")
-
-
-@_njit
 def _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject, y, lam_out, V_out, W_out):
     """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) into the given arrays."""
     lam, V, W, status = _decompose_all(K)
