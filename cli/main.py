@@ -194,7 +194,7 @@ def fit(
     data: Annotated[Path, typer.Argument(help="Dataset (NONMEM-style CSV, SPEC §2).")],
     model: Annotated[str, typer.Option(help="Built-in model name or path to a .toml file.")],
     out: Annotated[Path, typer.Option(help="Run directory to write (replaced atomically).")],
-    method: Annotated[str, typer.Option(help="nuts (nutpie, default), pymc (PyMC's NUTS), map, advi.")] = "nuts",
+    method: Annotated[str, typer.Option(help="nuts (nutpie, default), pymc (PyMC's NUTS), laplace (random effects integrated out; quick), map, advi.")] = "nuts",
     draws: Annotated[int, typer.Option(help="Posterior draws per chain.")] = 1000,
     tune: Annotated[int, typer.Option(help="Tuning draws per chain.")] = 1000,
     chains: Annotated[int, typer.Option(help="Chains.")] = 4,
@@ -224,12 +224,14 @@ def fit(
         raise typer.Exit(code=3)
 
 
+from itpk.cli.batch import batch_command
 from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own modules
 from itpk.cli.report import report_command  # noqa: E402
 
 app.add_typer(data_app, name="data")
 app.command("nca")(nca_command)
 app.command("report")(report_command)
+app.command("batch")(batch_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -26,3 +26,7 @@ class ScheduleError(ItpkError):
 
 class FitError(ItpkError):
     """A fit could not be set up or run."""
+
+
+class PipelineError(ItpkError):
+    """A batch pipeline file (``itpk batch``) is invalid; the message lists every problem found."""

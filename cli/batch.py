@@ -1,0 +1,64 @@
+"""CLI command ``itpk batch PIPELINE.toml`` (SPEC.md §4, §7).
+
+Thin: read the pipeline (:func:`itpk.batch.load_pipeline`), run it
+(:func:`itpk.batch.run_batch`), print, exit 0 / 1 (bad pipeline or options) /
+4 (some job failed) / 130 (interrupted). Register with::
+
+    app.command("batch")(batch_command)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+PipelineArg = Annotated[Path, typer.Argument(help="Pipeline file (TOML, SPEC §7): tables defaults, grid, jobs, cluster.",
+                                             show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option(help="Batch directory (default: the pipeline's name beside it).",
+                                             show_default=False)]
+SchedulerOpt = Annotated[str | None, typer.Option(help="local (a local cluster of processes), tcp://HOST:PORT (an "
+                                                       "existing Dask scheduler) or slurm (dask-jobqueue, the "
+                                                       "pipeline's cluster table); default: the cluster table's "
+                                                       "scheduler, else local.",
+                                                  show_default=False)]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Workers (one core each); default: the available cores "
+                                                            "(local) or one SLURM job's processes.", show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep jobs whose outputs are complete and verified; run only the rest.")]
+RetriesOpt = Annotated[int, typer.Option(min=0, help="Further attempts for a job whose worker died.")]
+LogOpt = Annotated[Path | None, typer.Option(help="Append a JSON-lines event log (one object per job event).",
+                                             show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line and no summary (errors still print).")]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def batch_command(
+    pipeline: PipelineArg,
+    out: OutOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    resume: ResumeOpt = False,
+    retries: RetriesOpt = 2,
+    log: LogOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many compare/simulate/fit jobs on Dask; one directory per job plus batch.json and batch.csv."""
+    from itpk.batch import load_pipeline, run_batch
+    from itpk.errors import ItpkError
+
+    try:
+        result = run_batch(load_pipeline(pipeline), out=out, scheduler=scheduler, workers=workers, resume=resume,
+                           retries=retries, log=log, progress=not quiet and sys.stderr.isatty())
+    except (ItpkError, OSError) as exc:  # OSError: the batch directory or --log cannot be written
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:
+        typer.echo(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    failed = result.exit_code != 0
+    if failed or not quiet:
+        typer.echo(result.message, err=failed)
+    raise typer.Exit(result.exit_code)

@@ -1,0 +1,309 @@
+"""One batch job: its identity (a hash of its resolved inputs) and its execution on a worker.
+
+A job's directory is ``OUT/jobs/<kind>-<hash12>``. It is assembled in a hidden
+temporary sibling and renamed into place only when complete, with
+``manifest.json`` (SHA-256 of every file) written last. A finished directory
+is never replaced: a second attempt that finds it complete returns it, so a
+job whose worker died after the rename is not written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from itpk.batch.headline import compare_headline, fit_headline, simulate_headline
+from itpk.batch.pipeline import JobSpec, Pipeline
+from itpk.errors import ItpkError, PipelineError
+
+JOB_FORMAT = 1
+MANIFEST = "manifest.json"
+RECORD = "job.json"
+TMP_SUFFIX = ".tmp"  # every partial directory is ".<name>.<token>.tmp" (hidden, never a job directory)
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A job and its identity: ``digest`` is the SHA-256 of ``identity`` (canonical JSON)."""
+
+    spec: JobSpec
+    identity: tuple[tuple[str, Any], ...]
+    digest: str
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 64 or self.digest != _sha256_json(dict(self.identity)):
+            raise ValueError("digest does not match the job's identity")
+
+    @property
+    def name(self) -> str:
+        """The job directory's name: ``<kind>-<first 12 hex digits of the digest>``."""
+        return f"{self.spec.kind}-{self.digest[:12]}"
+
+
+def _sha256_json(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_sha256(model: str) -> str:
+    """SHA-256 of the model as resolved (its content with the ``extends`` chain; formatting and
+    comments aside, since the model is hashed in canonical form)."""
+    from itpk.spec import load_model
+
+    return load_model(model).sha256
+
+
+def _data_sha256(path: str) -> str:
+    """SHA-256 of a dataset and of its units sidecar (which changes what the data mean)."""
+    csv = Path(path)
+    sidecar = csv.with_suffix(".units.toml")
+    parts = [file_sha256(csv)] + ([file_sha256(sidecar)] if sidecar.is_file() else [])
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def _run_sha256(path: str) -> str:
+    """SHA-256 of the files of a run directory that a comparison over its posterior reads."""
+    from itpk.run import REQUIRED_FILES
+
+    folder = Path(path)
+    return hashlib.sha256("".join(file_sha256(folder / f) for f in REQUIRED_FILES if (folder / f).is_file()).encode()).hexdigest()
+
+
+def identity(spec: JobSpec, digests: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+    """What a job's result depends on: kind, options (files by content, not by path), itpk version.
+
+    ``digests`` caches file digests within one pipeline (a grid names the same files many times).
+    """
+    from itpk import __version__
+
+    digests = {} if digests is None else digests
+    options = dict(spec.options)
+    for key, digest in (("model", _model_sha256), ("data", _data_sha256), ("posterior", _run_sha256)):
+        if key in options:
+            if (key, options[key]) not in digests:
+                digests[key, options[key]] = digest(options[key])
+            options[key] = {"sha256": digests[key, options[key]]}  # content, not path: moving files keeps the job
+    return {"format": JOB_FORMAT, "itpk": __version__, "kind": spec.kind, "options": options}
+
+
+def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
+    """Every job of ``pipeline`` with its hash; unreadable models and duplicate jobs are a PipelineError."""
+    problems, jobs, seen, digests = [], [], {}, {}
+    for spec in pipeline.jobs:
+        try:
+            ident = identity(spec, digests)
+        except (ItpkError, OSError) as exc:
+            problems.append(f"{spec.label}: {exc}")
+            continue
+        job = ResolvedJob(spec, tuple(sorted(ident.items())), _sha256_json(ident))
+        if job.digest in seen:
+            problems.append(f"{spec.label}: same inputs as {seen[job.digest]} (one output directory); remove one")
+            continue
+        seen[job.digest] = spec.label
+        jobs.append(job)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise PipelineError(f"{pipeline.source}: {len(problems)} problem(s):\n{lines}")
+    return tuple(jobs)
+
+
+# ---------------------------------------------------------------- verification
+
+
+def write_manifest(folder: Path, job: ResolvedJob) -> None:
+    """Record the SHA-256 and size of every file in ``folder``: the completion marker, written last."""
+    files = {str(p.relative_to(folder)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": JOB_FORMAT, "job": job.name, "digest": job.digest, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def verify(folder: Path, job: ResolvedJob) -> str | None:
+    """None when ``folder`` holds this job's complete outputs, else what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    if manifest.get("digest") != job.digest:
+        return f"{MANIFEST} belongs to another job"
+    for rel, entry in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            return f"{rel} is missing or changed since the job finished"
+    return None
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The ``job.json`` of a finished job (empty when unreadable)."""
+    try:
+        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- execution (on a worker)
+
+
+@contextmanager
+def worker_settings() -> Iterator[None]:
+    """While a job runs: one BLAS/OpenMP and one numba thread (N workers use N cores), and
+    libraries' INFO chatter (PyMC's "Sampling: [...]") kept off the terminal the batch reports on."""
+    import logging
+
+    from threadpoolctl import threadpool_limits
+
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):  # numba absent, or its pool already smaller
+        pass
+    loggers = [logging.getLogger(name) for name in ("pymc", "pytensor", "nutpie")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _compare(job: JobSpec, folder: Path) -> dict[str, Any]:
+    from itpk.workflows import run_comparison
+
+    o = dict(job.options)
+    result = run_comparison(
+        o["model"], dose=o.get("dose"), routes=o.get("routes", ("it", "iv")), regimen_name=o.get("regimen"),
+        diam=o.get("diam"), every=o.get("every"), doses=o.get("doses"), infusion=o.get("infusion"),
+        overrides=dict(o.get("set", ())), targets=dict(o.get("target", ())), thresholds=o.get("threshold", ()),
+        horizon=o.get("horizon"), posterior=o.get("posterior"), out=folder / "compare.csv",
+        plot=folder / "compare.png" if o.get("plot") else None,
+    )
+    (folder / "compare.json").write_text(json.dumps(result.report, indent=2, allow_nan=True), encoding="utf-8")
+    return compare_headline(result.report)
+
+
+def _simulate(job: JobSpec, folder: Path) -> dict[str, Any]:
+    from itpk.workflows import run_simulation
+
+    o = dict(job.options)
+    result = run_simulation(
+        o["model"], route=o.get("route"), dose=o.get("dose"), regimen_name=o.get("regimen"), diam=o.get("diam"),
+        every=o.get("every"), doses=o.get("doses"), infusion=o.get("infusion"), horizon=o.get("horizon"),
+        step=o.get("step"), at=o.get("at"), overrides=dict(o.get("set", ())), subjects=o.get("subjects", 1),
+        seed=o.get("seed"), out=folder / "profiles.csv", plot=folder / "profiles.png" if o.get("plot") else None,
+    )
+    return simulate_headline(result.profiles)
+
+
+def _fit(job: JobSpec, folder: Path) -> dict[str, Any]:
+    import logging
+
+    import pymc  # noqa: F401 - imported before quieting its logger: importing PyMC sets that logger to INFO
+
+    from itpk.workflows import run_fit
+
+    logging.getLogger("pymc").setLevel(logging.WARNING)  # restored by worker_settings
+    o = dict(job.options)
+    method = o.get("method", "nuts")
+    # cores=1: the chains share this worker's single core instead of each taking one.
+    result = run_fit(o["data"], model=o["model"], out=folder, method=method, draws=o.get("draws", 1000),
+                     tune=o.get("tune", 1000), chains=o.get("chains", 4), cores=1, seed=o.get("seed"),
+                     errors=dict(o.get("error", ())), command=("itpk", "batch", job.label))
+    return fit_headline(result.diagnostics, method)
+
+
+RUNNERS: dict[str, Callable[[JobSpec, Path], dict[str, Any]]] = {
+    "compare": _compare, "simulate": _simulate, "fit": _fit,
+}
+# fit writes its own run directory (itself atomic) at the path it is given; the others write files.
+_MAKES_OWN_FOLDER = frozenset({"fit"})
+
+
+def execute(job: ResolvedJob, jobs_dir: str, hook: Callable[[ResolvedJob], None] | None = None) -> dict[str, Any]:
+    """Run one job on this process and return its outcome (a small dict for the scheduler).
+
+    ``status`` is ``done`` (written now, or found complete from an earlier
+    attempt: ``reused``) or ``failed`` with ``error`` for bad input (an
+    :class:`ItpkError`: retrying cannot help). Anything else (a bug, a full
+    disk) is raised so the batch may retry it. ``hook(job)`` runs first, on
+    the worker (tests use it to stop a job mid-way).
+    """
+    start = time.perf_counter()
+    final = Path(jobs_dir) / job.name
+    if final.exists():
+        return _existing(final, job, start)
+    tmp = Path(jobs_dir) / f".{job.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    try:
+        if job.spec.kind not in _MAKES_OWN_FOLDER:
+            tmp.mkdir(parents=True)
+        with worker_settings():
+            if hook is not None:
+                hook(job)
+            headline = RUNNERS[job.spec.kind](job.spec, tmp)
+        wall = time.perf_counter() - start
+        (tmp / RECORD).write_text(json.dumps(_record(job, headline, wall), indent=2, allow_nan=True), encoding="utf-8")
+        write_manifest(tmp, job)
+        _publish(tmp, final, job)
+    except ItpkError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _outcome("failed", start, error=str(exc))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _outcome("done", start, output=final, headline=headline)
+
+
+def _existing(final: Path, job: ResolvedJob, start: float) -> dict[str, Any]:
+    problem = verify(final, job)
+    if problem:
+        return _outcome("failed", start, error=f"{final} exists but is not a complete job directory ({problem}); "
+                                               "it is never overwritten: remove it to recompute the job")
+    return _outcome("done", start, output=final, headline=read_record(final).get("headline", {}), reused=True)
+
+
+def _publish(tmp: Path, final: Path, job: ResolvedJob) -> None:
+    """Rename the complete ``tmp`` to ``final``; if another attempt got there first, keep its directory."""
+    from itpk.io import _umask
+
+    for path in (tmp, *tmp.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())  # mkdtemp/mkstemp modes are 0700/0600
+    try:
+        os.rename(tmp, final)  # fails on an existing non-empty directory: a finished job is never replaced
+    except OSError:
+        if verify(final, job) is not None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(job: ResolvedJob, headline: Mapping[str, Any], wall: float) -> dict[str, Any]:
+    return {"format": JOB_FORMAT, "name": job.name, "label": job.spec.label, "kind": job.spec.kind,
+            "digest": job.digest, "inputs": job.spec.display(), "identity": dict(job.identity),
+            "headline": dict(headline), "wall_s": wall, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _outcome(status: str, start: float, *, output: Path | None = None, headline: Mapping[str, Any] | None = None,
+             error: str | None = None, reused: bool = False) -> dict[str, Any]:
+    return {"status": status, "wall_s": time.perf_counter() - start, "output": str(output) if output else None,
+            "headline": dict(headline or {}), "error": error, "reused": reused, "host": socket.gethostname()}

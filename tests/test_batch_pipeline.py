@@ -1,0 +1,213 @@
+"""Reading PIPELINE.toml (SPEC §7): grid, defaults, explicit jobs, every problem in one message; job hashes."""
+
+import textwrap
+
+import pytest
+
+from itpk.batch import load_pipeline
+from itpk.batch.cluster import read_cluster, slurm_arguments, slurm_job_script
+from itpk.batch.jobs import resolve_jobs
+from itpk.errors import ItpkError, PipelineError
+
+
+def write(tmp_path, text, name="pipe.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_spec_example_gives_grid_then_explicit_jobs(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "trial.csv").write_text("ID,TIME,EVID,AMT,DV\n1,0,1,10,\n")
+    path = write(tmp_path, """
+        [defaults]
+        kind = "compare"
+        dose = 10
+        routes = ["it", "iv"]
+        [grid]
+        model = ["it_small_molecule", "it_antibody"]
+        dose = [1, 10]
+        [[jobs]]
+        kind = "fit"
+        data = "data/trial.csv"
+        model = "it_antibody"
+    """)
+    pipeline = load_pipeline(path)
+    kinds = [j.kind for j in pipeline.jobs]
+    assert kinds == ["compare"] * 4 + ["fit"]
+    grid = [(j.option("model"), j.option("dose")) for j in pipeline.jobs[:4]]
+    assert grid == [("it_small_molecule", 1.0), ("it_small_molecule", 10.0), ("it_antibody", 1.0), ("it_antibody", 10.0)]
+    assert all(j.option("routes") == ("it", "iv") for j in pipeline.jobs[:4])
+    fit = pipeline.jobs[4]
+    # defaults that a fit does not take (dose, routes) are not given to it; paths are relative to the file
+    assert fit.option("dose") is None and fit.option("routes") is None
+    assert fit.option("data") == str((tmp_path / "data" / "trial.csv").resolve())
+    assert [j.label for j in pipeline.jobs] == ["grid #1", "grid #2", "grid #3", "grid #4", "jobs #1"]
+
+
+def test_set_tables_merge_and_sweep_one_name(tmp_path):
+    path = write(tmp_path, """
+        [defaults]
+        kind = "compare"
+        model = "it_antibody"
+        dose = 10
+        set = {k_out = 0.05}
+        [grid]
+        set.DIAM = [1, 3]
+        routes = ["it,iv", ["ia", "iv"]]
+    """)
+    jobs = load_pipeline(path).jobs
+    assert [dict(j.option("set")) for j in jobs] == [{"DIAM": 1.0, "k_out": 0.05}] * 2 + [{"DIAM": 3.0, "k_out": 0.05}] * 2
+    assert [j.option("routes") for j in jobs[:2]] == [("it", "iv"), ("ia", "iv")]
+
+
+def test_cli_spellings_and_toml_spellings_are_one_job(tmp_path):
+    a = write(tmp_path, '[[jobs]]\nkind = "compare"\nmodel = "it_antibody"\ndose = 10\nroutes = "it,iv"\n'
+                        'set = ["DIAM=3"]\n', "a.toml")
+    b = write(tmp_path, '[[jobs]]\nkind = "compare"\nmodel = "it_antibody"\ndose = 10.0\nroutes = ["it", "iv"]\n'
+                        "set = {DIAM = 3.0}\n", "b.toml")
+    (ja,), (jb,) = resolve_jobs(load_pipeline(a)), resolve_jobs(load_pipeline(b))
+    assert ja.name == jb.name and ja.name.startswith("compare-") and len(ja.name) == len("compare-") + 12
+
+
+def test_hash_follows_model_file_content_not_its_path(tmp_path):
+    model = (tmp_path / "m.toml")
+    model.write_text((__import__("itpk.spec", fromlist=["x"]).load_model("one_cpt_iv")).text_toml)
+    path = write(tmp_path, '[[jobs]]\nkind = "compare"\nmodel = "m.toml"\ndose = 1\nroutes = ["iv"]\n')
+    first = resolve_jobs(load_pipeline(path))[0].digest
+    assert resolve_jobs(load_pipeline(path))[0].digest == first
+    model.write_text(model.read_text() + "\n# a comment: same model, same job\n")
+    assert resolve_jobs(load_pipeline(path))[0].digest == first
+    model.write_text(model.read_text().replace('description = "', 'description = "edited ', 1))
+    assert resolve_jobs(load_pipeline(path))[0].digest != first
+
+
+def test_every_problem_is_listed_once_with_where_key_found_allowed(tmp_path):
+    path = write(tmp_path, """
+        title = "x"
+        [defaults]
+        kind = "compare"
+        dose = "ten"
+        routez = ["it"]
+        [grid]
+        model = ["it_antibody", "no_such_model"]
+        draws = [1]
+        [[jobs]]
+        kind = "fit"
+        data = "missing.csv"
+        model = "it_antibody"
+        routes = ["it"]
+        [[jobs]]
+        kind = "simulat"
+        [[jobs]]
+        model = "it_antibody"
+        set = {CL = "x"}
+        [cluster]
+        cores = "4"
+        scheduler = "pbs"
+    """)
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(path)
+    message = str(info.value)
+    expected = [
+        "title: unknown top-level key",
+        "[defaults] dose: found 'ten'; allowed: a finite number",
+        "[defaults] routez: unknown key; allowed: kind, at,",
+        "[grid] model: found 'no_such_model'; allowed: a built-in model (it_antibody",
+        "[grid] draws: unknown key for kind 'compare'; allowed: kind, diam, dose",
+        "[[jobs]] #1 data: found 'missing.csv': no such file",
+        "[[jobs]] #1 routes: unknown key for kind 'fit'; allowed: kind, chains, data",
+        "[[jobs]] #2 kind: found 'simulat'; allowed: compare, simulate, fit",
+        "[[jobs]] #3 set: found {'CL': 'x'}; allowed: a table such as {NAME = NUMBER}",
+        "[cluster] cores: found '4'; allowed: a whole number >= 1",
+        "[cluster] scheduler: found 'pbs'; allowed: local, tcp://HOST:PORT, slurm",
+    ]
+    for line in expected:
+        assert line in message, line
+    assert f"{len(expected)} problem(s)" in message  # nothing reported twice, no echo of a reported problem
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("", "no jobs: give a \\[grid\\] table and/or \\[\\[jobs\\]\\] entries"),
+    ("[[jobs]]\nmodel = 'it_antibody'\n", r"\[\[jobs\]\] #1 kind: missing; allowed: compare, simulate, fit"),
+    ("[grid]\nkind = 'compare'\ndose = [1]\n", r"\[grid\] job 1 model: missing; a compare job needs model"),
+    ("[grid]\nkind = 'compare'\nmodel = []\n", r"\[grid\] model: found \[\]; allowed: a non-empty list"),
+    ("[[jobs]\n", "not valid TOML"),
+])
+def test_single_problems(tmp_path, text, match):
+    with pytest.raises(PipelineError, match=match):
+        load_pipeline(write(tmp_path, text))
+
+
+def test_missing_pipeline_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_pipeline(tmp_path / "nope.toml")
+
+
+def test_identical_jobs_are_refused(tmp_path):
+    path = write(tmp_path, """
+        [grid]
+        kind = "compare"
+        model = ["it_antibody"]
+        dose = [10, 10.0]
+    """)
+    with pytest.raises(PipelineError, match=r"grid #2: same inputs as grid #1"):
+        resolve_jobs(load_pipeline(path))
+
+
+def test_slurm_job_script_from_cluster_table_without_slurm():
+    config, problems = read_cluster({"scheduler": "slurm", "queue": "compute", "account": "pk", "cores": 4,
+                                     "memory": "8GB", "walltime": "01:30:00",
+                                     "job_extra_directives": ["--exclusive"],
+                                     "job_script_prologue": ["module load python/3.12"]})
+    assert problems == [] and config.scheduler == "slurm"
+    script = slurm_job_script(config)
+    for line in ("#SBATCH -p compute", "#SBATCH -A pk", "#SBATCH --cpus-per-task=4", "#SBATCH -t 01:30:00",
+                 "#SBATCH --exclusive", "module load python/3.12", "export OMP_NUM_THREADS=1",
+                 "export NUMBA_NUM_THREADS=1"):
+        assert line in script, line
+    # one thread per Dask worker, one worker per core: N workers use N cores
+    assert "--nthreads 1" in script and "--nworkers 4" in script and "distributed.cli.dask_worker" in script
+
+
+def test_slurm_needs_cores_and_memory():
+    config, _ = read_cluster({"queue": "compute"})
+    with pytest.raises(ItpkError, match="needs cores and memory in the pipeline's \\[cluster\\] table"):
+        slurm_arguments(config)
+
+
+def test_readme_pipeline_examples_parse(tmp_path):
+    """The two TOML blocks of README's "Batch pipelines" section: 14 jobs, and a valid SLURM table."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Batch pipelines", 1)[1].split("\n## ", 1)[0]
+    sweep, cluster = re.findall(r"```toml\n(.*?)```", section, flags=re.DOTALL)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "example_it_vs_iv.csv").write_bytes((root / "data" / "example_it_vs_iv.csv").read_bytes())
+    pipeline = load_pipeline(write(tmp_path, sweep, "sweep.toml"))  # as at the top of the repository
+    assert [j.kind for j in pipeline.jobs] == ["compare"] * 12 + ["simulate", "fit"]
+    assert dict(pipeline.jobs[1].option("set")) == {"DIAM": 3.0}
+    config = load_pipeline(write(tmp_path, "[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\n" + cluster)).cluster
+    assert config.scheduler == "slurm" and config.workers == 16
+    assert slurm_arguments(config)["processes"] == 4
+
+
+def test_progress_line_counts_and_eta():
+    import io
+
+    from itpk.batch.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(10, enabled=True, stream=stream)
+    bar.count("skipped", ran=False)
+    assert bar.line() == "batch: 0/10 done, 1 skipped, 0 failed, 9 remaining"  # no ETA before a job ran here
+    bar.start -= 4.0  # 4 s elapsed
+    bar.count("done")
+    bar.count("failed")
+    assert bar.line().startswith("batch: 1/10 done, 1 skipped, 1 failed, 7 remaining, ETA 0:00:1")  # 2 s a job x 7
+    assert stream.getvalue().count("\r") == 3
+    quiet = io.StringIO()
+    Progress(3, enabled=False, stream=quiet).count("done")
+    assert quiet.getvalue() == ""
