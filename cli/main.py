@@ -225,8 +225,8 @@ def fit(
 
 
 from itpk.cli.batch import batch_command
-from itpk.cli.data import data_app, nca_command  # noqa: E402 - sub-commands defined in their own modules
-from itpk.cli.report import report_command  # noqa: E402
+from itpk.cli.data import data_app, nca_command
+from itpk.cli.report import report_command
 
 app.add_typer(data_app, name="data")
 app.command("nca")(nca_command)
