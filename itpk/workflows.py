@@ -332,6 +332,7 @@ def run_fit(
     cores: int | None = None,
     seed: int | None = None,
     errors: Mapping[str, str] | None = None,
+    target_accept: float = 0.9,
     progress: bool = False,
     command: Sequence[str] = (),
 ) -> FitRunResult:
@@ -343,7 +344,7 @@ def run_fit(
     spec = load_model(model)
     dataset = read_dataset(data, spec)
     result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
-                 errors=errors, progress=progress)
+                 errors=errors, target_accept=target_accept, progress=progress)
     run_dir = write_run(result, out, command=command)
     diag = diagnostics(result)
     table = summary_table(result)

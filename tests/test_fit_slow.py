@@ -37,7 +37,9 @@ TRUE_ANTIBODY = {"CL": 0.0168, "V": 4.0, "k_out": 0.005, "f_leak": 0.2, "Kp": 0.
 def test_example_it_vs_iv_recovers_true_values():
     spec = load_model("it_antibody")
     data = read_dataset(Path(str(files("itpk.data") / "example_it_vs_iv.csv")), spec)
-    result = fit(spec, data, draws=1000, tune=1000, chains=4, seed=7)
+    # target_accept 0.95: at the default 0.9 this funnel (omega_k_out, informed by sparse biopsies
+    # only) gave 3, 1 and 1 divergent transitions with seeds 7, 8, 9 (and the fit says so); 0 at 0.95
+    result = fit(spec, data, draws=1000, tune=1000, chains=4, seed=7, target_accept=0.95)
     post = result.tree["posterior"]
     for name, value in TRUE_ANTIBODY.items():
         draws = np.asarray(post[name]).reshape(-1)

@@ -219,6 +219,7 @@ runner = CliRunner()
         (["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", "x", "--method", "hmc"], "--method 'hmc' is unknown"),
         (["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", "x", "--draws", "0"], "--draws must be a whole number >= 1"),
         (["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", "x", "--error", "plasma"], "--error 'plasma': expected OUTPUT=MODEL"),
+        (["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", "x", "--target-accept", "1.2"], "--target-accept must be in [0.5, 1)"),
         (["fit", "missing.csv", "--model", "one_cpt_oral", "--out", "x"], "missing.csv"),
     ],
 )
