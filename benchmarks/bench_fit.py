@@ -74,6 +74,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 THEOPH = ROOT / "data" / "theoph.csv"
 IT_DATA = ROOT / "data" / "example_it_vs_iv.csv"
+VIRUS_DATA = ROOT / "data" / "example_virus.csv"
 ORAL_TOML = ROOT / "models" / "one_cpt_oral.toml"
 PUBLISHED = {"ka": 1.593, "CL": 2.752, "V": 31.81}  # nlmixr2 FOCEi, additive error (data/README.md)
 KEY = ("ka", "CL", "V", "omega_ka", "omega_CL", "omega_V")
@@ -862,6 +863,39 @@ def report_engine(label: str, r: dict) -> None:
               + f" | mean leapfrogs/draw {fmt(r.get('n_steps_mean'), 1)} | divergences {r.get('divergences', '-')}")
 
 
+def run_virus(args: argparse.Namespace) -> None:
+    """--virus: wall, ESS, R-hat of the nonlinear (stiff) virus fit, and the cost of one gradient."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from itpk import odeop
+
+    if args.virus_rtol is not None:  # what ode_predict(..., rtol=...) in itpk.inference would do
+        odeop.ode_predict.__kwdefaults__["rtol"] = args.virus_rtol
+    draws, tune, chains = args.draws or 500, 500 if args.tune is None else args.tune, args.chains or 4
+    from itpk import load_model
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model
+
+    spec = load_model("it_oncolytic_virus")
+    model, _ = build_model(spec, read_dataset(VIRUS_DATA, spec))
+    dlogp = model.compile_dlogp()
+    point = model.initial_point()
+    dlogp(point)
+    grad_ms = time_call(dlogp, point) * 1e3
+    system = odeop.OdeSystem.from_spec(spec)
+    print(f"== it_oncolytic_virus on {VIRUS_DATA.name}: {chains} chains x ({tune} tune + {draws} draws), seed {args.seed}")
+    print(f"  ODE method {system.method!r} -> rosenbrock if typical rate {system.typical_rate:.2f}/h x horizon > "
+          f"{odeop.STIFF_THRESHOLD:g}; rtol {args.virus_rtol or 'default'}; one gradient (compile_dlogp) {grad_ms:.1f} ms")
+    r = timed(run_itpk, "it_oncolytic_virus", VIRUS_DATA, args.seed, draws, tune, chains)
+    print(f"  wall {fmt(r['wall'])} s (build {fmt(r['build'])}, compile {fmt(r['compile'])}, sampling {fmt(r['sampling'])}, "
+          f"extras {fmt(r['extras'])}); min ESS_bulk {r['min_ess_all']:.0f} -> ESS/s {r['min_ess_all'] / r['sampling']:.2f}; "
+          f"max R-hat {fmt(r['max_rhat_population'], 3)} (population), {fmt(r['max_rhat_all'], 3)} (all free, worst "
+          f"{r['rhat_worst']}); divergences {r['divergences']}; other processes' CPU {r['contention']['others_cpu_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"virus": r, "grad_ms": grad_ms}, indent=1, default=float))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: short chains, no cold runs, short ODE box")
@@ -876,7 +910,14 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--worker", choices=("a", "b", "c", "w3"), help=argparse.SUPPRESS)
+    parser.add_argument("--virus", action="store_true",
+                        help="only the stiff it_oncolytic_virus fit on data/example_virus.csv (4 x 500 + 500 by default)")
+    parser.add_argument("--virus-rtol", type=float, default=None,
+                        help="with --virus: the ODE Op's rtol (default: ode_predict's own for the chosen method)")
     args = parser.parse_args()
+    if args.virus:
+        run_virus(args)
+        return
     q = args.quick
     args.draws = args.draws or (100 if q else 1000)
     args.tune = args.tune if args.tune is not None else (100 if q else 1000)

@@ -13,29 +13,71 @@ model's parameters, covariates and derived quantities. Derived quantities are
 computed *outside* the Op (in pytensor, where their own gradients come for
 free) and enter as plain inputs, as do the initial amounts x0.
 
-The solver is an adaptive explicit Dormand–Prince 5(4) (FSAL, PI-free
-standard controller), restarted at every dose, infusion switch, reset and
-observation so a discontinuity never sits inside a step and no dense output
-is needed. Forward sensitivities S = ∂x/∂θ for θ = (p, x0, F) are integrated
-with the states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus: S[:, F[d]] += I, reset:
-S = [0, I, 0]); the Op returns the Jacobian J = ∂y/∂θ (M, P + n + D·n) next
-to y, and the gradient is the contraction ȳᵀJ summed per subject. f, g and
-their Jacobians are programs of :mod:`itpk.exprvm` (no code generation from
-model text), passed to one numba kernel as constant inputs.
+Two solvers share the event loop, restarted at every dose, infusion switch,
+reset and observation so a discontinuity never sits inside a step and no
+dense output is needed:
 
-Limits (see the report in the module's tests): explicit method — a stiff
-system costs steps in proportion to its fastest rate × horizon (the virus
-model's blood clearance, 5/h up to 55/h with antibodies, dominates its step
-count); no steady-state doses; error control on the states only by default
-(``sens_error=True`` adds the sensitivities); subjects are solved one after
-the other (no threads).
+- ``"dp5"``: adaptive explicit Dormand–Prince 5(4) (FSAL, standard controller);
+- ``"rosenbrock"``: the linearly implicit Rosenbrock-W method ROS34PW2 (Rang &
+  Angermann 2005; order 3, embedded order 2, L-stable, stiffly accurate),
+  applied to the augmented system [x | S] with the block-diagonal matrix
+  diag(J, …, J), J = ∂f/∂x at the step start (the ∂f/∂x program the
+  sensitivities already use). A W-method keeps its order with any matrix, so
+  dropping the coupling block ∂(J·S + ∂f/∂θ)/∂x costs no accuracy, and one
+  hand-written n×n LU (partial pivoting) of I/(hγ) − J per step serves the
+  states and every sensitivity column.
+
+Forward sensitivities S = ∂x/∂θ for θ = (p, x0, F) are integrated with the
+states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus: S[:, F[d]] += I, reset: S = [0, I, 0]);
+the Op returns the Jacobian J = ∂y/∂θ (M, P + n + D·n) next to y, and the
+gradient is the contraction ȳᵀJ summed per subject. Only the θ entries that
+can reach a free variable are tracked (:func:`tracked_columns`: fixed
+parameters, covariates, constant initial amounts and dose fractions are
+skipped; their columns of J are 0). f, g and their Jacobians are programs of
+:mod:`itpk.exprvm` (no code generation from model text), passed to one numba
+kernel as constant inputs; the solver is a number in the kernel's settings,
+so the Op's inputs and outputs are the same for both.
+
+Choice of solver (``method="auto"``, the default; measured 2026-11-27 on a
+shared 2-core machine, CPU ms per log-density + gradient through the compiled
+graph, states-only error control):
+
+============================  ===================  =========================
+case                          dp5 (rtol 1e-8)      rosenbrock
+============================  ===================  =========================
+virus, data/example_virus     ~1100–1350 ms,       ~170–210 ms (1e-7), ~95 ms (1e-6),
+(6 subjects, 77 days)         ~30,000 steps/subj   ~40 ms (1e-5); 5,000/2,400/1,100 steps
+one_cpt_mm, 12 subjects, 72h  4.2 ms, 25 steps     3.1 ms (1e-6), 7.9 ms (1e-8)
+============================  ===================  =========================
+
+DP5's step is capped by stability (h·ρ(J) ≲ 3.3: blood clearance 5/h, up to
+55/h with antibodies, over weeks), the Rosenbrock step by accuracy only. At
+equal tight tolerance the gain is only ~2–3× (order 3 against order 5); on a
+non-stiff model DP5 is faster at equal tolerance. So "auto"
+(:func:`choose_method`) picks "rosenbrock" when the spectral radius of ∂f/∂x
+at the model file's values and initial amounts (:attr:`OdeSystem.typical_rate`)
+times the design's horizon exceeds :data:`STIFF_THRESHOLD` (1000: DP5 would
+need ≳ 300 steps per subject for stability alone), else "dp5". The virus model
+(ρ ≈ 5/h) is stiff beyond ~200 h; one_cpt_mm (ρ = Vmax/(V·Km) = 0.1/h) never
+is in practice. Default rtol: 1e-8 for "dp5", 1e-7 for "rosenbrock" (order 3:
+its global error is ~3–5× rtol; 1e-7 keeps predictions within 1e-6 of a tight
+reference, as the tests check). A fit needs far less (residual errors are
+5–50 %): ``rtol=1e-5`` halves the cost again (see benchmarks/README.md).
+
+Limits: the explicit method with states-only error control can let h outgrow
+its stability limit where the states are flat (e.g. after a reset to amounts
+that are 0) while the sensitivities are not, and the sensitivities then blow
+up (seen: ∂y/∂x0 ~1e16 on the virus model after a reset; ~1e72 at rtol 1e-6);
+the Rosenbrock method is L-stable and does not (``sens_error=True`` is the
+DP5 remedy). No steady-state doses; subjects are solved one after the other
+(no threads).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +90,15 @@ from pytensor.graph.op import Op
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
 from itpk import exprvm
-from itpk.errors import FitError
+from itpk.errors import FitError, ItpkError
 from itpk.linop import Design
 from itpk.spec import ELIMINATION, ModelSpec
+from itpk.system import initial_state, resolve
 
-__all__ = ["EventTable", "OdePredict", "OdeSystem", "initial_amounts", "ode_predict"]
+__all__ = [
+    "METHODS", "EventTable", "OdePredict", "OdeSystem", "choose_method", "dense_jacobian", "design_horizon",
+    "initial_amounts", "ode_predict",
+]
 
 _CACHE_VERSION = int(
     hashlib.sha256(Path(__file__).read_bytes() + Path(exprvm.__file__).read_bytes()).hexdigest()[:12], 16
@@ -79,7 +125,44 @@ _A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
 _A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]  # = b (FSAL)
 _E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])  # b − b̂
 
+
+
+def _rosenbrock_tableau() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """ROS34PW2 (Rang & Angermann, BIT 45:761, 2005) in the form that needs no product with J.
+
+    The paper's method, k_i = h·f(y0 + Σ α_ij k_j) + h·W·Σ γ_ij k_j (W ≈ ∂f/∂x),
+    is rewritten with u = Γk (Hairer & Wanner, Solving ODEs II, IV.7) as
+    (I/(hγ) − W) u_i = f(y0 + Σ a_ij u_j) + Σ c_ij u_j / h, y1 = y0 + Σ m_j u_j,
+    with a = αΓ⁻¹, c = diag(1/γ) − Γ⁻¹, m = bΓ⁻¹. Returns a, c, m, e = (b − b̂)Γ⁻¹
+    (the local error estimate) and γ. Order 3 for *any* W (a W-method), L-stable,
+    stiffly accurate; embedded order 2.
+    """
+    alpha = np.zeros((4, 4))
+    alpha[1, 0] = 8.7173304301691801e-01
+    alpha[2, :2] = [8.4457060015369423e-01, -1.1299064236484185e-01]
+    alpha[3, 2] = 1.0
+    gamma = 4.3586652150845900e-01
+    G = np.diag(np.full(4, gamma))
+    G[1, 0] = -8.7173304301691801e-01
+    G[2, :2] = [-9.0338057013044082e-01, 5.4180672388095326e-02]
+    G[3, :3] = [2.4212380706095346e-01, -1.2232505839045147e00, 5.4526025533510214e-01]
+    b = np.array([2.4212380706095346e-01, -1.2232505839045147e00, 1.5452602553351020e00, 4.3586652150845900e-01])
+    b_hat = np.array([3.7810903145819369e-01, -9.6042292212423178e-02, 0.5, 2.1793326075422950e-01])
+    G_inv = np.linalg.inv(G)
+    a = np.tril(alpha @ G_inv, -1)  # tril: drop the inverse's round-off above the diagonal
+    c = np.tril(np.diag(1.0 / np.diag(G)) - G_inv, -1)
+    return a, c, b @ G_inv, (b - b_hat) @ G_inv, gamma
+
+
+_RA, _RC, _RM, _RE, _RGAMMA = _rosenbrock_tableau()
+
+# Solver choice, element 5 of the kernel's settings (see the module docstring for "auto").
+METHODS = ("dp5", "rosenbrock", "auto")
+DP5, ROSENBROCK = 0, 1
+
 DEFAULT_RTOL = 1e-8
+DEFAULT_RTOL_STIFF = 1e-7  # order 3: ~2.2x the steps per 10x tighter; see the module docstring
+STIFF_THRESHOLD = 1000.0  # typical rate × horizon above which "auto" picks the stiff method
 DEFAULT_ATOL = 1e-10  # amount units; small against any amount that matters, so rtol governs
 DEFAULT_MAX_STEPS = 200_000  # accepted + rejected steps per subject; beyond: NaN for that subject
 
@@ -107,6 +190,12 @@ class OdeSystem:
     rc : ndarray (E, 2) int64
         (row, column) of each expression: (state or output, 0) for F_RHS/G_OUT,
         (row, state) for JX/GX, (row, input index 0..P−1) for JP/GP.
+    method : str
+        Solver :func:`ode_predict` uses unless told otherwise: "dp5",
+        "rosenbrock" or "auto" (:func:`choose_method`).
+    typical_rate : float
+        Spectral radius of ∂f/∂x (1/time) at the model file's values and
+        initial amounts: the fastest local rate, for "auto" (NaN: unknown).
     """
 
     state_names: tuple[str, ...]
@@ -115,6 +204,8 @@ class OdeSystem:
     program: exprvm.Program
     groups: np.ndarray
     rc: np.ndarray
+    method: str = "auto"
+    typical_rate: float = float("nan")
 
     @property
     def n_states(self) -> int:
@@ -125,8 +216,10 @@ class OdeSystem:
         return len(self.input_names)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, outputs: Sequence[str] | None = None) -> OdeSystem:
+    def from_spec(cls, spec: ModelSpec, outputs: Sequence[str] | None = None, method: str = "auto") -> OdeSystem:
         """Compile a model's flows, ``[odes]`` and outputs (all, or ``outputs`` in that order)."""
+        if method not in METHODS:
+            raise FitError(f"method {method!r} is unknown; methods: {', '.join(METHODS)}")
         states = spec.state_names
         inputs = (*spec.parameters, *spec.covariates, *spec.derived)
         names = tuple(outputs) if outputs is not None else tuple(spec.outputs)
@@ -147,11 +240,12 @@ class OdeSystem:
             k = spec.index(name)
             rhs[k] = exprvm.add(rhs[k], exprvm.lower(expr, slots))
         outs = [exprvm.lower(spec.outputs[o].expr, slots) for o in names]
-        return cls._build(states, inputs, names, rhs, outs)
+        system = cls._build(states, inputs, names, rhs, outs, method)
+        return replace(system, typical_rate=_typical_rate(spec, system))
 
     @classmethod
     def _build(cls, states: tuple[str, ...], inputs: tuple[str, ...], outputs: tuple[str, ...],
-               rhs: list[exprvm.Node], outs: list[exprvm.Node]) -> OdeSystem:
+               rhs: list[exprvm.Node], outs: list[exprvm.Node], method: str = "auto") -> OdeSystem:
         n = len(states)
         groups: list[list[tuple[exprvm.Node, int, int]]] = [[] for _ in range(6)]
         for which, exprs, (gx, gp) in ((F_RHS, rhs, (JX, JP)), (G_OUT, outs, (GX, GP))):
@@ -169,12 +263,64 @@ class OdeSystem:
         bounds = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
         program = exprvm.compile_trees([tree for tree, _, _ in flat])
         rc = np.array([(r, c) for _, r, c in flat], dtype=np.int64).reshape(-1, 2)
-        return cls(states, inputs, outputs, program, bounds, rc)
+        return cls(states, inputs, outputs, program, bounds, rc, method)
 
     def stack_inputs(self, env: Mapping[str, Any], n_subjects: int) -> Any:
         """p (N, P) as a pytensor tensor from values by name (scalars or (N,) tensors)."""
         ones = pt.ones(n_subjects)
         return pt.stack([pt.as_tensor_variable(env[name]) * ones for name in self.input_names], axis=-1)
+
+
+def dense_jacobian(system: OdeSystem, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """∂f/∂x (n, n) at amounts x (n,) and inputs p (P,), in numpy (for checks and :func:`choose_method`)."""
+    n = system.n_states
+    values = system.program.evaluate(np.concatenate([np.asarray(x, float), np.asarray(p, float)]))
+    J = np.zeros((n, n))
+    for e in range(system.groups[JX], system.groups[JX + 1]):
+        J[system.rc[e, 0], system.rc[e, 1]] += values[e]
+    return J
+
+
+def _typical_rate(spec: ModelSpec, system: OdeSystem) -> float:
+    """Spectral radius of ∂f/∂x (1/time) at the model file's values and initial amounts; NaN if not computable.
+
+    At the initial amounts a saturable elimination runs at its fastest
+    (Vmax/(V·Km) below Km), so the estimate leans towards "stiff".
+    """
+    try:
+        values = resolve(spec)
+        x0 = initial_state(values)[0]
+        p = np.array([float(np.ravel(values[name])[0]) for name in system.input_names])
+    except (ItpkError, KeyError, ValueError):
+        return float("nan")
+    with np.errstate(all="ignore"):
+        J = dense_jacobian(system, x0, p)
+        if not np.all(np.isfinite(J)):
+            return float("nan")
+        return float(np.max(np.abs(np.linalg.eigvals(J)), initial=0.0))
+
+
+def choose_method(system: OdeSystem, horizon: float) -> str:
+    """The solver "auto" stands for, from the system's typical rate and the design's horizon (time).
+
+    "rosenbrock" when ``typical_rate × horizon`` exceeds :data:`STIFF_THRESHOLD`:
+    DP5 is stable only for h·ρ ≲ 3.3, so it would need more than ~300 steps
+    per subject for stability alone, where the stiff method's step is set by
+    accuracy. Otherwise (or when the rate is unknown) "dp5".
+    """
+    rate = system.typical_rate
+    return "rosenbrock" if np.isfinite(rate) and rate * horizon > STIFF_THRESHOLD else "dp5"
+
+
+def design_horizon(design: Design) -> float:
+    """Time (model unit) from 0 (or the earliest event before it) to the last observation or infusion end."""
+    ends = [0.0, *design.obs_time[np.isfinite(design.obs_time)]]
+    valid = design.dose_valid
+    if valid.any():
+        t = design.dose_time[valid]
+        end = t + design.dose_duration[valid]
+        ends += [*t, *end[np.isfinite(end)]]
+    return float(max(ends) - min(ends))
 
 
 def initial_amounts(spec: ModelSpec, env: Mapping[str, Any], n_subjects: int,
@@ -243,9 +389,13 @@ class EventTable:
 @_njit_inline
 def _deriv(X: np.ndarray, p: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
            code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-           groups: np.ndarray, rc: np.ndarray, z: np.ndarray, vals: np.ndarray, stack: np.ndarray,
-           out: np.ndarray) -> None:
-    """out (n, W) = d/dt of [x | S]: f(x, p) + u, and ∂f/∂x·S + ∂f/∂θ."""
+           groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
+           stack: np.ndarray, out: np.ndarray, Jd: np.ndarray, want_jac: bool) -> None:
+    """out (n, W) = d/dt of [x | S]: f(x, p) + u, and ∂f/∂x·S + ∂f/∂θ; with ``want_jac`` also Jd (n, n) = ∂f/∂x.
+
+    ``cmap[c]`` is the column of X holding θ_c's sensitivity, 0 when θ_c is
+    not tracked (its gradient can never be asked for, see :func:`tracked_columns`).
+    """
     n = X.shape[0]
     P = p.shape[0]
     for k in range(n):
@@ -256,25 +406,37 @@ def _deriv(X: np.ndarray, p: np.ndarray, u: np.ndarray, running: np.ndarray, sen
     exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
     for e in range(a, b):
         out[rc[e, 0], 0] = vals[e - a] + u[rc[e, 0]]
+    if not (sens or want_jac):
+        return
+    a, b = groups[JX], groups[JX + 1]
+    exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
+    if want_jac:
+        for k in range(n):
+            for c in range(n):
+                Jd[k, c] = 0.0
+        for e in range(a, b):
+            Jd[rc[e, 0], rc[e, 1]] += vals[e - a]
     if not sens:
         return
     W = X.shape[1]
     out[:, 1:] = 0.0
-    a, b = groups[JX], groups[JX + 1]
-    exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
     for e in range(a, b):  # sparse ∂f/∂x · S
         r, c, v = rc[e, 0], rc[e, 1], vals[e - a]
         for col in range(1, W):
             out[r, col] += v * X[c, col]
     a, b = groups[JP], groups[JP + 1]
-    exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
-    for e in range(a, b):
-        out[rc[e, 0], 1 + rc[e, 1]] += vals[e - a]
-    base = 1 + P + n
+    for e in range(a, b):  # one by one: the interpreter is most of a step, and untracked entries are skipped
+        col = cmap[rc[e, 1]]
+        if col > 0:
+            exprvm.run_program(code, arg, consts, starts, e, e + 1, z, vals, stack)
+            out[rc[e, 0], col] += vals[0]
+    base = P + n
     for d in range(running.shape[0]):  # ∂(rate F[d, j])/∂F[d, j] = 1 while infusion d runs
         if running[d]:
             for j in range(n):
-                out[j, base + d * n + j] += 1.0
+                col = cmap[base + d * n + j]
+                if col > 0:
+                    out[j, col] += 1.0
 
 
 @_njit_inline
@@ -296,8 +458,9 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
                running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
                max_steps: int, steps: np.ndarray, A: np.ndarray, E: np.ndarray,
                code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-               groups: np.ndarray, rc: np.ndarray, z: np.ndarray, vals: np.ndarray, stack: np.ndarray,
-               K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray) -> float:
+               groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
+               stack: np.ndarray, K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
+               Jd: np.ndarray) -> float:
     """Advance X (n, W) from t0 to t1 in place; returns the next step size, or −1 on failure.
 
     h <= 0 asks for a starting step (Hairer's d0/d1 estimate). ``steps[0]``
@@ -305,7 +468,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
     """
     n, W = X.shape
     span = t1 - t0
-    _deriv(X, p, u, running, sens, code, arg, consts, starts, groups, rc, z, vals, stack, K[0])
+    _deriv(X, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K[0], Jd, False)
     if h <= 0.0:
         d0 = 0.0
         d1 = 0.0
@@ -331,7 +494,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
                     for j in range(s):
                         acc += hs * A[s, j] * K[j, k, c]
                     Xs[k, c] = acc
-            _deriv(Xs, p, u, running, sens, code, arg, consts, starts, groups, rc, z, vals, stack, K[s])
+            _deriv(Xs, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K[s], Jd, False)
         # stage 7 was evaluated at the 5th-order solution (FSAL): Xs holds it
         for k in range(n):
             for c in range(W):
@@ -360,13 +523,168 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
 
 
 @_njit_inline
-def _restart(X: np.ndarray, x0: np.ndarray, P: int, sens: bool, running: np.ndarray, u: np.ndarray) -> None:
+def _lu_factor(M: np.ndarray, piv: np.ndarray) -> bool:
+    """In-place LU of a small dense M with partial pivoting; False when a pivot is zero or not finite.
+
+    Hand-written rather than numpy.linalg: n is the number of states (a handful),
+    and LAPACK through numba adds compile time and call overhead for nothing.
+    """
+    n = M.shape[0]
+    for j in range(n):
+        best = j
+        big = abs(M[j, j])
+        for r in range(j + 1, n):
+            if abs(M[r, j]) > big:
+                big = abs(M[r, j])
+                best = r
+        if not (big > 0.0 and big < np.inf):
+            return False
+        piv[j] = best
+        if best != j:
+            for c in range(n):
+                M[j, c], M[best, c] = M[best, c], M[j, c]
+        inv = 1.0 / M[j, j]
+        for r in range(j + 1, n):
+            M[r, j] *= inv
+            f = M[r, j]
+            if f != 0.0:
+                for c in range(j + 1, n):
+                    M[r, c] -= f * M[j, c]
+    return True
+
+
+@_njit_inline
+def _lu_solve(M: np.ndarray, piv: np.ndarray, B: np.ndarray) -> None:
+    """B (n, W) ← M⁻¹B in place, M as left by :func:`_lu_factor`: every column shares the one factorisation."""
+    n, W = B.shape
+    for j in range(n):
+        r = piv[j]
+        if r != j:
+            for c in range(W):
+                B[j, c], B[r, c] = B[r, c], B[j, c]
+    for j in range(n):
+        for r in range(j + 1, n):
+            f = M[r, j]
+            if f != 0.0:
+                for c in range(W):
+                    B[r, c] -= f * B[j, c]
+    for j in range(n - 1, -1, -1):
+        inv = 1.0 / M[j, j]
+        for c in range(W):
+            B[j, c] *= inv
+        for r in range(j):
+            f = M[r, j]
+            if f != 0.0:
+                for c in range(W):
+                    B[r, c] -= f * B[j, c]
+
+
+@_njit
+def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: np.ndarray,
+                          running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
+                          max_steps: int, steps: np.ndarray,
+                          code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
+                          groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
+                          stack: np.ndarray, U: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
+                          Jd: np.ndarray, M: np.ndarray, piv: np.ndarray) -> float:
+    """:func:`_integrate` with the linearly implicit ROS34PW2 (stiff systems); same contract.
+
+    Applied to the augmented system [x | S] with the block-diagonal matrix
+    diag(J, …, J), J = ∂f/∂x at the step start: it drops only ∂(J·S + ∂f/∂θ)/∂x,
+    which a W-method tolerates without losing order, and lets one n×n LU of
+    I/(hγ) − J serve the states and every sensitivity column. Stage 0 (f and
+    J at the step start) goes through the same :func:`_deriv` call as the
+    other stages: each call site inlines the expression interpreter again,
+    and compile time grows with them (a rejected step, rare, re-evaluates it).
+    """
+    n, W = X.shape
+    A, C, Mw, E, gamma = _RA, _RC, _RM, _RE, _RGAMMA  # globals: numba freezes them as constants
+    span = t1 - t0
+    t = t0
+    while t < t1:
+        if steps[0] >= max_steps:
+            return -1.0
+        steps[0] += 1
+        last = False
+        hs = h
+        solved = True
+        for s in range(4):
+            for k in range(n):
+                for c in range(W):
+                    acc = X[k, c]
+                    for j in range(s):
+                        acc += A[s, j] * U[j, k, c]
+                    Xs[k, c] = acc
+            _deriv(Xs, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, U[s],
+                   Jd, s == 0)
+            if s == 0:
+                if h <= 0.0:  # Hairer's starting step from |x| and |f(x)|
+                    d0 = 0.0
+                    d1 = 0.0
+                    for k in range(n):
+                        sc = atol + rtol * abs(X[k, 0])
+                        d0 += (X[k, 0] / sc) ** 2
+                        d1 += (U[0, k, 0] / sc) ** 2
+                    d0, d1 = np.sqrt(d0 / n), np.sqrt(d1 / n)
+                    h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+                    if not h > 0.0:
+                        h = 1e-6 * span
+                last = t + h >= t1 or (t1 - (t + h)) < 1e-12 * span
+                hs = t1 - t if last else h
+                shift = 1.0 / (hs * gamma)
+                for k in range(n):
+                    for c in range(n):
+                        M[k, c] = -Jd[k, c]
+                    M[k, k] += shift
+                if not _lu_factor(M, piv):
+                    solved = False
+                    break
+            else:
+                for k in range(n):
+                    for c in range(W):
+                        acc = 0.0
+                        for j in range(s):
+                            acc += C[s, j] * U[j, k, c]
+                        U[s, k, c] += acc / hs
+            _lu_solve(M, piv, U[s])
+        q = np.nan
+        if solved:
+            for k in range(n):
+                for c in range(W):
+                    acc = X[k, c]
+                    est = 0.0
+                    for j in range(4):
+                        acc += Mw[j] * U[j, k, c]
+                        est += E[j] * U[j, k, c]
+                    Xn[k, c] = acc
+                    err[k, c] = est
+            q = _error_norm(X, Xn, err, rtol, atol, err_cols)
+        if q <= 1.0:
+            t = t1 if last else t + hs
+            for k in range(n):
+                for c in range(W):
+                    X[k, c] = Xn[k, c]
+            fac = 6.0 if q == 0.0 else min(6.0, max(0.2, 0.9 * q ** (-1.0 / 3.0)))
+            h_next = hs * fac
+            h = max(h, h_next) if last else h_next
+        else:
+            steps[1] += 1
+            fac = 0.2 if np.isnan(q) else max(0.2, 0.9 * q ** (-1.0 / 3.0))  # NaN or singular: shrink hard
+            h = hs * fac
+            if h < 1e-14 * max(abs(t), 1.0) or not np.isfinite(X[0, 0]):
+                return -1.0
+    return h
+
+
+@_njit_inline
+def _restart(X: np.ndarray, x0: np.ndarray, P: int, sens: bool, running: np.ndarray, u: np.ndarray,
+             cmap: np.ndarray) -> None:
     """State x0 with ∂x/∂x0 = I and no infusion running: the start, and every reset."""
     X[:, :] = 0.0
     for k in range(x0.shape[0]):
         X[k, 0] = x0[k]
-        if sens:
-            X[k, 1 + P + k] = 1.0
+        if sens and cmap[P + k] > 0:
+            X[k, cmap[P + k]] = 1.0
     running[:] = False
     u[:] = 0.0
 
@@ -380,7 +698,9 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     """y (M,), J = ∂y/∂(p, x0, F) (M, P + n + D·n, or 0 columns) and step counts (N, 2).
 
     ``settings``: rtol, atol, max_steps, sensitivities (0/1), error control on
-    sensitivities (0/1). A subject whose solve fails (step count exceeded,
+    sensitivities (0/1) and, optionally, the method (DP5 or ROSENBROCK; DP5 when
+    absent) followed by a 0/1 mask of the θ columns to track (all when absent;
+    the others' columns of J are 0). A subject whose solve fails (step count exceeded,
     step size underflow, non-finite values) gets NaN for the observations
     not yet reached.
     """
@@ -396,8 +716,19 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     max_steps = int(settings[2])
     sens = settings[3] != 0.0
     nc = P + n + D * n if sens else 0
-    W = 1 + nc
+    if sens and settings.shape[0] > 6 and settings.shape[0] != 6 + nc:
+        raise ValueError("ode_predict: the sensitivity mask in settings has the wrong length")
+    cmap = np.zeros(max(nc, 1), dtype=np.int64)  # θ column → column of X (0: not tracked)
+    cols = np.zeros(max(nc, 1), dtype=np.int64)  # column of X − 1 → θ column
+    K_active = 0
+    for c in range(nc):
+        if settings.shape[0] <= 6 or settings[6 + c] != 0.0:
+            cols[K_active] = c
+            K_active += 1
+            cmap[c] = K_active
+    W = 1 + K_active
     err_cols = W if settings[4] != 0.0 else 1
+    stiff = settings.shape[0] > 5 and settings[5] == ROSENBROCK
     A, E = _A, _E  # globals: numba freezes them as constants
 
     y = np.full(M, np.nan)
@@ -411,7 +742,10 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
         depth = max(depth, starts[e + 1] - starts[e])
     stack = np.empty(depth)
     X = np.zeros((n, W))
-    K = np.zeros((7, n, W))
+    K = np.zeros((4 if stiff else 7, n, W))  # DP5's stage derivatives, or Rosenbrock's u_i
+    Jd = np.zeros((n, n))
+    Mlu = np.zeros((n, n))
+    piv = np.zeros(n, dtype=np.int64)
     Xs = np.zeros((n, W))
     Xn = np.zeros((n, W))
     err = np.zeros((n, W))
@@ -424,7 +758,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     gvals = np.empty(1)
     for i in range(N):
         e0, e1 = ev_start[i], ev_start[i + 1]
-        _restart(X, x0[i], P, sens, running, u)
+        _restart(X, x0[i], P, sens, running, u, cmap)
         steps[:] = 0
         t = 0.0 if e0 == e1 else min(0.0, ev_time[e0])  # the system starts from x0 at time 0
         h = 0.0
@@ -432,8 +766,13 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
         for e in range(e0, e1):
             te = ev_time[e]
             if te > t:
-                h = _integrate(X, t, te, h, p[i], u, running, sens, rtol, atol, err_cols, max_steps, steps,
-                               A, E, code, arg, consts, starts, groups, rc, z, vals, stack, K, Xs, Xn, err)
+                if stiff:
+                    h = _integrate_rosenbrock(X, t, te, h, p[i], u, running, sens, rtol, atol, err_cols, max_steps,
+                                              steps, code, arg, consts, starts, groups, rc, cmap, z, vals, stack,
+                                              K, Xs, Xn, err, Jd, Mlu, piv)
+                else:
+                    h = _integrate(X, t, te, h, p[i], u, running, sens, rtol, atol, err_cols, max_steps, steps,
+                                   A, E, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K, Xs, Xn, err, Jd)
                 if h < 0.0:
                     ok = False
                     break
@@ -441,13 +780,14 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
             kind = ev_kind[e]
             d = ev_index[e]
             if kind == RESET:  # amounts back to x0 (sensitivity ∂x/∂x0 = I), infusions stopped
-                _restart(X, x0[i], P, sens, running, u)
+                _restart(X, x0[i], P, sens, running, u, cmap)
                 h = 0.0
             elif kind == BOLUS:
                 for k in range(n):
                     X[k, 0] += F[i, d, k]
-                    if sens:
-                        X[k, 1 + P + n + d * n + k] += 1.0
+                    col = cmap[P + n + d * n + k] if sens else 0
+                    if col > 0:
+                        X[k, col] += 1.0
                 h = 0.0  # a jump: the old step size means nothing for the new profile
             elif kind == INF_ON or kind == INF_OFF:
                 running[d] = kind == INF_ON
@@ -467,16 +807,16 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 exprvm.run_program(code, arg, consts, starts, ga + o, ga + o + 1, z, gvals, stack)
                 y[m] = gvals[0]
                 if sens:
-                    for c in range(nc):
+                    for c in range(nc):  # untracked columns stay 0
                         J[m, c] = 0.0
                     for q in range(xa, xb):
                         if rc[q, 0] == o:
                             exprvm.run_program(code, arg, consts, starts, q, q + 1, z, gvals, stack)
                             v = gvals[0]
-                            for c in range(nc):
-                                J[m, c] += v * X[rc[q, 1], 1 + c]
+                            for c in range(K_active):
+                                J[m, cols[c]] += v * X[rc[q, 1], 1 + c]
                     for q in range(pa, pb):
-                        if rc[q, 0] == o:
+                        if rc[q, 0] == o and cmap[rc[q, 1]] > 0:
                             exprvm.run_program(code, arg, consts, starts, q, q + 1, z, gvals, stack)
                             J[m, rc[q, 1]] += gvals[0]
         counts[i, 0] = steps[0]
@@ -494,7 +834,9 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
 class OdePredict(Op):
     """(y, J, steps) from p (N, P), x0 (N, n), F (N, D, n) and constant design/program arrays.
 
-    Only y is differentiable (through J, which the forward pass computes with
+    The solver ("dp5" or "rosenbrock") and the tracked sensitivity columns
+    are part of the last constant input (the kernel's settings), so one Op
+    and one compiled kernel serve both. Only y is differentiable (through J, which the forward pass computes with
     the sensitivities). ``steps`` (N, 2) int64: attempted and rejected steps
     per subject (−1 attempted: the solve failed). Use :func:`ode_predict`.
     """
@@ -545,6 +887,97 @@ def _numba_ode_predict(op: OdePredict, node: Apply | None = None, **kwargs: Any)
     return _forward, _CACHE_VERSION
 
 
+def _has_free_input(v: Any, memo: dict[Any, bool]) -> bool:
+    """Whether v depends on any graph input that is not a constant (a random variable, shared variable…)."""
+    if v in memo:
+        return memo[v]
+    if v.owner is None:
+        out = not isinstance(v, Constant)
+    else:
+        out = any(_has_free_input(i, memo) for i in v.owner.inputs)
+    memo[v] = out
+    return out
+
+
+def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
+    """(size,) bool: which slices along v's last axis may depend on a non-constant input.
+
+    Follows the few ops that :meth:`OdeSystem.stack_inputs`, :func:`initial_amounts`
+    and a model's dose vectors are built from (stack/join, expand_dims,
+    elementwise ops, indexing of leading axes, alloc); anything else counts as
+    free in every column, so the answer errs towards tracking.
+    """
+    from pytensor.tensor.basic import Alloc, Join
+    from pytensor.tensor.elemwise import DimShuffle, Elemwise
+    from pytensor.tensor.subtensor import AdvancedSubtensor, Subtensor
+    from pytensor.tensor.variable import TensorVariable
+
+    everywhere = np.full(size, _has_free_input(v, memo))
+    node = v.owner
+    if node is None or not everywhere.any():
+        return everywhere
+    op, ndim = node.op, v.type.ndim
+    if isinstance(op, Join):
+        if hasattr(op, "axis"):  # pytensor >= 3: the axis is a property of the op
+            axis, pieces = op.axis, node.inputs
+        elif isinstance(node.inputs[0], Constant):
+            axis, pieces = int(node.inputs[0].data), node.inputs[1:]
+        else:
+            return everywhere
+        if axis % ndim != ndim - 1:  # joined along a leading axis: a column is free if free in any piece
+            return np.any([_free_columns(x, size, memo) for x in pieces], axis=0)
+        widths = [x.type.shape[-1] for x in pieces]
+        if any(w is None for w in widths) or sum(widths) != size:
+            return everywhere
+        return np.concatenate([_free_columns(x, w, memo) for x, w in zip(pieces, widths, strict=True)])
+    if isinstance(op, DimShuffle):
+        order = op.new_order
+        if order and order[-1] == node.inputs[0].type.ndim - 1:  # last axis stays last
+            return _free_columns(node.inputs[0], size, memo)
+        if order and order[-1] == "x":  # a new length-1 last axis
+            return np.full(size, _has_free_input(node.inputs[0], memo))
+        return everywhere
+    if isinstance(op, (Elemwise, Alloc)):
+        args = node.inputs if isinstance(op, Elemwise) else node.inputs[:1]
+        out = np.zeros(size, dtype=bool)
+        for x in args:
+            if x.type.ndim == 0 or x.type.shape[-1] == 1:  # broadcast along the last axis
+                out |= _has_free_input(x, memo)
+            elif x.type.ndim == ndim or isinstance(op, Alloc):
+                out |= _free_columns(x, size, memo)
+            else:
+                return everywhere
+        return out
+    if isinstance(op, (Subtensor, AdvancedSubtensor)):
+        source, index_vars = node.inputs[0], node.inputs[1:]
+        if isinstance(op, Subtensor):
+            consumed = len(op.idx_list)
+        elif all(isinstance(x, TensorVariable) for x in index_vars):  # integer arrays: one axis each, bool: x.ndim
+            consumed = sum(x.type.ndim if x.type.dtype == "bool" else 1 for x in index_vars)
+        else:  # slices or newaxis among advanced indices: not followed
+            return everywhere
+        if consumed < source.type.ndim:  # leading axes only: the last axis passes through
+            return _free_columns(source, size, memo)
+        return everywhere
+    return everywhere
+
+
+def tracked_columns(p: Any, x0: Any, F: Any, P: int, n: int, D: int) -> np.ndarray:
+    """(P + n + D·n,) bool: the θ = (p, x0, F) entries whose sensitivities are worth integrating.
+
+    An entry built from constants only (a fixed parameter, a covariate, an
+    initial amount or a dose fraction that no random variable reaches) can
+    have no gradient with respect to the model's free variables; its
+    sensitivity column is skipped. Caveat: ``pytensor.grad`` with respect to
+    such an intermediate expression itself then gets 0 for it.
+    """
+    memo: dict[Any, bool] = {}
+    x0_cols = _free_columns(x0, n, memo)
+    F_cols = _free_columns(F, n, memo)  # per state k, over every subject and dose
+    F_doses = np.ones(D, dtype=bool)
+    return np.concatenate([_free_columns(p, P, memo), x0_cols, (F_doses[:, None] & F_cols[None, :]).ravel()])
+
+
 def ode_predict(
     system: OdeSystem,
     p: Any,
@@ -552,12 +985,13 @@ def ode_predict(
     F: Any,
     design: Design,
     *,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     atol: float = DEFAULT_ATOL,
     max_steps: int = DEFAULT_MAX_STEPS,
     gradient: bool = True,
     sens_error: bool = False,
     return_steps: bool = False,
+    method: str | None = None,
 ) -> Any:
     """Predictions y_m = g_o(x_i(t_m), p_i) of a nonlinear compartment model.
 
@@ -577,16 +1011,24 @@ def ode_predict(
     design
         Dose and observation times (model time unit); resets come from ``obs_after``.
     rtol, atol
-        Local error tolerances of the states (atol in amount units).
+        Local error tolerances of the states (atol in amount units). rtol
+        defaults to the method's own (:data:`DEFAULT_RTOL` for "dp5",
+        :data:`DEFAULT_RTOL_STIFF` for "rosenbrock").
     max_steps
         Attempted steps per subject before giving up (its remaining
         predictions are then NaN).
     gradient
-        Integrate forward sensitivities (needed for gradients; ~(1 + P + n + D·n)× the work).
+        Integrate forward sensitivities (needed for gradients; ~(1 + K)× the
+        work for the K of the P + n + D·n entries of θ that
+        :func:`tracked_columns` keeps; the others' gradients are 0).
     sens_error
         Include the sensitivities in the error control (slower, more accurate gradients).
     return_steps
         Also return the step counts (N, 2): attempted, rejected (−1: failed).
+    method
+        "dp5" (explicit Dormand–Prince 5(4)), "rosenbrock" (linearly implicit
+        ROS34PW2, for stiff systems) or "auto" (see :func:`choose_method`);
+        None takes ``system.method``.
 
     Returns
     -------
@@ -607,11 +1049,21 @@ def ode_predict(
         raise FitError(
             f"ode_predict: obs_output goes up to {design.obs_output.max()} but the system has outputs {system.output_names}"
         )
+    method = system.method if method is None else method
+    if method not in METHODS:
+        raise FitError(f"ode_predict: method {method!r} is unknown; methods: {', '.join(METHODS)}")
+    chosen = choose_method(system, design_horizon(design)) if method == "auto" else method
+    if rtol is None:
+        rtol = DEFAULT_RTOL_STIFF if chosen == "rosenbrock" else DEFAULT_RTOL
     if not (rtol > 0 and atol > 0 and max_steps > 0):
         raise FitError(f"ode_predict: rtol, atol and max_steps must be > 0, found {rtol}, {atol}, {max_steps}")
     events = EventTable.from_design(design)
     prog = system.program
-    settings = np.array([rtol, atol, float(max_steps), float(gradient), float(sens_error)])
+    code = ROSENBROCK if chosen == "rosenbrock" else DP5
+    settings = [rtol, atol, float(max_steps), float(gradient), float(sens_error), float(code)]
+    if gradient:
+        settings += list(tracked_columns(p, x0, F, P, n, D).astype(float))
+    settings = np.array(settings)
     constants = [
         design.obs_subject, design.obs_output, events.start, events.time, events.kind, events.index,
         prog.code, prog.arg, prog.consts, prog.starts, system.groups, system.rc, settings,

@@ -8,7 +8,11 @@ Tolerances, stated per test:
 - gradients of a random scalar function of y: central finite differences of
   the Op itself at rtol 1e-10 (step 1e-4 relative, so solver noise ~1e-10/1e-4
   stays below the checked 1e-4), compared at rtol 1e-4;
-- numba backend vs ``perform``: rtol 1e-12 (the same kernel).
+- numba backend vs ``perform``: rtol 1e-12 (the same kernel);
+- the stiff method (``method="rosenbrock"``, ROS34PW2) at rtol 1e-9: states and outputs within
+  rtol 1e-7 of piecewise scipy Radau (rtol 1e-10) and of the Michaelis–Menten Lambert-W solution;
+  gradients as above (rtol 1e-4 against central differences); sensitivities at rtol 1e-6 within
+  1e-3 (of the largest entry) of rtol 1e-10.
 """
 
 from __future__ import annotations
@@ -175,15 +179,15 @@ def loss_functions(system, design, scale, mode=PERFORM, **kwargs):
     return value, grads
 
 
-def check_gradients(system, p, x0, F, design, reference, *, rtol=1e-4, skip_zero_x0=True):
-    kwargs = {"rtol": 1e-10, "atol": 1e-12}
+def check_gradients(system, p, x0, F, design, reference, *, rtol=1e-4, skip_zero_x0=True, method=None, zero_step=1e-3):
+    kwargs = {"rtol": 1e-10, "atol": 1e-12, "method": method}
     value, grads = loss_functions(system, design, np.abs(reference).max(), **kwargs)
     analytic = grads(p, x0, F)
     inputs = [p, x0, F]
     for which, (x, g) in enumerate(zip(inputs, analytic, strict=True)):
         fd = np.zeros_like(x)
         for index in np.ndindex(x.shape):
-            h = 1e-4 * abs(x[index]) if x[index] != 0 else 1e-3  # absolute for zeros: amounts of any unit stay tiny
+            h = 1e-4 * abs(x[index]) if x[index] != 0 else zero_step  # absolute for zeros: amounts of any unit stay tiny
             up, down = [a.copy() for a in inputs], [a.copy() for a in inputs]
             up[which][index] += h
             down[which][index] -= h
@@ -262,3 +266,249 @@ def test_nutpie_samples_a_tiny_model():
         compiled = nutpie.compile_pymc_model(model)
         trace = nutpie.sample(compiled, draws=20, tune=20, chains=1, seed=3, progress_bar=False)
     assert np.all(np.isfinite(trace.posterior["log_V"].values))
+
+
+# -- the stiff method (ROS34PW2) ------------------------------------------------------------
+#
+# Independent references: scipy solve_ivp(Radau, rtol 1e-10, atol 1e-12 × the state's scale) on
+# the same programs' f and ∂f/∂x, restarted at every event exactly as the Op is (same EventTable);
+# and, for one_cpt_mm, the Lambert-W closed form. The Op runs at rtol 1e-9 there, so its global
+# error (~3x rtol for ROS34PW2 over these designs) stays below the checked rtol 1e-7.
+
+STIFF_RTOL = 1e-7
+
+
+def radau_reference(system, p, x0, F, design, rtol=1e-10):
+    """(y (M,), amounts (M, n) just before g is applied) by piecewise Radau; observations in design order."""
+    from scipy.integrate import solve_ivp
+
+    from itpk.odeop import BOLUS, INF_OFF, INF_ON, RESET, EventTable, dense_jacobian
+
+    events = EventTable.from_design(design)
+    n, g = system.n_states, system.groups
+    y, amounts = np.full(design.n_obs, np.nan), np.full((design.n_obs, n), np.nan)
+    for i in range(design.n_subjects):
+        def rhs(t, x, u, i=i):
+            v = system.program.evaluate(np.concatenate([x, p[i]]))
+            out = u.copy()
+            np.add.at(out, system.rc[g[0]:g[1], 0], v[g[0]:g[1]])
+            return out
+
+        def jac(t, x, u, i=i):
+            return dense_jacobian(system, x, p[i])
+
+        x, u, running, t = x0[i].astype(float).copy(), np.zeros(n), set(), 0.0
+        scale = max(np.abs(x0[i]).max(), np.abs(F[i]).max(), 1e-300)
+        for e in range(events.start[i], events.start[i + 1]):
+            te, kind, d = events.time[e], events.kind[e], events.index[e]
+            if te > t:
+                sol = solve_ivp(rhs, (t, te), x, method="Radau", jac=jac, rtol=rtol, atol=1e-12 * scale, args=(u,))
+                assert sol.success, sol.message
+                x, t = sol.y[:, -1], te
+            if kind == RESET:
+                x, u, running = x0[i].astype(float).copy(), np.zeros(n), set()
+            elif kind == BOLUS:
+                x = x + F[i, d]
+            elif kind in (INF_ON, INF_OFF):
+                (running.add if kind == INF_ON else running.discard)(d)
+                u = np.sum([F[i, dd] for dd in running], axis=0) if running else np.zeros(n)
+            else:
+                o = design.obs_output[d]
+                y[d] = system.program.evaluate(np.concatenate([x, p[i]]))[g[3] + o]
+                amounts[d] = x
+    return y, amounts
+
+
+def with_state_outputs(name: str) -> ModelSpec:
+    """The model with one extra output per state (``amt_<state>`` = the amount), to check amounts through the Op."""
+    import tomllib
+    from importlib import resources
+
+    from itpk.spec import parse_model
+
+    raw = tomllib.loads((resources.files("itpk.models") / f"{name}.toml").read_text(encoding="utf-8"))
+    for state in raw["compartments"]:
+        raw["outputs"][f"amt_{state}"] = {"expr": state, "unit": raw["compartments"][state]["amount_unit"]}
+    return parse_model(raw)
+
+
+def virus_events() -> Schedule:
+    """T-VEC visits 1–2 (IT boluses at 0 and 504 h), an IV infusion of virus over 2 h at 100 h and a reset at 700 h."""
+    tvec = tvec_schedule(3.0, visits=2)
+    return Schedule((*tvec.doses, Dose(100.0, 4e6, Target("iv"), duration=2.0)), resets=(700.0,))
+
+
+VIRUS_TIMES = np.array([0.5, 3.0, 24.0, 99.0, 101.0, 102.0, 150.0, 504.0, 505.0, 650.0, 700.0, 701.0, 800.0, 1000.0])
+
+
+def test_rosenbrock_virus_states_and_outputs_match_radau():
+    # rtol 1e-7 on every amount and output: T-VEC boluses, an IV infusion, a reset, two subjects (one with NAb off)
+    spec = with_state_outputs("it_oncolytic_virus")
+    subjects = [({}, virus_events(), VIRUS_TIMES), ({"beta": 1e-10, "k_clear": 2.0, "nab_max": 0.0}, virus_events(), VIRUS_TIMES)]
+    system, p, x0, F, design, _ = build(spec, subjects)
+    want, amounts = radau_reference(system, p, x0, F, design)
+    got, steps = predict(system, p, x0, F, design, method="rosenbrock", rtol=1e-9, return_steps=True)
+    np.testing.assert_allclose(got, want, rtol=STIFF_RTOL, atol=1e-12 * np.abs(want).max())
+    amt = [system.output_names.index(f"amt_{s}") for s in system.state_names]
+    for k, o in enumerate(amt):  # the amount outputs are the states themselves
+        rows = design.obs_output == o
+        np.testing.assert_allclose(got[rows], amounts[rows, k], rtol=STIFF_RTOL, atol=1e-12 * np.abs(amounts[:, k]).max())
+    assert np.all(steps[:, 0] > 0) and np.all(steps[:, 1] < steps[:, 0])
+
+
+def test_rosenbrock_one_cpt_mm_matches_radau_with_bolus_infusion_reset():
+    # rtol 1e-7: saturable elimination above and below Km, bolus + ADDL, zero-order infusion, RATE infusion, reset
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule(
+        (Dose(0.0, 500.0, Target("iv"), ii=12.0, addl=3), Dose(2.0, 200.0, Target("iv"), duration=3.0),
+         Dose(30.0, 50.0, Target("iv"), rate=20.0, ii=6.0, addl=1), Dose(60.0, 80.0, Target("iv"), reset=True)),
+    )  # fmt: skip
+    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES), ({"Vmax": 30.0, "Km": 8.0, "V": 60.0}, schedule, TIMES[1::2])]
+    system, p, x0, F, design, reference = build(spec, subjects)
+    want, _ = radau_reference(system, p, x0, F, design)
+    np.testing.assert_allclose(want, reference, rtol=1e-6)  # the Radau helper agrees with itpk.simulate (LSODA)
+    got = predict(system, p, x0, F, design, method="rosenbrock", rtol=1e-9)
+    np.testing.assert_allclose(got, want, rtol=STIFF_RTOL, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("method", ["rosenbrock", "dp5"])
+def test_mm_bolus_matches_lambert_w_through_the_op(method):
+    # rtol 1e-7 against C(t) = Km·W((C0/Km)·exp((C0 − Vmax/V·t)/Km)), from C0 = 40·Km down to C << Km
+    from scipy.special import lambertw
+
+    spec = load_model("one_cpt_mm")
+    params = {"Vmax": 10.0, "Km": 2.0, "V": 50.0}
+    times = np.array([0.1, 1.0, 2.5, 5.0, 10.0, 24.0, 48.0, 72.0, 120.0])
+    system, p, x0, F, design, _ = build(spec, [(params, Schedule((Dose(0.0, 4000.0, Target("iv")),)), times)])
+    got = predict(system, p, x0, F, design, method=method, rtol=1e-9)
+    c0, km = 4000.0 / params["V"], params["Km"]
+    exact = km * lambertw((c0 / km) * np.exp((c0 - params["Vmax"] / params["V"] * times) / km)).real
+    np.testing.assert_allclose(got, exact, rtol=STIFF_RTOL, atol=1e-14 * c0)
+
+
+def test_rosenbrock_gradients_match_central_differences_one_cpt_mm():
+    # rtol 1e-4 on p̄, x̄0, F̄ (bolus amounts, infusion rates), the same check as for DP5
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 300.0, Target("iv")), Dose(4.0, 40.0, Target("iv"), duration=2.0), Dose(12.0, 100.0, Target("iv"))))
+    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES[1:]), ({}, schedule, TIMES[2::3])]
+    system, p, x0, F, design, reference = build(spec, subjects)
+    x0[:, 0] = [5.0, 0.0]
+    check_gradients(system, p, x0, F, design, reference, method="rosenbrock")
+
+
+def test_rosenbrock_gradients_match_central_differences_virus_with_infusion_and_reset():
+    # rtol 1e-4: virus model over 10 days, IT boluses, an IV infusion, a reset; outputs with ** (1/3) and /V.
+    # Zero entries step by 1e-5 (not 1e-3): F into the 0..1 states P and N must stay a small perturbation.
+    # (DP5 fails this one: after the reset every amount but U is 0, its states-only step control lets h
+    # outgrow the stability limit, and ∂x/∂x0 explodes to ~1e16; see the module docstring.)
+    spec = load_model("it_oncolytic_virus")
+    schedule = Schedule((Dose(0.0, 2e6, Target("it")), Dose(30.0, 1e6, Target("iv"), duration=2.0), Dose(96.0, 1e8, Target("it"))),
+                        resets=(200.0,))
+    times = np.array([2.0, 24.0, 31.0, 90.0, 100.0, 190.0, 201.0, 240.0])
+    system, p, x0, F, design, reference = build(spec, [({}, schedule, times)], ["virus_tumor", "tumor_diameter", "virus_blood"])
+    check_gradients(system, p, x0, F, design, reference, method="rosenbrock", zero_step=1e-5)
+
+
+def test_rosenbrock_sensitivities_stay_accurate_at_loose_tolerance():
+    # ∂y/∂θ at rtol 1e-6 within 1e-3 (relative to the largest entry) of rtol 1e-10, over 42 days of T-VEC;
+    # the states-only error control leaves the sensitivities to the method's stability (an explicit
+    # method at its stability limit lets them grow without bound)
+    spec = load_model("it_oncolytic_virus")
+    system, p, x0, F, design, _ = build(spec, [({}, tvec_schedule(3.0, visits=3), np.array([24.0, 300.0, 505.0, 840.0, 1000.0]))])
+    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
+
+    def jac(rtol):
+        y = ode_predict(system, pv, xv, Fv, design, method="rosenbrock", rtol=rtol)
+        return pytensor.function([pv, xv, Fv], y.owner.outputs[1], mode=PERFORM)(p, x0, F)
+
+    loose, tight = jac(1e-6), jac(1e-10)
+    assert np.all(np.isfinite(loose))
+    np.testing.assert_allclose(loose, tight, rtol=0, atol=1e-3 * np.abs(tight).max())
+
+
+def test_rosenbrock_needs_far_fewer_steps_than_dp5_on_the_stiff_virus_model():
+    # same rtol 1e-6: the explicit method's step is capped by stability (blood clearance × (1 + nab_max·N)),
+    # the implicit one's by accuracy only (at rtol 1e-8 the gap narrows to ~2x: order 3 against order 5)
+    spec = load_model("it_oncolytic_virus")
+    system, p, x0, F, design, _ = build(spec, [({}, tvec_schedule(3.0, visits=3), np.array([24.0, 505.0, 1000.0]))])
+    steps = {m: predict(system, p, x0, F, design, method=m, rtol=1e-6, gradient=False, return_steps=True)[1][0, 0]
+             for m in ("dp5", "rosenbrock")}
+    assert 0 < 5 * steps["rosenbrock"] < steps["dp5"], steps
+
+
+def test_auto_picks_the_stiff_method_for_the_virus_model_only():
+    from itpk.odeop import choose_method, design_horizon
+
+    virus = OdeSystem.from_spec(load_model("it_oncolytic_virus"))
+    mm = OdeSystem.from_spec(load_model("one_cpt_mm"))
+    assert virus.typical_rate == pytest.approx(5.002, rel=1e-3)  # blood clearance k_clear dominates
+    assert mm.typical_rate == pytest.approx(10.0 / 50.0 / 2.0)  # Vmax/(V·Km) at zero amount
+    assert choose_method(virus, 1440.0) == "rosenbrock" and choose_method(mm, 72.0) == "dp5"
+    assert choose_method(virus, 24.0) == "dp5"  # a day of blood clearance is not worth an implicit method
+    _, _, _, _, design, _ = build(load_model("one_cpt_mm"), [({}, Schedule((Dose(5.0, 1.0, Target("iv"), duration=100.0),)), TIMES)])
+    assert design_horizon(design) == 105.0  # to the infusion's end, past the last observation (72 h)
+    with pytest.raises(Exception, match="method 'euler' is unknown"):
+        predict(mm, np.ones((1, 3)), np.zeros((1, 1)), np.zeros((1, 1, 1)), design, method="euler")
+
+
+def test_rosenbrock_numba_backend_equals_perform_and_fails_per_subject():
+    spec = load_model("one_cpt_mm")
+    schedule = Schedule((Dose(0.0, 300.0, Target("iv"), ii=8.0, addl=2), Dose(4.0, 40.0, Target("iv"), duration=2.0)))
+    system, p, x0, F, design, _ = build(spec, [({}, schedule, TIMES), ({"Km": 9.0}, schedule, TIMES[::2])])
+    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
+    y = ode_predict(system, pv, xv, Fv, design, method="rosenbrock")
+    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
+    outputs = [y, *pytensor.grad(loss, [pv, xv, Fv])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*object mode.*")
+        compiled = pytensor.function([pv, xv, Fv], outputs, mode="NUMBA")(p, x0, F)
+    wanted = pytensor.function([pv, xv, Fv], outputs, mode=PERFORM)(p, x0, F)
+    for got, want in zip(compiled, wanted, strict=True):
+        assert np.all(np.isfinite(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+    p[0, system.input_names.index("Km")] = np.nan
+    y = predict(system, p, x0, F, design, method="rosenbrock")
+    bad = design.obs_subject == 0
+    assert np.all(np.isnan(y[bad][1:])) and np.all(np.isfinite(y[~bad]))
+
+
+# -- which sensitivities are integrated -----------------------------------------------------
+
+
+def test_tracked_columns_skip_constant_inputs_only():
+    # p: a free and a fixed parameter; x0: a constant and a free initial amount; F: a free fraction
+    # into state 0 only, through advanced indexing of a stack (as inference builds dose vectors)
+    from itpk.odeop import tracked_columns
+
+    N, n, D = 3, 2, 2
+    free = pt.vector("free")
+    p = pt.stack([free * pt.ones(N), pt.as_tensor_variable(np.full(N, 2.0)) * pt.ones(N)], axis=-1)
+    x0 = pt.stack([pt.zeros(N), pt.exp(free)], axis=-1)
+    route = pt.stack([pt.stack([pt.sigmoid(free) * pt.ones(N), pt.zeros(N)], axis=-1)], axis=0)  # (1, N, n)
+    F = route[np.zeros((N, D), dtype=np.int64), np.repeat(np.arange(N)[:, None], D, axis=1)] * np.ones((N, D, 1))
+    mask = tracked_columns(p, x0, F, 2, n, D)
+    np.testing.assert_array_equal(mask, [True, False, False, True, True, False, True, False])
+    opaque = pt.matrix("opaque")  # an input the analysis cannot see into: every column tracked
+    assert tracked_columns(opaque, x0, F, 2, n, D)[:2].all()
+
+
+def test_gradient_of_the_virus_fit_graph_is_unchanged_by_skipping_constant_columns(monkeypatch):
+    # the log-density gradient of build_model's graph with 16 of 50 columns tracked equals the one with all
+    # (same step sequence: the error control sees the states only), rtol 1e-10
+    from itpk import odeop
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model
+
+    spec = load_model("it_oncolytic_virus")
+    data = read_dataset("data/example_virus.csv", spec)
+
+    def gradient():
+        model, _ = build_model(spec, data)
+        point = {k: v + 0.1 for k, v in model.initial_point().items()}
+        return model.compile_dlogp(mode=PERFORM)(point)
+
+    pruned = gradient()
+    monkeypatch.setattr(odeop, "tracked_columns", lambda p, x0, F, P, n, D: np.ones(P + n + D * n, dtype=bool))
+    full = gradient()
+    assert np.all(np.isfinite(pruned)) and np.abs(full).max() > 0
+    np.testing.assert_allclose(pruned, full, rtol=1e-10, atol=1e-12 * np.abs(full).max())
