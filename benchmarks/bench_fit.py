@@ -48,15 +48,14 @@ Usage::
     python benchmarks/bench_fit.py --json out.json --no-profile
 
 When a target is missed the full run ends with a profile of (a) against (b) (``--no-profile``
-skips it, ``--profile`` forces it): per-gradient cost, compile and predictive splits, and three
-measured what-ifs done by monkey-patching ``itpk.inference`` / ``itpk.linop`` in this process (and in
-a cold worker) only; library files are not touched.
+skips it, ``--profile`` forces it): per-gradient cost, compile and predictive splits, and one
+what-if, the closed form in place of the exact Op inside itpk's own graph (monkey-patched in this
+process only; library files are not touched).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
@@ -482,14 +481,9 @@ def worker(engine: str, args: argparse.Namespace) -> dict:
     import nutpie  # noqa: F401
     import pymc  # noqa: F401
 
-    import itpk.inference
 
     imports = T() - start
     if engine == "a":
-        out = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains)
-    elif engine == "w3":  # (a) with what-if 3 applied (profile only)
-        inf = itpk.inference
-        inf._predict, inf._complete = _closed_form_predict, _numpy_complete
         out = run_itpk("one_cpt_oral", THEOPH, args.seed, args.draws, args.tune, args.chains)
     elif engine == "b":
         out = run_hand_nutpie(args.seed, args.draws, args.tune, args.chains)
@@ -594,132 +588,8 @@ def _closed_form_predict(pt, spec, data, env, backend):
     return amount * ka / (V * (ka - k)) * (pt.exp(-k * tau) - pt.exp(-ka * tau))
 
 
-def _real2_kernels():
-    """What-if 2: the Op's kernels for 2x2 K in real arithmetic (closed-form eigenpairs and inverse).
-
-    Same modal sums and Daleckii–Krein adjoint as itpk.linop (its _forward_pass/_backward_pass are
-    reused); what changes is no complex arrays, no LAPACK branch and no complex specialisation.
-    """
-    import numba
-
-    import itpk.linop as L
-
-    nj = numba.njit(cache=False, boundscheck=False, nogil=True)
-
-    @nj
-    def decompose(K):
-        N = K.shape[0]
-        lam = np.empty((N, 2))
-        V = np.empty((N, 2, 2))
-        W = np.empty((N, 2, 2))
-        status = np.empty(N, np.int64)
-        for i in range(N):
-            ok = np.isfinite(K[i, 0, 0]) and np.isfinite(K[i, 0, 1]) and np.isfinite(K[i, 1, 0]) and np.isfinite(K[i, 1, 1])
-            if ok:
-                ok = L._eig2(K[i], lam[i], V[i])
-            if ok:
-                a, b, c, e = V[i, 0, 0], V[i, 0, 1], V[i, 1, 0], V[i, 1, 1]
-                det = a * e - b * c
-                ok = det != 0.0
-                if ok:
-                    W[i, 0, 0], W[i, 0, 1], W[i, 1, 0], W[i, 1, 1] = e / det, -b / det, -c / det, a / det
-                    cond = max(abs(a) + abs(c), abs(b) + abs(e)) * max(abs(W[i, 0, 0]) + abs(W[i, 1, 0]), abs(W[i, 0, 1]) + abs(W[i, 1, 1]))
-                    ok = cond <= L.MAX_COND
-            status[i] = L.REAL if ok else L.BAD
-            if not ok:
-                lam[i] = np.nan
-                V[i] = np.nan
-                W[i] = np.nan
-        return lam, V, W, status
-
-    @nj
-    def forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
-        lam, V, W, status = decompose(K)
-        y = np.zeros(obs_subject.shape[0])
-        L._forward_pass(lam, V, W, F, C, status, L.REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y)
-        for m in range(y.shape[0]):
-            if status[obs_subject[m]] == L.BAD:
-                y[m] = np.nan
-        return y, lam.astype(np.complex128), V.astype(np.complex128), W.astype(np.complex128)
-
-    @nj
-    def backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
-        N = lam.shape[0]
-        lr, Vr, Wr = np.ascontiguousarray(lam.real), np.ascontiguousarray(V.real), np.ascontiguousarray(W.real)
-        status = np.empty(N, np.int64)
-        for i in range(N):
-            status[i] = L.REAL if np.isfinite(lr[i, 0]) else L.BAD
-        Kbar, Fbar, Cbar = np.zeros((N, 2, 2)), np.zeros(F.shape), np.zeros(C.shape)
-        L._backward_pass(lr, Vr, Wr, F, C, status, L.REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf,
-                         pair_s, pair_u, ybar, Kbar, Fbar, Cbar)
-        for i in range(N):
-            if status[i] == L.BAD:
-                Kbar[i] = np.nan
-                Fbar[i] = np.nan
-                Cbar[i] = np.nan
-        return Kbar, Fbar, Cbar
-
-    salt = int(hashlib.sha256(inspect.getsource(_real2_kernels).encode()).hexdigest()[:12], 16)
-    return forward, backward, salt
-
-
-def _numpy_complete(tree, model, seed):
-    """What-if 3: itpk's ``_complete`` for one uncensored output with combined error, from the IPRED
-    draws in numpy (log-likelihood and posterior predictive) instead of two compiled PyMC passes."""
-    import pymc as pm
-    import xarray as xr
-
-    (name,) = [v.name for v in model.observed_RVs]
-    dim = f"obs_{name.removeprefix('DV_')}"
-    post = tree["posterior"]
-    ipred = post["IPRED"].values
-    observed = np.asarray(model.rvs_to_values[model[name]].data)
-    add = post[f"sigma_add_{name.removeprefix('DV_')}"].values[..., None]
-    prop = post[f"sigma_prop_{name.removeprefix('DV_')}"].values[..., None]
-    sd = np.sqrt(add**2 + (prop * ipred) ** 2)
-    rows = np.asarray(model.coords[dim])
-    coords = {"chain": post["chain"].values, "draw": post["draw"].values, dim: rows}
-    dims = ("chain", "draw", dim)
-    loglik = -0.5 * ((observed - ipred) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
-    tree["log_likelihood"] = xr.DataTree(xr.Dataset({name: (dims, loglik)}, coords=coords))
-    draws = np.random.default_rng(seed).normal(ipred, sd)
-    tree["posterior_predictive"] = xr.DataTree(xr.Dataset({name: (dims, draws)}, coords=coords))
-    tree["observed_data"] = xr.DataTree(xr.Dataset({name: ((dim,), observed)}, coords={dim: rows}))
-    prior = pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
-    for group in ("prior", "prior_predictive"):
-        if group in prior.children:
-            tree[group] = prior[group]
-    return tree
-
-
-class _Kernels:
-    """Swap the numba implementation of itpk's LinearPredict Ops in this process (and back)."""
-
-    def __init__(self):
-        import itpk.linop as L
-
-        self.L = L
-        self.original = (L._numba_linear_predict, L._numba_linear_predict_grad)
-
-    def _register(self, fwd, bwd):
-        from pytensor.link.numba.dispatch.basic import (
-            register_funcify_default_op_cache_key,
-        )
-
-        register_funcify_default_op_cache_key(self.L.LinearPredict)(fwd)
-        register_funcify_default_op_cache_key(self.L.LinearPredictGrad)(bwd)
-
-    def real2(self):
-        forward, backward, salt = _real2_kernels()
-        self._register(lambda op, node=None, **kw: (forward, salt), lambda op, node=None, **kw: (backward, salt + 1))
-
-    def restore(self):
-        self._register(*self.original)
-
-
 def profile(args: argparse.Namespace) -> dict:
     import nutpie
-    import pymc as pm
 
     import itpk.inference as inf
     from itpk import load_model
@@ -768,14 +638,8 @@ def profile(args: argparse.Namespace) -> dict:
         row["nutpie_compile"] = T() - start
         row["sampling"], tree = sample(compiled, **kw_a)
         start = T()
-        tree = pm.compute_log_likelihood(tree, model=model, progressbar=False)
-        row["log_likelihood"] = T() - start
-        start = T()
-        pm.sample_posterior_predictive(tree, model=model, random_seed=seed, progressbar=False)
-        row["posterior_predictive"] = T() - start
-        start = T()
-        pm.sample_prior_predictive(draws=200, model=model, random_seed=seed)
-        row["prior_predictive"] = T() - start
+        inf._complete(tree, model, data, seed)
+        row["log_likelihood_and_predictive"] = T() - start
     prof["a_steps"] = row
     prof["a_n_steps"] = float(tree["sample_stats"]["n_steps"].mean())
     prof["a_compile"], a_compiled, a_model = compile_fresh(build_a)
@@ -803,36 +667,6 @@ def profile(args: argparse.Namespace) -> dict:
     finally:
         inf._predict = original_predict
 
-    # 3. what-if 3: what-if 1 plus log-likelihood and posterior predictive from the IPRED draws in numpy
-    original_complete = inf._complete
-    inf._predict, inf._complete = _closed_form_predict, _numpy_complete
-    try:
-        calls = []
-        for _ in range(3):
-            start = T()
-            np_fit = inf.fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed)
-            calls.append((T() - start, dict(np_fit.timings)))
-        prof["np_fit_wall"], prof["np_fit_timings"] = min(calls[1:], key=lambda c: c[0])
-        check_model, _ = inf.build_model(spec, ds)
-        reference = pm.compute_log_likelihood(np_fit.tree.copy(), model=check_model, progressbar=False)
-        prof["np_loglik_diff"] = float(np.max(np.abs(reference["log_likelihood"]["DV_plasma"].values
-                                                     - np_fit.tree["log_likelihood"]["DV_plasma"].values)))
-    finally:
-        inf._predict, inf._complete = original_predict, original_complete
-
-    # 4. what-if 2: real-arithmetic 2x2 kernels for the exact Op
-    kernels = _Kernels()
-    kernels.real2()
-    try:
-        prof["r2_compile"], r2_compiled, r2_model = compile_fresh(build_a)
-        prof["r2_compile_free_only"], _, _ = compile_fresh(build_a, var_names=names)
-        prof["r2_grad_us"] = _grad_us_numba(r2_compiled, r2_model)
-        prof["r2_sampling"], r2_tree = sample(r2_compiled, **kw_a)
-        r2 = diagnostics(r2_tree)
-        prof["r2_median"], prof["r2_min_ess"] = r2["median"], r2["min_ess"]
-        prof["r2_logp_diff"] = abs(float(r2_model.compile_logp()(probe)) - base)
-    finally:
-        kernels.restore()
     return prof
 
 
@@ -909,7 +743,7 @@ def main() -> None:
     parser.add_argument("--profile", dest="profile", action="store_true", default=None)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--worker", choices=("a", "b", "c", "w3"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("a", "b", "c"), help=argparse.SUPPRESS)
     parser.add_argument("--virus", action="store_true",
                         help="only the stiff it_oncolytic_virus fit on data/example_virus.csv (4 x 500 + 500 by default)")
     parser.add_argument("--virus-rtol", type=float, default=None,
@@ -1136,13 +970,6 @@ def main() -> None:
     if do_profile:
         print("\n== profile of (a) against (b) (warm, this process; what-ifs monkey-patched here only)")
         prof = profile(args)
-        if cold:
-            root = Path(tempfile.mkdtemp(prefix="bench_fit_w3_"))
-            prof["w3_cold"] = timed(spawn_worker, "w3", root, args)
-            prof["w3_disk_warm"] = timed(spawn_worker, "w3", root, args)
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
         res["profile"] = prof
         s = prof["a_steps"]
         print("  fit() pipeline of (a), second pass, split: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.items()))
@@ -1156,22 +983,8 @@ def main() -> None:
         print(f"  what-if 1, itpk's graph with the closed form instead of the exact Op: compile {prof['cf_compile']:.2f} s, "
               f"gradient {prof['cf_grad_us']:.1f} µs, sampling {prof['cf_sampling']:.2f} s, log-density |diff| {prof['cf_logp_diff']:.1e}")
         print(f"    whole fit() so (fastest of 2nd/3rd call): wall {prof['cf_fit_wall']:.2f} s (build {t['build_s']:.2f}, "
-              f"compile {t['compile_s']:.2f}, sampling {t['sampling_s'] - t['compile_s']:.2f}, extras {t['predictive_s']:.2f}) "
+              f"compile {t['compile_s']:.2f}, sampling {t['sampling_s']:.2f}, extras {t['predictive_s']:.2f}) "
               f"-> (a)/(b) wall {prof['cf_fit_wall'] / b['wall']:.2f}")
-        t = prof["np_fit_timings"]
-        print(f"  what-if 3 = what-if 1 + log-likelihood and posterior predictive from the stored IPRED draws in numpy "
-              f"(log-likelihood |diff| vs PyMC's {prof['np_loglik_diff']:.1e}): fit() wall {prof['np_fit_wall']:.2f} s "
-              f"(build {t['build_s']:.2f}, compile {t['compile_s']:.2f}, sampling {t['sampling_s'] - t['compile_s']:.2f}, "
-              f"extras {t['predictive_s']:.2f}) -> (a)/(b) wall {prof['np_fit_wall'] / b['wall']:.2f}")
-        if "w3_cold" in prof:
-            wc, wd = prof["w3_cold"], prof["w3_disk_warm"]
-            print(f"    what-if 3 cold: wall {wc['wall']:.2f} s (build {wc['build']:.2f}, compile {wc['compile']:.2f}, "
-                  f"sampling {wc['sampling']:.2f}, extras {wc['extras']:.2f}) -> (a)/(b) cold {wc['wall'] / res['cold']['b']['wall']:.2f}; "
-                  f"disk-warm: wall {wd['wall']:.2f} s -> {wd['wall'] / res['disk_warm']['b']['wall']:.2f}")
-        print(f"  what-if 2, exact Op with real-arithmetic 2x2 kernels: compile {prof['r2_compile']:.2f} s (free-only "
-              f"{prof['r2_compile_free_only']:.2f} s), gradient {prof['r2_grad_us']:.1f} µs, sampling {prof['r2_sampling']:.2f} s, "
-              f"min ESS {prof['r2_min_ess']:.0f}, medians ka {prof['r2_median']['ka']:.3f} CL {prof['r2_median']['CL']:.3f} "
-              f"V {prof['r2_median']['V']:.2f}, log-density |diff| vs current kernels {prof['r2_logp_diff']:.1e}")
     res["load_end"] = os.getloadavg()
     res["total_s"] = T() - total_start
     res["contention"] = overall.stop()
