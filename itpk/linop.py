@@ -797,10 +797,19 @@ def _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, p
 
 
 @_njit
-def _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra):
-    c = np.ascontiguousarray
-    return _pack(c(K), c(F), c(C), c(obs_subject), c(subject_start), c(pair_obs), c(pair_dose), c(pair_out),
-                 c(pair_inf), c(pair_s), c(pair_u), extra)
+def _alive(arrays):
+    """A use of ``arrays`` (a tuple) after the native call: numba frees a variable after its last use,
+    and an address in the block is not a use, so a contiguous copy could be freed before the call.
+    Building the tuple for this call keeps every array referenced until here."""
+    return arrays[0].size
+
+
+@_njit
+def _flagged(block, outputs):
+    """NaN in every output when the entry point did not finish (its flag, the block's last slot, is 0)."""
+    if block[-1] != 1:
+        for out in outputs:  # same-typed arrays (a UniTuple)
+            out[:] = np.nan
 
 
 @_njit
@@ -810,14 +819,17 @@ def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
         raise ValueError("linear_predict: K must be (N, n, n)")
     N, n = K.shape[0], K.shape[1]
     _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
+    c = np.ascontiguousarray
+    K, F, C, obs_subject, subject_start = c(K), c(F), c(C), c(obs_subject), c(subject_start)
+    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u)
     y = np.empty(obs_subject.shape[0])
     lam = np.empty((N, n), dtype=np.complex128)
     V, W = np.empty((N, n, n), dtype=np.complex128), np.empty((N, n, n), dtype=np.complex128)
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
-    block = _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_forward(block.ctypes.data)
-    if block[-1] != 1:
-        y[:] = np.nan
+    _alive((K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u))
+    _flagged(block, (y,))
     return y, lam, V, W
 
 
@@ -829,17 +841,17 @@ def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_
     if ybar.shape[0] != obs_subject.shape[0]:
         raise ValueError("linear_predict: the output gradient does not have one value per observation")
     c = np.ascontiguousarray
-    ybar, lam, V, W = c(ybar), c(lam), c(V), c(W)
+    ybar, F, C, lam, V, W = c(ybar), c(F), c(C), c(lam), c(V), c(W)
+    obs_subject, subject_start = c(obs_subject), c(subject_start)
+    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u)
     Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
     extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
     # Kbar stands in for K in the block (same shape; the backward kernels do not read K)
-    block = _design_block(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_backward(block.ctypes.data)
-    if block[-1] != 1:
-        Kbar[:] = np.nan
-        Fbar[:] = np.nan
-        Cbar[:] = np.nan
+    _alive((ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u))
+    _flagged(block, (Kbar, Fbar, Cbar))
     return Kbar, Fbar, Cbar
 
 
@@ -850,16 +862,19 @@ def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pai
     Same modal sums; no complex specialisation and no LAPACK in its entry point
     (which compiles in seconds where the general one takes tens), a third less
     time per gradient, and no shape checks at run time: they are made once when
-    the node is made (:func:`_check_small_node`, static shapes only).
+    the node is made (:func:`_check_small_node`, static shapes; the design arrays
+    are C-contiguous constants).
     """
     N, n = K.shape[0], K.shape[1]
+    c = np.ascontiguousarray
+    K, F, C = c(K), c(F), c(C)
     y = np.empty(obs_subject.shape[0])
     lam, V, W = np.empty((N, n)), np.empty((N, n, n)), np.empty((N, n, n))
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
-    block = _design_block(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_forward_small(block.ctypes.data)
-    if block[-1] != 1:
-        y[:] = np.nan
+    _alive((K, F, C))
+    _flagged(block, (y,))
     return y, lam, V, W
 
 
@@ -868,16 +883,14 @@ def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs,
     """:func:`_backward` for the real Λ, V, V⁻¹ of :func:`_forward_small`."""
     N, n = lam.shape[0], lam.shape[1]
     c = np.ascontiguousarray
-    ybar, lam, V, W = c(ybar), c(lam), c(V), c(W)
+    ybar, F, C, lam, V, W = c(ybar), c(F), c(C), c(lam), c(V), c(W)
     Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
     extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
-    block = _design_block(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
     _call_backward_small(block.ctypes.data)
-    if block[-1] != 1:
-        Kbar[:] = np.nan
-        Fbar[:] = np.nan
-        Cbar[:] = np.nan
+    _alive((ybar, F, C, lam, V, W))
+    _flagged(block, (Kbar, Fbar, Cbar))
     return Kbar, Fbar, Cbar
 
 
