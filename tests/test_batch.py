@@ -202,8 +202,10 @@ def test_sigint_leaves_no_half_written_job_directory(tmp_path):
         dose = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     """)
     out = tmp_path / "out"
+    # cwd=tmp_path: `python -m` puts the working directory first on sys.path, and the checkout's own
+    # itpk/ folder (without cli/, models/, data/ mapped into it) would shadow the installed package
     proc = subprocess.Popen([sys.executable, "-m", "itpk.cli.main", "batch", str(path), "--out", str(out),
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
@@ -235,10 +237,10 @@ def test_existing_scheduler_over_tcp(tmp_path):
     address = f"tcp://127.0.0.1:{port}"
     logs = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed below
     procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-dashboard"], stdout=logs, stderr=logs)]
+                               "--port", str(port), "--no-dashboard"], stdout=logs, stderr=logs, cwd=tmp_path)]
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                                       "--no-dashboard"], stdout=logs, stderr=logs))
+                                       "--no-dashboard"], stdout=logs, stderr=logs, cwd=tmp_path))  # see above
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(1, timeout=60)
         path = write(tmp_path, GRID)
