@@ -202,10 +202,14 @@ def test_sigint_leaves_no_half_written_job_directory(tmp_path):
         dose = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     """)
     out = tmp_path / "out"
-    # cwd=tmp_path: `python -m` puts the working directory first on sys.path, and the checkout's own
+    # cwd=tmp_path: `python -c` and `-m` put the working directory first on sys.path, and the checkout's own
     # itpk/ folder (without cli/, models/, data/ mapped into it) would shadow the installed package
-    proc = subprocess.Popen([sys.executable, "-m", "itpk.cli.main", "batch", str(path), "--out", str(out),
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # A test run from a background job inherits SIGINT ignored (as `nohup … &` users want), and Python
+    # then installs no KeyboardInterrupt handler: the child restores it before running the CLI.
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from itpk.cli.main import main; sys.argv = ['itpk', *sys.argv[1:]]; main()")
+    proc = subprocess.Popen([sys.executable, "-c", child, "batch", str(path), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(
