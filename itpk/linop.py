@@ -555,9 +555,10 @@ def _backward_pass(
 
 
 @_njit
-def _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject, y, lam_out, V_out, W_out):
-    """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) into the given arrays."""
-    lam, V, W, status = _decompose_all(K)
+def _modal_sums(lam, V, W, status, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
+                y, lam_out, V_out, W_out):
+    """y (M,) from a decomposition (real or complex arrays; NaN for unusable subjects), and Λ, V, V⁻¹
+    copied to the outputs for the gradient. Real arrays never reach the complex pass."""
     y[:] = 0.0
     pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u)
     if np.any(status == REAL):
@@ -575,7 +576,9 @@ def _forward_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_in
 
 @_njit
 def _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, ybar, lam, V, W, Kbar, Fbar, Cbar):
-    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,) into the given arrays; NaN for unusable subjects."""
+    """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,) into the given arrays; NaN for unusable subjects.
+
+    Λ, V, V⁻¹ are complex (general kernels) or real (1–2 compartments); real ones are all REAL or BAD."""
     Kbar[:] = 0.0
     Fbar[:] = 0.0
     Cbar[:] = 0.0
@@ -634,35 +637,6 @@ def _decompose_small(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
             V[i] = np.nan
             W[i] = np.nan
     return lam, V, W, status
-
-
-@_njit
-def _forward_small_core(K, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject, y, lam_out, V_out, W_out):
-    """:func:`_forward_core` for 1–2 compartments in real arithmetic only (Λ, V, V⁻¹ real)."""
-    lam, V, W, status = _decompose_small(K)
-    y[:] = 0.0
-    _forward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y)
-    for m in range(y.shape[0]):
-        if status[obs_subject[m]] == BAD:
-            y[m] = np.nan
-    lam_out[:] = lam
-    V_out[:] = V
-    W_out[:] = W
-
-
-@_njit
-def _backward_small_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, ybar, lam, V, W, Kbar, Fbar, Cbar):
-    """:func:`_backward_core` for the real Λ, V, V⁻¹ of :func:`_forward_small_core`."""
-    N = lam.shape[0]
-    status = np.empty(N, dtype=np.int64)
-    for i in range(N):
-        status[i] = REAL if np.isfinite(lam[i, 0]) else BAD
-    Kbar[:] = 0.0
-    Fbar[:] = 0.0
-    Cbar[:] = 0.0
-    _backward_pass(lam, V, W, F, C, status, REAL, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
-                   ybar, Kbar, Fbar, Cbar)
-    _nan_bad(status, Kbar, Fbar, Cbar)
 
 
 # --------------------------------------------------------------------------------------
@@ -745,14 +719,14 @@ def _gradients(a, first):
 def _forward_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
     u = _unpack(a)  # K, F, C, obs_subject, then the pair arrays
-    _forward_core(u[0], u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18))
+    _modal_sums(*_decompose_all(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18))
     a[-1] = 1
 
 
 def _forward_small_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
     u = _unpack(a)
-    _forward_small_core(u[0], u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18))
+    _modal_sums(*_decompose_small(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18))
     a[-1] = 1
 
 
@@ -766,7 +740,7 @@ def _backward_native(block):
 def _backward_small_native(block):
     a = numba.carray(_I64(block), (_BWD_SLOTS,))
     u = _unpack(a)
-    _backward_small_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18), *_gradients(a, 21))
+    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18), *_gradients(a, 21))
     a[-1] = 1
 
 
