@@ -264,21 +264,22 @@ def test_near_equal_eigenvalues_stay_accurate():
     np.testing.assert_allclose([K_bar[0, 1, 0] - K_bar[0, 0, 0], -K_bar[0, 1, 1]], [d_ka, d_k], rtol=0, atol=1e-6 * np.abs(K_bar).max())
 
 
-def test_defective_or_non_finite_k_gives_nan_for_that_subject_only():
-    # ka == CL/V exactly: K is defective (V singular); a NaN rate: both subjects' rows are NaN, the other's finite
+@pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
+def test_defective_or_non_finite_k_gives_nan_for_that_subject_only(static):
+    # ka == CL/V exactly: K is defective (V singular); then a NaN rate. That subject's predictions and
+    # gradients are NaN, the other subject's finite; general (complex-capable) and small kernels
     spec = load_model("one_cpt_oral")
     schedule = Schedule((Dose(0.0, 100.0, Target("po")),))
     subjects = [({"ka": 0.5, "CL": 5.0, "V": 10.0}, schedule, TIMES), ({"ka": 0.8, "CL": 4.0, "V": 20.0}, schedule, TIMES)]
     K, F, C, design, _ = build(spec, subjects)
     bad = design.obs_subject == 0
-    y = predict(K, F, C, design)
-    assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
-    _, grads = loss_and_gradients(design)
-    for g in grads(K, F, C):
-        assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
-    K[0] = [[-0.5, 0.0], [0.5, np.nan]]
-    y = predict(K, F, C, design)
-    assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+    for K0 in (K[0].copy(), np.array([[-0.5, 0.0], [0.5, np.nan]])):
+        K[0] = K0
+        y = predict(K, F, C, design, static=static)
+        assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
+        _, grads = loss_and_gradients(design, shapes=(K, F, C) if static else None)
+        for g in grads(K, F, C):
+            assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
 
 
 # -- gradients --------------------------------------------------------------------------
@@ -428,21 +429,6 @@ def test_small_kernel_gradients_match_central_differences():
     # rtol 1e-6, atol 1e-7 × max: K̄, F̄, C̄ of the real-arithmetic backward pass
     for K, F, C, design, _ in small_cases():
         check_gradients(K, F, C, design, static=True)
-
-
-def test_small_kernels_give_nan_for_a_defective_or_non_finite_subject_only():
-    spec = load_model("one_cpt_oral")
-    schedule = Schedule((Dose(0.0, 100.0, Target("po")),))
-    subjects = [({"ka": 0.5, "CL": 5.0, "V": 10.0}, schedule, TIMES), ({"ka": 0.8, "CL": 4.0, "V": 20.0}, schedule, TIMES)]
-    K, F, C, design, _ = build(spec, subjects)
-    bad = design.obs_subject == 0
-    for K0 in (K[0].copy(), np.array([[-0.5, 0.0], [0.5, np.nan]])):
-        K[0] = K0
-        y = predict(K, F, C, design, static=True)
-        assert np.all(np.isnan(y[bad])) and np.all(np.isfinite(y[~bad]))
-        _, grads = loss_and_gradients(design, shapes=(K, F, C))
-        for g in grads(K, F, C):
-            assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
 
 
 def test_small_kernels_numba_backend_equals_perform_without_object_mode():

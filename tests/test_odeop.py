@@ -217,12 +217,14 @@ def test_gradients_match_central_differences_nonlinear_outputs():
 # -- numba backend and samplers -------------------------------------------------------------
 
 
-def test_numba_backend_equals_perform_without_object_mode():
+def check_numba_equals_perform(method: str):
+    """y and its gradient on one_cpt_mm by the numba backend and by perform (rtol 1e-12, no object
+    mode); returns the system, inputs and design for further checks."""
     spec = load_model("one_cpt_mm")
     schedule = Schedule((Dose(0.0, 300.0, Target("iv"), ii=8.0, addl=2), Dose(4.0, 40.0, Target("iv"), duration=2.0)))
     system, p, x0, F, design, _ = build(spec, [({}, schedule, TIMES), ({"Km": 9.0}, schedule, TIMES[::2])])
     pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
-    y = ode_predict(system, pv, xv, Fv, design)
+    y = ode_predict(system, pv, xv, Fv, design, method=method)
     loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
     outputs = [y, *pytensor.grad(loss, [pv, xv, Fv])]
     with warnings.catch_warnings():
@@ -232,6 +234,11 @@ def test_numba_backend_equals_perform_without_object_mode():
     for got, want in zip(compiled, wanted, strict=True):
         assert np.all(np.isfinite(want))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+    return system, p, x0, F, design
+
+
+def test_numba_backend_equals_perform_without_object_mode():
+    check_numba_equals_perform("dp5")  # what "auto" picks for one_cpt_mm
 
 
 def test_failed_solve_gives_nan_for_that_subject_only():
@@ -452,20 +459,7 @@ def test_auto_picks_the_stiff_method_for_the_virus_model_only():
 
 
 def test_rosenbrock_numba_backend_equals_perform_and_fails_per_subject():
-    spec = load_model("one_cpt_mm")
-    schedule = Schedule((Dose(0.0, 300.0, Target("iv"), ii=8.0, addl=2), Dose(4.0, 40.0, Target("iv"), duration=2.0)))
-    system, p, x0, F, design, _ = build(spec, [({}, schedule, TIMES), ({"Km": 9.0}, schedule, TIMES[::2])])
-    pv, xv, Fv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F")
-    y = ode_predict(system, pv, xv, Fv, design, method="rosenbrock")
-    loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
-    outputs = [y, *pytensor.grad(loss, [pv, xv, Fv])]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*object mode.*")
-        compiled = pytensor.function([pv, xv, Fv], outputs, mode="NUMBA")(p, x0, F)
-    wanted = pytensor.function([pv, xv, Fv], outputs, mode=PERFORM)(p, x0, F)
-    for got, want in zip(compiled, wanted, strict=True):
-        assert np.all(np.isfinite(want))
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+    system, p, x0, F, design = check_numba_equals_perform("rosenbrock")
     p[0, system.input_names.index("Km")] = np.nan
     y = predict(system, p, x0, F, design, method="rosenbrock")
     bad = design.obs_subject == 0
