@@ -7,6 +7,9 @@ event, independent of the modal sums in the Op). Tolerances, stated per test:
 - gradients of a random scalar function of y: central finite differences,
   rtol 1e-6, atol 1e-7 × the largest gradient of that input;
 - numba backend vs ``perform``: rtol 1e-13 (the same kernels).
+
+Every call asks for the Op (``method="eigen"``); ``linear_predict``'s default takes the
+closed forms of :mod:`itpk.closedform` where they apply (tests/test_closedform.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from itpk.system import evaluate_outputs, input_fractions, rate_matrix, resolve
 RTOL, ATOL_REL = 1e-10, 1e-12  # predictions vs simulate
 GRAD_RTOL, GRAD_ATOL_REL = 1e-6, 1e-7  # gradients vs central differences
 PERFORM = "FAST_COMPILE"  # python linker: the Ops' perform
+EIGEN = "eigen"  # this file tests the Op; the closed forms of 1–2 compartment models: test_closedform.py
 
 
 # -- building K, F, C and the design from model files and schedules ---------------------
@@ -90,9 +94,9 @@ def inputs(K, F, C, static=False):
     return pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
 
 
-def predict(K, F, C, design, mode=PERFORM, static=False):
+def predict(K, F, C, design, mode=PERFORM, static=False, method=EIGEN):
     Kv, Fv, Cv = inputs(K, F, C, static)
-    return pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design), mode=mode)(K, F, C)
+    return pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design, method=method), mode=mode)(K, F, C)
 
 
 def check_predictions(K, F, C, design, reference, rtol=RTOL):
@@ -101,7 +105,7 @@ def check_predictions(K, F, C, design, reference, rtol=RTOL):
     return got
 
 
-def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM, shapes=None):
+def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM, shapes=None, method=EIGEN):
     """L = Σ w·y + Σ v·y²/scale (random w, v: a nonlinear function of y) and its gradient w.r.t. K, F, C.
 
     ``shapes``: (K, F, C) arrays whose shapes become static (the small kernels for n <= 2).
@@ -109,16 +113,16 @@ def loss_and_gradients(design, scale=1.0, seed=0, mode=PERFORM, shapes=None):
     rng = np.random.default_rng(seed)
     w, v = rng.normal(size=design.n_obs), rng.normal(size=design.n_obs)
     Kv, Fv, Cv = inputs(*shapes, static=True) if shapes is not None else inputs(None, None, None)
-    y = linear_predict(Kv, Fv, Cv, design)
+    y = linear_predict(Kv, Fv, Cv, design, method=method)
     loss = (w * y).sum() + (v * y**2).sum() / scale
     value = pytensor.function([Kv, Fv, Cv], loss, mode=mode)
     grads = pytensor.function([Kv, Fv, Cv], pytensor.grad(loss, [Kv, Fv, Cv]), mode=mode)
     return value, grads
 
 
-def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0, static=False):
-    scale = np.abs(predict(K, F, C, design, static=static)).max()
-    value, grads = loss_and_gradients(design, scale, seed, shapes=(K, F, C) if static else None)
+def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0, static=False, method=EIGEN):
+    scale = np.abs(predict(K, F, C, design, static=static, method=method)).max()
+    value, grads = loss_and_gradients(design, scale, seed, shapes=(K, F, C) if static else None, method=method)
     analytic = grads(K, F, C)
     inputs = [K, F, C]
     for which, (x, g) in enumerate(zip(inputs, analytic, strict=True)):
@@ -304,17 +308,17 @@ def test_verify_grad():
         ({"ka": 1.3}, Schedule((Dose(0.0, 100.0, Target("po")), Dose(3.0, 20.0, Target("iv"), duration=2.0))), TIMES[:7])
     ])
     pytensor.gradient.verify_grad(
-        lambda k, f, c: linear_predict(k, f, c, design), [K, F, C], rng=np.random.default_rng(1), mode=PERFORM
+        lambda k, f, c: linear_predict(k, f, c, design, method=EIGEN), [K, F, C], rng=np.random.default_rng(1), mode=PERFORM
     )
 
 
 # -- numba backend and samplers -------------------------------------------------------------
 
 
-def numba_and_perform(K, F, C, design, static=False):
+def numba_and_perform(K, F, C, design, static=False, method=EIGEN):
     """y and its gradient (of a random quadratic loss) by the numba backend and by perform."""
     Kv, Fv, Cv = inputs(K, F, C, static)
-    y = linear_predict(Kv, Fv, Cv, design)
+    y = linear_predict(Kv, Fv, Cv, design, method=method)
     loss = (np.random.default_rng(0).normal(size=design.n_obs) * y**2).sum()
     outputs = [y, *pytensor.grad(loss, [Kv, Fv, Cv])]
     with warnings.catch_warnings():
@@ -352,7 +356,7 @@ def test_nutpie_samples_a_tiny_model():
         zero = pt.zeros(N)
         K = pt.stack([pt.stack([-ka, zero], -1), pt.stack([ka, -k], -1)], -2)
         C = pt.stack([zero, 1.0 / V], -1)[:, None, :]
-        y = linear_predict(K, F, C, design)
+        y = linear_predict(K, F, C, design, method=EIGEN)
         pm.LogNormal("DV", mu=pt.log(y), sigma=pm.HalfNormal("sigma", 0.5), observed=observed)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*object mode.*")
@@ -387,7 +391,7 @@ def test_arrays_that_do_not_fit_the_design_raise():
     # the kernels run without bounds checks, so a runtime shape mismatch must raise, not read out of bounds
     K, F, C, design, _ = build(cyclic_model(), cyclic_subjects())
     Kv, Fv, Cv = pt.tensor3("K"), pt.tensor3("F"), pt.tensor3("C")
-    f = pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design), mode=PERFORM)
+    f = pytensor.function([Kv, Fv, Cv], linear_predict(Kv, Fv, Cv, design, method=EIGEN), mode=PERFORM)
     with pytest.raises(ValueError, match="fewer doses"):
         f(K, F[:, :1], C)
     with pytest.raises(ValueError, match="disagree on N or n"):
@@ -412,9 +416,9 @@ def test_small_kernels_are_chosen_from_static_shapes_only_for_n_up_to_2():
     design = small_cases()[0][3]
     for n, small in ((1, True), (2, True), (3, False)):
         K, F, C = np.zeros((2, n, n)), np.zeros((2, design.n_doses, n)), np.zeros((2, 1, n))
-        y = linear_predict(*inputs(K, F, C, static=True), design)
+        y = linear_predict(*inputs(K, F, C, static=True), design, method=EIGEN)
         assert y.owner.op.small is small
-    assert linear_predict(*inputs(None, None, None), design).owner.op.small is False  # n unknown
+    assert linear_predict(*inputs(None, None, None), design, method=EIGEN).owner.op.small is False  # n unknown
 
 
 def test_small_kernels_match_simulate_and_the_general_kernels():
