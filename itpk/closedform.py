@@ -26,8 +26,8 @@ loop, and its gradient into another, so a gradient costs about what a
 hand-written closed form costs (``benchmarks/bench_fit.py``), where the general
 Op pays for its generality (eigenvectors, per-subject O(n³) transforms).
 
-Scope: bolus doses of 1–2 compartment models and infusions into 1-compartment
-models (:func:`supports`); :func:`itpk.linop.linear_predict` uses the eigen Op
+Scope: bolus doses of 1–2 compartment models, and every dose (infusions and
+steady-state doses included) of 1-compartment models (:func:`supports`); :func:`itpk.linop.linear_predict` uses the eigen Op
 for the rest (2-compartment infusions, n ≥ 3).
 """
 
@@ -53,7 +53,8 @@ def supports(n: int | None, design: Any) -> bool:
     """Whether the closed forms cover ``n`` compartments (static) and the design's doses."""
     if n == 1:
         return True
-    return n == 2 and not bool(np.any(design.pairs["infusion"]))
+    pairs = design.pairs
+    return n == 2 and not bool(np.any(pairs["infusion"]) or np.any(pairs["period"] > 0))
 
 
 def _phi1(z: Any) -> Any:
@@ -110,6 +111,22 @@ def _bolus_general(mean: Any, q: Any, tau: np.ndarray) -> tuple[Any, Any]:
 
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
+
+
+def _one_compartment(lam: Any, pairs: dict[str, np.ndarray]) -> Any:
+    """g(λ) per pair: e^{λs}, times u·φ₁(λu) for an infusion; −1/λ for a constant infusion at
+    steady state (u = inf); times 1/(1 − e^{λτ}) for the past doses of a steady-state dose."""
+    u, period = pairs["u"], pairs["period"]
+    constant = np.isinf(u)
+    g = pt.exp(lam * pairs["s"])
+    if pairs["infusion"].any():
+        u_finite = np.where(constant, 0.0, u)  # unused branches stay finite, as do their gradients
+        g = g * pt.switch(pairs["infusion"] & ~constant, u_finite * _phi1(lam * u_finite), 1.0)
+    if constant.any():
+        g = pt.switch(constant, -1.0 / lam, g)
+    if (period > 0).any():
+        g = g * pt.switch(period > 0, -1.0 / pt.expm1(lam * np.where(period > 0, period, 1.0)), 1.0)
+    return g
 
 
 def _scatter(values: Any, obs: np.ndarray, M: int) -> Any:
@@ -176,11 +193,7 @@ def pair_predict(K: list[list[Any]], F: list[Any], C: list[Any], design: Any) ->
     pairs = design.pairs
     cf = sum(C[k] * F[k] for k in range(n))
     if n == 1:
-        g = pt.exp(K[0][0] * pairs["s"])
-        if pairs["infusion"].any():  # e^{λs}·u·φ₁(λu) for infusions
-            u = pairs["u"]
-            g = g * pt.switch(pairs["infusion"], u * _phi1(K[0][0] * u), 1.0)
-        return _scatter(cf * g, pairs["obs"], design.n_obs)
+        return _scatter(cf * _one_compartment(K[0][0], pairs), pairs["obs"], design.n_obs)
     ckf = sum(C[i] * K[i][j] * F[j] for i in range(n) for j in range(n) if not _is_zero(K[i][j]))
     alpha, beta = _bolus_2(K, pairs["s"])
     return _scatter(alpha * cf + beta * ckf, pairs["obs"], design.n_obs)

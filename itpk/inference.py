@@ -226,8 +226,13 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
         obs_time=obs["TIME"].to_numpy(dtype=float),
         obs_output=np.array([data.outputs.index(o) for o in obs["output"]], dtype=np.int64),
         obs_after=obs["after"].to_numpy(dtype=float),
+        dose_ss_period=d.ss_period,
     )
     exact = uses_exact_solution(spec)
+    if d.has_steady_state and not exact:
+        raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models only; "
+                       f"{spec.name} is {'nonlinear' if not spec.is_linear else 'linear with initial amounts'} "
+                       "(give the dosing history explicitly with ADDL instead)")
     if exact and closedform.supports(len(spec.compartments), design):
         return _closed_form(pt, spec, data, env, backend, design)
     F = _dose_vectors(pt, spec, data, env, backend)

@@ -116,6 +116,12 @@ class Design:
     obs_after : ndarray (M,) float64
         Doses count only if ``dose_time >= obs_after``: the last reset at or
         before the observation, ``-inf`` if none.
+    dose_ss_period : ndarray (N, D) float64, optional
+        Steady-state doses (SS = 1 or 2): 0 for an ordinary dose; the interval
+        II (time unit) when the dose stands for its repetition every II since
+        long before (its duration must not exceed II); ``inf`` for a constant
+        infusion at steady state (II = 0). Default: no steady-state doses. An
+        SS = 1 dose's reset is a reset like any other (``obs_after``).
     """
 
     dose_time: np.ndarray
@@ -125,11 +131,15 @@ class Design:
     obs_time: np.ndarray
     obs_output: np.ndarray
     obs_after: np.ndarray
+    dose_ss_period: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.dose_ss_period is None:
+            object.__setattr__(self, "dose_ss_period", np.zeros(np.shape(self.dose_time)))
         dtypes = {
             "dose_time": np.float64, "dose_duration": np.float64, "dose_valid": np.bool_,
             "obs_subject": np.int64, "obs_time": np.float64, "obs_output": np.int64, "obs_after": np.float64,
+            "dose_ss_period": np.float64,
         }  # fmt: skip
         for name, dtype in dtypes.items():
             value = getattr(self, name)
@@ -150,7 +160,7 @@ class Design:
         shape = self.dose_time.shape
         if len(shape) != 2 or shape[0] < 1:
             return [f"dose_time must be 2-D (subjects N >= 1, doses D), found shape {shape}"]
-        for name in ("dose_duration", "dose_valid"):
+        for name in ("dose_duration", "dose_valid", "dose_ss_period"):
             if getattr(self, name).shape != shape:
                 problems.append(f"{name} must have the shape of dose_time {shape}, found {getattr(self, name).shape}")
         M = self.obs_subject.shape
@@ -167,6 +177,11 @@ class Design:
         dur = self.dose_duration[valid]
         if np.any(np.isnan(dur) | (dur < 0)):
             problems.append(f"dose_duration must be >= 0 (inf allowed), found {_first(dur, lambda d: np.isnan(d) | (d < 0))}")
+        period, duration = self.dose_ss_period[valid], self.dose_duration[valid]
+        if np.any(np.isnan(period) | (period < 0)):
+            problems.append(f"dose_ss_period must be >= 0 (inf allowed), found {_first(period, lambda p: np.isnan(p) | (p < 0))}")
+        elif np.any(np.isfinite(period) & (period > 0) & (duration > period)):
+            problems.append("a steady-state infusion must not last longer than its interval (dose_duration > dose_ss_period)")
         N = shape[0]
         if np.any((self.obs_subject < 0) | (self.obs_subject >= N)):
             problems.append(f"obs_subject must be in 0..{N - 1}, found {_first(self.obs_subject, lambda s: (s < 0) | (s >= N))}")
@@ -199,7 +214,9 @@ class Design:
         ``subject_start`` (N+1,) delimits each subject's pairs; per pair:
         ``obs``, ``dose`` (column of F), ``output``, ``infusion`` (bool),
         ``s`` = time since the input ended and ``u`` = time the infusion has
-        run (0 for a bolus), time unit.
+        run (0 for a bolus; inf for a constant steady-state infusion), time unit,
+        and ``period`` (0, or τ for the past doses of a steady-state dose: a
+        second pair of that dose and observation whose response repeats every τ).
         """
         subj = self.obs_subject
         td, valid = self.dose_time[subj], self.dose_valid[subj]  # (M, D)
@@ -207,11 +224,21 @@ class Design:
         with np.errstate(invalid="ignore"):  # padding may hold NaN
             counts = valid & (td <= t) & (td >= after)
         obs, dose = np.nonzero(counts)
+        period = self.dose_ss_period[subj[obs], dose]
+        past = np.isfinite(period) & (period > 0)  # τ: the doses before this one, every τ
+        obs, dose = np.concatenate([obs, obs[past]]), np.concatenate([dose, dose[past]])
+        is_past = np.arange(obs.size) >= past.size
+        period = np.where(is_past, self.dose_ss_period[subj[obs], dose], 0.0)
         order = np.argsort(subj[obs], kind="stable")
-        obs, dose = obs[order], dose[order]
+        obs, dose, period, is_past = obs[order], dose[order], period[order], is_past[order]
         t_obs, t_dose, d = self.obs_time[obs], self.dose_time[subj[obs], dose], self.dose_duration[subj[obs], dose]
+        constant = np.isinf(self.dose_ss_period[subj[obs], dose])  # constant infusion at steady state
         infusion = d > 0
         t_end = np.where(infusion, np.minimum(t_obs, t_dose + d), t_dose)
+        s, u = t_obs - t_end, t_end - t_dose
+        # the past doses: the last one started τ before this one and has ended (duration <= τ)
+        s = np.where(is_past, t_obs - t_dose + period - d, np.where(constant, 0.0, s))
+        u = np.where(is_past, d, np.where(constant, np.inf, u))
         start = np.searchsorted(subj[obs], np.arange(self.n_subjects + 1), side="left")
         return {
             "subject_start": start.astype(np.int64),
@@ -219,8 +246,9 @@ class Design:
             "dose": dose.astype(np.int64),
             "output": self.obs_output[obs].astype(np.int64),
             "infusion": infusion,
-            "s": t_obs - t_end,
-            "u": t_end - t_dose,
+            "s": s,
+            "u": u,
+            "period": period,
         }
 
 
@@ -258,25 +286,48 @@ def _psi(z: Any, ez: Any) -> Any:
 
 
 @_njit
-def _g(lam: Any, s: float, u: float, infusion: bool) -> Any:
-    """g(λ): amount response of a unit bolus (e^{λs}) or unit-rate infusion (e^{λs} φ(λ, u))."""
+def _g(lam: Any, s: float, u: float, infusion: bool, period: float) -> Any:
+    """g(λ): amount response of a unit bolus (e^{λs}) or unit-rate infusion (e^{λs} φ(λ, u)).
+
+    ``period`` τ > 0: the same input repeated every τ forever before (a steady-state dose's past
+    doses), g·1/(1 − e^{λτ}); ``u`` = inf: an infusion running since −∞ (a constant steady-state
+    infusion), −1/λ.
+    """
+    if infusion and u == np.inf:
+        return -1.0 / lam
     es = np.exp(lam * s)
-    if not infusion:
-        return es
-    z = lam * u
-    return es * u * _phi1(z, np.exp(z))
+    if infusion:
+        z = lam * u
+        es = es * u * _phi1(z, np.exp(z))
+    if period > 0.0:
+        es = es * _repeat(lam, period)
+    return es
 
 
 @_njit
-def _g_and_dg(lam: Any, s: float, u: float, infusion: bool) -> tuple[Any, Any]:
-    """g(λ) and dg/dλ (amount·time per unit dose or rate)."""
+def _repeat(lam: Any, period: float) -> Any:
+    """Σ_{k≥0} e^{kλτ} = 1/(1 − e^{λτ}) = −1/expm1(λτ) (Re λ < 0; inf at λ = 0: no steady state)."""
+    return 1.0 / (1.0 - np.exp(lam * period)) if lam.imag != 0.0 else -1.0 / math.expm1(lam.real * period)
+
+
+@_njit
+def _g_and_dg(lam: Any, s: float, u: float, infusion: bool, period: float) -> tuple[Any, Any]:
+    """g(λ) and dg/dλ (amount·time per unit dose or rate); see :func:`_g`."""
+    if infusion and u == np.inf:
+        return -1.0 / lam, 1.0 / (lam * lam)
     es = np.exp(lam * s)
-    if not infusion:
-        return es, s * es
-    z = lam * u
-    ez = np.exp(z)
-    phi = u * _phi1(z, ez)
-    return es * phi, es * (s * phi + u * u * _psi(z, ez))
+    if infusion:
+        z = lam * u
+        ez = np.exp(z)
+        phi = u * _phi1(z, ez)
+        g, dg = es * phi, es * (s * phi + u * u * _psi(z, ez))
+    else:
+        g, dg = es, s * es
+    if period > 0.0:
+        r = _repeat(lam, period)
+        # dR/dλ = τ e^{λτ} R² = τ R (R − 1)
+        return g * r, dg * r + g * period * r * (r - 1.0)
+    return g, dg
 
 
 # --------------------------------------------------------------------------------------
@@ -458,7 +509,7 @@ def _modal_coordinates(V, W, C, F, zero, a, b):
 
 
 @_njit
-def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, y):
+def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, y):
     """Add to y the modal sums of every subject whose status is ``which`` (real or complex arrays)."""
     N, n = lam.shape[0], lam.shape[1]
     D, O = F.shape[1], C.shape[1]
@@ -470,8 +521,8 @@ def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_
             continue
         _modal_coordinates(V[i], W[i], C[i], F[i], zero, a, b)
         for p in range(subject_start[i], subject_start[i + 1]):
-            d, o, s, u, inf = pair_dose[p], pair_out[p], pair_s[p], pair_u[p], pair_inf[p]
-            if s == 0.0 and not inf:
+            d, o, s, u, inf, tau = pair_dose[p], pair_out[p], pair_s[p], pair_u[p], pair_inf[p], pair_period[p]
+            if s == 0.0 and not inf and tau == 0.0:
                 # observed at the bolus time: g(K) = I, so exactly c·f — the modal sum would
                 # leave ±1e-16·cond(V) where c·f = 0 (a pre-dose sample of an oral dose)
                 direct = 0.0
@@ -481,13 +532,13 @@ def _forward_pass(lam, V, W, F, C, status, which, subject_start, pair_obs, pair_
                 continue
             acc = zero
             for j in range(n):
-                acc += a[o, j] * _g(lam[i, j], s, u, inf) * b[d, j]
+                acc += a[o, j] * _g(lam[i, j], s, u, inf, tau) * b[d, j]
             y[pair_obs[p]] += acc.real
 
 
 @_njit
 def _backward_pass(
-    lam, V, W, F, C, status, which, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u,
+    lam, V, W, F, C, status, which, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period,
     ybar, Kbar, Fbar, Cbar,
 ):
     """K̄, F̄, C̄ of every subject whose status is ``which``: modal adjoints summed over its pairs, then one transform."""
@@ -514,19 +565,21 @@ def _backward_pass(
             w = ybar[pair_obs[p]]
             if w == 0.0:
                 continue
-            d, o, s, u, inf = pair_dose[p], pair_out[p], pair_s[p], pair_u[p], pair_inf[p]
-            span = s + u
+            d, o, s, u, inf, tau = pair_dose[p], pair_out[p], pair_s[p], pair_u[p], pair_inf[p], pair_period[p]
+            span = s + u + tau
             for j in range(n):
-                g[j], dg[j] = _g_and_dg(lam[i, j], s, u, inf)
+                g[j], dg[j] = _g_and_dg(lam[i, j], s, u, inf, tau)
                 abar[o, j] += w * g[j] * b[d, j]
                 bbar[d, j] += w * g[j] * a[o, j]
             for j in range(n):
                 aj = w * a[o, j]
                 X[j, j] += aj * b[d, j] * dg[j]
                 for k in range(j + 1, n):
-                    if dist[j, k] * span < NEAR_EQUAL:
+                    if inf and u == np.inf:  # g = −1/λ: the divided difference is 1/(λ_j λ_k)
+                        gamma = 1.0 / (lam[i, j] * lam[i, k])
+                    elif dist[j, k] * span < NEAR_EQUAL:
                         # divided difference -> g' at the midpoint: second-order exact, no cancellation
-                        gamma = _g_and_dg(0.5 * (lam[i, j] + lam[i, k]), s, u, inf)[1]
+                        gamma = _g_and_dg(0.5 * (lam[i, j] + lam[i, k]), s, u, inf, tau)[1]
                     else:
                         gamma = (g[j] - g[k]) * invd[j, k]
                     X[j, k] += aj * b[d, k] * gamma
@@ -558,12 +611,12 @@ def _backward_pass(
 
 
 @_njit
-def _modal_sums(lam, V, W, status, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, obs_subject,
+def _modal_sums(lam, V, W, status, F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, obs_subject,
                 y, lam_out, V_out, W_out):
     """y (M,) from a decomposition (real or complex arrays; NaN for unusable subjects), and Λ, V, V⁻¹
     copied to the outputs for the gradient. Real arrays never reach the complex pass."""
     y[:] = 0.0
-    pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u)
+    pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period)
     if np.any(status == REAL):
         lr, Vr, Wr = np.ascontiguousarray(lam.real), np.ascontiguousarray(V.real), np.ascontiguousarray(W.real)
         _forward_pass(lr, Vr, Wr, F, C, status, REAL, *pairs, y)
@@ -578,7 +631,7 @@ def _modal_sums(lam, V, W, status, F, C, subject_start, pair_obs, pair_dose, pai
 
 
 @_njit
-def _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, ybar, lam, V, W, Kbar, Fbar, Cbar):
+def _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, ybar, lam, V, W, Kbar, Fbar, Cbar):
     """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,) into the given arrays; NaN for unusable subjects.
 
     Λ, V, V⁻¹ are complex (general kernels) or real (1–2 compartments); real ones are all REAL or BAD."""
@@ -586,7 +639,7 @@ def _backward_core(F, C, subject_start, pair_obs, pair_dose, pair_out, pair_inf,
     Fbar[:] = 0.0
     Cbar[:] = 0.0
     status = _status(lam)
-    pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u)
+    pairs = (subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period)
     if np.any(status == REAL):
         lr, Vr, Wr = np.ascontiguousarray(lam.real), np.ascontiguousarray(V.real), np.ascontiguousarray(W.real)
         _backward_pass(lr, Vr, Wr, F, C, status, REAL, *pairs, ybar, Kbar, Fbar, Cbar)
@@ -649,10 +702,10 @@ def _decompose_small(K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 # not re-optimised by LLVM inside every model's graph (measured on Theoph: ~3.5 s of each
 # fit's compilation; on it_antibody, more). Block layout (int64): sizes N, n, D, O, M, P;
 # the addresses of K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
-# pair_inf, pair_s, pair_u; the kernel's own arrays; last, a flag the kernel sets to 1 when
+# pair_inf, pair_s, pair_u, pair_period; the kernel's own arrays; last, a flag the kernel sets to 1 when
 # it finished (an exception inside a C entry point cannot propagate: the caller sees the
 # flag still 0 and returns NaN, which a sampler rejects).
-_SIZES, _DESIGN = 6, 11
+_SIZES, _DESIGN = 6, 12
 _F64, _I64, _C128, _BOOL = (as_pointer(t) for t in (numba.types.float64, numba.types.int64, numba.types.complex128,
                                                     numba.types.boolean))
 
@@ -672,18 +725,19 @@ def _unpack(a):
     pair_inf = numba.carray(_BOOL(a[14]), (P,))
     pair_s = numba.carray(_F64(a[15]), (P,))
     pair_u = numba.carray(_F64(a[16]), (P,))
-    return K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u
+    pair_period = numba.carray(_F64(a[17]), (P,))
+    return K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period
 
 
 @_njit
-def _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra):
+def _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra):
     """The int64 block of C-contiguous arrays, ``extra`` addresses and the completion flag (0)."""
     a = np.empty(_SIZES + _DESIGN + extra.shape[0] + 1, dtype=np.int64)
     a[0], a[1], a[2], a[3] = K.shape[0], K.shape[1], F.shape[1], C.shape[1]
     a[4], a[5] = obs_subject.shape[0], pair_obs.shape[0]
     arrays = (K.ctypes.data, F.ctypes.data, C.ctypes.data, obs_subject.ctypes.data, subject_start.ctypes.data,
               pair_obs.ctypes.data, pair_dose.ctypes.data, pair_out.ctypes.data, pair_inf.ctypes.data,
-              pair_s.ctypes.data, pair_u.ctypes.data)
+              pair_s.ctypes.data, pair_u.ctypes.data, pair_period.ctypes.data)
     for k in range(_DESIGN):
         a[_SIZES + k] = arrays[k]
     for k in range(extra.shape[0]):
@@ -722,28 +776,28 @@ def _gradients(a, first):
 def _forward_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
     u = _unpack(a)  # K, F, C, obs_subject, then the pair arrays
-    _modal_sums(*_decompose_all(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18))
+    _modal_sums(*_decompose_all(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[18]), (a[4],)), *_modal_complex(a, 19))
     a[-1] = 1
 
 
 def _forward_small_native(block):
     a = numba.carray(_I64(block), (_FWD_SLOTS,))
     u = _unpack(a)
-    _modal_sums(*_decompose_small(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18))
+    _modal_sums(*_decompose_small(u[0]), u[1], u[2], *u[4:], u[3], numba.carray(_F64(a[18]), (a[4],)), *_modal_real(a, 19))
     a[-1] = 1
 
 
 def _backward_native(block):
     a = numba.carray(_I64(block), (_BWD_SLOTS,))
     u = _unpack(a)
-    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_complex(a, 18), *_gradients(a, 21))
+    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[18]), (a[4],)), *_modal_complex(a, 19), *_gradients(a, 22))
     a[-1] = 1
 
 
 def _backward_small_native(block):
     a = numba.carray(_I64(block), (_BWD_SLOTS,))
     u = _unpack(a)
-    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[17]), (a[4],)), *_modal_real(a, 18), *_gradients(a, 21))
+    _backward_core(u[1], u[2], *u[4:], numba.carray(_F64(a[18]), (a[4],)), *_modal_real(a, 19), *_gradients(a, 22))
     a[-1] = 1
 
 
@@ -790,7 +844,7 @@ def _flagged(block, outputs):
 
 
 @_njit
-def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period):
     """y (M,), and Λ, V, V⁻¹ (complex; NaN for unusable subjects) for the gradient."""
     if K.shape[2] != K.shape[1]:
         raise ValueError("linear_predict: K must be (N, n, n)")
@@ -798,20 +852,21 @@ def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
     _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
     c = np.ascontiguousarray
     K, F, C, obs_subject, subject_start = c(K), c(F), c(C), c(obs_subject), c(subject_start)
-    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u)
+    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period = (
+        c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u), c(pair_period))
     y = np.empty(obs_subject.shape[0])
     lam = np.empty((N, n), dtype=np.complex128)
     V, W = np.empty((N, n, n), dtype=np.complex128), np.empty((N, n, n), dtype=np.complex128)
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
-    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_forward(block.ctypes.data)
-    _alive((K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u))
+    _alive((K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
     _flagged(block, (y,))
     return y, lam, V, W
 
 
 @_njit
-def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period):
     """K̄ (N, n, n), F̄ (N, D, n), C̄ (N, O, n) given ȳ (M,); NaN for unusable subjects."""
     N, n = lam.shape[0], lam.shape[1]
     _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out)
@@ -820,20 +875,21 @@ def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_
     c = np.ascontiguousarray
     ybar, F, C, lam, V, W = c(ybar), c(F), c(C), c(lam), c(V), c(W)
     obs_subject, subject_start = c(obs_subject), c(subject_start)
-    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u)
+    pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period = (
+        c(pair_obs), c(pair_dose), c(pair_out), c(pair_inf), c(pair_s), c(pair_u), c(pair_period))
     Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
     extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
     # Kbar stands in for K in the block (same shape; the backward kernels do not read K)
-    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_backward(block.ctypes.data)
-    _alive((ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u))
+    _alive((ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
     _flagged(block, (Kbar, Fbar, Cbar))
     return Kbar, Fbar, Cbar
 
 
 @_njit
-def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period):
     """:func:`_forward` for 1–2 compartments in real arithmetic only: Λ, V, V⁻¹ are real.
 
     Same modal sums; no complex specialisation and no LAPACK in its entry point
@@ -848,7 +904,7 @@ def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pai
     y = np.empty(obs_subject.shape[0])
     lam, V, W = np.empty((N, n)), np.empty((N, n, n)), np.empty((N, n, n))
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
-    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_forward_small(block.ctypes.data)
     _alive((K, F, C))
     _flagged(block, (y,))
@@ -856,7 +912,7 @@ def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pai
 
 
 @_njit
-def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u):
+def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period):
     """:func:`_backward` for the real Λ, V, V⁻¹ of :func:`_forward_small`."""
     N, n = lam.shape[0], lam.shape[1]
     c = np.ascontiguousarray
@@ -864,7 +920,7 @@ def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs,
     Kbar, Fbar, Cbar = np.empty((N, n, n)), np.empty(F.shape), np.empty(C.shape)
     extra = np.array([ybar.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
-    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, extra)
+    block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_backward_small(block.ctypes.data)
     _alive((ybar, F, C, lam, V, W))
     _flagged(block, (Kbar, Fbar, Cbar))
@@ -881,18 +937,18 @@ def _check_small_node(K: Any, F: Any, C: Any, design: list[Any]) -> None:
         raise FitError(f"linear_predict: K {shapes[0]}, F {shapes[1]} and C {shapes[2]} disagree (small kernels: n <= 2)")
     if not all(isinstance(x, Constant) for x in design):
         raise FitError("linear_predict: the design arrays must be constants")
-    obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u = (x.data for x in design)
+    obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period = (x.data for x in design)
     P = pair_obs.shape[0]
     problems = []
     if subject_start.shape != (N + 1,) or (N and subject_start[-1] != P):
         problems.append("subject_start does not delimit the pairs of N subjects")
-    if any(a.shape != (P,) for a in (pair_dose, pair_out, pair_inf, pair_s, pair_u)):
+    if any(a.shape != (P,) for a in (pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period)):
         problems.append("pair arrays differ in length")
     if P and (pair_dose.max() >= D or pair_out.max() >= O or pair_obs.max() >= obs_subject.shape[0]):
         problems.append("F has fewer doses or C fewer outputs than the design uses")
     if obs_subject.size and obs_subject.max() >= N:
         problems.append("observations of more subjects than K has")
-    for x, dtype in zip(design, (np.int64,) * 5 + (np.bool_, np.float64, np.float64), strict=True):
+    for x, dtype in zip(design, (np.int64,) * 5 + (np.bool_, np.float64, np.float64, np.float64), strict=True):
         if x.data.dtype != dtype or not x.data.flags.c_contiguous:
             problems.append(f"a design array is {x.data.dtype} (needs C-contiguous {np.dtype(dtype)})")
     if problems:
@@ -909,7 +965,7 @@ def _register_native(small: bool) -> None:
 # pytensor Ops
 # --------------------------------------------------------------------------------------
 
-_PAIR_KEYS = ("subject_start", "obs", "dose", "output", "infusion", "s", "u")
+_PAIR_KEYS = ("subject_start", "obs", "dose", "output", "infusion", "s", "u", "period")
 
 
 class LinearPredict(Op):

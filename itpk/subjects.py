@@ -77,7 +77,10 @@ class ExpandedDoses:
     """Every dose of every subject after ADDL expansion (padded to D per subject).
 
     ``rate`` is the infusion rate (0 for a bolus); ``duration`` is truncated at
-    the next reset (a reset stops a running infusion).
+    the next reset (a reset stops a running infusion), except for steady-state
+    doses, whose duration also describes their past repetitions. ``ss_period``
+    is 0 for ordinary doses, II for a steady-state dose (SS = 1 or 2; its ADDL
+    repeats are ordinary doses) and inf for a constant infusion at steady state.
     """
 
     time: np.ndarray  # (N, D)
@@ -86,40 +89,63 @@ class ExpandedDoses:
     duration: np.ndarray  # (N, D)
     target: list[list[Target]]  # N lists of D (padding: None)
     valid: np.ndarray  # (N, D) bool
+    ss_period: np.ndarray  # (N, D)
+
+    @property
+    def has_steady_state(self) -> bool:
+        return bool(np.any(self.ss_period[self.valid] > 0))
 
 
 def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
-    """ADDL-expanded doses of all subjects; steady-state doses are refused (not supported in fits yet)."""
-    per = []
+    """ADDL-expanded doses of all subjects.
+
+    Raises
+    ------
+    DatasetError
+        A steady-state infusion lasting longer than its interval (overlapping infusions at
+        steady state are simulated, not fitted): every such dose is listed.
+    """
+    per, problems = [], []
     for s in subject_list:
-        resets = sorted({*s.schedule.resets, *(d.time for d in s.schedule.doses if d.reset)})
+        resets = _resets(s.schedule)
         doses = []
         for d in s.schedule.doses:
-            if d.ss:
-                raise DatasetError(f"subject {s.id}: steady-state doses (SS={d.ss}) are not supported by itpk fit yet")
-            for t in d.times():
+            if d.ss and d.is_infusion and d.ii > 0 and d.infusion_duration > d.ii:
+                problems.append(f"subject {s.id}, time {d.time:g}: steady-state infusion lasting {d.infusion_duration:g} "
+                                f"(longer than its interval II={d.ii:g})")
+            for k, t in enumerate(d.times()):
+                steady = bool(d.ss) and k == 0
                 duration = d.infusion_duration if d.is_infusion else 0.0
                 later = [r for r in resets if t < r < t + duration]
-                if later:
+                if later and not steady:
                     duration = later[0] - t
-                doses.append((t, d.amount, d.infusion_rate, duration, d.target))
+                period = (d.ii if d.ii > 0 else math.inf) if steady else 0.0
+                doses.append((t, d.amount, d.infusion_rate, duration, d.target, period))
         per.append(sorted(doses, key=lambda x: x[0]))
+    if problems:
+        raise DatasetError("steady-state doses itpk fit cannot use:\n" + "\n".join(f"- {p}" for p in problems))
     N, D = len(per), max((len(p) for p in per), default=0) or 1
-    time, amount, rate, duration = (np.zeros((N, D)) for _ in range(4))
+    time, amount, rate, duration, ss_period = (np.zeros((N, D)) for _ in range(5))
     valid = np.zeros((N, D), dtype=bool)
     target: list[list[Target]] = []
     for i, doses in enumerate(per):
         row = []
-        for j, (t, a, r, dur, tgt) in enumerate(doses):
-            time[i, j], amount[i, j], rate[i, j], duration[i, j], valid[i, j] = t, a, r, dur, True
+        for j, (t, a, r, dur, tgt, period) in enumerate(doses):
+            time[i, j], amount[i, j], rate[i, j], duration[i, j], ss_period[i, j] = t, a, r, dur, period
+            valid[i, j] = True
             row.append(tgt)
         target.append(row + [None] * (D - len(row)))  # type: ignore[list-item]
-    return ExpandedDoses(time, amount, rate, duration, target, valid)
+    return ExpandedDoses(time, amount, rate, duration, target, valid, ss_period)
+
+
+def _resets(schedule: Schedule) -> list[float]:
+    """Reset times: EVID 3, EVID 4 doses and SS = 1 doses (which replace the state)."""
+    return sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset or d.ss == 1)})
 
 
 def last_reset(subject: Subject, times: np.ndarray) -> np.ndarray:
-    """For each time, the last reset (EVID 3 or 4) at or before it; -inf when none."""
-    resets = np.array(sorted({*subject.schedule.resets, *(d.time for d in subject.schedule.doses if d.reset)}))
+    """For each time, the last reset (EVID 3, 4 or an SS = 1 dose) at or before it; -inf when none."""
+    resets = np.array(_resets(subject.schedule))
     if resets.size == 0:
         return np.full(times.shape, -math.inf)
     idx = np.searchsorted(resets, times, side="right") - 1

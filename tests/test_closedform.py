@@ -164,3 +164,17 @@ def test_fitted_model_uses_the_closed_form_and_agrees_with_the_op(monkeypatch):
         assert logp(point) == pytest.approx(logp_op(point), rel=1e-10)
         np.testing.assert_allclose(dlogp(point), dlogp_op(point), rtol=1e-10, atol=1e-10 * np.abs(dlogp_op(point)).max())
 
+
+
+def test_steady_state_doses_of_one_compartment_models():
+    # rtol 1e-10 vs simulate, gradients vs central differences: periodic SS infusion (SS=1), constant
+    # SS infusion, SS boluses (SS=1 and SS=2); 2-compartment models with SS doses take the eigen Op
+    from test_linop import steady_state_cases
+
+    bolus = Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, addl=1, ss=1), Dose(30.0, 50.0, Target("iv"), ii=6.0, ss=2)))
+    cases = steady_state_cases()
+    for K, F, C, design, reference in (cases["one_cpt_iv"], build(load_model("one_cpt_iv"), [({"CL": 1.3, "V": 20.0}, bolus, TIMES)])):
+        got = predict(K, F, C, design, static=True, method=CLOSED)
+        np.testing.assert_allclose(got, reference, rtol=RTOL, atol=ATOL_REL * np.abs(reference).max())
+        check_gradients(K, F, C, design, static=True, method=CLOSED)
+    assert not closedform.supports(2, cases["one_cpt_oral"][3])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from itpk import load_model
 from itpk.dataset import read_frame
-from itpk.errors import FitError
+from itpk.errors import DatasetError, FitError
 from itpk.inference import build_model, fit
 
 THEOPH = Path(str(files("itpk.data") / "theoph.csv"))
@@ -259,3 +259,48 @@ def test_infinite_initial_log_density_is_explained():
     # Theoph has pre-dose concentrations (0.74 mg/L at t = 0) where the prediction is exactly 0
     with pytest.raises(FitError, match=r"not finite at the initial point \(DV_plasma\).*--error plasma=combined"):
         fit(spec, read_dataset(THEOPH, spec), errors={"plasma": "proportional"}, method="map")
+
+
+def steady_state_frame(rows):
+    return pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "RATE", "II", "ADDL", "SS", "ROUTE", "CMT", "DV"])
+
+
+def test_steady_state_doses_in_a_fit_predict_what_simulate_does():
+    # IPRED of the fitted model at the initial point (typical values, z = 0) against simulate for
+    # the same schedules, rtol 1e-10: SS=1 oral doses with ADDL, an SS=2 dose, an SS=1 infusion
+    from itpk.simulate import simulate
+    from itpk.subjects import subjects
+
+    rows = [
+        (1, 0.0, 1, 320.0, None, 12.0, 2, 1, "po", "", None),
+        (1, 1.0, 0, None, None, None, None, 0, "", "plasma", 8.0),
+        (1, 11.9, 0, None, None, None, None, 0, "", "plasma", 3.0),
+        (1, 30.0, 0, None, None, None, None, 0, "", "plasma", 6.0),
+        (1, 40.0, 1, 100.0, None, 8.0, 0, 2, "po", "", None),
+        (1, 41.0, 0, None, None, None, None, 0, "", "plasma", 7.0),
+        (2, 5.0, 1, 200.0, 100.0, 24.0, 0, 1, "iv", "", None),
+        (2, 5.5, 0, None, None, None, None, 0, "", "plasma", 5.0),
+        (2, 20.0, 0, None, None, None, None, 0, "", "plasma", 2.0),
+    ]
+    spec = load_model("one_cpt_oral")
+    dataset = read_frame(steady_state_frame(rows), spec)
+    model, data = build_model(spec, dataset)
+    ipred_of_values = model.replace_rvs_by_values([model["IPRED"]])[0]
+    ipred = model.compile_fn(ipred_of_values, inputs=model.value_vars, on_unused_input="ignore")(model.initial_point())
+    typical = {name: p.prior.args["median"] for name, p in spec.parameters.items() if name in data.estimated}
+    for i, subject in enumerate(subjects(dataset, spec)):
+        rows_i = data.observations["subject"].to_numpy() == i
+        times = data.observations["TIME"].to_numpy()[rows_i]
+        want = simulate(spec, subject.schedule, typical, times).outputs["plasma"][0]
+        np.testing.assert_allclose(ipred[rows_i], want, rtol=1e-10)
+
+
+def test_steady_state_doses_a_fit_cannot_use_are_refused_with_the_reason():
+    long_infusion = [(1, 0.0, 1, 100.0, 5.0, 12.0, 0, 1, "iv", "", None),  # 20 h infusion every 12 h
+                     (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.0)]
+    with pytest.raises(DatasetError, match=r"subject 1, time 0: steady-state infusion lasting 20 \(longer than its interval II=12\)"):
+        build_model(load_model("one_cpt_iv"), read_frame(steady_state_frame(long_infusion), load_model("one_cpt_iv")))
+    nonlinear = [(1, 0.0, 1, 100.0, None, 12.0, 0, 1, "iv", "", None), (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.0)]
+    spec = load_model("one_cpt_mm")
+    with pytest.raises(FitError, match=r"steady-state doses \(SS=1/2\) can be fitted with linear models only; one_cpt_mm is nonlinear"):
+        build_model(spec, read_frame(steady_state_frame(nonlinear), spec))

@@ -43,30 +43,33 @@ def build(spec: ModelSpec, subjects: list[tuple[dict, Schedule, np.ndarray]]):
     """K, F, C, Design and simulate's predictions for subjects (params, schedule, times).
 
     Every output of the model is observed at every time. Doses are ADDL-expanded
-    into separate doses; infusions are truncated at the next reset.
+    into separate doses; infusions are truncated at the next reset; a steady-state
+    dose keeps its duration and gets its period (II, inf for a constant infusion).
     """
     outputs = list(spec.outputs)
     n = len(spec.compartments)
     values = [resolve(spec, p) for p, _, _ in subjects]
     doses, resets = [], []
     for v, (_, schedule, _) in zip(values, subjects, strict=True):
-        r = sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset)})
+        r = sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset or d.ss == 1)})
         rows = []
         for d in schedule.doses:
-            for t in d.times():
+            for k, t in enumerate(d.times()):
+                steady = bool(d.ss) and k == 0
                 duration = d.infusion_duration if d.is_infusion else 0.0
                 later = [x for x in r if t < x < t + duration]
-                duration = later[0] - t if later else duration
+                duration = later[0] - t if later and not steady else duration
                 scale = d.infusion_rate if d.is_infusion else d.amount
-                rows.append((t, duration, scale * input_fractions(v, d.target)[0]))
+                period = (d.ii or math.inf) if steady else 0.0
+                rows.append((t, duration, scale * input_fractions(v, d.target)[0], period))
         doses.append(rows)
         resets.append(np.array(r))
     N, D = len(subjects), max(len(d) for d in doses)
     dose_time, dose_duration = np.full((N, D), np.nan), np.zeros((N, D))  # NaN padding must be ignored
-    dose_valid, F = np.zeros((N, D), bool), np.zeros((N, D, n))
+    dose_valid, F, period = np.zeros((N, D), bool), np.zeros((N, D, n)), np.zeros((N, D))
     for i, rows in enumerate(doses):
-        for j, (t, duration, f) in enumerate(rows):
-            dose_time[i, j], dose_duration[i, j], dose_valid[i, j], F[i, j] = t, duration, True, f
+        for j, (t, duration, f, p) in enumerate(rows):
+            dose_time[i, j], dose_duration[i, j], dose_valid[i, j], F[i, j], period[i, j] = t, duration, True, f, p
     K = np.concatenate([rate_matrix(v) for v in values])
     unit = np.vstack([np.zeros(n), np.eye(n)])[None]  # amounts 0 and e_k: outputs are linear in x
     C = np.stack([
@@ -83,7 +86,7 @@ def build(spec: ModelSpec, subjects: list[tuple[dict, Schedule, np.ndarray]]):
                 obs_output.append(o)
                 obs_after.append(before[-1] if before.size else -math.inf)
                 reference.append(sim.outputs[name][0, t_index])
-    design = Design(dose_time, dose_duration, dose_valid, obs_subject, obs_time, obs_output, obs_after)
+    design = Design(dose_time, dose_duration, dose_valid, obs_subject, obs_time, obs_output, obs_after, period)
     return K, F, C, design, np.array(reference)
 
 
@@ -453,3 +456,45 @@ def test_non_contiguous_inputs_give_the_same_numbers():
         if n <= 2:
             got = predict(np.asfortranarray(K), np.asfortranarray(F), np.asfortranarray(C), design, static=True)
             np.testing.assert_array_equal(got, predict(K, F, C, design, static=True))
+
+
+# -- steady-state doses (SS = 1, 2; periodic bolus and infusion, constant infusion) ----------
+
+
+def steady_state_cases():
+    """Schedules with SS doses for 1-, 2- (chain and general) and 6-compartment models."""
+    ss_bolus = Schedule((Dose(0.0, 100.0, Target("po"), ii=12.0, addl=2, ss=1), Dose(40.0, 50.0, Target("po"), ii=8.0, ss=2)))
+    ss_infusion = Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, addl=1, duration=2.0, ss=1),
+                            Dose(30.0, 0.0, Target("iv"), rate=3.0, ss=1)))  # constant infusion from t = 30
+    it = Schedule((Dose(6.0, 10.0, Target("iv"), ii=24.0, duration=1.0, ss=1), Dose(30.0, 5.0, Target("it"), ii=24.0, ss=2)))
+    return {
+        "one_cpt_iv": build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, ss_infusion, TIMES)]),
+        "one_cpt_oral": build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, ss_bolus, TIMES)]),
+        "two_cpt_iv": build(load_model("two_cpt_iv"), [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, ss_infusion, TIMES)]),
+        "it_linear": build(load_model("it_linear"), [({}, it, TIMES)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["one_cpt_iv", "one_cpt_oral", "two_cpt_iv", "it_linear"])
+@pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
+def test_steady_state_doses_match_simulate(name, static):
+    # rtol 1e-10 vs simulate's steady-state solver (a linear solve with the matrix exponential)
+    K, F, C, design, reference = steady_state_cases()[name]
+    if static and K.shape[1] > 2:
+        pytest.skip("small kernels: n <= 2")
+    got = predict(K, F, C, design, static=static)
+    np.testing.assert_allclose(got, reference, rtol=RTOL, atol=ATOL_REL * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("name", ["one_cpt_oral", "two_cpt_iv"])
+def test_steady_state_gradients_match_central_differences(name):
+    check_gradients(*steady_state_cases()[name][:4])
+
+
+def test_steady_state_infusion_longer_than_its_interval_is_refused():
+    ok = {
+        "dose_time": np.zeros((1, 1)), "dose_duration": np.full((1, 1), 13.0), "dose_valid": np.ones((1, 1), bool),
+        "obs_subject": [0], "obs_time": [1.0], "obs_output": [0], "obs_after": [-np.inf],
+    }  # fmt: skip
+    with pytest.raises(FitError, match="must not last longer than its interval"):
+        Design(**ok, dose_ss_period=np.full((1, 1), 12.0))
