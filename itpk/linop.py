@@ -36,8 +36,13 @@ compiled with ``mode="NUMBA"`` or by nutpie runs with no Python in the loop.
 The forward Op also returns Λ, V and V⁻¹ so the gradient reuses the
 eigendecomposition instead of repeating it.
 
-Limits: doses and resets only (no steady-state doses, no nonzero initial
-amounts); K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
+Steady-state doses (SS = 1, 2) add one more pair per observation for their past
+doses: g(λ)·1/(1 − e^{λτ}) with τ = II (a geometric series of modal responses; its
+λ-derivative τR(R − 1) for R = 1/(1 − e^{λτ})), and a constant infusion at steady
+state (II = 0) contributes g(λ) = −1/λ.
+
+Limits: no nonzero initial amounts; periodic steady-state infusions no longer
+than II; K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
 subject's predictions and gradients are NaN so a sampler rejects the point
 (an exactly repeated, defective eigenvalue such as ka == CL/V, or a chain of
 transit compartments with one shared rate, is always NaN). Nearly equal
