@@ -49,6 +49,7 @@ __all__ = ["closed_form_predict", "pair_predict", "pair_subjects", "supports"]
 Z_SERIES = 0.01
 _PHI1 = tuple(1.0 / math.factorial(k + 1) for k in range(7))  # φ₁(z) = Σ z^k/(k+1)!
 
+
 def supports(n: int | None, design: Any) -> bool:
     """Whether the closed forms cover ``n`` compartments (static) and the design's doses."""
     if n == 1:
