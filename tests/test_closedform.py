@@ -143,14 +143,45 @@ def test_linear_predict_chooses_closed_forms_only_where_they_apply():
         linear_predict(*inputs(*infusion_2[:3], static=True), infusion_2[3], method=CLOSED)
 
 
-def test_fitted_model_uses_the_closed_form_and_agrees_with_the_op(monkeypatch):
-    # the one_cpt_oral model of a fit: no LinearPredict in its graph; log-density and gradient equal
-    # to those through the eigen Op within 1e-10 at random points
-    import itpk.inference as inf
+def it_mini_fit_case():
+    """A 2-compartment chain (lesion -> plasma) with priors, two outputs, it and iv boluses, a covariate."""
+    import tomllib
+
+    import pandas as pd
+
+    from itpk.dataset import read_frame
+    from itpk.spec import parse_model
+
+    raw = tomllib.loads((Path(__file__).parent / "data" / "it_mini.toml").read_text())
+    for name, median in (("CL", 5.0), ("V", 50.0), ("k_out", 0.1)):
+        raw["parameters"][name] |= {"prior": {"dist": "lognormal", "median": median, "sigma": 0.5}, "iiv": 0.3}
+    raw["parameters"]["f_leak"] |= {"prior": {"dist": "beta", "alpha": 2.0, "beta": 6.0}}
+    spec = parse_model(raw)
+    rows = []
+    for i, (route, diam) in enumerate((("it", 2.0), ("iv", 3.0), ("it", 1.5)), 1):
+        rows.append((i, 0.0, 1, 10.0, route, "", None, diam))
+        rows.append((i, 24.0, 1, 5.0, "it", "", None, diam))
+        for t in (0.5, 2.0, 8.0, 30.0):
+            rows.append((i, t, 0, None, "", "plasma", 0.05 * i, diam))
+        rows.append((i, 28.0, 0, None, "", "tumor", 2.0 * i, diam))  # after an it dose for every subject
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV", "DIAM"])
+    return spec, read_frame(frame.sort_values(["ID", "TIME"], kind="stable"), spec)
+
+
+def theoph_fit_case():
     from itpk.dataset import read_dataset
 
     spec = load_model("one_cpt_oral")
-    dataset = read_dataset(THEOPH, spec)
+    return spec, read_dataset(THEOPH, spec)
+
+
+@pytest.mark.parametrize("case", [theoph_fit_case, it_mini_fit_case], ids=["theoph", "it_mini"])
+def test_fitted_model_uses_the_closed_form_and_agrees_with_the_op(case, monkeypatch):
+    # a fit's model: no LinearPredict in its graph; log-density and gradient equal to those through
+    # the eigen Op within 1e-10 at random points (it_mini: two outputs, two routes, a route fraction)
+    import itpk.inference as inf
+
+    spec, dataset = case()
     model = inf.build_model(spec, dataset)[0]
     assert not any(isinstance(node.op, LinearPredict) for node in io_toposort([], [model["IPRED"]]))
     monkeypatch.setattr(closedform, "supports", lambda n, design: False)
@@ -163,7 +194,6 @@ def test_fitted_model_uses_the_closed_form_and_agrees_with_the_op(monkeypatch):
         point = {k: v + rng.normal(scale=0.3, size=np.shape(v)) for k, v in start.items()}
         assert logp(point) == pytest.approx(logp_op(point), rel=1e-10)
         np.testing.assert_allclose(dlogp(point), dlogp_op(point), rtol=1e-10, atol=1e-10 * np.abs(dlogp_op(point)).max())
-
 
 
 def test_steady_state_doses_of_one_compartment_models():
