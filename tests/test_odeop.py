@@ -28,7 +28,7 @@ import pytest
 from itpk import load_model
 from itpk.events import Dose, Schedule, Target
 from itpk.expr import parse_expr
-from itpk.exprvm import compile_trees, derivative, lower
+from itpk.exprvm import compile_tape, compile_trees, derivative, lower
 from itpk.linop import Design, linear_predict
 from itpk.odeop import OdeSystem, ode_predict
 from itpk.regimens import tvec_schedule
@@ -123,6 +123,33 @@ def test_program_gives_nan_not_exceptions():
     tree = lower(parse_expr("log(a) + sqrt(a) + 1 / b", where="t"), {"a": 0, "b": 1})
     out = compile_trees([tree]).evaluate(np.array([-1.0, 0.0]))
     assert np.isnan(out[0])
+
+
+def test_tape_equals_program_bit_for_bit_and_hoists_what_reads_no_varying_slot():
+    # every operator, n-ary max/min (SEL in the derivatives); slot 0 varies, 1..3 are per-subject constants
+    text = "-Vmax * (c / V) / (Km + c / V) + abs(c - 3)**2 + max(c, V, 2) + (6/pi*c)**(1/3) + exp(-c) * log(V) + sqrt(Km) ** V + min(c, Km) + Vmax/V*c + c*(Vmax/V)"
+    tree = lower(parse_expr(text, where="test"), {"c": 0, "Vmax": 1, "V": 2, "Km": 3})
+    trees = [tree] + [derivative(tree, s) for s in range(4)]
+    prog = compile_trees(trees)
+    tape = compile_tape([trees[:1], trees[1:]], 4, [0])
+    points = [[5.0, 10.0, 1.5, 2.0], [-1.0, 0.0, 0.0, -2.0], [3.0, 1.0, 2.0, 3.0], [0.0, np.nan, 1.0, 1.0], [2.0, 1e308, 1e-308, 0.5]]
+    with np.errstate(all="ignore"):
+        for z in points:
+            np.testing.assert_array_equal(tape.evaluate(np.array(z)), prog.evaluate(np.array(z)))  # NaN == NaN here
+    first, hoisted = tape.n_slots + tape.consts.size, tape.sections[1]
+    varying = {0} | {first + k for k in range(hoisted, tape.ops.shape[0])}
+    assert hoisted > 0 and not (set(tape.ops[:hoisted, 2:].ravel()) & varying)  # section 0 reads no varying value
+    assert np.all(tape.ops[tape.ops[:, 0] == 4, 4:] == -1) and np.all(tape.ops[:, 1] == first + np.arange(tape.ops.shape[0]))
+    assert tape.ops.shape[0] < 0.7 * np.sum(prog.code >= 2)  # shared subexpressions: 89 operations against 143
+
+
+def test_tape_shares_commuted_products_and_keeps_signed_zeros_apart():
+    a, b = ("v", 0), ("v", 1)
+    tape = compile_tape([[("+", ("*", a, b), ("c", 0.0)), ("*", ("*", b, a), ("c", 2.0)), ("/", ("c", 1.0), ("c", -0.0))]], 2, [0, 1])
+    assert sorted(tape.consts.tolist()) == [-0.0, 0.0, 1.0, 2.0] and np.signbit(tape.consts).sum() == 1
+    assert int(np.sum(tape.ops[:, 0] == 4)) == 2  # a*b once, then *2
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(tape.evaluate(np.array([3.0, 4.0])), [12.0, 24.0, -np.inf])
 
 
 # -- predictions vs simulate -----------------------------------------------------------------
