@@ -76,6 +76,7 @@ DP5 remedy). No steady-state doses; subjects are solved one after the other
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -968,11 +969,15 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
 
     Follows the few ops that :meth:`OdeSystem.stack_inputs`, :func:`initial_amounts`
     and a model's dose vectors are built from (stack/join, expand_dims,
-    elementwise ops, indexing of leading axes, alloc); anything else counts as
-    free in every column, so the answer errs towards tracking.
+    elementwise ops, indexing of leading axes, alloc, products with a
+    constant matrix, a reshape that splits the last axis); anything else
+    counts as free in every column, so the answer errs towards tracking.
     """
     from pytensor.tensor.basic import Alloc, Join
+    from pytensor.tensor.blockwise import Blockwise
     from pytensor.tensor.elemwise import DimShuffle, Elemwise
+    from pytensor.tensor.math import Dot
+    from pytensor.tensor.shape import Reshape
     from pytensor.tensor.subtensor import AdvancedSubtensor, Subtensor
     from pytensor.tensor.variable import TensorVariable
 
@@ -1012,6 +1017,28 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
             else:
                 return everywhere
         return out
+    if isinstance(op, Dot) or isinstance(op, Blockwise) and isinstance(op.core_op, Dot):
+        # (…, i, k) @ (…, k, j): column j may be free if B's column j is, or if A is free and B[…, :, j] ≠ 0
+        a, b = node.inputs
+        if a.type.ndim < 2 or b.type.ndim < 2 or b.type.shape[-1] != size:
+            return everywhere
+        out = _free_columns(b, size, memo)
+        if _has_free_input(a, memo):
+            if isinstance(b, Constant):
+                out = out | np.any(np.asarray(b.data).reshape(-1, size) != 0, axis=0)
+            else:
+                return everywhere
+        return out
+    if isinstance(op, Reshape):
+        # (…, L) → (…, L/size, size) and the like: the leading axes stay, the last one is split
+        source, shape = node.inputs
+        if not isinstance(shape, Constant):
+            return everywhere
+        have, want = source.type.shape, tuple(int(x) for x in np.asarray(shape.data))
+        lead = len(have) - 1
+        if None in have or have[:lead] != want[:lead] or math.prod(want[lead:]) != have[-1] or want[-1] != size:
+            return everywhere
+        return np.any(_free_columns(source, have[-1], memo).reshape(-1, size), axis=0)
     if isinstance(op, (Subtensor, AdvancedSubtensor)):
         source, index_vars = node.inputs[0], node.inputs[1:]
         if isinstance(op, Subtensor):

@@ -513,6 +513,31 @@ def test_tracked_columns_skip_constant_inputs_only():
     assert tracked_columns(opaque, x0, F, 2, n, D)[:2].all()
 
 
+def test_tracked_columns_follow_products_with_constant_matrices_and_reshapes():
+    # F as itpk.inference builds it: per-dose amounts (constant G) @ route fractions (a dot of free values
+    # with a constant incidence matrix, plus a constant, reshaped to (N, R, n)): only the fractions' targets
+    from itpk.odeop import tracked_columns
+
+    N, D, n, R = 3, 4, 5, 2
+    free = pt.vector("free")
+    values = pt.stack([pt.sigmoid(free) * pt.ones(N), (1 - pt.sigmoid(free)) * pt.ones(N)], axis=1)  # (N, 2)
+    rows = np.zeros((2, R * n))
+    rows[0, 1], rows[1, 3] = 1.0, 1.0  # route 0: states 1 and 3
+    constant = np.zeros(R * n)
+    constant[n + 4] = 1.0  # route 1: all into state 4, a constant
+    fractions = (pt.dot(values, rows) + constant).reshape((N, R, n))
+    G = np.ones((N, D, R))
+    F = pt.matmul(G, fractions)
+    p = pt.stack([free * pt.ones(N)], axis=-1)
+    x0 = pt.zeros((N, n))
+    mask = tracked_columns(p, x0, F, 1, n, D)
+    want_F = np.tile([False, True, False, True, False], D)
+    np.testing.assert_array_equal(mask, np.concatenate([[True], np.zeros(n, bool), want_F]))
+    # a free matrix on the left makes every column whose constant right-hand rows are not all zero free
+    F2 = pt.matmul(pt.exp(free)[0] * np.ones((N, D, n)), pt.as_tensor_variable(np.diag([1.0, 0, 1, 0, 0])[None].repeat(N, 0)))
+    np.testing.assert_array_equal(tracked_columns(p, x0, F2, 1, n, D)[1 + n :], np.tile([True, False, True, False, False], D))
+
+
 def test_gradient_of_the_virus_fit_graph_is_unchanged_by_skipping_constant_columns(monkeypatch):
     # the log-density gradient of build_model's graph with 16 of 50 columns tracked equals the one with all
     # (same step sequence: the error control sees the states only), rtol 1e-10
