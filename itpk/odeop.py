@@ -171,6 +171,12 @@ DP5, ROSENBROCK = 0, 1
 
 DEFAULT_RTOL = 1e-8
 DEFAULT_RTOL_STIFF = 1e-7  # order 3: ~2.2x the steps per 10x tighter; see the module docstring
+# rtol of the stiff method inside a fit's log-density (ode_predict(fit=True)); DP5 keeps DEFAULT_RTOL.
+# Measured on the virus fit (data/example_virus.csv, 5 points around the initial point, against rtol 1e-10):
+# log-density within 3e-3, gradient within 1.3e-3 (relative, 2-norm), predictions within 6e-4
+# (relative) of the reference, against residual errors of 5% (proportional) and 0.5 (log); 2.1x fewer
+# steps than 1e-5 and 9.3x fewer than the default 1e-7.
+FIT_RTOL_STIFF = 1e-4
 STIFF_THRESHOLD = 1000.0  # typical rate × horizon above which "auto" picks the stiff method
 DEFAULT_ATOL = 1e-10  # amount units; small against any amount that matters, so rtol governs
 DEFAULT_MAX_STEPS = 200_000  # accepted + rejected steps per subject; beyond: NaN for that subject
@@ -426,7 +432,7 @@ class EventTable:
 @_njit_inline
 def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
            ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
-           cmap: np.ndarray, out: np.ndarray, s: int, Jd: np.ndarray, want_jac: bool) -> None:
+           cmap: np.ndarray, G: np.ndarray, out: np.ndarray, s: int, Jd: np.ndarray, want_jac: bool) -> None:
     """out[s] (n, W) = d/dt of [x | S]: f(x, p) + u, and ∂f/∂x·S + ∂f/∂θ; with ``want_jac`` also Jd (n, n) = ∂f/∂x.
 
     ``out`` (stages, n, W) is indexed, not sliced: a view pays two atomic
@@ -436,7 +442,8 @@ def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
     :class:`~itpk.exprvm.Tape` (see :func:`_tape_arrays` for ``tape`` and
     ``tout``); ``regs`` already holds p and the instructions that depend on p
     only (run once per subject). ``cmap[c]`` is the column of X holding θ_c's
-    sensitivity, 0 when θ_c is not integrated.
+    sensitivity, 0 when θ_c is not integrated. ``G`` (D, R): the subject's dose
+    factors (F[d] = Σ_r G[d, r]·Fr[r], θ holds Fr).
     """
     n = X.shape[0]
     for k in range(n):
@@ -472,13 +479,17 @@ def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
         col = cmap[rc[e, 1]]
         if col > 0:
             out[s, rc[e, 0], col] += regs[tout[j, 0]]
-    base = cmap.shape[0] - running.shape[0] * n  # P + n: the dose columns are the last D·n of θ
-    for d in range(running.shape[0]):  # ∂(rate F[d, j])/∂F[d, j] = 1 while infusion d runs
+    R = G.shape[1]
+    base = cmap.shape[0] - R * n  # P + n: the dose columns are the last R·n of θ
+    for d in range(running.shape[0]):  # ∂(rate F[d, j])/∂Fr[r, j] = G[d, r] while infusion d runs
         if running[d]:
-            for j in range(n):
-                col = cmap[base + d * n + j]
-                if col > 0:
-                    out[s, j, col] += 1.0
+            for r in range(R):
+                g = G[d, r]
+                if g != 0.0:
+                    for j in range(n):
+                        col = cmap[base + r * n + j]
+                        if col > 0:
+                            out[s, j, col] += g
 
 
 @_njit_inline
@@ -500,7 +511,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
                running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
                max_steps: int, steps: np.ndarray, A: np.ndarray, E: np.ndarray,
                ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
-               cmap: np.ndarray, K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
+               cmap: np.ndarray, G: np.ndarray, K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
                Jd: np.ndarray) -> float:
     """Advance X (n, W) from t0 to t1 in place; returns the next step size, or −1 on failure.
 
@@ -509,7 +520,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
     """
     n, W = X.shape
     span = t1 - t0
-    _deriv(X, u, running, sens, ops, regs, tape, tout, rc, cmap, K, 0, Jd, False)
+    _deriv(X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, K, 0, Jd, False)
     if h <= 0.0:
         d0 = 0.0
         d1 = 0.0
@@ -535,7 +546,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
                     for j in range(s):
                         acc += hs * A[s, j] * K[j, k, c]
                     Xs[k, c] = acc
-            _deriv(Xs, u, running, sens, ops, regs, tape, tout, rc, cmap, K, s, Jd, False)
+            _deriv(Xs, u, running, sens, ops, regs, tape, tout, rc, cmap, G, K, s, Jd, False)
         # stage 7 was evaluated at the 5th-order solution (FSAL): Xs holds it
         for k in range(n):
             for c in range(W):
@@ -625,8 +636,8 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, u: np.n
                           running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
                           max_steps: int, steps: np.ndarray,
                           ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
-                          cmap: np.ndarray, U: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
-                          Jd: np.ndarray, M: np.ndarray, piv: np.ndarray) -> float:
+                          cmap: np.ndarray, G: np.ndarray, U: np.ndarray, Xs: np.ndarray, Xn: np.ndarray,
+                          err: np.ndarray, Jd: np.ndarray, M: np.ndarray, piv: np.ndarray) -> float:
     """:func:`_integrate` with the linearly implicit ROS34PW2 (stiff systems); same contract.
 
     Applied to the augmented system [x | S] with the block-diagonal matrix
@@ -660,7 +671,7 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, u: np.n
                     if a != 0.0:
                         for q in range(nw):
                             Xsf[q] += a * Uf[j, q]
-            _deriv(Xs if s > 0 else X, u, running, sens, ops, regs, tape, tout, rc, cmap, U, s, Jd, s == 0)
+            _deriv(Xs if s > 0 else X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, U, s, Jd, s == 0)
             if s == 0:
                 if h <= 0.0:  # Hairer's starting step from |x| and |f(x)|
                     d0 = 0.0
@@ -735,13 +746,18 @@ def _restart(X: np.ndarray, x0: np.ndarray, P: int, sens: bool, running: np.ndar
 
 
 @_njit
-def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
-             ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
+def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
+             Gd: np.ndarray, ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
              code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
              groups: np.ndarray, rc: np.ndarray, ops: np.ndarray, tape_consts: np.ndarray,
              tout: np.ndarray, tape: np.ndarray, settings: np.ndarray,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y (M,), J = ∂y/∂(p, x0, F) (M, P + n + D·n, or 0 columns) and step counts (N, 2).
+    """y (M,), J = ∂y/∂(p, x0, Fr) (M, P + n + R·n, or 0 columns) and step counts (N, 2).
+
+    Dose d of subject i puts F[i, d] = Σ_r Gd[i, d, r]·Fr[i, r] (n,) into the
+    states (bolus amounts or infusion rates): Gd (N, D, R) is constant (e.g.
+    the dose amounts by route), Fr (N, R, n) may depend on parameters (e.g.
+    the routes' fractions); Gd = I gives F = Fr.
 
     ``code``…``starts`` is the system's program (outputs and their Jacobians
     at observations), ``ops``…``tape`` its tape (:func:`_tape_arrays`: f, ∂f/∂x
@@ -757,16 +773,16 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     """
     N, n = x0.shape
     P = p.shape[1]
-    D = F.shape[1]
+    D, R = Gd.shape[1], Gd.shape[2]
     M = obs_output.shape[0]
-    if p.shape[0] != N or F.shape[0] != N or F.shape[2] != n:
-        raise ValueError("ode_predict: p, x0 and F disagree on N or n")
+    if p.shape[0] != N or Fr.shape[0] != N or Fr.shape[2] != n or Gd.shape[0] != N or Fr.shape[1] != R:
+        raise ValueError("ode_predict: p, x0, Fr and Gd disagree on N, n or R")
     if ev_start.shape[0] != N + 1:
         raise ValueError("ode_predict: the design has a different number of subjects")
     rtol, atol = settings[0], settings[1]
     max_steps = int(settings[2])
     sens = settings[3] != 0.0
-    nc = P + n + D * n if sens else 0
+    nc = P + n + R * n if sens else 0
     if sens and settings.shape[0] > 6 and settings.shape[0] != 6 + nc:
         raise ValueError("ode_predict: the sensitivity mask in settings has the wrong length")
     tracked = np.zeros(max(nc, 1), dtype=np.bool_)
@@ -819,8 +835,16 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     xa, xb = groups[GX], groups[GX + 1]
     pa, pb = groups[GP], groups[GP + 1]
     gvals = np.empty(1)
+    F = np.zeros((D, n))  # the subject's doses
     for i in range(N):
         e0, e1 = ev_start[i], ev_start[i + 1]
+        for d in range(D):
+            for k in range(n):
+                acc = 0.0
+                for r in range(R):
+                    if Gd[i, d, r] != 0.0:  # skipped, not multiplied: 0·inf would be NaN
+                        acc += Gd[i, d, r] * Fr[i, r, k]
+                F[d, k] = acc
         _restart(X, x0[i], P, sens, running, u, cmap)
         steps[:] = 0
         for k in range(P):
@@ -834,10 +858,11 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
             if te > t:
                 if stiff:
                     h = _integrate_rosenbrock(X, t, te, h, u, running, sens, rtol, atol, err_cols, max_steps,
-                                              steps, ops, regs, tape, tout, rc, cmap, K, Xs, Xn, err, Jd, Mlu, piv)
+                                              steps, ops, regs, tape, tout, rc, cmap, Gd[i], K, Xs, Xn, err, Jd,
+                                              Mlu, piv)
                 else:
                     h = _integrate(X, t, te, h, u, running, sens, rtol, atol, err_cols, max_steps, steps,
-                                   A, E, ops, regs, tape, tout, rc, cmap, K, Xs, Xn, err, Jd)
+                                   A, E, ops, regs, tape, tout, rc, cmap, Gd[i], K, Xs, Xn, err, Jd)
                 if h < 0.0:
                     ok = False
                     break
@@ -849,10 +874,12 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 h = 0.0
             elif kind == BOLUS:
                 for k in range(n):
-                    X[k, 0] += F[i, d, k]
-                    col = cmap[P + n + d * n + k] if sens else 0
-                    if col > 0:
-                        X[k, col] += 1.0
+                    X[k, 0] += F[d, k]
+                    if sens:
+                        for r in range(R):
+                            col = cmap[P + n + r * n + k]
+                            if col > 0:
+                                X[k, col] += Gd[i, d, r]
                 h = 0.0  # a jump: the old step size means nothing for the new profile
             elif kind == INF_ON or kind == INF_OFF:
                 running[d] = kind == INF_ON
@@ -860,7 +887,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 for dd in range(D):
                     if running[dd]:
                         for k in range(n):
-                            u[k] += F[i, dd, k]
+                            u[k] += F[dd, k]
                 h = 0.0
             else:  # OBS
                 m = d
@@ -897,7 +924,10 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
 
 
 class OdePredict(Op):
-    """(y, J, steps) from p (N, P), x0 (N, n), F (N, D, n) and constant design/program arrays.
+    """(y, J, steps) from p (N, P), x0 (N, n), Fr (N, R, n) and constant design/program arrays.
+
+    The doses are F = Gd @ Fr (Gd (N, D, R), the first constant after the
+    observations' subjects and outputs; see :func:`_forward`).
 
     The solver ("dp5" or "rosenbrock") and the tracked sensitivity columns
     are part of the last constant input (the kernel's settings), so one Op
@@ -940,10 +970,10 @@ class OdePredict(Op):
             return [pt.zeros_like(p), pt.zeros_like(x0), pt.zeros_like(F), *nothing]
         J = outputs[1]
         N, P = p.shape[0], p.shape[1]
-        n, D = x0.shape[1], F.shape[1]
+        n, R = x0.shape[1], F.shape[1]
         G = pt.zeros((N, J.shape[1]), dtype="float64")
         G = pt.inc_subtensor(G[obs_subject], ybar[:, None] * J)  # duplicates accumulate
-        return [G[:, :P], G[:, P : P + n], G[:, P + n :].reshape((N, D, n)), *nothing]
+        return [G[:, :P], G[:, P : P + n], G[:, P + n :].reshape((N, R, n)), *nothing]
 
 
 @register_funcify_default_op_cache_key(OdePredict)
@@ -1053,6 +1083,29 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
     return everywhere
 
 
+def dose_factors(F: Any, N: int, D: int, n: int) -> tuple[np.ndarray, Any]:
+    """(Gd (N, D, R) constant, Fr (N, R, n)) with F = Gd @ Fr; Gd = I and Fr = F when F has no such form.
+
+    A model's dose vectors are the dose amounts (constant) times the routes'
+    fractions (:func:`itpk.inference._dose_vectors`: ``matmul(G, fractions)``):
+    the Op then integrates sensitivities to the R·n fractions, not to the D·n
+    dose entries (the virus fit: 2 columns instead of 8).
+    """
+    from pytensor.tensor.blockwise import Blockwise
+    from pytensor.tensor.math import Dot
+
+    node = F.owner
+    if node is not None and isinstance(node.op, Blockwise) and isinstance(node.op.core_op, Dot):
+        a, b = node.inputs
+        if isinstance(a, Constant) and a.type.ndim == 3 and b.type.ndim == 3:
+            G = np.asarray(a.data, dtype=np.float64)
+            R = G.shape[2]
+            if G.shape[:2] in ((N, D), (1, D)) and b.type.shape[1] in (R, None) and b.type.shape[2] in (n, None):
+                Fr = pt.broadcast_to(b.astype("float64"), (N, R, n))
+                return np.ascontiguousarray(np.broadcast_to(G, (N, D, R))), Fr
+    return np.ascontiguousarray(np.broadcast_to(np.eye(D), (N, D, D))), F
+
+
 def tracked_columns(p: Any, x0: Any, F: Any, P: int, n: int, D: int) -> np.ndarray:
     """(P + n + D·n,) bool: the θ = (p, x0, F) entries whose sensitivities are worth integrating.
 
@@ -1083,6 +1136,7 @@ def ode_predict(
     sens_error: bool = False,
     return_steps: bool = False,
     method: str | None = None,
+    fit: bool = False,
 ) -> Any:
     """Predictions y_m = g_o(x_i(t_m), p_i) of a nonlinear compartment model.
 
@@ -1104,7 +1158,8 @@ def ode_predict(
     rtol, atol
         Local error tolerances of the states (atol in amount units). rtol
         defaults to the method's own (:data:`DEFAULT_RTOL` for "dp5",
-        :data:`DEFAULT_RTOL_STIFF` for "rosenbrock").
+        :data:`DEFAULT_RTOL_STIFF` for "rosenbrock"; with ``fit``,
+        :data:`FIT_RTOL_STIFF` for "rosenbrock").
     max_steps
         Attempted steps per subject before giving up (its remaining
         predictions are then NaN).
@@ -1120,6 +1175,9 @@ def ode_predict(
         "dp5" (explicit Dormand–Prince 5(4)), "rosenbrock" (linearly implicit
         ROS34PW2, for stiff systems) or "auto" (see :func:`choose_method`);
         None takes ``system.method``.
+    fit
+        The predictions feed a fit's log-density: the stiff method's default
+        rtol is the looser :data:`FIT_RTOL_STIFF` (an explicit ``rtol`` wins).
 
     Returns
     -------
@@ -1145,22 +1203,25 @@ def ode_predict(
         raise FitError(f"ode_predict: method {method!r} is unknown; methods: {', '.join(METHODS)}")
     chosen = choose_method(system, design_horizon(design)) if method == "auto" else method
     if rtol is None:
-        rtol = DEFAULT_RTOL_STIFF if chosen == "rosenbrock" else DEFAULT_RTOL
+        stiff_rtol = FIT_RTOL_STIFF if fit else DEFAULT_RTOL_STIFF
+        rtol = stiff_rtol if chosen == "rosenbrock" else DEFAULT_RTOL
     if not (rtol > 0 and atol > 0 and max_steps > 0):
         raise FitError(f"ode_predict: rtol, atol and max_steps must be > 0, found {rtol}, {atol}, {max_steps}")
     events = EventTable.from_design(design)
     prog = system.program
+    Gd, Fr = dose_factors(F, N, D, n)
+    R = Gd.shape[2]
     code = ROSENBROCK if chosen == "rosenbrock" else DP5
     settings = [rtol, atol, float(max_steps), float(gradient), float(sens_error), float(code)]
     inputs = None  # the inputs whose ∂f/∂p goes on the tape
     if gradient:
-        tracked = tracked_columns(p, x0, F, P, n, D)
+        tracked = tracked_columns(p, x0, Fr, P, n, R)
         settings += list(tracked.astype(float))
         inputs = tracked[:P]
     settings = np.array(settings)
     constants = [
-        design.obs_subject, design.obs_output, events.start, events.time, events.kind, events.index,
+        design.obs_subject, design.obs_output, Gd, events.start, events.time, events.kind, events.index,
         prog.code, prog.arg, prog.consts, prog.starts, system.groups, system.rc, *_tape_arrays(system, inputs), settings,
     ]
-    y, _, steps = OdePredict()(p, x0, F, *(pt.constant(np.asarray(c)) for c in constants))
+    y, _, steps = OdePredict()(p, x0, Fr, *(pt.constant(np.asarray(c)) for c in constants))
     return (y, steps) if return_steps else y

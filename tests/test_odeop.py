@@ -538,6 +538,66 @@ def test_tracked_columns_follow_products_with_constant_matrices_and_reshapes():
     np.testing.assert_array_equal(tracked_columns(p, x0, F2, 1, n, D)[1 + n :], np.tile([True, False, True, False, False], D))
 
 
+def test_dose_factors_give_the_same_virus_fit_gradient_as_the_dose_entries(monkeypatch):
+    # F = amounts @ route fractions: sensitivities to the 2 tracked fractions instead of the 8 tracked dose
+    # entries (4 doses x virus, blood); same states and steps, so the log-density gradient agrees to rtol 1e-10
+    from itpk import odeop
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model
+
+    spec = load_model("it_oncolytic_virus")
+    data = read_dataset("data/example_virus.csv", spec)
+    seen = []
+
+    def gradient():
+        model, _ = build_model(spec, data)
+        point = {k: v + 0.1 for k, v in model.initial_point().items()}
+        return model.compile_dlogp(mode=PERFORM)(point)
+
+    def spy(F, N, D, n):
+        Gd, Fr = factors(F, N, D, n)
+        seen.append(Gd.shape)
+        return Gd, Fr
+
+    factors = odeop.dose_factors
+    monkeypatch.setattr(odeop, "dose_factors", spy)
+    factored = gradient()
+    assert seen == [(6, 4, 1)]  # 6 subjects, 4 doses, one route (it)
+    monkeypatch.setattr(odeop, "dose_factors", lambda F, N, D, n: (np.broadcast_to(np.eye(D), (N, D, D)).copy(), F))
+    entries = gradient()
+    assert np.all(np.isfinite(factored)) and np.abs(entries).max() > 0
+    np.testing.assert_allclose(factored, entries, rtol=1e-10, atol=1e-12 * np.abs(entries).max())
+
+
+def test_fit_tolerance_applies_to_the_stiff_method_only():
+    from itpk.odeop import DEFAULT_RTOL, FIT_RTOL_STIFF
+
+    def rtol(name, **kwargs):
+        spec = load_model(name)
+        system, *_, design, _ = build(spec, [({}, tvec_schedule(3.0, visits=2) if name == "it_oncolytic_virus"
+                                                       else Schedule((Dose(0.0, 100.0, Target("iv")),)), np.array([24.0, 600.0]))])
+        y = ode_predict(system, pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F"), design, **kwargs)
+        return float(y.owner.inputs[-1].data[0])
+
+    assert rtol("it_oncolytic_virus", fit=True) == FIT_RTOL_STIFF == 1e-4
+    assert rtol("it_oncolytic_virus", fit=True, rtol=1e-6) == 1e-6
+    assert rtol("one_cpt_mm", fit=True) == DEFAULT_RTOL
+
+
+def test_virus_predictions_at_the_fit_tolerance_stay_within_1e_3_of_radau():
+    # FIT_RTOL_STIFF (1e-4) over the example data's design (4 T-VEC visits, 77 days): every output within
+    # 1e-3 (relative) of Radau rtol 1e-10, against residual errors of 5% (diameter) and 0.5 (log, blood)
+    spec = load_model("it_oncolytic_virus")
+    times = np.array([0.0, 24.0, 72.0, 168.0, 504.0, 528.0, 840.0, 1176.0, 1512.0, 1848.0])
+    subjects = [({}, tvec_schedule(3.0, visits=4), times), ({"beta": 6e-11, "k_efflux": 0.004}, tvec_schedule(1.5, visits=4), times)]
+    system, p, x0, F, design, _ = build(spec, subjects, ["virus_blood", "tumor_diameter"])
+    want, _ = radau_reference(system, p, x0, F, design)
+    got = predict(system, p, x0, F, design, fit=True)
+    blood = design.obs_output == 0
+    np.testing.assert_allclose(got[~blood], want[~blood], rtol=1e-3)
+    np.testing.assert_allclose(got[blood], want[blood], rtol=1e-3, atol=1e-2)  # atol: 1e-3 of the LLOQ (10 copies/mL)
+
+
 def test_gradient_of_the_virus_fit_graph_is_unchanged_by_skipping_constant_columns(monkeypatch):
     # the log-density gradient of build_model's graph with 16 of 50 columns tracked equals the one with all
     # (same step sequence: the error control sees the states only), rtol 1e-10
