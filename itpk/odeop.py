@@ -6,7 +6,9 @@ For subject i the amounts x (n,) follow
 
 from x(t₀) = x0_i, where u is the sum of the running infusion rates F[i, d]
 (amount/time per compartment) and a bolus adds F[i, d] (amount) to x at its
-time. Observation m of subject i is output o: y_m = g_o(x(t_m), p_i).
+time. Observation m of subject i is output o: y_m = g_o(x(t_m), p_i). When
+the dose vectors are constant amounts times parameter-dependent route
+fractions, F = Gd @ Fr (:func:`dose_factors`), the Op takes Fr.
 
 ``p_i`` (P,) holds, in this order (:attr:`OdeSystem.input_names`), the
 model's parameters, covariates and derived quantities. Derived quantities are
@@ -27,28 +29,43 @@ dense output is needed:
   hand-written n×n LU (partial pivoting) of I/(hγ) − J per step serves the
   states and every sensitivity column.
 
-Forward sensitivities S = ∂x/∂θ for θ = (p, x0, F) are integrated with the
-states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus: S[:, F[d]] += I, reset: S = [0, I, 0]);
-the Op returns the Jacobian J = ∂y/∂θ (M, P + n + D·n) next to y, and the
-gradient is the contraction ȳᵀJ summed per subject. Only the θ entries that
-can reach a free variable are tracked (:func:`tracked_columns`: fixed
-parameters, covariates, constant initial amounts and dose fractions are
-skipped; their columns of J are 0). f, g and their Jacobians are programs of
+Forward sensitivities S = ∂x/∂θ for θ = (p, x0, Fr) are integrated with the
+states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus d: S[:, Fr[r]] += Gd[d, r]·I, reset:
+S = [0, I, 0]); the Op returns the Jacobian J = ∂y/∂θ (M, P + n + R·n) next
+to y, and the gradient is the contraction ȳᵀJ summed per subject. Only the θ
+entries that can reach a free variable are tracked (:func:`tracked_columns`:
+fixed parameters, covariates, constant initial amounts and dose fractions are
+skipped; their columns of J are 0), and a tracked input that f does not use
+has no sensitivity to integrate (only ∂g/∂p reaches J). The virus fit
+integrates 9 of 32 columns: r, β, δ, burst, ω, k_efflux, k_clear and the
+fractions into virus and blood. f, g and their Jacobians come from
 :mod:`itpk.exprvm` (no code generation from model text), passed to one numba
-kernel as constant inputs; the solver is a number in the kernel's settings,
-so the Op's inputs and outputs are the same for both.
+kernel as constant inputs: each step evaluates f, ∂f/∂x and the integrated
+columns of ∂f/∂p as one :class:`~itpk.exprvm.Tape` (straight-line register
+code with shared subexpressions; the part that reads p only runs once per
+subject), the outputs at observations as stack programs. The solver is a
+number in the kernel's settings, so the Op's inputs and outputs are the same
+for both.
 
 Choice of solver (``method="auto"``, the default; measured 2026-11-27 on a
 shared 2-core machine, CPU ms per log-density + gradient through the compiled
-graph, states-only error control):
+graph, states-only error control; the virus row after the tape, the dose
+factors and the loop changes, which cut its cost at rtol 1e-7 from ~170–210 ms
+and at 1e-5 from ~40 ms; one_cpt_mm before them):
 
 ============================  ===================  =========================
 case                          dp5 (rtol 1e-8)      rosenbrock
 ============================  ===================  =========================
-virus, data/example_virus     ~1100–1350 ms,       ~170–210 ms (1e-7), ~95 ms (1e-6),
-(6 subjects, 77 days)         ~30,000 steps/subj   ~40 ms (1e-5); 5,000/2,400/1,100 steps
+virus, data/example_virus     ~490 ms (kernel      53 ms (1e-7), 12 ms (1e-5),
+(6 subjects, 77 days)         only), ~30,000       6.1 ms (1e-4, the fit's);
+                              steps/subj           5,000/1,100/550 steps/subj
 one_cpt_mm, 12 subjects, 72h  4.2 ms, 25 steps     3.1 ms (1e-6), 7.9 ms (1e-8)
 ============================  ===================  =========================
+
+A Rosenbrock step of the virus fit (n = 6, 9 sensitivity columns) costs ~1.7 µs:
+~0.4 µs the tape (4 stages × f, ∂f/∂x, ∂f/∂p: ~70 instructions each), the
+rest the stage updates, the sparse ∂f/∂x·S products and the 4 triangular
+solves over the 10 columns (~0.07 µs per column).
 
 DP5's step is capped by stability (h·ρ(J) ≲ 3.3: blood clearance 5/h, up to
 55/h with antibodies, over weeks), the Rosenbrock step by accuracy only. At
@@ -62,7 +79,8 @@ need ≳ 300 steps per subject for stability alone), else "dp5". The virus model
 is in practice. Default rtol: 1e-8 for "dp5", 1e-7 for "rosenbrock" (order 3:
 its global error is ~3–5× rtol; 1e-7 keeps predictions within 1e-6 of a tight
 reference, as the tests check). A fit needs far less (residual errors are
-5–50 %): ``rtol=1e-5`` halves the cost again (see benchmarks/README.md).
+5–50 %): ``fit=True`` (what :func:`itpk.inference.fit` asks for) runs the
+stiff method at :data:`FIT_RTOL_STIFF` = 1e-4 (see there for its accuracy).
 
 Limits: the explicit method with states-only error control can let h outgrow
 its stability limit where the states are flat (e.g. after a reset to amounts

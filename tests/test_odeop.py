@@ -569,6 +569,29 @@ def test_dose_factors_give_the_same_virus_fit_gradient_as_the_dose_entries(monke
     np.testing.assert_allclose(factored, entries, rtol=1e-10, atol=1e-12 * np.abs(entries).max())
 
 
+def test_dose_factors_with_boluses_infusion_and_reset_match_the_plain_doses():
+    # F = Gd @ Fr (R = 2, some Gd entries 0) through the factored path against the same F given as numbers:
+    # predictions to rtol 1e-10, and ∂/∂Fr against Σ_d Gd[d, r]·∂/∂F[d] to rtol 1e-8 (same states, same steps)
+    spec = load_model("it_oncolytic_virus")
+    system, p, x0, F, design, _ = build(spec, [({}, virus_events(), VIRUS_TIMES), ({"beta": 1e-10}, virus_events(), VIRUS_TIMES)])
+    rng = np.random.default_rng(3)
+    N, D, _ = F.shape
+    Gd = rng.uniform(0.5, 2.0, (N, D, 2)) * (rng.uniform(size=(N, D, 2)) > 0.25)
+    Fr = 0.5 * F[:, :2, :]
+    F_plain = np.einsum("idr,irk->idk", Gd, Fr)
+    w = rng.normal(size=design.n_obs)
+    pv, xv, Fv, Frv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F"), pt.tensor3("Fr")
+    kw = {"method": "rosenbrock", "rtol": 1e-8}
+    y_plain = ode_predict(system, pv, xv, Fv, design, **kw)
+    y_fact = ode_predict(system, pv, xv, pt.matmul(Gd, Frv), design, **kw)
+    assert y_fact.owner.inputs[2].type.shape[1] in (2, None)  # the Op got Fr, not F
+    plain = pytensor.function([pv, xv, Fv], [y_plain, pytensor.grad((w * y_plain).sum(), Fv)], mode=PERFORM)(p, x0, F_plain)
+    fact = pytensor.function([pv, xv, Frv], [y_fact, pytensor.grad((w * y_fact).sum(), Frv)], mode=PERFORM)(p, x0, Fr)
+    np.testing.assert_allclose(fact[0], plain[0], rtol=1e-10, atol=1e-14 * np.abs(plain[0]).max())
+    want = np.einsum("idr,idk->irk", Gd, plain[1])
+    np.testing.assert_allclose(fact[1], want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+
+
 def test_fit_tolerance_applies_to_the_stiff_method_only():
     from itpk.odeop import DEFAULT_RTOL, FIT_RTOL_STIFF
 
