@@ -461,7 +461,7 @@ def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
     ``tout``); ``regs`` already holds p and the instructions that depend on p
     only (run once per subject). ``cmap[c]`` is the column of X holding θ_c's
     sensitivity, 0 when θ_c is not integrated. ``G`` (D, R): the subject's dose
-    factors (F[d] = Σ_r G[d, r]·Fr[r], θ holds Fr).
+    factors (F[d] = Σ_r G[d, r]·Fr[r], θ holds Fr); R = 0 stands for G = I.
     """
     n = X.shape[0]
     for k in range(n):
@@ -497,12 +497,13 @@ def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
         col = cmap[rc[e, 1]]
         if col > 0:
             out[s, rc[e, 0], col] += regs[tout[j, 0]]
-    R = G.shape[1]
-    base = cmap.shape[0] - R * n  # P + n: the dose columns are the last R·n of θ
-    for d in range(running.shape[0]):  # ∂(rate F[d, j])/∂Fr[r, j] = G[d, r] while infusion d runs
+    D, R = G.shape
+    identity = R == 0
+    base = cmap.shape[0] - (D if identity else R) * n  # P + n: the dose columns are the last R·n of θ
+    for d in range(D):  # ∂(rate F[d, j])/∂Fr[r, j] = G[d, r] while infusion d runs
         if running[d]:
-            for r in range(R):
-                g = G[d, r]
+            for r in range(d, d + 1) if identity else range(R):
+                g = 1.0 if identity else G[d, r]
                 if g != 0.0:
                     for j in range(n):
                         col = cmap[base + r * n + j]
@@ -775,7 +776,8 @@ def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndar
     Dose d of subject i puts F[i, d] = Σ_r Gd[i, d, r]·Fr[i, r] (n,) into the
     states (bolus amounts or infusion rates): Gd (N, D, R) is constant (e.g.
     the dose amounts by route), Fr (N, R, n) may depend on parameters (e.g.
-    the routes' fractions); Gd = I gives F = Fr.
+    the routes' fractions). Gd of shape (N, D, 0) stands for the identity:
+    F = Fr (N, D, n).
 
     ``code``…``starts`` is the system's program (outputs and their Jacobians
     at observations), ``ops``…``tape`` its tape (:func:`_tape_arrays`: f, ∂f/∂x
@@ -791,7 +793,9 @@ def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndar
     """
     N, n = x0.shape
     P = p.shape[1]
-    D, R = Gd.shape[1], Gd.shape[2]
+    D = Gd.shape[1]
+    identity = Gd.shape[2] == 0
+    R = D if identity else Gd.shape[2]
     M = obs_output.shape[0]
     if p.shape[0] != N or Fr.shape[0] != N or Fr.shape[2] != n or Gd.shape[0] != N or Fr.shape[1] != R:
         raise ValueError("ode_predict: p, x0, Fr and Gd disagree on N, n or R")
@@ -858,8 +862,8 @@ def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndar
         e0, e1 = ev_start[i], ev_start[i + 1]
         for d in range(D):
             for k in range(n):
-                acc = 0.0
-                for r in range(R):
+                acc = Fr[i, d, k] if identity else 0.0
+                for r in range(0 if identity else R):
                     if Gd[i, d, r] != 0.0:  # skipped, not multiplied: 0·inf would be NaN
                         acc += Gd[i, d, r] * Fr[i, r, k]
                 F[d, k] = acc
@@ -894,10 +898,10 @@ def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndar
                 for k in range(n):
                     X[k, 0] += F[d, k]
                     if sens:
-                        for r in range(R):
+                        for r in range(d, d + 1) if identity else range(R):
                             col = cmap[P + n + r * n + k]
                             if col > 0:
-                                X[k, col] += Gd[i, d, r]
+                                X[k, col] += 1.0 if identity else Gd[i, d, r]
                 h = 0.0  # a jump: the old step size means nothing for the new profile
             elif kind == INF_ON or kind == INF_OFF:
                 running[d] = kind == INF_ON
@@ -1102,7 +1106,7 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
 
 
 def dose_factors(F: Any, N: int, D: int, n: int) -> tuple[np.ndarray, Any]:
-    """(Gd (N, D, R) constant, Fr (N, R, n)) with F = Gd @ Fr; Gd = I and Fr = F when F has no such form.
+    """(Gd (N, D, R) constant, Fr (N, R, n)) with F = Gd @ Fr; Gd (N, D, 0) (the identity) and Fr = F otherwise.
 
     A model's dose vectors are the dose amounts (constant) times the routes'
     fractions (:func:`itpk.inference._dose_vectors`: ``matmul(G, fractions)``):
@@ -1121,7 +1125,7 @@ def dose_factors(F: Any, N: int, D: int, n: int) -> tuple[np.ndarray, Any]:
             if G.shape[:2] in ((N, D), (1, D)) and b.type.shape[1] in (R, None) and b.type.shape[2] in (n, None):
                 Fr = pt.broadcast_to(b.astype("float64"), (N, R, n))
                 return np.ascontiguousarray(np.broadcast_to(G, (N, D, R))), Fr
-    return np.ascontiguousarray(np.broadcast_to(np.eye(D), (N, D, D))), F
+    return np.zeros((N, D, 0)), F
 
 
 def tracked_columns(p: Any, x0: Any, F: Any, P: int, n: int, D: int) -> np.ndarray:
@@ -1228,7 +1232,7 @@ def ode_predict(
     events = EventTable.from_design(design)
     prog = system.program
     Gd, Fr = dose_factors(F, N, D, n)
-    R = Gd.shape[2]
+    R = Gd.shape[2] or D
     code = ROSENBROCK if chosen == "rosenbrock" else DP5
     settings = [rtol, atol, float(max_steps), float(gradient), float(sens_error), float(code)]
     inputs = None  # the inputs whose ∂f/∂p goes on the tape
