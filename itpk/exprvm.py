@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ import numpy as np
 
 from itpk.expr import CONSTANTS, Expr
 
-__all__ = ["Program", "compile_trees", "derivative", "lower", "run_program", "slots_of"]
+__all__ = ["Program", "Tape", "compile_tape", "compile_trees", "derivative", "lower", "run_program", "run_tape", "slots_of"]
 
 Node = tuple[Any, ...]
 
@@ -471,3 +472,188 @@ def run_program(
                 a = stack[sp - 1]
                 stack[sp - 1] = a * a
         out[e - first] = stack[0]
+
+
+# --------------------------------------------------------------------------------------
+# Straight-line register code with shared subexpressions (the ODE Op's hot path)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Tape:
+    """Groups of expressions compiled to three-address code over one register file.
+
+    Every distinct subtree is computed once (hash-consing; the operands of
+    ``+`` and ``*`` are put in a canonical order, which IEEE arithmetic makes
+    exact), and the instructions that read no *varying* slot (for the ODE Op:
+    only the inputs p, not the amounts x) come first, so a caller evaluates
+    them once per subject. Values equal :meth:`Program.evaluate`'s bit for bit
+    (same operations on the same operands).
+
+    Registers: ``0..n_slots-1`` the slot values (the caller writes them),
+    ``n_slots..n_slots+C-1`` the constants (``consts``, written once by the
+    caller), then one register per instruction.
+
+    Attributes
+    ----------
+    ops : ndarray (L, 6) int64
+        Opcode (as :func:`run_program`'s), destination register and up to four
+        operand registers (SEL: a, b, x, y; binary: a, b; unary: a; −1 unused).
+    consts : ndarray (C,) float64
+    out : ndarray (E,) int64
+        Register holding expression e's value (groups concatenated in order).
+    out_groups : ndarray (G+1,) int64
+        Group g is expressions ``out_groups[g]:out_groups[g+1]`` of ``out``.
+    sections : ndarray (G+2,) int64
+        Instructions ``sections[0]:sections[1]`` read no varying slot; those
+        group g needs beyond everything before it are ``sections[g+1]:sections[g+2]``.
+    n_slots : int
+    """
+
+    ops: np.ndarray
+    consts: np.ndarray
+    out: np.ndarray
+    out_groups: np.ndarray
+    sections: np.ndarray
+    n_slots: int
+
+    @property
+    def n_regs(self) -> int:
+        return self.n_slots + self.consts.shape[0] + self.ops.shape[0]
+
+    def registers(self) -> np.ndarray:
+        """A register file with the constants in place (slots and results left to fill)."""
+        regs = np.zeros(self.n_regs)
+        regs[self.n_slots : self.n_slots + self.consts.shape[0]] = self.consts
+        return regs
+
+    def evaluate(self, z: np.ndarray) -> np.ndarray:
+        """Values (E,) of every expression at slot values ``z`` (for tests and debugging)."""
+        regs = self.registers()
+        regs[: self.n_slots] = np.asarray(z, dtype=np.float64)
+        run_tape(self.ops, regs, 0, self.ops.shape[0])
+        return regs[self.out]
+
+
+_OPCODES = {**_BINARY_CODES, **_UNARY_CODES, "sel": SEL}
+
+
+def compile_tape(groups: Sequence[Sequence[Node]], n_slots: int, varying: Sequence[int]) -> Tape:
+    """Compile groups of trees into one :class:`Tape` over slots ``0..n_slots-1``.
+
+    ``varying`` are the slots that change between evaluations (the others are
+    constant for a caller's run of many evaluations): instructions reading
+    none of them, directly or not, go into the first section.
+    """
+    varies = set(varying)
+    consts: list[float] = []
+    const_reg: dict[bytes, int] = {}
+    keys: dict[tuple[Any, ...], int] = {}
+    invariant: list[int] = []
+    grouped: list[list[int]] = [[] for _ in groups]
+    pending: list[tuple[tuple[Any, ...], bool]] = []  # (key, varies) in creation order; registers assigned later
+
+    def visit(node: Node, g: int) -> tuple[str, int]:
+        """A reference to node's value: ("s", slot), ("c", constant index) or ("i", instruction index)."""
+        kind = node[0]
+        if kind == "v":
+            if not 0 <= node[1] < n_slots:
+                raise ValueError(f"slot {node[1]} outside 0..{n_slots - 1}")
+            return ("s", int(node[1]))
+        if kind == "c":
+            bits = struct.pack("<d", float(node[1]))  # -0.0 and 0.0 stay apart
+            if bits not in const_reg:
+                const_reg[bits] = len(consts)
+                consts.append(float(node[1]))
+            return ("c", const_reg[bits])
+        if kind not in _OPCODES:
+            raise AssertionError(f"unknown node {kind!r}")
+        args = [visit(child, g) for child in node[1:]]
+        if kind in ("+", "*"):
+            args.sort()
+        key = (kind, *args)
+        if key not in keys:
+            var = any(a[0] == "s" and a[1] in varies or a[0] == "i" and pending[a[1]][1] for a in args)
+            keys[key] = len(pending)
+            pending.append((key, var))
+            (grouped[g] if var else invariant).append(len(pending) - 1)
+        return ("i", keys[key])
+
+    outs: list[tuple[str, int]] = []
+    out_groups = [0]
+    for g, trees in enumerate(groups):
+        for tree in trees:
+            outs.append(visit(tree, g))
+        out_groups.append(len(outs))
+    # order: invariant instructions, then each group's own (creation order is a topological order in each)
+    order = invariant + [k for group in grouped for k in group]
+    base = n_slots + len(consts)
+    reg_of = {k: base + position for position, k in enumerate(order)}
+
+    def register(ref: tuple[str, int]) -> int:
+        kind, index = ref
+        return index if kind == "s" else (n_slots + index if kind == "c" else reg_of[index])
+
+    ops = np.full((len(order), 6), -1, dtype=np.int64)  # unused operands: -1 (never read)
+    for position, k in enumerate(order):
+        key = pending[k][0]
+        ops[position, 0] = _OPCODES[key[0]]
+        ops[position, 1] = base + position
+        for j, ref in enumerate(key[1:]):
+            ops[position, 2 + j] = register(ref)
+    sections = np.cumsum([0, len(invariant)] + [len(group) for group in grouped]).astype(np.int64)
+    return Tape(
+        ops=ops,
+        consts=np.array(consts, dtype=np.float64),
+        out=np.array([register(r) for r in outs], dtype=np.int64),
+        out_groups=np.array(out_groups, dtype=np.int64),
+        sections=sections,
+        n_slots=int(n_slots),
+    )
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def run_tape(ops: np.ndarray, regs: np.ndarray, first: int, stop: int) -> None:
+    """Run instructions ``first..stop-1`` of a :class:`Tape` on the register file ``regs``.
+
+    Same operations and NaN/inf semantics as :func:`run_program`; the most
+    frequent opcodes are tested first.
+    """
+    for k in range(first, stop):
+        op = ops[k, 0]
+        a = regs[ops[k, 2]]
+        if op == 4:  # MUL
+            r = a * regs[ops[k, 3]]
+        elif op == 2:  # ADD
+            r = a + regs[ops[k, 3]]
+        elif op == 3:  # SUB
+            r = a - regs[ops[k, 3]]
+        elif op == 5:  # DIV
+            b = regs[ops[k, 3]]
+            if b == 0.0:
+                r = np.nan if (a == 0.0 or np.isnan(a)) else math.copysign(np.inf, a) * math.copysign(1.0, b)
+            else:
+                r = a / b
+        elif op == 7:  # NEG
+            r = -a
+        elif op == 16:  # SQR
+            r = a * a
+        elif op == 6:  # POW
+            r = np.power(a, regs[ops[k, 3]])
+        elif op == 8:  # EXP
+            r = np.exp(a)
+        elif op == 9:  # LOG
+            r = np.log(a) if a > 0.0 else (-np.inf if a == 0.0 else np.nan)
+        elif op == 10:  # SQRT
+            r = np.sqrt(a) if a >= 0.0 else np.nan
+        elif op == 11:  # ABS
+            r = abs(a)
+        elif op == 12:  # MIN
+            r = min(a, regs[ops[k, 3]])
+        elif op == 13:  # MAX
+            r = max(a, regs[ops[k, 3]])
+        elif op == 14:  # SIGN
+            r = 1.0 if a > 0.0 else (-1.0 if a < 0.0 else (0.0 if a == 0.0 else np.nan))
+        else:  # SEL: x if a <= b else y
+            r = regs[ops[k, 4]] if a <= regs[ops[k, 3]] else regs[ops[k, 5]]
+        regs[ops[k, 1]] = r

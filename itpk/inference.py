@@ -242,7 +242,7 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     from itpk.odeop import OdeSystem, initial_amounts, ode_predict
 
     system = OdeSystem.from_spec(spec, outputs=list(outputs))
-    return ode_predict(system, system.stack_inputs(env, N), initial_amounts(spec, env, N, backend), F, design)
+    return ode_predict(system, system.stack_inputs(env, N), initial_amounts(spec, env, N, backend), F, design, fit=True)
 
 
 def _closed_form(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any],

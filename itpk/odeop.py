@@ -6,7 +6,9 @@ For subject i the amounts x (n,) follow
 
 from x(t₀) = x0_i, where u is the sum of the running infusion rates F[i, d]
 (amount/time per compartment) and a bolus adds F[i, d] (amount) to x at its
-time. Observation m of subject i is output o: y_m = g_o(x(t_m), p_i).
+time. Observation m of subject i is output o: y_m = g_o(x(t_m), p_i). When
+the dose vectors are constant amounts times parameter-dependent route
+fractions, F = Gd @ Fr (:func:`dose_factors`), the Op takes Fr.
 
 ``p_i`` (P,) holds, in this order (:attr:`OdeSystem.input_names`), the
 model's parameters, covariates and derived quantities. Derived quantities are
@@ -27,28 +29,43 @@ dense output is needed:
   hand-written n×n LU (partial pivoting) of I/(hγ) − J per step serves the
   states and every sensitivity column.
 
-Forward sensitivities S = ∂x/∂θ for θ = (p, x0, F) are integrated with the
-states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus: S[:, F[d]] += I, reset: S = [0, I, 0]);
-the Op returns the Jacobian J = ∂y/∂θ (M, P + n + D·n) next to y, and the
-gradient is the contraction ȳᵀJ summed per subject. Only the θ entries that
-can reach a free variable are tracked (:func:`tracked_columns`: fixed
-parameters, covariates, constant initial amounts and dose fractions are
-skipped; their columns of J are 0). f, g and their Jacobians are programs of
+Forward sensitivities S = ∂x/∂θ for θ = (p, x0, Fr) are integrated with the
+states (dS/dt = ∂f/∂x·S + ∂f/∂θ, bolus d: S[:, Fr[r]] += Gd[d, r]·I, reset:
+S = [0, I, 0]); the Op returns the Jacobian J = ∂y/∂θ (M, P + n + R·n) next
+to y, and the gradient is the contraction ȳᵀJ summed per subject. Only the θ
+entries that can reach a free variable are tracked (:func:`tracked_columns`:
+fixed parameters, covariates, constant initial amounts and dose fractions are
+skipped; their columns of J are 0), and a tracked input that f does not use
+has no sensitivity to integrate (only ∂g/∂p reaches J). The virus fit
+integrates 9 of 32 columns: r, β, δ, burst, ω, k_efflux, k_clear and the
+fractions into virus and blood. f, g and their Jacobians come from
 :mod:`itpk.exprvm` (no code generation from model text), passed to one numba
-kernel as constant inputs; the solver is a number in the kernel's settings,
-so the Op's inputs and outputs are the same for both.
+kernel as constant inputs: each step evaluates f, ∂f/∂x and the integrated
+columns of ∂f/∂p as one :class:`~itpk.exprvm.Tape` (straight-line register
+code with shared subexpressions; the part that reads p only runs once per
+subject), the outputs at observations as stack programs. The solver is a
+number in the kernel's settings, so the Op's inputs and outputs are the same
+for both.
 
 Choice of solver (``method="auto"``, the default; measured 2026-11-27 on a
 shared 2-core machine, CPU ms per log-density + gradient through the compiled
-graph, states-only error control):
+graph, states-only error control; the virus row after the tape, the dose
+factors and the loop changes, which cut its cost at rtol 1e-7 from ~170–210 ms
+and at 1e-5 from ~40 ms; one_cpt_mm before them):
 
 ============================  ===================  =========================
 case                          dp5 (rtol 1e-8)      rosenbrock
 ============================  ===================  =========================
-virus, data/example_virus     ~1100–1350 ms,       ~170–210 ms (1e-7), ~95 ms (1e-6),
-(6 subjects, 77 days)         ~30,000 steps/subj   ~40 ms (1e-5); 5,000/2,400/1,100 steps
+virus, data/example_virus     ~490 ms (kernel      53 ms (1e-7), 12 ms (1e-5),
+(6 subjects, 77 days)         only), ~30,000       6.1 ms (1e-4, the fit's);
+                              steps/subj           5,000/1,100/550 steps/subj
 one_cpt_mm, 12 subjects, 72h  4.2 ms, 25 steps     3.1 ms (1e-6), 7.9 ms (1e-8)
 ============================  ===================  =========================
+
+A Rosenbrock step of the virus fit (n = 6, 9 sensitivity columns) costs ~1.7 µs:
+~0.4 µs the tape (4 stages × f, ∂f/∂x, ∂f/∂p: ~70 instructions each), the
+rest the stage updates, the sparse ∂f/∂x·S products and the 4 triangular
+solves over the 10 columns (~0.07 µs per column).
 
 DP5's step is capped by stability (h·ρ(J) ≲ 3.3: blood clearance 5/h, up to
 55/h with antibodies, over weeks), the Rosenbrock step by accuracy only. At
@@ -62,7 +79,8 @@ need ≳ 300 steps per subject for stability alone), else "dp5". The virus model
 is in practice. Default rtol: 1e-8 for "dp5", 1e-7 for "rosenbrock" (order 3:
 its global error is ~3–5× rtol; 1e-7 keeps predictions within 1e-6 of a tight
 reference, as the tests check). A fit needs far less (residual errors are
-5–50 %): ``rtol=1e-5`` halves the cost again (see benchmarks/README.md).
+5–50 %): ``fit=True`` (what :func:`itpk.inference.fit` asks for) runs the
+stiff method at :data:`FIT_RTOL_STIFF` = 1e-4 (see there for its accuracy).
 
 Limits: the explicit method with states-only error control can let h outgrow
 its stability limit where the states are flat (e.g. after a reset to amounts
@@ -76,6 +94,7 @@ DP5 remedy). No steady-state doses; subjects are solved one after the other
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,9 +127,17 @@ _njit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
 # an atomic reference-count increment and decrement per array (~150 ns), as much as the
 # right-hand side itself costs for a small model.
 _njit_inline = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True, inline="always")
+# The integrators allocate nothing: compiled without numba's reference counting (NRT), their
+# inlined helpers pay no atomic increment/decrement per array argument, which the LLVM pass
+# that prunes them leaves in loops (measured: 12% of a Rosenbrock step). The caller keeps
+# every array alive across the call.
+_njit_no_rc = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True, _nrt=False)
 
 # Expression groups of an OdeSystem program, in this order (rows/cols in OdeSystem.rc):
 F_RHS, JX, JP, G_OUT, GX, GP = range(6)
+# The kernel's tape description (int64, see _tape_arrays): output-group bounds of F_RHS, JX, JP
+# (4 entries from _T_OUT), then the instruction sections: p only, F_RHS, JX, JP (5 from _T_SEC).
+_T_OUT, _T_SEC = 0, 4
 # Event kinds, in the order they are applied at one time: a reset first (a dose at the
 # reset time counts), infusions off before on, observations last (value just after doses).
 RESET, INF_OFF, BOLUS, INF_ON, OBS = range(5)
@@ -162,6 +189,12 @@ DP5, ROSENBROCK = 0, 1
 
 DEFAULT_RTOL = 1e-8
 DEFAULT_RTOL_STIFF = 1e-7  # order 3: ~2.2x the steps per 10x tighter; see the module docstring
+# rtol of the stiff method inside a fit's log-density (ode_predict(fit=True)); DP5 keeps DEFAULT_RTOL.
+# Measured on the virus fit (data/example_virus.csv, 5 points around the initial point, against rtol 1e-10):
+# log-density within 3e-3, gradient within 1.3e-3 (relative, 2-norm), predictions within 6e-4
+# (relative) of the reference, against residual errors of 5% (proportional) and 0.5 (log); 2.1x fewer
+# steps than 1e-5 and 9.3x fewer than the default 1e-7.
+FIT_RTOL_STIFF = 1e-4
 STIFF_THRESHOLD = 1000.0  # typical rate × horizon above which "auto" picks the stiff method
 DEFAULT_ATOL = 1e-10  # amount units; small against any amount that matters, so rtol governs
 DEFAULT_MAX_STEPS = 200_000  # accepted + rejected steps per subject; beyond: NaN for that subject
@@ -206,6 +239,7 @@ class OdeSystem:
     rc: np.ndarray
     method: str = "auto"
     typical_rate: float = float("nan")
+    trees: tuple[exprvm.Node, ...] = ()
 
     @property
     def n_states(self) -> int:
@@ -263,12 +297,39 @@ class OdeSystem:
         bounds = np.cumsum([0] + [len(g) for g in groups]).astype(np.int64)
         program = exprvm.compile_trees([tree for tree, _, _ in flat])
         rc = np.array([(r, c) for _, r, c in flat], dtype=np.int64).reshape(-1, 2)
-        return cls(states, inputs, outputs, program, bounds, rc, method)
+        return cls(states, inputs, outputs, program, bounds, rc, method, trees=tuple(tree for tree, _, _ in flat))
 
     def stack_inputs(self, env: Mapping[str, Any], n_subjects: int) -> Any:
         """p (N, P) as a pytensor tensor from values by name (scalars or (N,) tensors)."""
         ones = pt.ones(n_subjects)
         return pt.stack([pt.as_tensor_variable(env[name]) * ones for name in self.input_names], axis=-1)
+
+
+def system_tape(system: OdeSystem, inputs: np.ndarray | None = None) -> tuple[exprvm.Tape, np.ndarray]:
+    """The tape the kernel evaluates every step, and the system expression behind each of its outputs.
+
+    Groups: f (F_RHS), ∂f/∂x (JX) and the ∂f/∂p entries of the inputs marked
+    in ``inputs`` (bool (P,); None: none), in the system's expression order;
+    slots x (varying) then p (constant per subject).
+    """
+    g = system.groups
+    n, P = system.n_states, system.n_inputs
+    wanted = np.zeros(P, dtype=bool) if inputs is None else np.asarray(inputs, dtype=bool)
+    exprs = [
+        list(range(g[F_RHS], g[F_RHS + 1])),
+        list(range(g[JX], g[JX + 1])),
+        [e for e in range(g[JP], g[JP + 1]) if wanted[system.rc[e, 1]]],
+    ]
+    tape = exprvm.compile_tape([[system.trees[e] for e in group] for group in exprs], n + P, range(n))
+    return tape, np.array([e for group in exprs for e in group], dtype=np.int64)
+
+
+def _tape_arrays(system: OdeSystem, inputs: np.ndarray | None) -> list[np.ndarray]:
+    """ops, constants, tout (E, 2): (register, system expression) per output, and the int64 description."""
+    tape, exprs = system_tape(system, inputs)
+    tout = np.stack([tape.out, exprs], axis=1).astype(np.int64).reshape(-1, 2)
+    meta = np.concatenate([tape.out_groups, tape.sections]).astype(np.int64)
+    return [tape.ops, tape.consts, tout, meta]
 
 
 def dense_jacobian(system: OdeSystem, x: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -387,56 +448,67 @@ class EventTable:
 
 
 @_njit_inline
-def _deriv(X: np.ndarray, p: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
-           code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-           groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
-           stack: np.ndarray, out: np.ndarray, Jd: np.ndarray, want_jac: bool) -> None:
-    """out (n, W) = d/dt of [x | S]: f(x, p) + u, and ∂f/∂x·S + ∂f/∂θ; with ``want_jac`` also Jd (n, n) = ∂f/∂x.
+def _deriv(X: np.ndarray, u: np.ndarray, running: np.ndarray, sens: bool,
+           ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
+           cmap: np.ndarray, G: np.ndarray, out: np.ndarray, s: int, Jd: np.ndarray, want_jac: bool) -> None:
+    """out[s] (n, W) = d/dt of [x | S]: f(x, p) + u, and ∂f/∂x·S + ∂f/∂θ; with ``want_jac`` also Jd (n, n) = ∂f/∂x.
 
-    ``cmap[c]`` is the column of X holding θ_c's sensitivity, 0 when θ_c is
-    not tracked (its gradient can never be asked for, see :func:`tracked_columns`).
+    ``out`` (stages, n, W) is indexed, not sliced: a view pays two atomic
+    reference-count updates, measured at ~12% of a Rosenbrock step.
+
+    f, ∂f/∂x and the integrated columns of ∂f/∂p come from the system's
+    :class:`~itpk.exprvm.Tape` (see :func:`_tape_arrays` for ``tape`` and
+    ``tout``); ``regs`` already holds p and the instructions that depend on p
+    only (run once per subject). ``cmap[c]`` is the column of X holding θ_c's
+    sensitivity, 0 when θ_c is not integrated. ``G`` (D, R): the subject's dose
+    factors (F[d] = Σ_r G[d, r]·Fr[r], θ holds Fr); R = 0 stands for G = I.
     """
     n = X.shape[0]
-    P = p.shape[0]
     for k in range(n):
-        z[k] = X[k, 0]
-    for k in range(P):
-        z[n + k] = p[k]
-    a, b = groups[F_RHS], groups[F_RHS + 1]
-    exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
-    for e in range(a, b):
-        out[rc[e, 0], 0] = vals[e - a] + u[rc[e, 0]]
+        regs[k] = X[k, 0]
+    exprvm.run_tape(ops, regs, tape[_T_SEC + 1], tape[_T_SEC + 2])
+    for j in range(tape[_T_OUT + F_RHS], tape[_T_OUT + F_RHS + 1]):
+        r = rc[tout[j, 1], 0]
+        out[s, r, 0] = regs[tout[j, 0]] + u[r]
     if not (sens or want_jac):
         return
-    a, b = groups[JX], groups[JX + 1]
-    exprvm.run_program(code, arg, consts, starts, a, b, z, vals, stack)
+    exprvm.run_tape(ops, regs, tape[_T_SEC + 2], tape[_T_SEC + 3])
+    a, b = tape[_T_OUT + JX], tape[_T_OUT + JX + 1]
     if want_jac:
         for k in range(n):
             for c in range(n):
                 Jd[k, c] = 0.0
-        for e in range(a, b):
-            Jd[rc[e, 0], rc[e, 1]] += vals[e - a]
+        for j in range(a, b):
+            Jd[rc[tout[j, 1], 0], rc[tout[j, 1], 1]] += regs[tout[j, 0]]
     if not sens:
         return
     W = X.shape[1]
-    out[:, 1:] = 0.0
-    for e in range(a, b):  # sparse ∂f/∂x · S
-        r, c, v = rc[e, 0], rc[e, 1], vals[e - a]
+    for k in range(n):
         for col in range(1, W):
-            out[r, col] += v * X[c, col]
-    a, b = groups[JP], groups[JP + 1]
-    for e in range(a, b):  # one by one: the interpreter is most of a step, and untracked entries are skipped
+            out[s, k, col] = 0.0
+    for j in range(a, b):  # sparse ∂f/∂x · S
+        e = tout[j, 1]
+        r, c, v = rc[e, 0], rc[e, 1], regs[tout[j, 0]]
+        for col in range(1, W):
+            out[s, r, col] += v * X[c, col]
+    exprvm.run_tape(ops, regs, tape[_T_SEC + 3], tape[_T_SEC + 4])
+    for j in range(tape[_T_OUT + JP], tape[_T_OUT + JP + 1]):  # the tape holds the integrated columns only
+        e = tout[j, 1]
         col = cmap[rc[e, 1]]
         if col > 0:
-            exprvm.run_program(code, arg, consts, starts, e, e + 1, z, vals, stack)
-            out[rc[e, 0], col] += vals[0]
-    base = P + n
-    for d in range(running.shape[0]):  # ∂(rate F[d, j])/∂F[d, j] = 1 while infusion d runs
+            out[s, rc[e, 0], col] += regs[tout[j, 0]]
+    D, R = G.shape
+    identity = R == 0
+    base = cmap.shape[0] - (D if identity else R) * n  # P + n: the dose columns are the last R·n of θ
+    for d in range(D):  # ∂(rate F[d, j])/∂Fr[r, j] = G[d, r] while infusion d runs
         if running[d]:
-            for j in range(n):
-                col = cmap[base + d * n + j]
-                if col > 0:
-                    out[j, col] += 1.0
+            for r in range(d, d + 1) if identity else range(R):
+                g = 1.0 if identity else G[d, r]
+                if g != 0.0:
+                    for j in range(n):
+                        col = cmap[base + r * n + j]
+                        if col > 0:
+                            out[s, j, col] += g
 
 
 @_njit_inline
@@ -453,13 +525,12 @@ def _error_norm(X: np.ndarray, Xn: np.ndarray, err: np.ndarray, rtol: float, ato
     return np.sqrt(total / count)
 
 
-@_njit
-def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: np.ndarray,
+@_njit_no_rc
+def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
                running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
                max_steps: int, steps: np.ndarray, A: np.ndarray, E: np.ndarray,
-               code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-               groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
-               stack: np.ndarray, K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
+               ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
+               cmap: np.ndarray, G: np.ndarray, K: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
                Jd: np.ndarray) -> float:
     """Advance X (n, W) from t0 to t1 in place; returns the next step size, or −1 on failure.
 
@@ -468,7 +539,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
     """
     n, W = X.shape
     span = t1 - t0
-    _deriv(X, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K[0], Jd, False)
+    _deriv(X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, K, 0, Jd, False)
     if h <= 0.0:
         d0 = 0.0
         d1 = 0.0
@@ -494,7 +565,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: 
                     for j in range(s):
                         acc += hs * A[s, j] * K[j, k, c]
                     Xs[k, c] = acc
-            _deriv(Xs, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K[s], Jd, False)
+            _deriv(Xs, u, running, sens, ops, regs, tape, tout, rc, cmap, G, K, s, Jd, False)
         # stage 7 was evaluated at the 5th-order solution (FSAL): Xs holds it
         for k in range(n):
             for c in range(W):
@@ -554,39 +625,38 @@ def _lu_factor(M: np.ndarray, piv: np.ndarray) -> bool:
 
 
 @_njit_inline
-def _lu_solve(M: np.ndarray, piv: np.ndarray, B: np.ndarray) -> None:
-    """B (n, W) ← M⁻¹B in place, M as left by :func:`_lu_factor`: every column shares the one factorisation."""
-    n, W = B.shape
+def _lu_solve(M: np.ndarray, piv: np.ndarray, B: np.ndarray, s: int) -> None:
+    """B[s] (n, W) ← M⁻¹B[s] in place, M as left by :func:`_lu_factor`: every column shares the one factorisation."""
+    n, W = B.shape[1], B.shape[2]
     for j in range(n):
         r = piv[j]
         if r != j:
             for c in range(W):
-                B[j, c], B[r, c] = B[r, c], B[j, c]
+                B[s, j, c], B[s, r, c] = B[s, r, c], B[s, j, c]
     for j in range(n):
         for r in range(j + 1, n):
             f = M[r, j]
             if f != 0.0:
                 for c in range(W):
-                    B[r, c] -= f * B[j, c]
+                    B[s, r, c] -= f * B[s, j, c]
     for j in range(n - 1, -1, -1):
         inv = 1.0 / M[j, j]
         for c in range(W):
-            B[j, c] *= inv
+            B[s, j, c] *= inv
         for r in range(j):
             f = M[r, j]
             if f != 0.0:
                 for c in range(W):
-                    B[r, c] -= f * B[j, c]
+                    B[s, r, c] -= f * B[s, j, c]
 
 
-@_njit
-def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, p: np.ndarray, u: np.ndarray,
+@_njit_no_rc
+def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
                           running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
                           max_steps: int, steps: np.ndarray,
-                          code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-                          groups: np.ndarray, rc: np.ndarray, cmap: np.ndarray, z: np.ndarray, vals: np.ndarray,
-                          stack: np.ndarray, U: np.ndarray, Xs: np.ndarray, Xn: np.ndarray, err: np.ndarray,
-                          Jd: np.ndarray, M: np.ndarray, piv: np.ndarray) -> float:
+                          ops: np.ndarray, regs: np.ndarray, tape: np.ndarray, tout: np.ndarray, rc: np.ndarray,
+                          cmap: np.ndarray, G: np.ndarray, U: np.ndarray, Xs: np.ndarray, Xn: np.ndarray,
+                          err: np.ndarray, Jd: np.ndarray, M: np.ndarray, piv: np.ndarray) -> float:
     """:func:`_integrate` with the linearly implicit ROS34PW2 (stiff systems); same contract.
 
     Applied to the augmented system [x | S] with the block-diagonal matrix
@@ -599,6 +669,9 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, p: np.n
     """
     n, W = X.shape
     A, C, Mw, E, gamma = _RA, _RC, _RM, _RE, _RGAMMA  # globals: numba freezes them as constants
+    nw = n * W  # flat views (all C-contiguous): element-wise updates run as single loops
+    Xf, Xsf, Xnf = X.reshape(nw), Xs.reshape(nw), Xn.reshape(nw)
+    Uf = U.reshape(U.shape[0], nw)
     span = t1 - t0
     t = t0
     while t < t1:
@@ -609,14 +682,15 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, p: np.n
         hs = h
         solved = True
         for s in range(4):
-            for k in range(n):
-                for c in range(W):
-                    acc = X[k, c]
-                    for j in range(s):
-                        acc += A[s, j] * U[j, k, c]
-                    Xs[k, c] = acc
-            _deriv(Xs, p, u, running, sens, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, U[s],
-                   Jd, s == 0)
+            if s > 0:  # stage point X + Σ_j a_sj u_j, flat: one loop per term (n·W long) vectorises
+                for q in range(nw):
+                    Xsf[q] = Xf[q]
+                for j in range(s):
+                    a = A[s, j]
+                    if a != 0.0:
+                        for q in range(nw):
+                            Xsf[q] += a * Uf[j, q]
+            _deriv(Xs if s > 0 else X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, U, s, Jd, s == 0)
             if s == 0:
                 if h <= 0.0:  # Hairer's starting step from |x| and |f(x)|
                     d0 = 0.0
@@ -640,30 +714,31 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, p: np.n
                     solved = False
                     break
             else:
-                for k in range(n):
-                    for c in range(W):
-                        acc = 0.0
-                        for j in range(s):
-                            acc += C[s, j] * U[j, k, c]
-                        U[s, k, c] += acc / hs
-            _lu_solve(M, piv, U[s])
+                for j in range(s):
+                    cj = C[s, j] / hs
+                    if cj != 0.0:
+                        for q in range(nw):
+                            Uf[s, q] += cj * Uf[j, q]
+            _lu_solve(M, piv, U, s)
         q = np.nan
         if solved:
-            for k in range(n):
-                for c in range(W):
-                    acc = X[k, c]
+            for r in range(nw):
+                Xnf[r] = Xf[r]
+            for j in range(4):
+                m = Mw[j]
+                for r in range(nw):
+                    Xnf[r] += m * Uf[j, r]
+            for k in range(n):  # the error estimate of the controlled columns only
+                for c in range(err_cols):
                     est = 0.0
                     for j in range(4):
-                        acc += Mw[j] * U[j, k, c]
                         est += E[j] * U[j, k, c]
-                    Xn[k, c] = acc
                     err[k, c] = est
             q = _error_norm(X, Xn, err, rtol, atol, err_cols)
         if q <= 1.0:
             t = t1 if last else t + hs
-            for k in range(n):
-                for c in range(W):
-                    X[k, c] = Xn[k, c]
+            for r in range(nw):
+                Xf[r] = Xnf[r]
             fac = 6.0 if q == 0.0 else min(6.0, max(0.2, 0.9 * q ** (-1.0 / 3.0)))
             h_next = hs * fac
             h = max(h, h_next) if last else h_next
@@ -690,39 +765,62 @@ def _restart(X: np.ndarray, x0: np.ndarray, P: int, sens: bool, running: np.ndar
 
 
 @_njit
-def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
-             ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
+def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
+             Gd: np.ndarray, ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
              code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
-             groups: np.ndarray, rc: np.ndarray, settings: np.ndarray,
+             groups: np.ndarray, rc: np.ndarray, ops: np.ndarray, tape_consts: np.ndarray,
+             tout: np.ndarray, tape: np.ndarray, settings: np.ndarray,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """y (M,), J = ∂y/∂(p, x0, F) (M, P + n + D·n, or 0 columns) and step counts (N, 2).
+    """y (M,), J = ∂y/∂(p, x0, Fr) (M, P + n + R·n, or 0 columns) and step counts (N, 2).
 
-    ``settings``: rtol, atol, max_steps, sensitivities (0/1), error control on
-    sensitivities (0/1) and, optionally, the method (DP5 or ROSENBROCK; DP5 when
-    absent) followed by a 0/1 mask of the θ columns to track (all when absent;
-    the others' columns of J are 0). A subject whose solve fails (step count exceeded,
+    Dose d of subject i puts F[i, d] = Σ_r Gd[i, d, r]·Fr[i, r] (n,) into the
+    states (bolus amounts or infusion rates): Gd (N, D, R) is constant (e.g.
+    the dose amounts by route), Fr (N, R, n) may depend on parameters (e.g.
+    the routes' fractions). Gd of shape (N, D, 0) stands for the identity:
+    F = Fr (N, D, n).
+
+    ``code``…``starts`` is the system's program (outputs and their Jacobians
+    at observations), ``ops``…``tape`` its tape (:func:`_tape_arrays`: f, ∂f/∂x
+    and the integrated columns of ∂f/∂p, every step). ``settings``: rtol, atol,
+    max_steps, sensitivities (0/1), error control on sensitivities (0/1) and,
+    optionally, the method (DP5 or ROSENBROCK; DP5 when absent) followed by a
+    0/1 mask of the θ columns to track (all when absent; the others' columns
+    of J are 0). A tracked θ column is integrated unless it is an input
+    that f does not use (no ∂f/∂p entry on the tape: its sensitivity stays 0,
+    only ∂g/∂p reaches J). A subject whose solve fails (step count exceeded,
     step size underflow, non-finite values) gets NaN for the observations
     not yet reached.
     """
     N, n = x0.shape
     P = p.shape[1]
-    D = F.shape[1]
+    D = Gd.shape[1]
+    identity = Gd.shape[2] == 0
+    R = D if identity else Gd.shape[2]
     M = obs_output.shape[0]
-    if p.shape[0] != N or F.shape[0] != N or F.shape[2] != n:
-        raise ValueError("ode_predict: p, x0 and F disagree on N or n")
+    if p.shape[0] != N or Fr.shape[0] != N or Fr.shape[2] != n or Gd.shape[0] != N or Fr.shape[1] != R:
+        raise ValueError("ode_predict: p, x0, Fr and Gd disagree on N, n or R")
     if ev_start.shape[0] != N + 1:
         raise ValueError("ode_predict: the design has a different number of subjects")
     rtol, atol = settings[0], settings[1]
     max_steps = int(settings[2])
     sens = settings[3] != 0.0
-    nc = P + n + D * n if sens else 0
+    nc = P + n + R * n if sens else 0
     if sens and settings.shape[0] > 6 and settings.shape[0] != 6 + nc:
         raise ValueError("ode_predict: the sensitivity mask in settings has the wrong length")
-    cmap = np.zeros(max(nc, 1), dtype=np.int64)  # θ column → column of X (0: not tracked)
+    tracked = np.zeros(max(nc, 1), dtype=np.bool_)
+    for c in range(nc):
+        tracked[c] = settings.shape[0] <= 6 or settings[6 + c] != 0.0
+    integrated = tracked.copy()
+    uses = np.zeros(max(P, 1), dtype=np.bool_)  # p columns with a ∂f/∂p entry on the tape
+    for j in range(tape[_T_OUT + JP], tape[_T_OUT + JP + 1]):
+        uses[rc[tout[j, 1], 1]] = True
+    for c in range(min(P, nc)):
+        integrated[c] = tracked[c] and uses[c]
+    cmap = np.zeros(max(nc, 1), dtype=np.int64)  # θ column → column of X (0: not integrated)
     cols = np.zeros(max(nc, 1), dtype=np.int64)  # column of X − 1 → θ column
     K_active = 0
     for c in range(nc):
-        if settings.shape[0] <= 6 or settings[6 + c] != 0.0:
+        if integrated[c]:
             cols[K_active] = c
             K_active += 1
             cmap[c] = K_active
@@ -736,7 +834,6 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     counts = np.zeros((N, 2), dtype=np.int64)
     E_total = starts.shape[0] - 1
     z = np.empty(n + P)
-    vals = np.empty(max(E_total, 1))
     depth = 1
     for e in range(E_total):  # the stack never grows past the program's length
         depth = max(depth, starts[e + 1] - starts[e])
@@ -748,6 +845,10 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     piv = np.zeros(n, dtype=np.int64)
     Xs = np.zeros((n, W))
     Xn = np.zeros((n, W))
+    S = n + P  # the tape's slots: x, then p
+    regs = np.zeros(S + tape_consts.shape[0] + ops.shape[0])
+    for k in range(tape_consts.shape[0]):
+        regs[S + k] = tape_consts[k]
     err = np.zeros((n, W))
     u = np.zeros(n)
     running = np.zeros(D, dtype=np.bool_)
@@ -756,10 +857,21 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
     xa, xb = groups[GX], groups[GX + 1]
     pa, pb = groups[GP], groups[GP + 1]
     gvals = np.empty(1)
+    F = np.zeros((D, n))  # the subject's doses
     for i in range(N):
         e0, e1 = ev_start[i], ev_start[i + 1]
+        for d in range(D):
+            for k in range(n):
+                acc = Fr[i, d, k] if identity else 0.0
+                for r in range(0 if identity else R):
+                    if Gd[i, d, r] != 0.0:  # skipped, not multiplied: 0·inf would be NaN
+                        acc += Gd[i, d, r] * Fr[i, r, k]
+                F[d, k] = acc
         _restart(X, x0[i], P, sens, running, u, cmap)
         steps[:] = 0
+        for k in range(P):
+            regs[n + k] = p[i, k]
+        exprvm.run_tape(ops, regs, tape[_T_SEC], tape[_T_SEC + 1])  # what depends on p only
         t = 0.0 if e0 == e1 else min(0.0, ev_time[e0])  # the system starts from x0 at time 0
         h = 0.0
         ok = True
@@ -767,12 +879,12 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
             te = ev_time[e]
             if te > t:
                 if stiff:
-                    h = _integrate_rosenbrock(X, t, te, h, p[i], u, running, sens, rtol, atol, err_cols, max_steps,
-                                              steps, code, arg, consts, starts, groups, rc, cmap, z, vals, stack,
-                                              K, Xs, Xn, err, Jd, Mlu, piv)
+                    h = _integrate_rosenbrock(X, t, te, h, u, running, sens, rtol, atol, err_cols, max_steps,
+                                              steps, ops, regs, tape, tout, rc, cmap, Gd[i], K, Xs, Xn, err, Jd,
+                                              Mlu, piv)
                 else:
-                    h = _integrate(X, t, te, h, p[i], u, running, sens, rtol, atol, err_cols, max_steps, steps,
-                                   A, E, code, arg, consts, starts, groups, rc, cmap, z, vals, stack, K, Xs, Xn, err, Jd)
+                    h = _integrate(X, t, te, h, u, running, sens, rtol, atol, err_cols, max_steps, steps,
+                                   A, E, ops, regs, tape, tout, rc, cmap, Gd[i], K, Xs, Xn, err, Jd)
                 if h < 0.0:
                     ok = False
                     break
@@ -784,10 +896,12 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 h = 0.0
             elif kind == BOLUS:
                 for k in range(n):
-                    X[k, 0] += F[i, d, k]
-                    col = cmap[P + n + d * n + k] if sens else 0
-                    if col > 0:
-                        X[k, col] += 1.0
+                    X[k, 0] += F[d, k]
+                    if sens:
+                        for r in range(d, d + 1) if identity else range(R):
+                            col = cmap[P + n + r * n + k]
+                            if col > 0:
+                                X[k, col] += 1.0 if identity else Gd[i, d, r]
                 h = 0.0  # a jump: the old step size means nothing for the new profile
             elif kind == INF_ON or kind == INF_OFF:
                 running[d] = kind == INF_ON
@@ -795,7 +909,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                 for dd in range(D):
                     if running[dd]:
                         for k in range(n):
-                            u[k] += F[i, dd, k]
+                            u[k] += F[dd, k]
                 h = 0.0
             else:  # OBS
                 m = d
@@ -816,7 +930,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
                             for c in range(K_active):
                                 J[m, cols[c]] += v * X[rc[q, 1], 1 + c]
                     for q in range(pa, pb):
-                        if rc[q, 0] == o and cmap[rc[q, 1]] > 0:
+                        if rc[q, 0] == o and tracked[rc[q, 1]]:
                             exprvm.run_program(code, arg, consts, starts, q, q + 1, z, gvals, stack)
                             J[m, rc[q, 1]] += gvals[0]
         counts[i, 0] = steps[0]
@@ -832,7 +946,10 @@ def _forward(p: np.ndarray, x0: np.ndarray, F: np.ndarray, obs_subject: np.ndarr
 
 
 class OdePredict(Op):
-    """(y, J, steps) from p (N, P), x0 (N, n), F (N, D, n) and constant design/program arrays.
+    """(y, J, steps) from p (N, P), x0 (N, n), Fr (N, R, n) and constant design/program arrays.
+
+    The doses are F = Gd @ Fr (Gd (N, D, R), the first constant after the
+    observations' subjects and outputs; see :func:`_forward`).
 
     The solver ("dp5" or "rosenbrock") and the tracked sensitivity columns
     are part of the last constant input (the kernel's settings), so one Op
@@ -875,10 +992,10 @@ class OdePredict(Op):
             return [pt.zeros_like(p), pt.zeros_like(x0), pt.zeros_like(F), *nothing]
         J = outputs[1]
         N, P = p.shape[0], p.shape[1]
-        n, D = x0.shape[1], F.shape[1]
+        n, R = x0.shape[1], F.shape[1]
         G = pt.zeros((N, J.shape[1]), dtype="float64")
         G = pt.inc_subtensor(G[obs_subject], ybar[:, None] * J)  # duplicates accumulate
-        return [G[:, :P], G[:, P : P + n], G[:, P + n :].reshape((N, D, n)), *nothing]
+        return [G[:, :P], G[:, P : P + n], G[:, P + n :].reshape((N, R, n)), *nothing]
 
 
 @register_funcify_default_op_cache_key(OdePredict)
@@ -904,11 +1021,15 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
 
     Follows the few ops that :meth:`OdeSystem.stack_inputs`, :func:`initial_amounts`
     and a model's dose vectors are built from (stack/join, expand_dims,
-    elementwise ops, indexing of leading axes, alloc); anything else counts as
-    free in every column, so the answer errs towards tracking.
+    elementwise ops, indexing of leading axes, alloc, products with a
+    constant matrix, a reshape that splits the last axis); anything else
+    counts as free in every column, so the answer errs towards tracking.
     """
     from pytensor.tensor.basic import Alloc, Join
+    from pytensor.tensor.blockwise import Blockwise
     from pytensor.tensor.elemwise import DimShuffle, Elemwise
+    from pytensor.tensor.math import Dot
+    from pytensor.tensor.shape import Reshape
     from pytensor.tensor.subtensor import AdvancedSubtensor, Subtensor
     from pytensor.tensor.variable import TensorVariable
 
@@ -948,6 +1069,28 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
             else:
                 return everywhere
         return out
+    if isinstance(op, Dot) or isinstance(op, Blockwise) and isinstance(op.core_op, Dot):
+        # (…, i, k) @ (…, k, j): column j may be free if B's column j is, or if A is free and B[…, :, j] ≠ 0
+        a, b = node.inputs
+        if a.type.ndim < 2 or b.type.ndim < 2 or b.type.shape[-1] != size:
+            return everywhere
+        out = _free_columns(b, size, memo)
+        if _has_free_input(a, memo):
+            if isinstance(b, Constant):
+                out = out | np.any(np.asarray(b.data).reshape(-1, size) != 0, axis=0)
+            else:
+                return everywhere
+        return out
+    if isinstance(op, Reshape):
+        # (…, L) → (…, L/size, size) and the like: the leading axes stay, the last one is split
+        source, shape = node.inputs
+        if not isinstance(shape, Constant):
+            return everywhere
+        have, want = source.type.shape, tuple(int(x) for x in np.asarray(shape.data))
+        lead = len(have) - 1
+        if None in have or have[:lead] != want[:lead] or math.prod(want[lead:]) != have[-1] or want[-1] != size:
+            return everywhere
+        return np.any(_free_columns(source, have[-1], memo).reshape(-1, size), axis=0)
     if isinstance(op, (Subtensor, AdvancedSubtensor)):
         source, index_vars = node.inputs[0], node.inputs[1:]
         if isinstance(op, Subtensor):
@@ -960,6 +1103,29 @@ def _free_columns(v: Any, size: int, memo: dict[Any, bool]) -> np.ndarray:
             return _free_columns(source, size, memo)
         return everywhere
     return everywhere
+
+
+def dose_factors(F: Any, N: int, D: int, n: int) -> tuple[np.ndarray, Any]:
+    """(Gd (N, D, R) constant, Fr (N, R, n)) with F = Gd @ Fr; Gd (N, D, 0) (the identity) and Fr = F otherwise.
+
+    A model's dose vectors are the dose amounts (constant) times the routes'
+    fractions (:func:`itpk.inference._dose_vectors`: ``matmul(G, fractions)``):
+    the Op then integrates sensitivities to the R·n fractions, not to the D·n
+    dose entries (the virus fit: 2 columns instead of 8).
+    """
+    from pytensor.tensor.blockwise import Blockwise
+    from pytensor.tensor.math import Dot
+
+    node = F.owner
+    if node is not None and isinstance(node.op, Blockwise) and isinstance(node.op.core_op, Dot):
+        a, b = node.inputs
+        if isinstance(a, Constant) and a.type.ndim == 3 and b.type.ndim == 3:
+            G = np.asarray(a.data, dtype=np.float64)
+            R = G.shape[2]
+            if G.shape[:2] in ((N, D), (1, D)) and b.type.shape[1] in (R, None) and b.type.shape[2] in (n, None):
+                Fr = pt.broadcast_to(b.astype("float64"), (N, R, n))
+                return np.ascontiguousarray(np.broadcast_to(G, (N, D, R))), Fr
+    return np.zeros((N, D, 0)), F
 
 
 def tracked_columns(p: Any, x0: Any, F: Any, P: int, n: int, D: int) -> np.ndarray:
@@ -992,6 +1158,7 @@ def ode_predict(
     sens_error: bool = False,
     return_steps: bool = False,
     method: str | None = None,
+    fit: bool = False,
 ) -> Any:
     """Predictions y_m = g_o(x_i(t_m), p_i) of a nonlinear compartment model.
 
@@ -1013,7 +1180,8 @@ def ode_predict(
     rtol, atol
         Local error tolerances of the states (atol in amount units). rtol
         defaults to the method's own (:data:`DEFAULT_RTOL` for "dp5",
-        :data:`DEFAULT_RTOL_STIFF` for "rosenbrock").
+        :data:`DEFAULT_RTOL_STIFF` for "rosenbrock"; with ``fit``,
+        :data:`FIT_RTOL_STIFF` for "rosenbrock").
     max_steps
         Attempted steps per subject before giving up (its remaining
         predictions are then NaN).
@@ -1029,6 +1197,9 @@ def ode_predict(
         "dp5" (explicit Dormand–Prince 5(4)), "rosenbrock" (linearly implicit
         ROS34PW2, for stiff systems) or "auto" (see :func:`choose_method`);
         None takes ``system.method``.
+    fit
+        The predictions feed a fit's log-density: the stiff method's default
+        rtol is the looser :data:`FIT_RTOL_STIFF` (an explicit ``rtol`` wins).
 
     Returns
     -------
@@ -1054,19 +1225,25 @@ def ode_predict(
         raise FitError(f"ode_predict: method {method!r} is unknown; methods: {', '.join(METHODS)}")
     chosen = choose_method(system, design_horizon(design)) if method == "auto" else method
     if rtol is None:
-        rtol = DEFAULT_RTOL_STIFF if chosen == "rosenbrock" else DEFAULT_RTOL
+        stiff_rtol = FIT_RTOL_STIFF if fit else DEFAULT_RTOL_STIFF
+        rtol = stiff_rtol if chosen == "rosenbrock" else DEFAULT_RTOL
     if not (rtol > 0 and atol > 0 and max_steps > 0):
         raise FitError(f"ode_predict: rtol, atol and max_steps must be > 0, found {rtol}, {atol}, {max_steps}")
     events = EventTable.from_design(design)
     prog = system.program
+    Gd, Fr = dose_factors(F, N, D, n)
+    R = Gd.shape[2] or D
     code = ROSENBROCK if chosen == "rosenbrock" else DP5
     settings = [rtol, atol, float(max_steps), float(gradient), float(sens_error), float(code)]
+    inputs = None  # the inputs whose ∂f/∂p goes on the tape
     if gradient:
-        settings += list(tracked_columns(p, x0, F, P, n, D).astype(float))
+        tracked = tracked_columns(p, x0, Fr, P, n, R)
+        settings += list(tracked.astype(float))
+        inputs = tracked[:P]
     settings = np.array(settings)
     constants = [
-        design.obs_subject, design.obs_output, events.start, events.time, events.kind, events.index,
-        prog.code, prog.arg, prog.consts, prog.starts, system.groups, system.rc, settings,
+        design.obs_subject, design.obs_output, Gd, events.start, events.time, events.kind, events.index,
+        prog.code, prog.arg, prog.consts, prog.starts, system.groups, system.rc, *_tape_arrays(system, inputs), settings,
     ]
-    y, _, steps = OdePredict()(p, x0, F, *(pt.constant(np.asarray(c)) for c in constants))
+    y, _, steps = OdePredict()(p, x0, Fr, *(pt.constant(np.asarray(c)) for c in constants))
     return (y, steps) if return_steps else y

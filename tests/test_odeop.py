@@ -28,7 +28,7 @@ import pytest
 from itpk import load_model
 from itpk.events import Dose, Schedule, Target
 from itpk.expr import parse_expr
-from itpk.exprvm import compile_trees, derivative, lower
+from itpk.exprvm import compile_tape, compile_trees, derivative, lower
 from itpk.linop import Design, linear_predict
 from itpk.odeop import OdeSystem, ode_predict
 from itpk.regimens import tvec_schedule
@@ -123,6 +123,33 @@ def test_program_gives_nan_not_exceptions():
     tree = lower(parse_expr("log(a) + sqrt(a) + 1 / b", where="t"), {"a": 0, "b": 1})
     out = compile_trees([tree]).evaluate(np.array([-1.0, 0.0]))
     assert np.isnan(out[0])
+
+
+def test_tape_equals_program_bit_for_bit_and_hoists_what_reads_no_varying_slot():
+    # every operator, n-ary max/min (SEL in the derivatives); slot 0 varies, 1..3 are per-subject constants
+    text = "-Vmax * (c / V) / (Km + c / V) + abs(c - 3)**2 + max(c, V, 2) + (6/pi*c)**(1/3) + exp(-c) * log(V) + sqrt(Km) ** V + min(c, Km) + Vmax/V*c + c*(Vmax/V)"
+    tree = lower(parse_expr(text, where="test"), {"c": 0, "Vmax": 1, "V": 2, "Km": 3})
+    trees = [tree] + [derivative(tree, s) for s in range(4)]
+    prog = compile_trees(trees)
+    tape = compile_tape([trees[:1], trees[1:]], 4, [0])
+    points = [[5.0, 10.0, 1.5, 2.0], [-1.0, 0.0, 0.0, -2.0], [3.0, 1.0, 2.0, 3.0], [0.0, np.nan, 1.0, 1.0], [2.0, 1e308, 1e-308, 0.5]]
+    with np.errstate(all="ignore"):
+        for z in points:
+            np.testing.assert_array_equal(tape.evaluate(np.array(z)), prog.evaluate(np.array(z)))  # NaN == NaN here
+    first, hoisted = tape.n_slots + tape.consts.size, tape.sections[1]
+    varying = {0} | {first + k for k in range(hoisted, tape.ops.shape[0])}
+    assert hoisted > 0 and not (set(tape.ops[:hoisted, 2:].ravel()) & varying)  # section 0 reads no varying value
+    assert np.all(tape.ops[tape.ops[:, 0] == 4, 4:] == -1) and np.all(tape.ops[:, 1] == first + np.arange(tape.ops.shape[0]))
+    assert tape.ops.shape[0] < 0.7 * np.sum(prog.code >= 2)  # shared subexpressions: 89 operations against 143
+
+
+def test_tape_shares_commuted_products_and_keeps_signed_zeros_apart():
+    a, b = ("v", 0), ("v", 1)
+    tape = compile_tape([[("+", ("*", a, b), ("c", 0.0)), ("*", ("*", b, a), ("c", 2.0)), ("/", ("c", 1.0), ("c", -0.0))]], 2, [0, 1])
+    assert sorted(tape.consts.tolist()) == [-0.0, 0.0, 1.0, 2.0] and np.signbit(tape.consts).sum() == 1
+    assert int(np.sum(tape.ops[:, 0] == 4)) == 2  # a*b once, then *2
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(tape.evaluate(np.array([3.0, 4.0])), [12.0, 24.0, -np.inf])
 
 
 # -- predictions vs simulate -----------------------------------------------------------------
@@ -484,6 +511,114 @@ def test_tracked_columns_skip_constant_inputs_only():
     np.testing.assert_array_equal(mask, [True, False, False, True, True, False, True, False])
     opaque = pt.matrix("opaque")  # an input the analysis cannot see into: every column tracked
     assert tracked_columns(opaque, x0, F, 2, n, D)[:2].all()
+
+
+def test_tracked_columns_follow_products_with_constant_matrices_and_reshapes():
+    # F as itpk.inference builds it: per-dose amounts (constant G) @ route fractions (a dot of free values
+    # with a constant incidence matrix, plus a constant, reshaped to (N, R, n)): only the fractions' targets
+    from itpk.odeop import tracked_columns
+
+    N, D, n, R = 3, 4, 5, 2
+    free = pt.vector("free")
+    values = pt.stack([pt.sigmoid(free) * pt.ones(N), (1 - pt.sigmoid(free)) * pt.ones(N)], axis=1)  # (N, 2)
+    rows = np.zeros((2, R * n))
+    rows[0, 1], rows[1, 3] = 1.0, 1.0  # route 0: states 1 and 3
+    constant = np.zeros(R * n)
+    constant[n + 4] = 1.0  # route 1: all into state 4, a constant
+    fractions = (pt.dot(values, rows) + constant).reshape((N, R, n))
+    G = np.ones((N, D, R))
+    F = pt.matmul(G, fractions)
+    p = pt.stack([free * pt.ones(N)], axis=-1)
+    x0 = pt.zeros((N, n))
+    mask = tracked_columns(p, x0, F, 1, n, D)
+    want_F = np.tile([False, True, False, True, False], D)
+    np.testing.assert_array_equal(mask, np.concatenate([[True], np.zeros(n, bool), want_F]))
+    # a free matrix on the left makes every column whose constant right-hand rows are not all zero free
+    F2 = pt.matmul(pt.exp(free)[0] * np.ones((N, D, n)), pt.as_tensor_variable(np.diag([1.0, 0, 1, 0, 0])[None].repeat(N, 0)))
+    np.testing.assert_array_equal(tracked_columns(p, x0, F2, 1, n, D)[1 + n :], np.tile([True, False, True, False, False], D))
+
+
+def test_dose_factors_give_the_same_virus_fit_gradient_as_the_dose_entries(monkeypatch):
+    # F = amounts @ route fractions: sensitivities to the 2 tracked fractions instead of the 8 tracked dose
+    # entries (4 doses x virus, blood); same states and steps, so the log-density gradient agrees to rtol 1e-10
+    from itpk import odeop
+    from itpk.dataset import read_dataset
+    from itpk.inference import build_model
+
+    spec = load_model("it_oncolytic_virus")
+    data = read_dataset("data/example_virus.csv", spec)
+    seen = []
+
+    def gradient():
+        model, _ = build_model(spec, data)
+        point = {k: v + 0.1 for k, v in model.initial_point().items()}
+        return model.compile_dlogp(mode=PERFORM)(point)
+
+    def spy(F, N, D, n):
+        Gd, Fr = factors(F, N, D, n)
+        seen.append(Gd.shape)
+        return Gd, Fr
+
+    factors = odeop.dose_factors
+    monkeypatch.setattr(odeop, "dose_factors", spy)
+    factored = gradient()
+    assert seen == [(6, 4, 1)]  # 6 subjects, 4 doses, one route (it)
+    monkeypatch.setattr(odeop, "dose_factors", lambda F, N, D, n: (np.zeros((N, D, 0)), F))
+    entries = gradient()
+    assert np.all(np.isfinite(factored)) and np.abs(entries).max() > 0
+    np.testing.assert_allclose(factored, entries, rtol=1e-10, atol=1e-12 * np.abs(entries).max())
+
+
+def test_dose_factors_with_boluses_infusion_and_reset_match_the_plain_doses():
+    # F = Gd @ Fr (R = 2, some Gd entries 0) through the factored path against the same F given as numbers:
+    # predictions to rtol 1e-10, and ∂/∂Fr against Σ_d Gd[d, r]·∂/∂F[d] to rtol 1e-8 (same states, same steps)
+    spec = load_model("it_oncolytic_virus")
+    system, p, x0, F, design, _ = build(spec, [({}, virus_events(), VIRUS_TIMES), ({"beta": 1e-10}, virus_events(), VIRUS_TIMES)])
+    rng = np.random.default_rng(3)
+    N, D, _ = F.shape
+    Gd = rng.uniform(0.5, 2.0, (N, D, 2)) * (rng.uniform(size=(N, D, 2)) > 0.25)
+    Fr = 0.5 * F[:, :2, :]
+    F_plain = np.einsum("idr,irk->idk", Gd, Fr)
+    w = rng.normal(size=design.n_obs)
+    pv, xv, Fv, Frv = pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F"), pt.tensor3("Fr")
+    kw = {"method": "rosenbrock", "rtol": 1e-8}
+    y_plain = ode_predict(system, pv, xv, Fv, design, **kw)
+    y_fact = ode_predict(system, pv, xv, pt.matmul(Gd, Frv), design, **kw)
+    assert y_fact.owner.inputs[2].type.shape[1] in (2, None)  # the Op got Fr, not F
+    plain = pytensor.function([pv, xv, Fv], [y_plain, pytensor.grad((w * y_plain).sum(), Fv)], mode=PERFORM)(p, x0, F_plain)
+    fact = pytensor.function([pv, xv, Frv], [y_fact, pytensor.grad((w * y_fact).sum(), Frv)], mode=PERFORM)(p, x0, Fr)
+    np.testing.assert_allclose(fact[0], plain[0], rtol=1e-10, atol=1e-14 * np.abs(plain[0]).max())
+    want = np.einsum("idr,idk->irk", Gd, plain[1])
+    np.testing.assert_allclose(fact[1], want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+
+
+def test_fit_tolerance_applies_to_the_stiff_method_only():
+    from itpk.odeop import DEFAULT_RTOL, FIT_RTOL_STIFF
+
+    def rtol(name, **kwargs):
+        spec = load_model(name)
+        system, *_, design, _ = build(spec, [({}, tvec_schedule(3.0, visits=2) if name == "it_oncolytic_virus"
+                                                       else Schedule((Dose(0.0, 100.0, Target("iv")),)), np.array([24.0, 600.0]))])
+        y = ode_predict(system, pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F"), design, **kwargs)
+        return float(y.owner.inputs[-1].data[0])
+
+    assert rtol("it_oncolytic_virus", fit=True) == FIT_RTOL_STIFF == 1e-4
+    assert rtol("it_oncolytic_virus", fit=True, rtol=1e-6) == 1e-6
+    assert rtol("one_cpt_mm", fit=True) == DEFAULT_RTOL
+
+
+def test_virus_predictions_at_the_fit_tolerance_stay_within_1e_3_of_radau():
+    # FIT_RTOL_STIFF (1e-4) over the example data's design (4 T-VEC visits, 77 days): every output within
+    # 1e-3 (relative) of Radau rtol 1e-10, against residual errors of 5% (diameter) and 0.5 (log, blood)
+    spec = load_model("it_oncolytic_virus")
+    times = np.array([0.0, 24.0, 72.0, 168.0, 504.0, 528.0, 840.0, 1176.0, 1512.0, 1848.0])
+    subjects = [({}, tvec_schedule(3.0, visits=4), times), ({"beta": 6e-11, "k_efflux": 0.004}, tvec_schedule(1.5, visits=4), times)]
+    system, p, x0, F, design, _ = build(spec, subjects, ["virus_blood", "tumor_diameter"])
+    want, _ = radau_reference(system, p, x0, F, design)
+    got = predict(system, p, x0, F, design, fit=True)
+    blood = design.obs_output == 0
+    np.testing.assert_allclose(got[~blood], want[~blood], rtol=1e-3)
+    np.testing.assert_allclose(got[blood], want[blood], rtol=1e-3, atol=1e-2)  # atol: 1e-3 of the LLOQ (10 copies/mL)
 
 
 def test_gradient_of_the_virus_fit_graph_is_unchanged_by_skipping_constant_columns(monkeypatch):
