@@ -70,6 +70,15 @@ def test_cli_spellings_and_toml_spellings_are_one_job(tmp_path):
     assert ja.name == jb.name and ja.name.startswith("compare-") and len(ja.name) == len("compare-") + 12
 
 
+def test_fit_jobs_take_the_sampler_options(tmp_path):
+    (tmp_path / "d.csv").write_text("ID,TIME,EVID,AMT,CMT,DV\n", encoding="utf-8")
+    path = write(tmp_path, '[[jobs]]\nkind = "fit"\nmodel = "one_cpt_oral"\ndata = "d.csv"\n'
+                           'target_accept = 0.95\nmass_matrix = "low-rank"\n')
+    (job,) = resolve_jobs(load_pipeline(path))
+    options = dict(job.spec.options)
+    assert options["mass_matrix"] == "low-rank" and options["target_accept"] == 0.95
+
+
 def test_hash_follows_model_file_content_not_its_path(tmp_path):
     model = (tmp_path / "m.toml")
     model.write_text((__import__("itpk.spec", fromlist=["x"]).load_model("one_cpt_iv")).text_toml)

@@ -128,6 +128,17 @@ def test_bad_method_and_error_override():
         fit(load_model("one_cpt_iv"), tiny_dataset(), method="hmc")
     with pytest.raises(FitError, match="error model override"):
         build_model(load_model("one_cpt_iv"), tiny_dataset(), errors={"plasma": "poisson"})
+    with pytest.raises(FitError, match="--mass-matrix 'dense' is unknown; choices: auto, diag, low-rank"):
+        fit(load_model("one_cpt_iv"), tiny_dataset(), mass_matrix="dense")
+
+
+def test_low_rank_mass_matrix_samples_and_is_recorded():
+    # smoke: nutpie's low-rank adaptation runs through fit(); "auto" resolves to diag for a linear model
+    kw = {"draws": 30, "tune": 30, "chains": 1, "seed": 1, "errors": {"plasma": "additive"}}
+    result = fit(load_model("one_cpt_iv"), tiny_dataset(), mass_matrix="low-rank", **kw)
+    assert result.settings["mass_matrix"] == "low-rank"
+    assert np.all(np.isfinite(np.asarray(result.tree["posterior"]["CL"])))
+    assert fit(load_model("one_cpt_iv"), tiny_dataset(), **kw).settings["mass_matrix"] == "diag"
 
 
 @pytest.fixture(scope="module")
