@@ -525,6 +525,21 @@ def _error_norm(X: np.ndarray, Xn: np.ndarray, err: np.ndarray, rtol: float, ato
     return np.sqrt(total / count)
 
 
+@_njit_inline
+def _starting_step(X: np.ndarray, f0: np.ndarray, rtol: float, atol: float, span: float) -> float:
+    """Hairer's starting step from the states' |x| and |f(x)| (f0: the first stage's slopes, (n, W))."""
+    n = X.shape[0]
+    d0 = 0.0
+    d1 = 0.0
+    for k in range(n):
+        sc = atol + rtol * abs(X[k, 0])
+        d0 += (X[k, 0] / sc) ** 2
+        d1 += (f0[k, 0] / sc) ** 2
+    d0, d1 = np.sqrt(d0 / n), np.sqrt(d1 / n)
+    h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    return h if h > 0.0 else 1e-6 * span
+
+
 @_njit_no_rc
 def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
                running: np.ndarray, sens: bool, rtol: float, atol: float, err_cols: int,
@@ -541,16 +556,7 @@ def _integrate(X: np.ndarray, t0: float, t1: float, h: float, u: np.ndarray,
     span = t1 - t0
     _deriv(X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, K, 0, Jd, False)
     if h <= 0.0:
-        d0 = 0.0
-        d1 = 0.0
-        for k in range(n):
-            sc = atol + rtol * abs(X[k, 0])
-            d0 += (X[k, 0] / sc) ** 2
-            d1 += (K[0, k, 0] / sc) ** 2
-        d0, d1 = np.sqrt(d0 / n), np.sqrt(d1 / n)
-        h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        if not h > 0.0:
-            h = 1e-6 * span
+        h = _starting_step(X, K[0], rtol, atol, span)
     t = t0
     while t < t1:
         if steps[0] >= max_steps:
@@ -692,17 +698,8 @@ def _integrate_rosenbrock(X: np.ndarray, t0: float, t1: float, h: float, u: np.n
                             Xsf[q] += a * Uf[j, q]
             _deriv(Xs if s > 0 else X, u, running, sens, ops, regs, tape, tout, rc, cmap, G, U, s, Jd, s == 0)
             if s == 0:
-                if h <= 0.0:  # Hairer's starting step from |x| and |f(x)|
-                    d0 = 0.0
-                    d1 = 0.0
-                    for k in range(n):
-                        sc = atol + rtol * abs(X[k, 0])
-                        d0 += (X[k, 0] / sc) ** 2
-                        d1 += (U[0, k, 0] / sc) ** 2
-                    d0, d1 = np.sqrt(d0 / n), np.sqrt(d1 / n)
-                    h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-                    if not h > 0.0:
-                        h = 1e-6 * span
+                if h <= 0.0:
+                    h = _starting_step(X, U[0], rtol, atol, span)
                 last = t + h >= t1 or (t1 - (t + h)) < 1e-12 * span
                 hs = t1 - t if last else h
                 shift = 1.0 / (hs * gamma)

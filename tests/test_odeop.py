@@ -157,14 +157,18 @@ def test_tape_shares_commuted_products_and_keeps_signed_zeros_apart():
 TIMES = np.array([0.0, 0.25, 1.0, 2.0, 2.5, 6.0, 12.0, 12.5, 24.0, 36.0, 48.0, 72.0])
 
 
-def test_one_cpt_mm_bolus_infusion_repeated_doses_match_simulate():
-    # rtol 1e-6: saturable elimination far above and below Km, a reset, two subjects
-    spec = load_model("one_cpt_mm")
+def mm_subjects():
+    """Two one_cpt_mm subjects: bolus + ADDL, zero-order infusion, RATE infusion, a reset."""
     schedule = Schedule(
         (Dose(0.0, 500.0, Target("iv"), ii=12.0, addl=3), Dose(2.0, 200.0, Target("iv"), duration=3.0),
          Dose(30.0, 50.0, Target("iv"), rate=20.0, ii=6.0, addl=1), Dose(60.0, 80.0, Target("iv"), reset=True)),
     )  # fmt: skip
-    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES), ({"Vmax": 30.0, "Km": 8.0, "V": 60.0}, schedule, TIMES[1::2])]
+    return [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES), ({"Vmax": 30.0, "Km": 8.0, "V": 60.0}, schedule, TIMES[1::2])]
+
+
+def test_one_cpt_mm_bolus_infusion_repeated_doses_match_simulate():
+    # rtol 1e-6: saturable elimination far above and below Km, a reset, two subjects
+    spec, subjects = load_model("one_cpt_mm"), mm_subjects()
     y = check_predictions(*build(spec, subjects))
     assert np.all(np.isfinite(y))
 
@@ -392,12 +396,7 @@ def test_rosenbrock_virus_states_and_outputs_match_radau():
 
 def test_rosenbrock_one_cpt_mm_matches_radau_with_bolus_infusion_reset():
     # rtol 1e-7: saturable elimination above and below Km, bolus + ADDL, zero-order infusion, RATE infusion, reset
-    spec = load_model("one_cpt_mm")
-    schedule = Schedule(
-        (Dose(0.0, 500.0, Target("iv"), ii=12.0, addl=3), Dose(2.0, 200.0, Target("iv"), duration=3.0),
-         Dose(30.0, 50.0, Target("iv"), rate=20.0, ii=6.0, addl=1), Dose(60.0, 80.0, Target("iv"), reset=True)),
-    )  # fmt: skip
-    subjects = [({"Vmax": 12.0, "Km": 1.5, "V": 40.0}, schedule, TIMES), ({"Vmax": 30.0, "Km": 8.0, "V": 60.0}, schedule, TIMES[1::2])]
+    spec, subjects = load_model("one_cpt_mm"), mm_subjects()
     system, p, x0, F, design, reference = build(spec, subjects)
     want, _ = radau_reference(system, p, x0, F, design)
     np.testing.assert_allclose(want, reference, rtol=1e-6)  # the Radau helper agrees with itpk.simulate (LSODA)
