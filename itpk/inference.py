@@ -395,6 +395,7 @@ def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:
 
 
 METHODS = ("nuts", "pymc", "map", "laplace", "advi")
+PRIOR_DRAWS = 200  # draws in the prior and prior_predictive groups
 MASS_MATRICES = ("auto", "diag", "low-rank")
 
 
@@ -547,7 +548,9 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
     # flip-flop mode (ka <-> CL/V swapped for some subjects), where it stays (measured on Theoph:
     # one chain of four with R-hat 1.54 on omega_V).
     jitter = {v for v in model.free_RVs if v.name.startswith(("omega_", "sigma_"))}
-    compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter)
+    # only the free variables: the deterministics are computed after sampling, vectorised over the
+    # draws (itpk.deterministics), rather than compiled into nutpie's per-draw "expand" function
+    compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter, var_names=[v.name for v in model.free_RVs])
     timings["compile_s"] = time.perf_counter() - start
     return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                          progress_bar=progress, target_accept=target_accept,
@@ -566,6 +569,7 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
     """Laplace-approximate posterior draws as a DataTree (one chain), and a note when not converged."""
     import xarray as xr
 
+    from itpk.deterministics import evaluate
     from itpk.laplace import laplace
 
     z_names = [f"z_{p}" for p in data.iiv]
@@ -575,15 +579,10 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
     # be a random draw from the prior, not a function of the draws)
     outs = [v for v in model.unobserved_value_vars if not v.name.endswith("__")]
     names = [v.name for v in outs]
-    fn = model.compile_fn(outs, inputs=model.value_vars, on_unused_input="ignore", point_fn=False, mode="FAST_COMPILE")
-    ordered = [values[v.name] for v in model.value_vars]
-    columns: list[list[np.ndarray]] = [[] for _ in names]
-    for s in range(draws):
-        for column, value in zip(columns, fn(*[v[s] for v in ordered]), strict=True):
-            column.append(np.asarray(value))
+    evaluated = evaluate(model.value_vars, outs, [values[v.name] for v in model.value_vars])
     data_vars = {}
-    for name, column in zip(names, columns, strict=True):
-        arr = np.stack(column)[None]  # (chain, draw, ...)
+    for name, value in zip(names, evaluated, strict=True):
+        arr = value[None]  # (chain, draw, ...)
         dims = list(model.named_vars_to_dims.get(name, ())) or [f"{name}_dim_{i}" for i in range(arr.ndim - 2)]
         data_vars[name] = (("chain", "draw", *dims), arr)
     coords = {"chain": [0], "draw": np.arange(draws), **{k: np.asarray(v) for k, v in model.coords.items() if v is not None}}
@@ -593,34 +592,44 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
 
 
 def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
-    """Add log_likelihood, posterior_predictive, observed_data and prior groups.
+    """Add the deterministics (when the sampler left them out), log_likelihood, posterior_predictive,
+    observed_data, prior and prior_predictive groups.
 
-    The first three come from the stored IPRED draws in numpy (:func:`itpk.residuals.pointwise`):
-    PyMC's own functions would compile the model twice more.
+    All come from the draws in numpy: the deterministics vectorised over draws
+    (:mod:`itpk.deterministics`), likelihood and predictive draws from IPRED
+    (:func:`itpk.residuals.pointwise`). PyMC's own functions would compile the model again or
+    run it draw by draw.
     """
-    import pymc as pm
     import xarray as xr
 
+    from itpk.deterministics import add_deterministics, prior_draws
+
+    tree = add_deterministics(tree, model)
     post = tree["posterior"].to_dataset()
     if "IPRED" not in post:
         raise FitError("the sampler returned no IPRED draws; cannot compute the log-likelihood")
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the sampler used ``seed``
+    loglik, predictive, observed = _pointwise_groups(post, data, rng)
+    tree["log_likelihood"] = xr.DataTree(loglik)
+    tree["posterior_predictive"] = xr.DataTree(predictive)
+    tree["observed_data"] = xr.DataTree(observed)
+    prior = prior_draws(model, PRIOR_DRAWS, seed)
+    tree["prior"] = xr.DataTree(prior)
+    tree["prior_predictive"] = xr.DataTree(_pointwise_groups(prior, data, rng)[1])
+    return tree
+
+
+def _pointwise_groups(draws: Any, data: FitData, rng: np.random.Generator) -> tuple[Any, Any, Any]:
+    """Pointwise log-likelihood, one predictive draw per draw, and the observed values (Datasets)."""
+    import xarray as xr
+
     lead = ("chain", "draw")
-    coords = {d: post[d].values for d in lead}
+    coords = {d: draws[d].values for d in lead}
     loglik, predictive, observed = {}, {}, {}
     for obs in observed_outputs(data.observations, data.outputs, data.errors):
-        ll, draws = pointwise(post.transpose(*lead, ...), obs, rng)
+        ll, values = pointwise(draws.transpose(*lead, ...), obs, rng)
         dims = (*lead, obs.dim)
         loglik[obs.name] = xr.DataArray(ll, dims=dims, coords={**coords, obs.dim: obs.row_ids})
-        predictive[obs.name] = xr.DataArray(draws, dims=dims, coords={**coords, obs.dim: obs.row_ids})
+        predictive[obs.name] = xr.DataArray(values, dims=dims, coords={**coords, obs.dim: obs.row_ids})
         observed[obs.name] = xr.DataArray(obs.observed, dims=(obs.dim,), coords={obs.dim: obs.row_ids})
-    tree["log_likelihood"] = xr.DataTree(xr.Dataset(loglik))
-    tree["posterior_predictive"] = xr.DataTree(xr.Dataset(predictive))
-    tree["observed_data"] = xr.DataTree(xr.Dataset(observed))
-    # the python linker (the Ops run their numba kernels from perform): 200 forward passes cost
-    # less than a numba compile of the graph (measured: 0.4 s against 10 s on it_antibody)
-    prior = pm.sample_prior_predictive(draws=200, model=model, random_seed=seed, compile_kwargs={"mode": "FAST_COMPILE"})
-    for group in ("prior", "prior_predictive"):
-        if group in prior.children:
-            tree[group] = prior[group]
-    return tree
+    return xr.Dataset(loglik), xr.Dataset(predictive), xr.Dataset(observed)
