@@ -192,9 +192,12 @@ def pair_predict(K: list[list[Any]], F: list[Any], C: list[Any], design: Any) ->
     if not supports(n, design):
         raise ValueError(f"pair_predict: no closed form for n = {n} with these doses")
     pairs = design.pairs
-    cf = sum(C[k] * F[k] for k in range(n))
+    # terms with a zero factor (the number 0) stay out of the graph: a smaller graph compiles
+    # faster and its fused loop runs faster (a chain read at its end has c·f = 0, so no α)
+    cf = sum(C[k] * F[k] for k in range(n) if not (_is_zero(C[k]) or _is_zero(F[k])))
     if n == 1:
         return _scatter(cf * _one_compartment(K[0][0], pairs), pairs["obs"], design.n_obs)
-    ckf = sum(C[i] * K[i][j] * F[j] for i in range(n) for j in range(n) if not _is_zero(K[i][j]))
+    ckf = sum(C[i] * K[i][j] * F[j] for i in range(n) for j in range(n) if not any(_is_zero(x) for x in (C[i], K[i][j], F[j])))
     alpha, beta = _bolus_2(K, pairs["s"])
-    return _scatter(alpha * cf + beta * ckf, pairs["obs"], design.n_obs)
+    y = beta * ckf if _is_zero(cf) else alpha * cf + beta * ckf
+    return _scatter(y, pairs["obs"], design.n_obs)

@@ -264,13 +264,23 @@ def _closed_form(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any]
     targets, G, fraction_terms = _dose_terms(spec, data, at_pairs, backend)
     fractions = _entries(fraction_terms, len(targets) * n)
     G_pairs = G[subject, pairs["dose"]]  # (P, R): the pair's dose amount (or rate) per target
-    F = [sum(G_pairs[:, r] * fractions[r * n + k] for r in range(len(targets))) for k in range(n)]
-    C: list[Any] = [0.0] * n
+    # entries no term reaches stay the number 0, which pair_predict leaves out of the graph
+    # (depot -> central: c·f = 0, so α drops out; 0.3 s of compile and 1.5 µs per Theoph
+    # gradient went to the general form, measured against the textbook closed form)
+    F = [sum(G_pairs[:, r] * fractions[r * n + k] for r in range(len(targets)) if not _is_zero(fractions[r * n + k]))
+         for k in range(n)]
+    C: list[Any] = [0] * n
     for o, name in enumerate(data.outputs):
-        mask = (pairs["output"] == o).astype(float)
+        mask = pairs["output"] == o
         for k, value in enumerate(_entries(_output_terms(spec, name, at_pairs, backend), n)):
-            C[k] = C[k] + mask * value
+            if not _is_zero(value):
+                C[k] = C[k] + (value if mask.all() else mask.astype(float) * value)
     return pair_predict([K[i * n:(i + 1) * n] for i in range(n)], F, C, design)
+
+
+def _is_zero(x: Any) -> bool:
+    """Whether ``x`` is the number 0 (a term no rate, dose or output reaches), not a tensor."""
+    return isinstance(x, (int, float)) and x == 0
 
 
 def _entries(terms: list[tuple[Any, dict[int, float]]], size: int) -> list[Any]:
