@@ -7,9 +7,9 @@ of a 3.6 s Theoph fit, measured) to save evaluations that, vectorised over draws
 linker, take 0.02 s to build and 0.09 s to run for 4 000 Theoph draws.
 
 The graph is vectorised over a leading draw axis (:func:`pytensor.graph.replace.vectorize_graph`):
-elementwise closed forms become numpy array operations over (draws, pairs); the eigen Op
-(:class:`DrawLoop`) and the ODE Op (:class:`~pytensor.tensor.blockwise.Blockwise`) become loops
-over draws that call their numba kernels.
+elementwise closed forms become numpy array operations over (draws, pairs); the eigen and ODE
+Ops become loops over draws that call their numba kernels (:class:`DrawLoop`), the ODE Op
+without its forward sensitivities.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import pytensor
 from pytensor.compile.mode import Mode
-from pytensor.graph.basic import Apply
+from pytensor.graph.basic import Apply, Constant
 from pytensor.graph.op import Op
 from pytensor.graph.replace import _vectorize_node, vectorize_graph
 from pytensor.tensor import as_tensor_variable, tensor
 
 from itpk.linop import LinearPredict
+from itpk.odeop import OdePredict
 
 __all__ = ["DrawLoop", "add_deterministics", "evaluate", "prior_draws"]
 
@@ -64,6 +65,24 @@ class DrawLoop(Op):
 # pytensor's fallback (Blockwise) would turn every input of the node into a variable, but the
 # small-system kernels read their design arrays once, as constants, when the node is made
 _vectorize_node.register(LinearPredict)(lambda op, node, *inputs: DrawLoop(node).make_node(*inputs))
+
+
+@_vectorize_node.register(OdePredict)
+def _vectorize_ode(op: OdePredict, node: Apply, *inputs: Any) -> Apply:
+    """The ODE node draw by draw, without the forward sensitivities nothing here differentiates.
+
+    Unless the sensitivities take part in the error control, the steps (and so y) are the
+    same with and without them, bit for bit, at about a quarter of the cost (measured on the
+    virus example: 2.6 against 10.1 ms per draw).
+    """
+    settings = node.inputs[-1]
+    if isinstance(settings, Constant) and settings.data[3] == 1.0 and settings.data[4] == 0.0:
+        values = settings.data.copy()
+        values[3] = 0.0  # settings: rtol, atol, max_steps, sensitivities, sensitivities in the error control, …
+        settings = as_tensor_variable(values)
+        node = op.make_node(*node.inputs[:-1], settings)
+        inputs = (*inputs[:-1], settings)
+    return DrawLoop(node).make_node(*inputs)
 
 
 def evaluate(inputs: Sequence[Any], outputs: Sequence[Any], values: Sequence[np.ndarray]) -> list[np.ndarray]:

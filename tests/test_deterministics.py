@@ -37,9 +37,21 @@ def draws_near_the_initial_point(model, S: int, seed: int = 0) -> list[np.ndarra
     return values
 
 
-@pytest.mark.parametrize("model_name, route, rate", CASES)
+def virus():
+    from importlib.resources import files
+    from pathlib import Path
+
+    from itpk.dataset import read_dataset
+
+    spec = load_model("it_oncolytic_virus")
+    return spec, read_dataset(Path(str(files("itpk.data") / "example_virus.csv")), spec)
+
+
+@pytest.mark.parametrize("model_name, route, rate", [*CASES, ("it_oncolytic_virus", None, None)])
 def test_evaluate_equals_the_model_draw_by_draw(model_name, route, rate):
-    spec, data = dataset(model_name, route, rate)
+    # the ODE Op is evaluated without its sensitivities (itpk.deterministics._vectorize_ode): the
+    # same steps, so the same predictions as the sampler's Op with them
+    spec, data = virus() if model_name == "it_oncolytic_virus" else dataset(model_name, route, rate)
     model, _ = build_model(spec, data)
     rvs, outs = list(model.free_RVs), list(model.deterministics)
     values = draws_near_the_initial_point(model, S=6)
@@ -89,3 +101,20 @@ def test_prior_draws_follow_the_priors_and_imply_the_deterministics():
     np.testing.assert_allclose(prior["CL_i"].values, expected, rtol=1e-12)
     again = prior_draws(model, 2000, seed=5)
     np.testing.assert_array_equal(again["IPRED"].values, prior["IPRED"].values)
+
+
+def test_the_ode_op_is_evaluated_without_sensitivities():
+    from pytensor.graph.replace import vectorize_graph
+    from pytensor.graph.traversal import ancestors
+
+    from itpk.deterministics import DrawLoop
+
+    spec, data = dataset("one_cpt_mm", "iv", None)
+    model, _ = build_model(spec, data)
+    rvs = list(model.free_RVs)
+    batched = [rv.type.clone(shape=(None, *rv.type.shape))() for rv in rvs]
+    (ipred,) = vectorize_graph([model["IPRED"]], replace=dict(zip(rvs, batched, strict=True)))
+    loops = [v.owner.op for v in ancestors([ipred]) if v.owner is not None and isinstance(v.owner.op, DrawLoop)]
+    assert len(loops) == 1
+    settings = loops[0].core.inputs[-1].data
+    assert settings[3] == 0.0  # rtol, atol, max_steps, sensitivities (off), …
