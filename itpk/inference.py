@@ -149,8 +149,14 @@ def _observations(subject_list: list[Subject], dataset: Dataset) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | None = None):
+def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | None = None,
+                iiv: str | Mapping[str, str] = "non-centred"):
     """The hierarchical PyMC model of ``spec`` for ``dataset``; returns ``(model, FitData)``.
+
+    ``iiv``: ``non-centred`` (free ``z_X`` ~ N(0, 1) per subject) or ``centred`` (free
+    ``log_X_i`` ~ N(log_X, omega_X), ``logit_X_i`` for fractions), for every IIV parameter or per
+    parameter (a mapping; parameters it leaves out are non-centred); ``eta_X`` and ``X_i`` are the
+    same deterministics either way.
 
     Raises
     ------
@@ -160,13 +166,20 @@ def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] 
     import pymc as pm
     import pytensor.tensor as pt
 
+    for kind in iiv.values() if isinstance(iiv, Mapping) else [iiv]:
+        if kind not in IIV_PARAMETRISATIONS:
+            raise FitError(f"--iiv {kind!r} is unknown; choices: auto, {', '.join(IIV_PARAMETRISATIONS)}")
     data = prepare(spec, dataset, errors=errors)
+    unknown = sorted(set(iiv) - set(data.iiv)) if isinstance(iiv, Mapping) else []
+    if unknown:
+        raise FitError(f"--iiv: {', '.join(unknown)} has no estimated IIV; parameters with IIV: {', '.join(data.iiv) or 'none'}")
     N = len(data.subjects)
     backend = pytensor_backend()
     with pm.Model(coords=data.coords) as model:
         env: dict[str, Any] = {}
         for name, p in spec.parameters.items():
-            env[name] = _individual(pm, pt, p, data, N) if name in data.estimated else pt.as_tensor_variable(np.full(N, p.value))
+            kind = _kind(iiv, name)
+            env[name] = _individual(pm, pt, p, data, N, kind) if name in data.estimated else pt.as_tensor_variable(np.full(N, p.value))
         for name in spec.covariates:
             env[name] = pt.as_tensor_variable(np.array([s.covariates[name] for s in data.subjects], dtype=float))
         for name, d in spec.derived.items():
@@ -176,7 +189,7 @@ def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] 
     return model, data
 
 
-def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int) -> Any:
+def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int, iiv: str = "non-centred") -> Any:
     """Typical value with its prior, and individual values (N,) with log-normal/logit-normal IIV."""
     prior = p.prior
     assert prior is not None  # estimated parameters have priors (prepare)
@@ -184,12 +197,12 @@ def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int) -> Any:
     if prior.dist == "lognormal":
         log_typ = pm.Normal(f"log_{p.name}", mu=math.log(args["median"]), sigma=args["sigma"])
         typical = pm.Deterministic(p.name, pt.exp(log_typ))
-        scale, inverse = log_typ, pt.exp
+        scale, inverse, label = log_typ, pt.exp, "log"
     elif prior.dist == "logitnormal":
         m = args["median"]
         logit_typ = pm.Normal(f"logit_{p.name}", mu=math.log(m / (1 - m)), sigma=args["sigma"])
         typical = pm.Deterministic(p.name, pt.sigmoid(logit_typ))
-        scale, inverse = logit_typ, pt.sigmoid
+        scale, inverse, label = logit_typ, pt.sigmoid, "logit"
     else:
         dist = {
             "normal": lambda: pm.Normal(p.name, mu=args["mu"], sigma=args["sigma"]),
@@ -199,12 +212,19 @@ def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int) -> Any:
         }[prior.dist]
         typical = dist()
         if p.fraction or prior.dist == "beta":
-            scale, inverse = pt.log(typical) - pt.log1p(-typical), pt.sigmoid
+            scale, inverse, label = pt.log(typical) - pt.log1p(-typical), pt.sigmoid, "logit"
         else:
-            scale, inverse = pt.log(typical), pt.exp
+            scale, inverse, label = pt.log(typical), pt.exp, "log"
     if p.name not in data.iiv:
         return typical * pt.ones(N)
     omega = pm.HalfNormal(f"omega_{p.name}", sigma=OMEGA_PRIOR_SIGMA)
+    if iiv == "centred":
+        # the subject's own value on the log/logit scale: better geometry when the data pin each
+        # subject's value down more tightly than omega does (no funnel between z, the typical value
+        # and omega)
+        individual = pm.Normal(f"{label}_{p.name}_i", mu=scale, sigma=omega, dims="subject")
+        pm.Deterministic(f"eta_{p.name}", individual - scale, dims="subject")
+        return pm.Deterministic(f"{p.name}_i", inverse(individual), dims="subject")
     z = pm.Normal(f"z_{p.name}", 0.0, 1.0, dims="subject")
     eta = pm.Deterministic(f"eta_{p.name}", omega * z, dims="subject")
     return pm.Deterministic(f"{p.name}_i", inverse(scale + eta), dims="subject")
@@ -407,6 +427,7 @@ def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:
 METHODS = ("nuts", "pymc", "map", "laplace", "advi")
 PRIOR_DRAWS = 200  # draws in the prior and prior_predictive groups
 MASS_MATRICES = ("auto", "diag", "low-rank")
+IIV_PARAMETRISATIONS = ("non-centred", "centred")
 
 
 @dataclass(frozen=True)
@@ -434,6 +455,7 @@ def fit(
     errors: Mapping[str, str] | None = None,
     target_accept: float = 0.9,
     mass_matrix: str = "auto",
+    iiv: str | Mapping[str, str] = "auto",
     progress: bool = False,
 ) -> FitResult:
     """Fit ``spec`` to ``dataset`` and return the posterior with predictive and log-likelihood groups.
@@ -461,6 +483,17 @@ def fit(
         for nonlinear (ODE) models, diag for linear ones. Measured on the virus example: 450–500
         leapfrog steps per draw with diag (tree depth 10; posterior correlations up to 0.98), 45–68
         with low-rank; on Theoph diag is the baseline of ``benchmarks/bench_fit.py``.
+    iiv
+        Parametrisation of the between-subject effects: ``non-centred`` (free ``z_X`` ~ N(0, 1),
+        ``X_i = X·exp(omega_X·z_X)``: best when the data say little about each subject's value),
+        ``centred`` (free ``log_X_i`` ~ N(log_X, omega_X): best when each subject's value is well
+        determined by its own data), per parameter as a mapping or ``"beta=centred,k_efflux=non-centred"``
+        (parameters left out are non-centred); ``auto``: non-centred for every parameter, the choice
+        that is safe for sparse data (a pilot-free rule that recognises data-rich parameters is still
+        to be made). ``laplace`` always uses the non-centred model (it integrates out the ``z_*``).
+        Measured on the virus example (4 × (500 + 500), seed 1, low-rank): ``beta=centred`` took
+        24–30 leapfrog steps per draw (warm-up 65–87) against 45–68 (130–179), max R-hat 1.008
+        against 1.033, min bulk ESS 293 against 117, 13.3 min of sampling on a quiet machine.
     """
     import time
 
@@ -472,13 +505,14 @@ def fit(
         raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
     if mass_matrix not in MASS_MATRICES:
         raise FitError(f"--mass-matrix {mass_matrix!r} is unknown; choices: {', '.join(MASS_MATRICES)}")
+    iiv = _iiv_parametrisation(spec, method, _parse_iiv(iiv))
     for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
         if not isinstance(value, int) or value < low:
             raise FitError(f"--{label} must be a whole number >= {low}, found {value!r}")
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model, data = build_model(spec, dataset, errors=errors)
+    model, data = build_model(spec, dataset, errors=errors, iiv=iiv)
     _check_initial_point(model, data)
     timings["build_s"] = time.perf_counter() - start
     warnings: list[str] = []
@@ -487,7 +521,8 @@ def fit(
     if method == "nuts":
         if mass_matrix == "auto":
             mass_matrix = "diag" if uses_exact_solution(spec) else "low-rank"
-        tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings, target_accept, mass_matrix)
+        tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings, target_accept, mass_matrix,
+                     frozenset(p for p in data.iiv if _kind(iiv, p) == "centred"))
     elif method == "pymc":
         tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed, model=model,
                          progressbar=progress, compute_convergence_checks=False, target_accept=target_accept,
@@ -516,9 +551,36 @@ def fit(
     tree = _complete(tree, model, data, seed)
     timings["predictive_s"] = time.perf_counter() - start
     settings = {"method": method, "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
-                "target_accept": target_accept, "mass_matrix": mass_matrix, "estimated": list(data.estimated), "held_fixed": dict(data.fixed),
+                "target_accept": target_accept, "mass_matrix": mass_matrix,
+                "iiv": iiv if isinstance(iiv, str) else dict(iiv), "estimated": list(data.estimated), "held_fixed": dict(data.fixed),
                 "errors": dict(data.errors), "censoring": CENSORING_METHOD}
     return FitResult(tree, data, method, settings, timings, tuple(warnings))
+
+
+def _parse_iiv(iiv: str | Mapping[str, str]) -> str | dict[str, str]:
+    """``auto``, ``centred``, ``non-centred``, a mapping, or ``PARAM=KIND[,PARAM=KIND...]`` (CLI, batch)."""
+    if isinstance(iiv, str) and "=" in iiv:
+        items = [item.partition("=") for item in iiv.split(",") if item.strip()]
+        iiv = {name.strip(): kind.strip() for name, _, kind in items}
+    kinds = iiv.values() if isinstance(iiv, Mapping) else [iiv]
+    for kind in kinds:
+        if kind not in IIV_PARAMETRISATIONS and not (kind == "auto" and isinstance(iiv, str)):
+            raise FitError(f"--iiv {kind!r} is unknown; choices: auto, {', '.join(IIV_PARAMETRISATIONS)}, "
+                           "or PARAM=centred|non-centred[,...]")
+    return dict(iiv) if isinstance(iiv, Mapping) else iiv
+
+
+def _kind(iiv: str | Mapping[str, str], name: str) -> str:
+    return iiv.get(name, "non-centred") if isinstance(iiv, Mapping) else iiv
+
+
+def _iiv_parametrisation(spec: ModelSpec, method: str, iiv: str | Mapping[str, str]) -> str | Mapping[str, str]:
+    """The IIV parametrisation a fit uses (``auto`` resolved)."""
+    if method == "laplace":
+        return "non-centred"  # it integrates out the z_* values
+    if iiv != "auto":
+        return iiv
+    return "non-centred"
 
 
 def _check_initial_point(model: Any, data: FitData) -> None:
@@ -560,7 +622,8 @@ def _available_cores() -> int:
 
 
 def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int, progress: bool,
-          timings: dict[str, float], target_accept: float, mass_matrix: str = "diag") -> Any:
+          timings: dict[str, float], target_accept: float, mass_matrix: str = "diag",
+          centred: frozenset[str] = frozenset()) -> Any:
     import time
 
     import nutpie
@@ -571,6 +634,10 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
     # flip-flop mode (ka <-> CL/V swapped for some subjects), where it stays (measured on Theoph:
     # one chain of four with R-hat 1.54 on omega_V).
     jitter = {v for v in model.free_RVs if v.name.startswith(("omega_", "sigma_"))}
+    # and the typical value of a centred parameter: at its prior median, with every subject's value
+    # equal to it, its log-density gradient is exactly 0, which nutpie refuses as an initial point
+    typical = {n for p in centred for n in (f"log_{p}", f"logit_{p}", p)}
+    jitter |= {v for v in model.free_RVs if v.name in typical}
     # only the free variables: the deterministics are computed after sampling, vectorised over the
     # draws (itpk.deterministics), rather than compiled into nutpie's per-draw "expand" function
     compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter, var_names=[v.name for v in model.free_RVs])

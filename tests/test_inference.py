@@ -141,6 +141,41 @@ def test_low_rank_mass_matrix_samples_and_is_recorded():
     assert fit(load_model("one_cpt_iv"), tiny_dataset(), **kw).settings["mass_matrix"] == "diag"
 
 
+def test_centred_iiv_is_the_same_posterior_reparametrised():
+    # log_CL_i = log_CL + omega_CL * z_CL: the centred density is the non-centred one divided by the
+    # Jacobian omega per subject and IIV parameter; eta_* and *_i are the same deterministics
+    spec = load_model("one_cpt_iv")
+    kw = {"errors": {"plasma": "additive"}}
+    nc, _ = build_model(spec, tiny_dataset(), **kw)
+    c, _ = build_model(spec, tiny_dataset(), iiv="centred", **kw)
+    assert {v.name for v in c.free_RVs} == {"log_CL", "log_V", "omega_CL", "omega_V", "log_CL_i", "log_V_i", "sigma_plasma"}
+    z = {"CL": np.array([0.5, -1.0]), "V": np.array([-0.3, 0.8])}
+    typical, omega = {"CL": math.log(4.0), "V": math.log(45.0)}, {"CL": 0.3, "V": 0.2}
+    common = {"sigma_plasma_log__": math.log(0.15), **{f"log_{p}": typical[p] for p in z},
+              **{f"omega_{p}_log__": math.log(omega[p]) for p in z}}
+    p_nc = {**common, **{f"z_{p}": z[p] for p in z}}
+    p_c = {**common, **{f"log_{p}_i": typical[p] + omega[p] * z[p] for p in z}}
+    jacobian = sum(len(z[p]) * math.log(omega[p]) for p in z)
+    assert c.compile_logp()(p_c) == pytest.approx(nc.compile_logp()(p_nc) - jacobian, rel=1e-12)
+    value = lambda m, name, point: m.compile_fn(m.replace_rvs_by_values([m[name]])[0], inputs=m.value_vars,
+                                                on_unused_input="ignore")(point)
+    for name in ("eta_CL", "CL_i", "V_i", "IPRED"):
+        np.testing.assert_allclose(value(c, name, p_c), value(nc, name, p_nc), rtol=1e-12)
+
+
+def test_iiv_option_is_checked_resolved_and_recorded():
+    kw = {"draws": 20, "tune": 20, "chains": 1, "seed": 1, "errors": {"plasma": "additive"}}
+    with pytest.raises(FitError, match="--iiv 'partial' is unknown; choices: auto, non-centred, centred"):
+        fit(load_model("one_cpt_iv"), tiny_dataset(), iiv="partial", **kw)
+    result = fit(load_model("one_cpt_iv"), tiny_dataset(), iiv="centred", **kw)
+    assert result.settings["iiv"] == "centred" and "log_CL_i" in result.tree["posterior"]
+    assert np.all(np.isfinite(np.asarray(result.tree["posterior"]["CL_i"])))
+    assert "eta_CL" in result.tree["posterior"] and "z_CL" not in result.tree["posterior"]
+    # laplace integrates out the z_* values: it keeps the non-centred model whatever is asked
+    laplace = fit(load_model("one_cpt_iv"), tiny_dataset(), method="laplace", iiv="centred", **kw)
+    assert laplace.settings["iiv"] == "non-centred"
+
+
 @pytest.fixture(scope="module")
 def theoph_nuts(tmp_path_factory):
     from itpk.dataset import read_dataset
