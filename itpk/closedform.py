@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pytensor.tensor as pt
 
-__all__ = ["closed_form_predict", "pair_predict", "pair_subjects", "supports"]
+__all__ = ["closed_form_predict", "is_zero", "pair_predict", "pair_subjects", "supports"]
 
 # Below |z| = 0.01, φ₁ by 7 Taylor terms (truncation 0.01⁷/8! < 1e-18); above, the direct
 # difference of exponentials, whose rounding error relative to the value is ≲ 2e-16/|z|
@@ -75,7 +75,7 @@ def _taylor(z: Any) -> Any:
 def _bolus_2(K: list[list[Any]], tau: np.ndarray) -> tuple[Any, Any]:
     """(α, β) with e^{Kτ} = α I + β K for a 2×2 K given entry by entry, per pair."""
     (a, b), (c, d) = K
-    if _is_zero(b) or _is_zero(c):
+    if is_zero(b) or is_zero(c):
         return _bolus_chain(pt.maximum(a, d), pt.minimum(a, d), tau)
     return _bolus_general((a + d) / 2, (a - d) ** 2 / 4 + b * c, tau)
 
@@ -110,7 +110,8 @@ def _bolus_general(mean: Any, q: Any, tau: np.ndarray) -> tuple[Any, Any]:
     return pt.switch(small, mean_s, (g1 + g2) / 2) - mean * beta, beta
 
 
-def _is_zero(x: Any) -> bool:
+def is_zero(x: Any) -> bool:
+    """Whether ``x`` is the number 0 (a term no rate, dose or output reaches), not a tensor."""
     return isinstance(x, (int, float)) and x == 0
 
 
@@ -194,10 +195,10 @@ def pair_predict(K: list[list[Any]], F: list[Any], C: list[Any], design: Any) ->
     pairs = design.pairs
     # terms with a zero factor (the number 0) stay out of the graph: a smaller graph compiles
     # faster and its fused loop runs faster (a chain read at its end has c·f = 0, so no α)
-    cf = sum(C[k] * F[k] for k in range(n) if not (_is_zero(C[k]) or _is_zero(F[k])))
+    cf = sum(C[k] * F[k] for k in range(n) if not (is_zero(C[k]) or is_zero(F[k])))
     if n == 1:
         return _scatter(cf * _one_compartment(K[0][0], pairs), pairs["obs"], design.n_obs)
-    ckf = sum(C[i] * K[i][j] * F[j] for i in range(n) for j in range(n) if not any(_is_zero(x) for x in (C[i], K[i][j], F[j])))
+    ckf = sum(C[i] * K[i][j] * F[j] for i in range(n) for j in range(n) if not any(is_zero(x) for x in (C[i], K[i][j], F[j])))
     alpha, beta = _bolus_2(K, pairs["s"])
-    y = beta * ckf if _is_zero(cf) else alpha * cf + beta * ckf
+    y = beta * ckf if is_zero(cf) else alpha * cf + beta * ckf
     return _scatter(y, pairs["obs"], design.n_obs)

@@ -28,7 +28,7 @@ from pytensor.tensor import as_tensor_variable, tensor
 from itpk.linop import LinearPredict
 from itpk.odeop import OdePredict
 
-__all__ = ["DrawLoop", "add_deterministics", "evaluate", "prior_draws"]
+__all__ = ["DrawLoop", "add_deterministics", "data_array", "evaluate", "prior_draws"]
 
 
 class DrawLoop(Op):
@@ -127,7 +127,7 @@ def add_deterministics(tree: Any, model: Any) -> Any:
     shape = tuple(post.sizes[d] for d in lead)
     values = [post[rv.name].transpose(*lead, ...).values.reshape(-1, *post[rv.name].shape[2:]) for rv in model.free_RVs]
     for var, value in zip(missing, evaluate(model.free_RVs, missing, values), strict=True):
-        post[var.name] = _data_array(model, var.name, value.reshape(*shape, *value.shape[1:]))
+        post[var.name] = data_array(model, var.name, value.reshape(*shape, *value.shape[1:]))
     tree["posterior"] = xr.DataTree(post)
     return tree
 
@@ -151,10 +151,10 @@ def prior_draws(model: Any, draws: int, seed: int) -> Any:
     deterministics = list(model.deterministics)
     variables = [*rvs, *deterministics]
     arrays = [*values, *evaluate(rvs, deterministics, values)]
-    return xr.Dataset({v.name: _data_array(model, v.name, a[None]) for v, a in zip(variables, arrays, strict=True)})
+    return xr.Dataset({v.name: data_array(model, v.name, a[None]) for v, a in zip(variables, arrays, strict=True)})
 
 
-def _data_array(model: Any, name: str, value: np.ndarray) -> Any:
+def data_array(model: Any, name: str, value: np.ndarray) -> Any:
     """``value`` (chain, draw, ...) of the model variable ``name`` with its named dimensions."""
     import xarray as xr
 

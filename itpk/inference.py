@@ -166,9 +166,7 @@ def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] 
     import pymc as pm
     import pytensor.tensor as pt
 
-    for kind in iiv.values() if isinstance(iiv, Mapping) else [iiv]:
-        if kind not in IIV_PARAMETRISATIONS:
-            raise FitError(f"--iiv {kind!r} is unknown; choices: auto, {', '.join(IIV_PARAMETRISATIONS)}")
+    iiv = _parse_iiv(iiv)
     data = prepare(spec, dataset, errors=errors)
     unknown = sorted(set(iiv) - set(data.iiv)) if isinstance(iiv, Mapping) else []
     if unknown:
@@ -274,7 +272,7 @@ def _closed_form(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any]
     loop (and one for the gradient): gathering entries of K, F and C instead cost four times
     as much per gradient on Theoph (18 µs against 4.5 µs).
     """
-    from itpk.closedform import pair_predict, pair_subjects
+    from itpk.closedform import is_zero, pair_predict, pair_subjects
 
     n = len(spec.compartments)
     pairs = design.pairs
@@ -287,20 +285,15 @@ def _closed_form(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any]
     # entries no term reaches stay the number 0, which pair_predict leaves out of the graph
     # (depot -> central: c·f = 0, so α drops out; 0.3 s of compile and 1.5 µs per Theoph
     # gradient went to the general form, measured against the textbook closed form)
-    F = [sum(G_pairs[:, r] * fractions[r * n + k] for r in range(len(targets)) if not _is_zero(fractions[r * n + k]))
+    F = [sum(G_pairs[:, r] * fractions[r * n + k] for r in range(len(targets)) if not is_zero(fractions[r * n + k]))
          for k in range(n)]
     C: list[Any] = [0] * n
     for o, name in enumerate(data.outputs):
         mask = pairs["output"] == o
         for k, value in enumerate(_entries(_output_terms(spec, name, at_pairs, backend), n)):
-            if not _is_zero(value):
+            if not is_zero(value):
                 C[k] = C[k] + (value if mask.all() else mask.astype(float) * value)
     return pair_predict([K[i * n:(i + 1) * n] for i in range(n)], F, C, design)
-
-
-def _is_zero(x: Any) -> bool:
-    """Whether ``x`` is the number 0 (a term no rate, dose or output reaches), not a tensor."""
-    return isinstance(x, (int, float)) and x == 0
 
 
 def _entries(terms: list[tuple[Any, dict[int, float]]], size: int) -> list[Any]:
@@ -505,7 +498,11 @@ def fit(
         raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
     if mass_matrix not in MASS_MATRICES:
         raise FitError(f"--mass-matrix {mass_matrix!r} is unknown; choices: {', '.join(MASS_MATRICES)}")
-    iiv = _iiv_parametrisation(spec, method, _parse_iiv(iiv))
+    # auto: non-centred for every parameter, the choice that is safe for sparse data; laplace
+    # integrates out the z_* values, so it always uses the non-centred model
+    iiv = "non-centred" if iiv == "auto" else _parse_iiv(iiv)
+    if method == "laplace":
+        iiv = "non-centred"
     for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
         if not isinstance(value, int) or value < low:
             raise FitError(f"--{label} must be a whole number >= {low}, found {value!r}")
@@ -558,13 +555,12 @@ def fit(
 
 
 def _parse_iiv(iiv: str | Mapping[str, str]) -> str | dict[str, str]:
-    """``auto``, ``centred``, ``non-centred``, a mapping, or ``PARAM=KIND[,PARAM=KIND...]`` (CLI, batch)."""
+    """``centred``, ``non-centred``, a mapping, or ``PARAM=KIND[,PARAM=KIND...]`` (CLI, batch)."""
     if isinstance(iiv, str) and "=" in iiv:
         items = [item.partition("=") for item in iiv.split(",") if item.strip()]
         iiv = {name.strip(): kind.strip() for name, _, kind in items}
-    kinds = iiv.values() if isinstance(iiv, Mapping) else [iiv]
-    for kind in kinds:
-        if kind not in IIV_PARAMETRISATIONS and not (kind == "auto" and isinstance(iiv, str)):
+    for kind in iiv.values() if isinstance(iiv, Mapping) else [iiv]:
+        if kind not in IIV_PARAMETRISATIONS:
             raise FitError(f"--iiv {kind!r} is unknown; choices: auto, {', '.join(IIV_PARAMETRISATIONS)}, "
                            "or PARAM=centred|non-centred[,...]")
     return dict(iiv) if isinstance(iiv, Mapping) else iiv
@@ -572,15 +568,6 @@ def _parse_iiv(iiv: str | Mapping[str, str]) -> str | dict[str, str]:
 
 def _kind(iiv: str | Mapping[str, str], name: str) -> str:
     return iiv.get(name, "non-centred") if isinstance(iiv, Mapping) else iiv
-
-
-def _iiv_parametrisation(spec: ModelSpec, method: str, iiv: str | Mapping[str, str]) -> str | Mapping[str, str]:
-    """The IIV parametrisation a fit uses (``auto`` resolved)."""
-    if method == "laplace":
-        return "non-centred"  # it integrates out the z_* values
-    if iiv != "auto":
-        return iiv
-    return "non-centred"
 
 
 def _check_initial_point(model: Any, data: FitData) -> None:
@@ -659,7 +646,7 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
     """Laplace-approximate posterior draws as a DataTree (one chain), and a note when not converged."""
     import xarray as xr
 
-    from itpk.deterministics import evaluate
+    from itpk.deterministics import data_array, evaluate
     from itpk.laplace import laplace
 
     z_names = [f"z_{p}" for p in data.iiv]
@@ -668,15 +655,8 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
     # constrained values and deterministics as functions of the value variables (model["CL"] would
     # be a random draw from the prior, not a function of the draws)
     outs = [v for v in model.unobserved_value_vars if not v.name.endswith("__")]
-    names = [v.name for v in outs]
     evaluated = evaluate(model.value_vars, outs, [values[v.name] for v in model.value_vars])
-    data_vars = {}
-    for name, value in zip(names, evaluated, strict=True):
-        arr = value[None]  # (chain, draw, ...)
-        dims = list(model.named_vars_to_dims.get(name, ())) or [f"{name}_dim_{i}" for i in range(arr.ndim - 2)]
-        data_vars[name] = (("chain", "draw", *dims), arr)
-    coords = {"chain": [0], "draw": np.arange(draws), **{k: np.asarray(v) for k, v in model.coords.items() if v is not None}}
-    posterior = xr.Dataset(data_vars, coords={k: v for k, v in coords.items() if any(k in d[0] for d in data_vars.values())})
+    posterior = xr.Dataset({v.name: data_array(model, v.name, value[None]) for v, value in zip(outs, evaluated, strict=True)})
     note = "" if result.converged else f"; the optimiser did not fully converge ({result.message})"
     return xr.DataTree.from_dict({"posterior": posterior}), note
 
