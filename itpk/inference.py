@@ -20,7 +20,8 @@ variable names are the model file's names:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,7 +463,9 @@ def fit(
         Laplace approximation, as NONMEM's LAPLACIAN: population parameters, omegas and sigmas with
         approximate intervals, see :mod:`itpk.laplace`), ``advi`` (mean-field variational, quick look).
     draws, tune, chains, cores
-        Sampler settings (NUTS: per chain; ADVI: draws from the approximation).
+        Sampler settings (NUTS: per chain; ADVI: draws from the approximation). ``cores``: threads
+        running the chains; default one per chain (nutpie), which keeps every CPU busy until the
+        last chain ends; PyMC's sampler (processes): min(chains, CPUs).
     seed
         Seed of every random step (initialisation, sampling, predictive draws).
     errors
@@ -481,12 +484,15 @@ def fit(
         ``X_i = X·exp(omega_X·z_X)``: best when the data say little about each subject's value),
         ``centred`` (free ``log_X_i`` ~ N(log_X, omega_X): best when each subject's value is well
         determined by its own data), per parameter as a mapping or ``"beta=centred,k_efflux=non-centred"``
-        (parameters left out are non-centred); ``auto``: non-centred for every parameter, the choice
-        that is safe for sparse data (a pilot-free rule that recognises data-rich parameters is still
-        to be made). ``laplace`` always uses the non-centred model (it integrates out the ``z_*``).
-        Measured on the virus example (4 × (500 + 500), seed 1, low-rank): ``beta=centred`` took
-        24–30 leapfrog steps per draw (warm-up 65–87) against 45–68 (130–179), max R-hat 1.008
-        against 1.033, min bulk ESS 293 against 117, 13.3 min of sampling on a quiet machine.
+        (parameters left out are non-centred); ``auto`` (default): centred where the median
+        subject's Fisher information about its own effect, in units of the model file's IIV,
+        exceeds the number of subjects (the non-centred z's would then be correlated by more than
+        ½), non-centred elsewhere; see :mod:`itpk.parametrisation`. The choice and the information
+        are recorded in ``settings["iiv"]`` and ``settings["iiv_information"]``. ``laplace``
+        always uses the non-centred model (it integrates out the ``z_*``). Measured on the virus
+        example (4 × (500 + 500), seed 1, low-rank): ``beta=centred`` (what ``auto`` picks there)
+        took 24–30 leapfrog steps per draw (warm-up 65–87) against 45–68 (130–179), max R-hat
+        1.008 against 1.033, min bulk ESS 293 against 117.
     """
     import time
 
@@ -498,22 +504,28 @@ def fit(
         raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
     if mass_matrix not in MASS_MATRICES:
         raise FitError(f"--mass-matrix {mass_matrix!r} is unknown; choices: {', '.join(MASS_MATRICES)}")
-    # auto: non-centred for every parameter, the choice that is safe for sparse data; laplace
-    # integrates out the z_* values, so it always uses the non-centred model
-    iiv = "non-centred" if iiv == "auto" else _parse_iiv(iiv)
-    if method == "laplace":
-        iiv = "non-centred"
+    # laplace integrates out the z_* values, so it always uses the non-centred model
+    iiv = "non-centred" if method == "laplace" else ("auto" if iiv == "auto" else _parse_iiv(iiv))
     for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
         if not isinstance(value, int) or value < low:
             raise FitError(f"--{label} must be a whole number >= {low}, found {value!r}")
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    model, data = build_model(spec, dataset, errors=errors, iiv=iiv)
-    _check_initial_point(model, data)
+    model, data = build_model(spec, dataset, errors=errors, iiv="non-centred" if iiv == "auto" else iiv)
+    at_start = _at_start(model, data, data.iiv if iiv == "auto" else ())
+    _check_initial_point(at_start, data)
+    information: dict[str, float] = {}
+    if iiv == "auto":
+        iiv, information = _auto_iiv(at_start, data)
+        if "centred" in iiv.values():
+            model, data = build_model(spec, dataset, errors=errors, iiv=iiv)
     timings["build_s"] = time.perf_counter() - start
     warnings: list[str] = []
-    cores = cores or min(chains, _available_cores())
+    # nutpie runs chains as threads: one per chain even on fewer CPUs, so that no CPU idles while the
+    # last chains finish (virus example, 4 chains on 2 CPUs: 1.83 of 2 CPUs busy on average with 2
+    # threads); PyMC's sampler forks processes, at most one per CPU
+    cores = cores or (chains if method == "nuts" else min(chains, _available_cores()))
     start = time.perf_counter()
     if method == "nuts":
         if mass_matrix == "auto":
@@ -549,7 +561,7 @@ def fit(
     timings["predictive_s"] = time.perf_counter() - start
     settings = {"method": method, "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
                 "target_accept": target_accept, "mass_matrix": mass_matrix,
-                "iiv": iiv if isinstance(iiv, str) else dict(iiv), "estimated": list(data.estimated), "held_fixed": dict(data.fixed),
+                "iiv": iiv if isinstance(iiv, str) else dict(iiv), "iiv_information": information, "estimated": list(data.estimated), "held_fixed": dict(data.fixed),
                 "errors": dict(data.errors), "censoring": CENSORING_METHOD}
     return FitResult(tree, data, method, settings, timings, tuple(warnings))
 
@@ -570,25 +582,40 @@ def _kind(iiv: str | Mapping[str, str], name: str) -> str:
     return iiv.get(name, "non-centred") if isinstance(iiv, Mapping) else iiv
 
 
-def _check_initial_point(model: Any, data: FitData) -> None:
-    """Refuse, with the reason, a model whose log-density is not finite where sampling starts.
+def _at_start(model: Any, data: FitData, perturbed: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """IPRED and the σ's at the initial point (row 0), then with every subject's ``z_X`` moved by
+    ±:data:`itpk.parametrisation.STEP`/ω for each X of ``perturbed`` (rows 1 + 2j, 2 + 2j).
 
-    The priors are finite at their support points by construction, so the check is the
-    likelihood: IPRED and the σ's at the initial point (one vectorised evaluation, 0.04 s on
-    Theoph against 0.18 s for PyMC's ``point_logps``), then each output's pointwise terms.
+    One vectorised evaluation (:func:`itpk.deterministics.evaluate`): 0.04 s on Theoph against
+    0.18 s for PyMC's ``point_logps`` at one point.
     """
     from itpk.deterministics import evaluate
+    from itpk.parametrisation import STEP
 
     point = model.initial_point()
+    points = [point]
+    for name in perturbed:
+        omega = float(np.exp(point[f"omega_{name}_log__"]))  # z = η/ω
+        for sign in (1.0, -1.0):
+            points.append({**point, f"z_{name}": point[f"z_{name}"] + sign * STEP / omega})
     observed = observed_outputs(data.observations, data.outputs, data.errors)
     wanted = {"IPRED", *(name for obs in observed for name in sigma_names(obs.kind, obs.output).values())}
     outs = [v for v in model.unobserved_value_vars if v.name in wanted]
-    values = evaluate(model.value_vars, outs, [np.asarray(point[v.name])[None] for v in model.value_vars])
-    at_start = {v.name: value[0] for v, value in zip(outs, values, strict=True)}
+    values = evaluate(model.value_vars, outs, [np.stack([np.asarray(p[v.name]) for p in points]) for v in model.value_vars])
+    return {v.name: value for v, value in zip(outs, values, strict=True)}
+
+
+def _check_initial_point(at_start: Mapping[str, np.ndarray], data: FitData) -> None:
+    """Refuse, with the reason, a model whose log-density is not finite where sampling starts.
+
+    The priors are finite at their support points by construction, so the check is the
+    likelihood: each output's pointwise terms at IPRED and the σ's of :func:`_at_start`'s row 0.
+    """
+    start = {name: value[0] for name, value in at_start.items()}
     bad, hints = [], []
-    for obs in observed:
+    for obs in observed_outputs(data.observations, data.outputs, data.errors):
         with np.errstate(all="ignore"):
-            loglik, _ = pointwise(at_start, obs, np.random.default_rng(0))  # the predictive draw is not used
+            loglik, _ = pointwise(start, obs, np.random.default_rng(0))  # the predictive draw is not used
         if np.all(np.isfinite(loglik)):
             continue
         bad.append(obs.name)
@@ -600,6 +627,19 @@ def _check_initial_point(model: Any, data: FitData) -> None:
     if bad:
         raise FitError("the log-density is not finite at the initial point (" + ", ".join(bad) + ")"
                        + ("; " + "; ".join(hints) if hints else ""))
+
+
+def _auto_iiv(at_start: Mapping[str, np.ndarray], data: FitData) -> tuple[dict[str, str], dict[str, float]]:
+    """``--iiv auto``: each IIV parameter's parametrisation, and the median subject's information."""
+    from itpk.parametrisation import choose, information, omega_of_cv
+
+    observed = observed_outputs(data.observations, data.outputs, data.errors)
+    sigmas = [{role: float(at_start[name][0]) for role, name in sigma_names(obs.kind, obs.output).items()} for obs in observed]
+    params = data.spec.parameters
+    omegas = {name: omega_of_cv(params[name].iiv_cv, params[name].fraction) for name in data.iiv}  # type: ignore[arg-type]
+    info = information(at_start["IPRED"], sigmas, observed, data.observations["subject"].to_numpy(),
+                       data.observations["censored"].to_numpy(dtype=bool), omegas, len(data.subjects))
+    return choose(info, len(data.subjects)), {name: float(np.median(v)) for name, v in info.items()}
 
 
 def _available_cores() -> int:
@@ -627,11 +667,48 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
     jitter |= {v for v in model.free_RVs if v.name in typical}
     # only the free variables: the deterministics are computed after sampling, vectorised over the
     # draws (itpk.deterministics), rather than compiled into nutpie's per-draw "expand" function
-    compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter, var_names=[v.name for v in model.free_RVs])
+    compiled = _compiled(model, jitter)
     timings["compile_s"] = time.perf_counter() - start
     return nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                          progress_bar=progress, target_accept=target_accept,
                          adaptation="low_rank" if mass_matrix == "low-rank" else "diag")
+
+
+COMPILED_CACHE_SIZE = 4  # nutpie models kept in memory for the next fits of this process
+_compiled_models: list[tuple[Any, list[Any], tuple[Any, ...], Any]] = []  # (logp, value vars, key, compiled)
+_compiled_lock = threading.Lock()
+
+
+def _compiled(model: Any, jitter: set[Any]) -> Any:
+    """nutpie's compiled model, reused when this process has compiled the same log-density before.
+
+    A second fit of the same model and data (another seed, more draws, a pipeline's replicate)
+    then skips pytensor's rewrites and numba's compile (1.9–2.1 s warm on Theoph, 8–9 s cold).
+    The same means the same graph, constants included (``equal_computations`` on the log-density
+    with the value variables matched up), the same free variables, jittered variables and coords;
+    so any change to the data, the model file or the fit's model options compiles anew.
+    """
+    import nutpie
+    from pytensor.compile.sharedvalue import SharedVariable
+    from pytensor.graph.basic import equal_computations
+    from pytensor.graph.traversal import graph_inputs
+
+    names = [v.name for v in model.free_RVs]
+    logp = model.logp()
+    # PyMC keeps dimension lengths as shared variables: matched by name and value like the data
+    shared = sorted((v for v in graph_inputs([logp]) if isinstance(v, SharedVariable)), key=lambda v: str(v.name))
+    key = (tuple(names), frozenset(v.name for v in jitter), repr(model.coords),
+           tuple((v.name, np.asarray(v.get_value()).tobytes()) for v in shared))
+    inputs = [*model.value_vars, *shared]
+    with _compiled_lock:
+        for other_logp, other_inputs, other_key, compiled in reversed(_compiled_models):
+            if other_key == key and equal_computations([logp], [other_logp], in_xs=inputs, in_ys=other_inputs):
+                return compiled
+    compiled = nutpie.compile_pymc_model(model, jitter_rvs=jitter, var_names=names)
+    with _compiled_lock:
+        _compiled_models.append((logp, inputs, key, compiled))
+        del _compiled_models[:-COMPILED_CACHE_SIZE]
+    return compiled
 
 
 def _map(model: Any, seed: int, progress: bool) -> Any:

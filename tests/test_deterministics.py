@@ -67,7 +67,7 @@ def test_nuts_stores_free_variables_and_the_deterministics_follow_from_them():
     spec, data = dataset("one_cpt_oral", "po", None)
     result = fit(spec, data, draws=20, tune=20, chains=1, seed=3, errors={"plasma": "additive"})
     post = result.tree["posterior"]
-    model, _ = build_model(spec, data, errors={"plasma": "additive"})
+    model, _ = build_model(spec, data, errors={"plasma": "additive"}, iiv=result.settings["iiv"])  # as --iiv auto chose
     one = pytensor.function(list(model.free_RVs), [model["IPRED"], model["CL_i"]], mode="FAST_COMPILE", on_unused_input="ignore")
     for draw in (0, 7, 19):
         ipred, cl_i = one(*[post[rv.name].values[0, draw] for rv in model.free_RVs])
@@ -80,7 +80,7 @@ def test_nuts_stores_free_variables_and_the_deterministics_follow_from_them():
 def test_add_deterministics_leaves_a_complete_posterior_alone():
     spec, data = dataset("one_cpt_oral", "po", None)
     result = fit(spec, data, method="map", seed=1, errors={"plasma": "additive"})
-    model, _ = build_model(spec, data, errors={"plasma": "additive"})
+    model, _ = build_model(spec, data, errors={"plasma": "additive"}, iiv=result.settings["iiv"])
     before = result.tree["posterior"].to_dataset()
     after = add_deterministics(result.tree, model)["posterior"].to_dataset()
     assert set(after.data_vars) == set(before.data_vars)

@@ -20,11 +20,11 @@ from itpk.inference import build_model, fit
 THEOPH = Path(str(files("itpk.data") / "theoph.csv"))
 
 
-def tiny_dataset():
+def tiny_dataset(first_dv: float = 1.7):
     rows = [
         # ID TIME EVID AMT ROUTE CMT DV BLQ
         (1, 0.0, 1, 100.0, "iv", "", None, 0),
-        (1, 1.0, 0, None, "", "plasma", 1.7, 0),
+        (1, 1.0, 0, None, "", "plasma", first_dv, 0),
         (1, 6.0, 0, None, "", "plasma", 1.1, 0),
         (1, 24.0, 0, None, "", "plasma", 0.2, 1),  # BLQ: DV holds the limit
         (2, 0.0, 1, 50.0, "iv", "", None, 0),
@@ -174,6 +174,33 @@ def test_iiv_option_is_checked_resolved_and_recorded():
     # laplace integrates out the z_* values: it keeps the non-centred model whatever is asked
     laplace = fit(load_model("one_cpt_iv"), tiny_dataset(), method="laplace", iiv="centred", **kw)
     assert laplace.settings["iiv"] == "non-centred"
+
+
+def test_the_compiled_sampler_is_reused_only_for_the_same_log_density(monkeypatch):
+    import nutpie
+
+    from itpk import inference
+
+    calls = []
+    real = nutpie.compile_pymc_model
+    monkeypatch.setattr(nutpie, "compile_pymc_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(inference, "_compiled_models", [])
+    spec = load_model("one_cpt_iv")
+    kw = {"draws": 30, "tune": 30, "chains": 1, "errors": {"plasma": "additive"}}
+    def draws(result):
+        return np.asarray(result.tree["posterior"]["CL"]).ravel()
+
+    first = fit(spec, tiny_dataset(), seed=5, **kw)
+    again = fit(spec, tiny_dataset(), seed=5, **kw)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(draws(again), draws(first))  # same seed, same draws
+    other_seed = fit(spec, tiny_dataset(), seed=6, **kw)
+    assert len(calls) == 1 and not np.array_equal(draws(other_seed), draws(first))
+    # one observation changed: a different log-density, compiled anew; so is another error model
+    fit(spec, tiny_dataset(first_dv=1.8), seed=5, **kw)
+    assert len(calls) == 2
+    fit(spec, tiny_dataset(), seed=5, **{**kw, "errors": {"plasma": "proportional"}})
+    assert len(calls) == 3
 
 
 @pytest.fixture(scope="module")
