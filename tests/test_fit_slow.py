@@ -99,7 +99,7 @@ TRUE_VIRUS = {"r": 0.00058, "beta": 2e-11, "delta": 0.04, "burst": 30.0, "omega"
 
 
 def test_example_virus_recovers_true_values():
-    # the stiff nonlinear model with fit()'s defaults; about 11 min on 2 quiet cores (benchmarks/README.md).
+    # the stiff nonlinear model with fit()'s defaults; about 14 min on 2 quiet cores (benchmarks/README.md).
     # Each true value inside its 90% interval, as measured. --iiv auto centres beta: every subject's beta is
     # pinned down by its own data relative to the others (non-centred: z_beta correlations up to 0.98,
     # omega_beta's R-hat 1.033), and leaves the weakly informed k_efflux non-centred
@@ -115,6 +115,5 @@ def test_example_virus_recovers_true_values():
         assert lo <= value <= hi, (name, lo, hi, value)
     from itpk.run import diagnostics
 
-    # converged chains; measured 1.015 (omega_k_efflux) on this seed at the fit's rtol 3e-4, so the
-    # issue's R-hat <= 1.01 target is not met here (benchmarks/README.md, session 12)
-    assert diagnostics(result)["max_r_hat"] <= 1.02
+    # measured 1.008 (omega_k_efflux) on this seed; seed 2 gave 1.040 (benchmarks/README.md, session 12)
+    assert diagnostics(result)["max_r_hat"] <= 1.01

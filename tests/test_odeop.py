@@ -601,15 +601,14 @@ def test_fit_tolerance_applies_to_the_stiff_method_only():
         y = ode_predict(system, pt.matrix("p"), pt.matrix("x0"), pt.tensor3("F"), design, **kwargs)
         return float(y.owner.inputs[-1].data[0])
 
-    assert rtol("it_oncolytic_virus", fit=True) == FIT_RTOL_STIFF == 3e-4
+    assert rtol("it_oncolytic_virus", fit=True) == FIT_RTOL_STIFF == 1e-4
     assert rtol("it_oncolytic_virus", fit=True, rtol=1e-6) == 1e-6
     assert rtol("one_cpt_mm", fit=True) == DEFAULT_RTOL
 
 
-def test_virus_predictions_at_the_fit_tolerance_stay_within_2e_3_of_radau():
-    # FIT_RTOL_STIFF (3e-4) over the example data's design (4 T-VEC visits, 77 days): every output within
-    # 2e-3 (relative; measured 1.2e-3) of Radau rtol 1e-10, against residual errors of 5% (diameter) and
-    # 0.5 (log, blood)
+def test_virus_predictions_at_the_fit_tolerance_stay_within_1e_3_of_radau():
+    # FIT_RTOL_STIFF (1e-4) over the example data's design (4 T-VEC visits, 77 days): every output within
+    # 1e-3 (relative) of Radau rtol 1e-10, against residual errors of 5% (diameter) and 0.5 (log, blood)
     spec = load_model("it_oncolytic_virus")
     times = np.array([0.0, 24.0, 72.0, 168.0, 504.0, 528.0, 840.0, 1176.0, 1512.0, 1848.0])
     subjects = [({}, tvec_schedule(3.0, visits=4), times), ({"beta": 6e-11, "k_efflux": 0.004}, tvec_schedule(1.5, visits=4), times)]
@@ -617,13 +616,13 @@ def test_virus_predictions_at_the_fit_tolerance_stay_within_2e_3_of_radau():
     want, _ = radau_reference(system, p, x0, F, design)
     got = predict(system, p, x0, F, design, fit=True)
     blood = design.obs_output == 0
-    np.testing.assert_allclose(got[~blood], want[~blood], rtol=2e-3)
-    np.testing.assert_allclose(got[blood], want[blood], rtol=2e-3, atol=1e-2)  # atol: 1e-3 of the LLOQ (10 copies/mL)
+    np.testing.assert_allclose(got[~blood], want[~blood], rtol=1e-3)
+    np.testing.assert_allclose(got[blood], want[blood], rtol=1e-3, atol=1e-2)  # atol: 1e-3 of the LLOQ (10 copies/mL)
 
 
 def test_virus_log_density_at_the_fit_tolerance_is_within_0_05_of_a_tight_solve(monkeypatch):
-    # what FIT_RTOL_STIFF is chosen by: the fit's log-density within 0.05 (absolute; a density ratio off by
-    # at most 5%) of the same graph solved at rtol 1e-8, at 8 points around the initial point
+    # the fit's log-density within 0.05 (absolute; a density ratio off by at most 5%) of the same graph
+    # solved at rtol 1e-8, at 8 points around the initial point (measured: 0.009 at rtol 3e-4; 0.069 at 3e-3)
     from itpk import odeop
     from itpk.dataset import read_dataset
     from itpk.inference import build_model
