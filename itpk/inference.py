@@ -636,7 +636,7 @@ def _auto_iiv(at_start: Mapping[str, np.ndarray], data: FitData) -> tuple[dict[s
     observed = observed_outputs(data.observations, data.outputs, data.errors)
     sigmas = [{role: float(at_start[name][0]) for role, name in sigma_names(obs.kind, obs.output).items()} for obs in observed]
     params = data.spec.parameters
-    omegas = {name: omega_of_cv(params[name].iiv_cv, params[name].fraction) for name in data.iiv}  # type: ignore[arg-type]
+    omegas = {name: omega_of_cv(params[name].iiv_cv) for name in data.iiv}  # type: ignore[arg-type]
     info = information(at_start["IPRED"], sigmas, observed, data.observations["subject"].to_numpy(),
                        data.observations["censored"].to_numpy(dtype=bool), omegas, len(data.subjects))
     return choose(info, len(data.subjects)), {name: float(np.median(v)) for name, v in info.items()}

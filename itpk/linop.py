@@ -72,7 +72,7 @@ from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache
 
 from itpk import closedform, native
 from itpk.errors import FitError
-from itpk.native import NativeKernel, as_pointer
+from itpk.native import NativeKernel, as_pointer, keep_alive
 
 __all__ = ["Design", "LinearPredict", "LinearPredictGrad", "linear_predict"]
 
@@ -833,14 +833,6 @@ def _check_shapes(N, n, F, C, obs_subject, subject_start, pair_obs, pair_dose, p
 
 
 @_njit
-def _alive(arrays):
-    """A use of ``arrays`` (a tuple) after the native call: numba frees a variable after its last use,
-    and an address in the block is not a use, so a contiguous copy could be freed before the call.
-    Building the tuple for this call keeps every array referenced until here."""
-    return arrays[0].size
-
-
-@_njit
 def _flagged(block, outputs):
     """NaN in every output when the entry point did not finish (its flag, the block's last slot, is 0)."""
     if block[-1] != 1:
@@ -865,7 +857,7 @@ def _forward(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out,
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
     block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_forward(block.ctypes.data)
-    _alive((K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
+    keep_alive((K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
     _flagged(block, (y,))
     return y, lam, V, W
 
@@ -888,7 +880,7 @@ def _backward(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_
     # Kbar stands in for K in the block (same shape; the backward kernels do not read K)
     block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_backward(block.ctypes.data)
-    _alive((ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
+    keep_alive((ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period))
     _flagged(block, (Kbar, Fbar, Cbar))
     return Kbar, Fbar, Cbar
 
@@ -911,7 +903,7 @@ def _forward_small(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pai
     extra = np.array([y.ctypes.data, lam.ctypes.data, V.ctypes.data, W.ctypes.data], dtype=np.int64)
     block = _pack(K, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_forward_small(block.ctypes.data)
-    _alive((K, F, C))
+    keep_alive((K, F, C))
     _flagged(block, (y,))
     return y, lam, V, W
 
@@ -927,7 +919,7 @@ def _backward_small(ybar, F, C, lam, V, W, obs_subject, subject_start, pair_obs,
                       Kbar.ctypes.data, Fbar.ctypes.data, Cbar.ctypes.data], dtype=np.int64)
     block = _pack(Kbar, F, C, obs_subject, subject_start, pair_obs, pair_dose, pair_out, pair_inf, pair_s, pair_u, pair_period, extra)
     _call_backward_small(block.ctypes.data)
-    _alive((ybar, F, C, lam, V, W))
+    keep_alive((ybar, F, C, lam, V, W))
     _flagged(block, (Kbar, Fbar, Cbar))
     return Kbar, Fbar, Cbar
 

@@ -31,9 +31,17 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["NativeKernel", "as_pointer"]
+__all__ = ["NativeKernel", "as_pointer", "keep_alive"]
 
 _POINTERS: dict[Any, Any] = {}
+
+
+@numba.njit(cache=True, nogil=True)
+def keep_alive(arrays: Any) -> int:
+    """A use of ``arrays`` (a tuple) after a native call: numba frees a variable after its last use,
+    and an address in the block is not a use, so a contiguous copy could be freed before the call.
+    Building the tuple for this call keeps every array referenced until here."""
+    return arrays[0].size
 
 
 def as_pointer(dtype: Any) -> Any:

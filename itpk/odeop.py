@@ -111,7 +111,7 @@ from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache
 from itpk import exprvm, native
 from itpk.errors import FitError, ItpkError
 from itpk.linop import Design
-from itpk.native import NativeKernel, as_pointer
+from itpk.native import NativeKernel, as_pointer, keep_alive
 from itpk.spec import ELIMINATION, ModelSpec
 from itpk.system import initial_state, resolve
 
@@ -992,13 +992,6 @@ def _slot(block, k, arr):
 
 
 @_njit
-def _alive(arrays):
-    """A use of ``arrays`` after the native call: numba frees an array after its last use, and an
-    address in the block is not a use (see itpk.linop)."""
-    return len(arrays)
-
-
-@_njit
 def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndarray, obs_output: np.ndarray,
              Gd: np.ndarray, ev_start: np.ndarray, ev_time: np.ndarray, ev_kind: np.ndarray, ev_index: np.ndarray,
              code: np.ndarray, arg: np.ndarray, consts: np.ndarray, starts: np.ndarray,
@@ -1059,7 +1052,7 @@ def _forward(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np.ndar
     _slot(block, 23, counts)
     block[-1] = 0
     _call_forward(block.ctypes.data)
-    _alive((p, x0, Fr, Gd, obs_subject, obs_output, ev_start, ev_time, ev_kind, ev_index, code, arg, consts, starts,
+    keep_alive((p, x0, Fr, Gd, obs_subject, obs_output, ev_start, ev_time, ev_kind, ev_index, code, arg, consts, starts,
             groups, rc, ops, tape_consts, tout, tape, settings))
     if block[-1] != 1:
         y[:] = np.nan

@@ -41,9 +41,9 @@ __all__ = ["STEP", "choose", "information", "omega_of_cv"]
 STEP = 1e-3  # central-difference step in η (log or logit scale); predictions are smooth in η
 
 
-def omega_of_cv(cv: float, fraction: bool = False) -> float:
-    """SD of log X (or of logit X for a fraction) whose log-normal CV is ``cv``."""
-    # a fraction's logit-normal spread is taken as the same SD: the model file gives one number
+def omega_of_cv(cv: float) -> float:
+    """SD of log X whose log-normal CV is ``cv`` (a fraction's logit-normal SD is taken as the same:
+    the model file gives one number)."""
     return math.sqrt(math.log1p(cv * cv))
 
 
