@@ -229,7 +229,7 @@ def _free_names(model) -> list[str]:
 
 
 def run_itpk(model_name: str, data_path: Path, seed: int, draws: int, tune: int, chains: int, errors=None,
-             iiv: str = "auto") -> dict:
+             iiv: str = "auto", precondition: str = "auto") -> dict:
     from itpk import load_model
     from itpk.dataset import read_dataset
     from itpk.inference import build_model, fit
@@ -239,7 +239,8 @@ def run_itpk(model_name: str, data_path: Path, seed: int, draws: int, tune: int,
     ds = read_dataset(data_path, spec)
     read_s = T() - start
     start = T()
-    result = fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed, errors=errors, iiv=iiv)
+    result = fit(spec, ds, draws=draws, tune=tune, chains=chains, seed=seed, errors=errors, iiv=iiv,
+                 precondition=precondition)
     wall = T() - start
     tm = dict(result.timings)
     model, _ = build_model(spec, ds, errors=errors, iiv=result.settings["iiv"])  # only for the free-variable names
@@ -251,6 +252,9 @@ def run_itpk(model_name: str, data_path: Path, seed: int, draws: int, tune: int,
         "sampling": tm["sampling_s"],  # fit() already excludes compilation
         "sampling_s_reported": tm["sampling_s"],
         "extras": tm["predictive_s"],
+        "precondition_s": tm.get("precondition_s", 0.0),  # mode search and Hessian (the pilot is sampling)
+        "precondition": result.settings.get("precondition"),
+        "mass_matrix": result.settings.get("mass_matrix"),
         "cores": result.settings["cores"],
         "errors": dict(result.settings["errors"]),
     }
@@ -726,8 +730,13 @@ def run_virus(args: argparse.Namespace) -> None:
     print(f"== it_oncolytic_virus on {VIRUS_DATA.name}: {chains} chains x ({tune} tune + {draws} draws), seed {args.seed}, iiv {args.virus_iiv}")
     print(f"  ODE method {system.method!r} -> rosenbrock if typical rate {system.typical_rate:.2f}/h x horizon > "
           f"{odeop.STIFF_THRESHOLD:g}; rtol {args.virus_rtol or 'default'}; one gradient (compile_dlogp) {grad_ms:.1f} ms")
-    r = timed(run_itpk, "it_oncolytic_virus", VIRUS_DATA, args.seed, draws, tune, chains, iiv=args.virus_iiv)
-    print(f"  wall {fmt(r['wall'])} s (build {fmt(r['build'])}, compile {fmt(r['compile'])}, sampling {fmt(r['sampling'])}, "
+    r = timed(run_itpk, "it_oncolytic_virus", VIRUS_DATA, args.seed, draws, tune, chains, iiv=args.virus_iiv,
+              precondition=args.virus_precondition)
+    pre = r["precondition"] or {}
+    print(f"  precondition {pre.get('method')} (mode search {pre.get('gradients', 0)} gradients, "
+          f"{fmt(r['precondition_s'])} s; pilot {pre.get('pilot_gradients', 0)} gradients); mass matrix {r['mass_matrix']}")
+    print(f"  wall {fmt(r['wall'])} s (build {fmt(r['build'])}, compile {fmt(r['compile'])}, precondition "
+          f"{fmt(r['precondition_s'])}, sampling {fmt(r['sampling'])}, "
           f"extras {fmt(r['extras'])}); min ESS_bulk {r['min_ess_all']:.0f} -> ESS/s {r['min_ess_all'] / r['sampling']:.2f}; "
           f"max R-hat {fmt(r['max_rhat_population'], 3)} (population), {fmt(r['max_rhat_all'], 3)} (all free, worst "
           f"{r['rhat_worst']}); divergences {r['divergences']}; other processes' CPU {r['contention']['others_cpu_s']:.0f} s")
@@ -753,6 +762,8 @@ def main() -> None:
                         help="only the stiff it_oncolytic_virus fit on data/example_virus.csv (4 x 500 + 500 by default)")
     parser.add_argument("--virus-iiv", default="auto",
                         help="with --virus: fit(iiv=...): auto, centred, non-centred or PARAM=KIND,...")
+    parser.add_argument("--virus-precondition", default="auto", choices=("auto", "mode", "none"),
+                        help="with --virus: fit(precondition=...): mode (whitened, the default for ODE models) or none")
     parser.add_argument("--virus-rtol", type=float, default=None,
                         help="with --virus: the ODE Op's rtol (default: ode_predict's own for the chosen method)")
     args = parser.parse_args()

@@ -202,8 +202,9 @@ def fit(
     seed: Annotated[int | None, typer.Option(help="Seed of every random step.")] = None,
     error: Annotated[list[str] | None, typer.Option(help="Residual error per output, OUTPUT=MODEL (additive, proportional, combined, log).")] = None,
     target_accept: Annotated[float, typer.Option(help="NUTS target acceptance rate; raise it (e.g. 0.95) when a fit reports divergences.")] = 0.9,
-    mass_matrix: Annotated[str, typer.Option(help="NUTS mass matrix: auto (low-rank for nonlinear models, diag for linear), diag, low-rank.")] = "auto",
+    mass_matrix: Annotated[str, typer.Option(help="NUTS mass matrix adapted during warm-up: auto (diag; low-rank for a nonlinear model with --precondition none), diag, low-rank.")] = "auto",
     iiv: Annotated[str, typer.Option(help="Parametrisation of the between-subject effects: auto (centred where each subject's data pin its value down, see itpk.parametrisation), centred, non-centred, or PARAM=centred|non-centred[,...].")] = "auto",
+    precondition: Annotated[str, typer.Option(help="NUTS coordinates: mode (whitened at the posterior mode: a dense initial metric), none, auto (mode for nonlinear models, none for linear).")] = "auto",
     strict: Annotated[bool, typer.Option(help="Exit 3 when the diagnostics fail (R-hat > 1.01, bulk ESS < 400, divergences).")] = False,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
 ) -> None:
@@ -220,7 +221,7 @@ def fit(
     with user_errors():
         result = run_fit(data, model=model, out=out, method=method, draws=draws, tune=tune, chains=chains,
                          cores=cores, seed=seed, errors=errors, target_accept=target_accept,
-                         mass_matrix=mass_matrix, iiv=iiv, progress=not quiet and sys.stderr.isatty(),
+                         mass_matrix=mass_matrix, iiv=iiv, precondition=precondition, progress=not quiet and sys.stderr.isatty(),
                          command=sys.argv)
     if not quiet:
         typer.echo(result.message)

@@ -335,6 +335,7 @@ def run_fit(
     target_accept: float = 0.9,
     mass_matrix: str = "auto",
     iiv: str = "auto",
+    precondition: str = "auto",
     progress: bool = False,
     command: Sequence[str] = (),
 ) -> FitRunResult:
@@ -346,7 +347,8 @@ def run_fit(
     spec = load_model(model)
     dataset = read_dataset(data, spec)
     result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
-                 errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv, progress=progress)
+                 errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
+                 precondition=precondition, progress=progress)
     run_dir = write_run(result, out, command=command)
     diag = diagnostics(result)
     table = summary_table(result)

@@ -232,7 +232,7 @@ def _fit(job: JobSpec, folder: Path) -> dict[str, Any]:
                      tune=o.get("tune", 1000), chains=o.get("chains", 4), cores=1, seed=o.get("seed"),
                      errors=dict(o.get("error", ())), target_accept=o.get("target_accept", 0.9),
                      mass_matrix=o.get("mass_matrix", "auto"), iiv=o.get("iiv", "auto"),
-                     command=("itpk", "batch", job.label))
+                     precondition=o.get("precondition", "auto"), command=("itpk", "batch", job.label))
     return fit_headline(result.diagnostics, method)
 
 

@@ -131,6 +131,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _option("target_accept", _number, "a NUTS target acceptance rate in [0.5, 1)"),
     _option("mass_matrix", _text, "auto, diag or low-rank"),
     _option("iiv", _text, "auto, centred or non-centred"),
+    _option("precondition", _text, "auto, mode or none"),
     _option("dose", _number), _option("diam", _number), _option("every", _number), _option("infusion", _number),
     _option("horizon", _number), _option("step", _number),
     _option("doses", _whole), _option("subjects", _whole), _option("seed", _whole), _option("draws", _whole),
@@ -148,7 +149,8 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
                           "threshold", "horizon", "posterior", "plot"}),
     "simulate": frozenset({"model", "route", "dose", "regimen", "diam", "every", "doses", "infusion", "horizon", "step",
                            "at", "set", "subjects", "seed", "plot"}),
-    "fit": frozenset({"data", "model", "method", "draws", "tune", "chains", "seed", "error", "target_accept", "mass_matrix", "iiv"}),
+    "fit": frozenset({"data", "model", "method", "draws", "tune", "chains", "seed", "error", "target_accept", "mass_matrix", "iiv",
+                      "precondition"}),
 }
 REQUIRED: dict[str, tuple[str, ...]] = {"compare": ("model",), "simulate": ("model",), "fit": ("data", "model")}
 TABLES = frozenset({"set", "target", "error"})  # merged key by key when defaults and a job both give them
