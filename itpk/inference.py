@@ -583,8 +583,8 @@ def fit(
     settings = {"method": method, "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
                 "target_accept": target_accept, "mass_matrix": mass_matrix,
                 "iiv": iiv if isinstance(iiv, str) else dict(iiv), "iiv_information": information,
-                "precondition": {"method": precondition if method == "nuts" else "none", **preconditioning}, "estimated": list(data.estimated), "held_fixed": dict(data.fixed),
-                "errors": dict(data.errors), "censoring": CENSORING_METHOD}
+                "precondition": {"method": precondition if method == "nuts" else "none", **preconditioning},
+                "estimated": list(data.estimated), "held_fixed": dict(data.fixed), "errors": dict(data.errors), "censoring": CENSORING_METHOD}
     return FitResult(tree, data, method, settings, timings, tuple(warnings))
 
 
@@ -736,7 +736,10 @@ def _pilot(compiled: Any, whitening: Any, seed: int, settings: dict[str, Any], r
     steps = int(tree["warmup_sample_stats"]["n_steps"].values.sum() + tree["sample_stats"]["n_steps"].values.sum())
     if record is not None:
         record.update(pilot_tune=PILOT_TUNE, pilot_draws=PILOT_DRAWS, pilot_maxdepth=PILOT_MAXDEPTH, pilot_gradients=steps)
-    return from_draws(x, steps)
+    try:
+        return from_draws(x, steps)
+    except ValueError:  # non-finite pilot draws: keep the mode's whitening, the main run adapts anyway
+        return whitening
 
 
 def _with(compiled: Any, whitening: Any) -> Any:
@@ -748,9 +751,10 @@ def _with(compiled: Any, whitening: Any) -> Any:
 def _whitened(model: Any, timings: dict[str, float], start: float) -> tuple[Any, Any]:
     """nutpie's model on whitened coordinates, with the whitening found by its own log-density.
 
-    Chains start at the mode jittered by U(-1, 1) per whitened coordinate, i.e. about one
-    posterior standard deviation in every direction: dispersed enough for R-hat, local enough
-    not to start in another mode (see the jitter note of :func:`_nuts`).
+    Chains start at the whitening's mean (the mode; after a pilot, its draws' mean) jittered by
+    U(-1, 1) per whitened coordinate, i.e. about one posterior standard deviation in every
+    direction: dispersed enough for R-hat, local enough not to start in another mode (see the
+    jitter note of :func:`_nuts`).
     """
     import time
 

@@ -14,6 +14,11 @@ diagonal metric adapts to quickly; the diagonal adaptation still runs on top, so
 speed, never correctness (the map is linear with a constant Jacobian, so the density of u is
 p(m + A u)·|det A| and the draws of x follow the same posterior).
 
+The mode's Hessian misjudges non-Gaussian directions (on the virus posterior one whitened
+direction still had 111× the Hessian's variance), so a fit with enough warm-up replaces it by the
+mean and covariance of a short pilot run's draws (:func:`from_draws`; the pilot itself is
+:func:`itpk.inference._pilot`).
+
 m and A enter the compiled model as shared data (``itpk_whiten_mean``, ``itpk_whiten_root``),
 first the identity (u = x) to find the mode with the compiled log-density itself, then the
 whitening, so the model is compiled once and the in-process compiled-model cache still works.
