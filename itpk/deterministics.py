@@ -14,7 +14,7 @@ without its forward sensitivities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,32 @@ def prior_draws(model: Any, draws: int, seed: int) -> Any:
     variables = [*rvs, *deterministics]
     arrays = [*values, *evaluate(rvs, deterministics, values)]
     return xr.Dataset({v.name: data_array(model, v.name, a[None]) for v, a in zip(variables, arrays, strict=True)})
+
+
+def posterior_dataset(model: Any, values: Mapping[str, np.ndarray], chains: int = 1) -> Any:
+    """The constrained free variables and deterministics of ``model`` at draws of its value variables.
+
+    Parameters
+    ----------
+    values
+        Value-variable name ↦ draws (n, ...) on PyMC's unconstrained scale, n = chains × draws,
+        chain-major.
+    chains
+        Number of chains the n draws split into.
+
+    Returns
+    -------
+    xarray.Dataset
+        Every free random variable (constrained) and deterministic, dims ``(chain, draw, ...)``;
+        computed as functions of the value variables (``model["CL"]`` itself would be a random
+        draw from the prior, not a function of the draws).
+    """
+    import xarray as xr
+
+    outs = [v for v in model.unobserved_value_vars if not v.name.endswith("__")]
+    evaluated = evaluate(model.value_vars, outs, [values[v.name] for v in model.value_vars])
+    return xr.Dataset({v.name: data_array(model, v.name, value.reshape(chains, -1, *value.shape[1:]))
+                       for v, value in zip(outs, evaluated, strict=True)})
 
 
 def data_array(model: Any, name: str, value: np.ndarray) -> Any:

@@ -674,6 +674,7 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
           timings: dict[str, float], target_accept: float, mass_matrix: str = "diag",
           centred: frozenset[str] = frozenset(), precondition: str = "none",
           record: dict[str, Any] | None = None) -> Any:
+    record = {} if record is None else record  # what preconditioning did, for settings["precondition"]
     import time
 
     import nutpie
@@ -682,9 +683,8 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
     adaptation = "low_rank" if mass_matrix == "low-rank" else "diag"
     if precondition == "mode":
         compiled, whitening = _whitened(model, timings, start)
-        if record is not None:
-            record.update(gradients=whitening.gradients, clipped_curvatures=whitening.clipped,
-                          mode_logp=round(whitening.logp, 3), dimension=int(whitening.mean.size))
+        record.update(gradients=whitening.gradients, clipped_curvatures=whitening.clipped,
+                      mode_logp=round(whitening.logp, 3), dimension=int(whitening.mean.size))
         settings = {"chains": chains, "cores": cores, "progress_bar": progress, "target_accept": target_accept,
                     "adaptation": adaptation}
         if tune >= 2 * (PILOT_TUNE + PILOT_DRAWS):
@@ -712,7 +712,7 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
 PILOT_TUNE, PILOT_DRAWS, PILOT_MAXDEPTH = 100, 50, 5  # the pilot of precondition="mode"
 
 
-def _pilot(compiled: Any, whitening: Any, seed: int, settings: dict[str, Any], record: dict[str, Any] | None) -> Any:
+def _pilot(compiled: Any, whitening: Any, seed: int, settings: dict[str, Any], record: dict[str, Any]) -> Any:
     """A short run whose draws give the metric of the main run (mean and covariance, dense).
 
     The mode's Hessian misjudges non-Gaussian directions (virus example: the posterior's variance
@@ -732,10 +732,9 @@ def _pilot(compiled: Any, whitening: Any, seed: int, settings: dict[str, Any], r
                          maxdepth=PILOT_MAXDEPTH, **settings)
     u = np.concatenate([tree["warmup_posterior"][WHITENED].values[:, PILOT_TUNE // 2:],
                         tree["posterior"][WHITENED].values], axis=1)
-    x = whitening.mean + np.einsum("ij,...j->...i", whitening.root, u.reshape(-1, u.shape[-1]))
+    x = whitening.to_x(u.reshape(-1, u.shape[-1]))
     steps = int(tree["warmup_sample_stats"]["n_steps"].values.sum() + tree["sample_stats"]["n_steps"].values.sum())
-    if record is not None:
-        record.update(pilot_tune=PILOT_TUNE, pilot_draws=PILOT_DRAWS, pilot_maxdepth=PILOT_MAXDEPTH, pilot_gradients=steps)
+    record.update(pilot_tune=PILOT_TUNE, pilot_draws=PILOT_DRAWS, pilot_maxdepth=PILOT_MAXDEPTH, pilot_gradients=steps)
     try:
         return from_draws(x, steps)
     except ValueError:  # non-finite pilot draws: keep the mode's whitening, the main run adapts anyway
@@ -758,35 +757,28 @@ def _whitened(model: Any, timings: dict[str, float], start: float) -> tuple[Any,
     """
     import time
 
-    from itpk.whitening import find_whitening, whitened_model
+    from itpk.whitening import find_whitening, initial_x, whitened_model
 
     whitened = whitened_model(model)
     compiled = _compiled(whitened, set(whitened.free_RVs))
     timings["compile_s"] = time.perf_counter() - start
     begin = time.perf_counter()
-    point = model.initial_point()
-    x0 = np.concatenate([np.ravel(point[v.name]) for v in model.value_vars])
     # the compiled pytensor function with its shared data as compiled: m = 0, A = I, so u = x
-    whitening = find_whitening(lambda x: compiled.logp_func(x), x0)
+    whitening = find_whitening(compiled.logp_func, initial_x(model))
     timings["precondition_s"] = time.perf_counter() - begin
     return compiled, whitening
 
 
 def _unwhitened(tree: Any, model: Any, whitening: Any) -> Any:
-    """The sampled tree with the whitened draws replaced by the model's free variables (constrained)."""
+    """The sampled tree with the whitened draws replaced by the model's free variables (constrained)
+    and deterministics."""
     import xarray as xr
 
-    from itpk.deterministics import data_array, evaluate
+    from itpk.deterministics import posterior_dataset
     from itpk.whitening import WHITENED, unwhiten
 
     u = tree["posterior"][WHITENED].transpose("chain", "draw", ...).values
-    values = unwhiten(u.reshape(-1, u.shape[-1]), whitening, model)
-    # the constrained free variables as functions of the value variables (backward transforms)
-    constrained = model.replace_rvs_by_values(model.free_RVs)
-    evaluated = evaluate(model.value_vars, constrained, [values[v.name] for v in model.value_vars])
-    posterior = xr.Dataset({rv.name: data_array(model, rv.name, value.reshape(*u.shape[:2], *value.shape[1:]))
-                            for rv, value in zip(model.free_RVs, evaluated, strict=True)})
-    posterior = posterior.assign_coords(chain=tree["posterior"]["chain"].values, draw=tree["posterior"]["draw"].values)
+    posterior = posterior_dataset(model, unwhiten(u.reshape(-1, u.shape[-1]), whitening, model), chains=u.shape[0])
     kept = {name: tree[name].to_dataset() for name in tree.children if name not in ("posterior", "warmup_posterior")}
     return xr.DataTree.from_dict({"posterior": posterior, **kept})
 
@@ -851,17 +843,13 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
     """Laplace-approximate posterior draws as a DataTree (one chain), and a note when not converged."""
     import xarray as xr
 
-    from itpk.deterministics import data_array, evaluate
+    from itpk.deterministics import posterior_dataset
     from itpk.laplace import laplace
 
     z_names = [f"z_{p}" for p in data.iiv]
     values, result = laplace(model, z_names, len(data.subjects), draws=draws, seed=seed,
                              progress=(lambda msg: print(msg, flush=True)) if progress else None)
-    # constrained values and deterministics as functions of the value variables (model["CL"] would
-    # be a random draw from the prior, not a function of the draws)
-    outs = [v for v in model.unobserved_value_vars if not v.name.endswith("__")]
-    evaluated = evaluate(model.value_vars, outs, [values[v.name] for v in model.value_vars])
-    posterior = xr.Dataset({v.name: data_array(model, v.name, value[None]) for v, value in zip(outs, evaluated, strict=True)})
+    posterior = posterior_dataset(model, values)
     note = "" if result.converged else f"; the optimiser did not fully converge ({result.message})"
     return xr.DataTree.from_dict({"posterior": posterior}), note
 

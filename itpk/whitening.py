@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-__all__ = ["MEAN", "ROOT", "WHITENED", "Whitening", "find_whitening", "from_draws", "unwhiten", "whitened_model"]
+__all__ = ["MEAN", "ROOT", "WHITENED", "Whitening", "find_whitening", "from_draws", "initial_x", "unwhiten",
+           "whitened_model"]
 
 MEAN = "itpk_whiten_mean"  # shared data: the mode m (D,)
 ROOT = "itpk_whiten_root"  # shared data: A (D, D), A Aᵀ = H⁻¹
@@ -47,20 +48,20 @@ MODE_ITERATIONS = 200  # L-BFGS iterations; the metric only needs to be roughly 
 
 @dataclass(frozen=True)
 class Whitening:
-    """x = mean + root @ u; ``root @ root.T`` is the inverse Hessian of −log p at ``mean``.
+    """x = mean + root @ u; ``root @ root.T`` is the covariance the sampler's u sees as the identity.
 
     Attributes
     ----------
     mean : numpy.ndarray
-        (D,) the mode found, unconstrained scale.
+        (D,) unconstrained scale: the mode (:func:`find_whitening`) or the draws' mean (:func:`from_draws`).
     root : numpy.ndarray
-        (D, D) a square root of the covariance H⁻¹ (eigenvectors times 1/√eigenvalues).
+        (D, D) a square root of the covariance: H⁻¹ at the mode, or the draws' (shrunk) covariance.
     logp : float
-        Log-density at ``mean`` (with PyMC's Jacobian terms).
+        Log-density at ``mean`` (with PyMC's Jacobian terms); NaN from draws.
     gradients : int
-        Gradient evaluations spent (mode search plus Hessian).
+        Gradient evaluations spent (mode search plus Hessian, or the pilot's leapfrog steps).
     clipped : int
-        Eigenvalues of H raised to :data:`MIN_CURVATURE` (negative or flat directions).
+        Eigenvalues raised to their floor (negative or flat directions).
     """
 
     mean: np.ndarray
@@ -68,6 +69,10 @@ class Whitening:
     logp: float
     gradients: int
     clipped: int
+
+    def to_x(self, u: np.ndarray) -> np.ndarray:
+        """x = mean + root @ u for whitened points u (..., D)."""
+        return self.mean + np.einsum("ij,...j->...i", self.root, u)
 
     def __post_init__(self) -> None:
         d = self.mean.shape
@@ -118,7 +123,7 @@ def find_whitening(logp_dlogp: Callable[[np.ndarray], tuple[float, np.ndarray]],
     The Hessian is central differences of the gradient with step :data:`FD_STEP`, symmetrised;
     eigenvalues below :data:`MIN_CURVATURE` (a saddle, a funnel's neck, an unidentified
     direction) are replaced by their magnitude, at least the floor. A failed or unfinished
-    search still gives a usable metric: the best point found is used.
+    search still gives a usable metric: its last (best) point is used.
     """
     calls = [0]
 
@@ -131,16 +136,15 @@ def find_whitening(logp_dlogp: Callable[[np.ndarray], tuple[float, np.ndarray]],
             return np.inf, np.zeros_like(x)  # makes the line search step back
         return -lp, -grad
 
-    x0 = np.asarray(x0, dtype=float)
-    result = optimize.minimize(objective, x0, jac=True, method="L-BFGS-B",
+    # L-BFGS only accepts steps that lower the objective, so its last point is its best
+    result = optimize.minimize(objective, np.asarray(x0, dtype=float), jac=True, method="L-BFGS-B",
                                options={"maxiter": MODE_ITERATIONS, "gtol": 1e-3})
-    mean = result.x if np.isfinite(result.fun) and result.fun <= objective(x0)[0] else x0
-    hessian = _hessian(lambda x: objective(x)[1], mean)
+    hessian = _hessian(lambda x: objective(x)[1], result.x)
     values, vectors = np.linalg.eigh(hessian)
     curvature = np.maximum(np.abs(values), MIN_CURVATURE)
     clipped = int(np.sum(values < MIN_CURVATURE))
     root = vectors / np.sqrt(curvature)
-    return Whitening(mean, root, -float(objective(mean)[0]), calls[0], clipped)
+    return Whitening(result.x, root, -float(result.fun), calls[0], clipped)
 
 
 def from_draws(x: np.ndarray, gradients: int = 0) -> Whitening:
@@ -163,9 +167,15 @@ def from_draws(x: np.ndarray, gradients: int = 0) -> Whitening:
     return Whitening(x.mean(axis=0), root, float("nan"), gradients, clipped)
 
 
+def initial_x(model: Any) -> np.ndarray:
+    """The model's initial point as one flat unconstrained vector (D,), in the layout of :func:`unwhiten`."""
+    point = model.initial_point()
+    return np.concatenate([np.ravel(point[v.name]) for v in model.value_vars])
+
+
 def unwhiten(u: np.ndarray, whitening: Whitening, model: Any) -> dict[str, np.ndarray]:
     """Value-variable draws (name ↦ (..., *shape)) from whitened draws u (..., D)."""
-    x = whitening.mean + np.einsum("ij,...j->...i", whitening.root, u)
+    x = whitening.to_x(u)
     out, start = {}, 0
     for value, shape in zip(model.value_vars, _shapes(model), strict=True):
         n = int(np.prod(shape))

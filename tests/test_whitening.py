@@ -111,3 +111,16 @@ def test_a_preconditioned_fit_samples_the_same_posterior_in_the_models_own_varia
     assert record["pilot_tune"] == 100 and record["pilot_gradients"] >= 150
     assert plain.settings["precondition"] == {"method": "none"}
     assert "log_likelihood" in whitened.tree.children and "warmup_posterior" not in whitened.tree.children
+
+
+def test_a_nonlinear_model_is_whitened_by_default_and_keeps_its_own_variables():
+    from test_deterministics import dataset
+
+    spec, data = dataset("one_cpt_mm", "iv", None)
+    result = fit(spec, data, draws=20, tune=20, chains=1, seed=4)
+    record = result.settings["precondition"]
+    # tune 20 < 300: the mode's Hessian only, no pilot; diag on top (mass_matrix "auto")
+    assert record["method"] == "mode" and "pilot_tune" not in record and result.settings["mass_matrix"] == "diag"
+    post = result.tree["posterior"]
+    assert np.all(np.isfinite(post["IPRED"].values)) and post["IPRED"].dims == ("chain", "draw", "observation")
+    assert "whitened" not in post and post.sizes["draw"] == 20
