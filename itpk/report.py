@@ -319,7 +319,8 @@ def verdict(run: RunData) -> dict[str, Any]:
         if tail is not None and tail.notna().any():
             checks.append(("min tail ESS", fmt(tail.min()), f"≥ {ESS_BULK_MIN}", bool(tail.min() >= ESS_BULK_MIN)))
         checks.append(("divergent transitions", str(d.get("divergences")), "0", not d.get("divergences")))
-    return {"status": status, "headline": headline, "reasons": list(d.get("reasons", [])), "checks": checks}
+    return {"status": status, "headline": headline, "reasons": list(d.get("reasons", [])), "checks": checks,
+            "advice": list(d.get("advice", []))}
 
 
 def fitted_rows(run: RunData) -> list[tuple[str, str]]:

@@ -26,6 +26,11 @@ from itpk.inference import CENSORING_METHOD, FitResult
 RUN_FORMAT = 1
 R_HAT_MAX = 1.01
 ESS_BULK_MIN = 400
+# Bulk ESS of the slowest variable at which max R-hat <= 1.01 becomes likely: AR(1) chains, 4 x 500,
+# 24 scalars, give P(max R-hat <= 1.01) = 0.81 with the worst at 700 (the rest at 800), 0.14 with
+# the worst at 450 (benchmarks/posterior_geometry.py, benchmarks/README.md session 14)
+ESS_FOR_R_HAT = 700
+R_HAT_STUCK = 1.05  # beyond sampling noise at any ESS the advice can buy: a chain elsewhere
 SUMMARY_COLUMNS = ["parameter", "unit", "median", "mean", "sd", "ci_low", "ci_high", "r_hat", "ess_bulk", "ess_tail",
                    "cv_percent", "shrinkage_percent"]
 
@@ -97,7 +102,7 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
     post = result.tree["posterior"]
     if not _has_chains(post) or result.method not in ("nuts", "pymc"):
         return {"max_r_hat": None, "min_ess_bulk": None, "divergences": None, "passed": None,
-                "reasons": [f"method {result.method}: no MCMC diagnostics"]}
+                "reasons": [f"method {result.method}: no MCMC diagnostics"], "advice": []}
     names = [*result.data.estimated, *(f"omega_{p}" for p in result.data.iiv)]
     rhat = az.rhat(result.tree, var_names=names)
     ess = az.ess(result.tree, var_names=names, method="bulk")
@@ -112,8 +117,26 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
         reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
+    slowest = min(ess.data_vars, key=lambda v: float(np.min(ess[v])))
     return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
-            "reasons": reasons}
+            "reasons": reasons, "advice": advice(max_rhat, min_ess, str(slowest), post.sizes["chain"], post.sizes["draw"])}
+
+
+def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: int) -> list[str]:
+    """What to change when R-hat or ESS fail: more draws when the chains agree but mix slowly
+    (scaled so the slowest variable reaches :data:`ESS_FOR_R_HAT`), a look at the chains first when
+    they disagree beyond what more draws fix (R-hat > :data:`R_HAT_STUCK`)."""
+    import math
+
+    out = []
+    if max_rhat > R_HAT_STUCK:
+        out.append(f"max R-hat {max_rhat:.3f} > {R_HAT_STUCK}: the chains disagree beyond sampling noise (a chain in "
+                   "another mode, or stuck where it diverged); compare the chains in the report before adding draws")
+    elif (max_rhat > R_HAT_MAX or min_ess < ESS_BULK_MIN) and 0 < min_ess < ESS_FOR_R_HAT:
+        needed = math.ceil(draws * ESS_FOR_R_HAT / min_ess / 100.0) * 100
+        out.append(f"rerun with --draws {needed}: the slowest-mixing variable ({slowest}) has a bulk ESS of {min_ess:.0f} "
+                   f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {ESS_FOR_R_HAT}")
+    return out
 
 
 def predictions_table(result: FitResult) -> pd.DataFrame:

@@ -359,5 +359,6 @@ def run_fit(
         lines.append(f"  {row.parameter:<16} {row.median:>10.4g} {row.unit:<8} [{row.ci_low:.4g}, {row.ci_high:.4g}]{extra}")
     verdict = diag["passed"]
     lines.append("diagnostics: " + ("passed" if verdict else ("not applicable" if verdict is None else "FAILED: " + "; ".join(diag["reasons"]))))
+    lines += [f"advice: {a}" for a in diag.get("advice", [])]
     lines += [f"warning: {w}" for w in result.warnings]
     return FitRunResult(run_dir, diag, "\n".join(lines))

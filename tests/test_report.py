@@ -1,5 +1,6 @@
 """``itpk report``: one self-contained HTML file, sections in order, failures first."""
 
+import html
 import io
 import json
 import re
@@ -96,6 +97,10 @@ def test_failed_diagnostics_shown_first_in_red(nuts_html, runs):
     assert "Diagnostics FAILED" in body
     assert "min bulk ESS" in body and "FAIL</td>" in body
     assert body.find("Diagnostics FAILED") < body.find("2. Parameters")
+    # and what to change, from run.json's advice (more draws, or a look at the chains first)
+    assert record["diagnostics"]["advice"]
+    assert "What to change" in body
+    assert all(html.escape(a) in body for a in record["diagnostics"]["advice"])
 
 
 def test_passed_diagnostics_green(runs, tmp_path):
