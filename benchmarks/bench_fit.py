@@ -758,7 +758,7 @@ def main() -> None:
     parser.add_argument("--cold", dest="cold", action="store_true", default=None, help="run the cold/disk-warm workers")
     parser.add_argument("--no-cold", dest="cold", action="store_false")
     parser.add_argument("--disk-warm-runs", type=int, default=3,
-                        help="disk-warm (a)/(b) pairs of fresh processes; the median pair's ratio is reported")
+                        help="disk-warm (a)/(b) pairs of fresh processes (odd, >= 1); the median pair's ratio is reported")
     parser.add_argument("--profile", dest="profile", action="store_true", default=None)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--json", type=Path, help="write every figure to this file")
@@ -784,6 +784,8 @@ def main() -> None:
     args.ode_budget = args.ode_budget or (30.0 if q else 240.0)
     cold = (not q) if args.cold is None else args.cold
 
+    if args.disk_warm_runs < 1 or args.disk_warm_runs % 2 == 0:
+        parser.error(f"--disk-warm-runs must be odd and >= 1 (a median pair), found {args.disk_warm_runs}")
     if args.worker:
         out = worker(args.worker, args)
         args.json.write_text(json.dumps(out))

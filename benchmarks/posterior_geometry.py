@@ -20,7 +20,8 @@ Three measurements on the draws of one or more fits of the same model and data (
    AR(1) chain with the same ESS per draw; ``--replicates`` sets of 4 such chains of the file's
    length (one per scalar, independent) give the distribution of the maximum rank-normalised split
    R-hat (ArviZ) over all scalars, i.e. P(max R-hat ≤ 1.01) for a sampler that mixes exactly as well
-   as this one did, with the chains otherwise perfect.
+   as this one did, with the chains otherwise perfect. ``--ess 450,550x12,1200x11`` puts in a
+   profile instead (VALUExCOUNT), as for the figures of benchmarks/README.md, session 14.
 
 Model and data default to the virus example; the IIV parametrisation (centred or not) is read off
 the posterior's variables. Nothing here changes a fit.
@@ -48,6 +49,8 @@ def unconstrained_draws(model, posterior) -> tuple[np.ndarray, list[str]]:
     for rv in model.free_RVs:
         transform = model.rvs_to_transforms.get(rv)
         x = np.asarray(posterior[rv.name].transpose("chain", "draw", ...).values, dtype=float)
+        # .eval() of the transform's inputs: constants for itpk's priors (a bound that were itself a
+        # random variable would be drawn from its prior here)
         u = x if transform is None else transform.forward(pt.as_tensor(x), *rv.owner.inputs).eval()
         u = u.reshape(u.shape[0] * u.shape[1], -1)
         for j in range(u.shape[1]):
@@ -67,20 +70,32 @@ def local_curvature(logp_dlogp, draws: np.ndarray, root: np.ndarray, step: float
     return float(values[-1]), root @ vectors[:, -1]
 
 
+def ar1_chains(ess_fraction: float, chains: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """(chains, draws) stationary AR(1) chains, unit variance, whose ESS per draw is ``ess_fraction``
+    (ρ = (1 − f)/(1 + f), the integrated autocorrelation time of AR(1) being (1 + ρ)/(1 − ρ))."""
+    from scipy.signal import lfilter
+
+    rho = (1.0 - ess_fraction) / (1.0 + ess_fraction)
+    noise = rng.standard_normal((chains, draws))
+    noise[:, 1:] *= np.sqrt(max(1.0 - rho * rho, 0.0))  # the first draw from the stationary N(0, 1)
+    return lfilter([1.0], [1.0, -rho], noise, axis=1)
+
+
 def ar1_max_rhat(ess_fraction: np.ndarray, chains: int, draws: int, rng: np.random.Generator) -> float:
-    """Max R-hat over independent AR(1) chains whose ESS per draw is ``ess_fraction`` (one per scalar)."""
+    """Max R-hat over independent AR(1) chains whose ESS per draw is ``ess_fraction`` (one per scalar);
+    NaN if any R-hat is NaN."""
     import arviz as az
 
-    worst = 1.0
-    for f in ess_fraction:
-        rho = (1.0 - f) / (1.0 + f)
-        x = np.empty((chains, draws))
-        x[:, 0] = rng.standard_normal(chains)
-        noise = rng.standard_normal((chains, draws)) * np.sqrt(max(1.0 - rho * rho, 0.0))
-        for t in range(1, draws):
-            x[:, t] = rho * x[:, t - 1] + noise[:, t]
-        worst = max(worst, float(az.rhat(x)))
-    return worst
+    return float(np.max([float(az.rhat(ar1_chains(f, chains, draws, rng))) for f in ess_fraction]))
+
+
+def parse_ess(text: str) -> np.ndarray:
+    """``450,550x12,1200x11`` -> the bulk ESS of 24 scalars (VALUExCOUNT repeats a value)."""
+    values = []
+    for item in text.split(","):
+        value, _, count = item.strip().partition("x")
+        values += [float(value)] * (int(count) if count else 1)
+    return np.array(values)
 
 
 def main() -> None:
@@ -92,6 +107,8 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=1e-2, help="central-difference step in whitened units")
     parser.add_argument("--replicates", type=int, default=200, help="AR(1) replicates for the R-hat distribution")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ess", default=None,
+                        help="an ESS profile instead of the first file's, e.g. 450,550x12,1200x11 (VALUExCOUNT)")
     args = parser.parse_args()
 
     import warnings
@@ -148,10 +165,13 @@ def main() -> None:
     free = [rv.name for rv in model.free_RVs]
     ess = az.ess(posterior0[free], method="bulk")
     fractions = np.concatenate([np.atleast_1d(ess[v].values).ravel() for v in free]) / (chains * draws)
+    if args.ess:
+        fractions = parse_ess(args.ess) / (chains * draws)
     observed = az.rhat(posterior0[free])
     observed_max = max(float(observed[v].max()) for v in free)
     maxima = np.array([ar1_max_rhat(fractions, chains, draws, rng) for _ in range(args.replicates)])
-    print(f"\n3. R-hat allowed by the ESS of {args.posteriors[0].name} ({chains} x {draws}; min bulk ESS "
+    source = f"the profile {args.ess}" if args.ess else f"the ESS of {args.posteriors[0].name}"
+    print(f"\n3. R-hat allowed by {source} ({chains} x {draws}; min bulk ESS "
           f"{fractions.min() * chains * draws:.0f}, median {np.median(fractions) * chains * draws:.0f}; observed max R-hat "
           f"{observed_max:.4f})")
     print(f"   {args.replicates} AR(1) replicates: max R-hat median {np.median(maxima):.4f}, 90% {np.quantile(maxima, 0.9):.4f}; "

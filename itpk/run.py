@@ -7,6 +7,7 @@ an interrupted run leaves the previous result (or nothing), never half a run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,11 +27,15 @@ from itpk.inference import CENSORING_METHOD, FitResult
 RUN_FORMAT = 1
 R_HAT_MAX = 1.01
 ESS_BULK_MIN = 400
-# Bulk ESS of the slowest variable at which max R-hat <= 1.01 becomes likely: AR(1) chains, 4 x 500,
-# 24 scalars, give P(max R-hat <= 1.01) = 0.81 with the worst at 700 (the rest at 800), 0.14 with
-# the worst at 450 (benchmarks/posterior_geometry.py, benchmarks/README.md session 14)
+# Bulk ESS of the slowest variable at which max R-hat <= 1.01 becomes likely with 4 chains: AR(1)
+# chains, 4 x 500, 24 scalars, give P(max R-hat <= 1.01) = 0.81 with the worst at 700 and the rest
+# at 800, 0.14 with the worst at 450 (benchmarks/posterior_geometry.py --ess; benchmarks/README.md,
+# session 14). The diagnostics take R-hat over fewer scalars (population parameters and omegas), so
+# this errs towards more draws. R-hat's noise grows with the number of split chains M roughly as
+# sqrt(2/(M - 1))·M/ESS, i.e. the ESS needed as sqrt(chains): scaled from 4 chains.
 ESS_FOR_R_HAT = 700
-R_HAT_STUCK = 1.05  # beyond sampling noise at any ESS the advice can buy: a chain elsewhere
+R_HAT_STUCK = 1.05  # at least this far above 1, and beyond sampling noise at the fit's ESS: chains disagree
+STUCK_ESS_FRACTION = 0.02  # bulk ESS per draw below which a high R-hat means disagreeing chains, not slow mixing
 SUMMARY_COLUMNS = ["parameter", "unit", "median", "mean", "sd", "ci_low", "ci_high", "r_hat", "ess_bulk", "ess_tail",
                    "cv_percent", "shrinkage_percent"]
 
@@ -117,25 +122,73 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
         reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
-    slowest = min(ess.data_vars, key=lambda v: float(np.min(ess[v])))
+    # a non-finite ESS (a variable that did not move) is the one to name
+    slowest = min(ess.data_vars, key=lambda v: float(np.min(ess[v])) if np.all(np.isfinite(ess[v])) else -math.inf)
+    notes = advice(max_rhat, min_ess, str(slowest), post.sizes["chain"], post.sizes["draw"], divergences,
+                   result.settings.get("target_accept"))
     return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
-            "reasons": reasons, "advice": advice(max_rhat, min_ess, str(slowest), post.sizes["chain"], post.sizes["draw"])}
+            "reasons": reasons, "advice": notes}
 
 
-def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: int) -> list[str]:
-    """What to change when R-hat or ESS fail: more draws when the chains agree but mix slowly
-    (scaled so the slowest variable reaches :data:`ESS_FOR_R_HAT`), a look at the chains first when
-    they disagree beyond what more draws fix (R-hat > :data:`R_HAT_STUCK`)."""
-    import math
+def rhat_noise(min_ess: float, chains: int) -> float:
+    """Standard deviation of split R-hat − 1 from sampling noise alone, at a bulk ESS (dimensionless).
 
-    out = []
-    if max_rhat > R_HAT_STUCK:
-        out.append(f"max R-hat {max_rhat:.3f} > {R_HAT_STUCK}: the chains disagree beyond sampling noise (a chain in "
-                   "another mode, or stuck where it diverged); compare the chains in the report before adding draws")
-    elif (max_rhat > R_HAT_MAX or min_ess < ESS_BULK_MIN) and 0 < min_ess < ESS_FOR_R_HAT:
-        needed = math.ceil(draws * ESS_FOR_R_HAT / min_ess / 100.0) * 100
+    Split into M = 2·chains halves, the between-half variance over the within-half one is about
+    χ²(M − 1)/(M − 1) with each half holding ESS/M effective draws, so R-hat − 1 has an SD of about
+    ½·sqrt(2/(M − 1))·M/ESS.
+    """
+    m = 2 * chains
+    return 0.5 * math.sqrt(2.0 / (m - 1)) * m / min_ess
+
+
+def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: int, divergences: int = 0,
+           target_accept: float | None = None) -> list[str]:
+    """What to change when the MCMC diagnostics fail.
+
+    Parameters
+    ----------
+    max_rhat, min_ess
+        Max R-hat and min bulk ESS over the checked variables (NaN when a variable did not move).
+    slowest
+        The variable with the smallest bulk ESS.
+    chains, draws
+        Chains and draws per chain of the fit.
+    divergences
+        Divergent transitions after warm-up.
+    target_accept
+        The fit's target acceptance rate, for the divergence advice.
+
+    Returns
+    -------
+    list of str
+        Empty when nothing failed. Otherwise, in order: a variable that did not move; chains that
+        disagree (R-hat above :data:`R_HAT_STUCK`, and over 4 noise SDs at this ESS or an ESS under
+        :data:`STUCK_ESS_FRACTION` of the draws: more draws do not fix that); too few effective draws (the ``--draws`` at which the slowest variable
+        reaches :data:`ESS_FOR_R_HAT`, scaled by sqrt(chains/4)); divergences (a higher
+        ``--target-accept``).
+    """
+    out: list[str] = []
+    if not (math.isfinite(max_rhat) and math.isfinite(min_ess)) or min_ess <= 0:
+        out.append(f"R-hat or ESS is not finite for {slowest}: a chain did not move (a variable stuck at its start "
+                   "or at a bound); check its prior, its data and the chains in the report")
+        return out
+    target = ESS_FOR_R_HAT * math.sqrt(chains / 4.0)
+    beyond_noise = max_rhat - 1.0 > 4.0 * rhat_noise(min_ess, chains)
+    # under 2 % of the draws effective: not slow mixing that more draws cure (seen: ESS 10 of 2 000 with
+    # one chain stuck, R-hat 1.33), while a short healthy run has a far larger fraction
+    pathological = min_ess < STUCK_ESS_FRACTION * chains * draws
+    if max_rhat > R_HAT_STUCK and (beyond_noise or pathological):
+        out.append(f"max R-hat {max_rhat:.3f}: the chains disagree beyond sampling noise at a bulk ESS of {min_ess:.0f} "
+                   "(a chain in another mode, or stuck where it diverged); compare the chains in the report before "
+                   "adding draws")
+    elif (max_rhat > R_HAT_MAX or min_ess < ESS_BULK_MIN) and min_ess < target:
+        needed = math.ceil(draws * target / min_ess / 100.0) * 100
         out.append(f"rerun with --draws {needed}: the slowest-mixing variable ({slowest}) has a bulk ESS of {min_ess:.0f} "
-                   f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {ESS_FOR_R_HAT}")
+                   f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {target:.0f}")
+    if divergences:
+        higher = min(0.99, round((target_accept or 0.9) + 0.05, 2))
+        out.append(f"{divergences} divergent transitions: rerun with --target-accept {higher} (a smaller step size), "
+                   "or another parametrisation of the IIV (--iiv)")
     return out
 
 

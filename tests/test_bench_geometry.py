@@ -73,3 +73,17 @@ def test_unconstrained_draws_follow_the_model_transforms(geometry):
     np.testing.assert_allclose(U[:, 0:2], a.reshape(6, 2), rtol=0, atol=0)
     np.testing.assert_allclose(U[:, 2], np.log(s.ravel()), rtol=1e-12)
     np.testing.assert_allclose(U[:, 3], np.log(f.ravel() / (1 - f.ravel())), rtol=1e-12)
+
+
+def test_ar1_chains_have_the_asked_ess(geometry):
+    # 4 x 5000 draws at an ESS of a quarter of the draws: ArviZ's bulk ESS within 15% of 5000
+    # (rho = 1 - f = 0.75 instead of 0.6 would give 20 000 * 0.25 / 1.75, about 2 860)
+    import arviz as az
+
+    x = geometry.ar1_chains(0.25, 4, 5000, np.random.default_rng(2))
+    assert abs(x.std() - 1.0) < 0.05
+    assert float(az.ess(x, method="bulk")) == pytest.approx(5000, rel=0.15)
+
+
+def test_ess_profiles_parse(geometry):
+    np.testing.assert_array_equal(geometry.parse_ess("450,550x2,1200"), [450, 550, 550, 1200])

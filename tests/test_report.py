@@ -101,6 +101,10 @@ def test_failed_diagnostics_shown_first_in_red(nuts_html, runs):
     assert record["diagnostics"]["advice"]
     assert "What to change" in body
     assert all(html.escape(a) in body for a in record["diagnostics"]["advice"])
+    settings = record["settings"]
+    for a in record["diagnostics"]["advice"]:
+        if a.startswith("rerun with --draws"):  # the fit's own chains and draws, in that order
+            assert f"{settings['chains']} x {settings['draws']} draws" in a
 
 
 def test_passed_diagnostics_green(runs, tmp_path):
