@@ -161,10 +161,11 @@ def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: in
     Returns
     -------
     list of str
-        Empty when nothing failed. Otherwise, in order: a variable that did not move; chains that
-        disagree (R-hat above :data:`R_HAT_STUCK`, and over 4 noise SDs at this ESS or an ESS under
-        :data:`STUCK_ESS_FRACTION` of the draws: more draws do not fix that); too few effective draws (the ``--draws`` at which the slowest variable
-        reaches :data:`ESS_FOR_R_HAT`, scaled by sqrt(chains/4)); divergences (a higher
+        Empty when nothing failed. Otherwise, in order: a variable that did not move; chains
+        that disagree (R-hat above :data:`R_HAT_STUCK`, and over 4 noise SDs at this ESS or an
+        ESS under :data:`STUCK_ESS_FRACTION` of the draws: more draws do not fix that); too few
+        effective draws (the ``--draws`` at which the slowest variable reaches
+        :data:`ESS_FOR_R_HAT`, scaled by sqrt(chains/4)); divergences (a higher
         ``--target-accept``).
     """
     out: list[str] = []
