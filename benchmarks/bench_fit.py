@@ -851,7 +851,7 @@ def main() -> None:
                  for _ in range(args.disk_warm_runs)]
         ratios_dw = [pair["a"]["wall"] / pair["b"]["wall"] for pair in pairs]
         median_pair = pairs[int(np.argsort(ratios_dw)[len(ratios_dw) // 2])]
-        res["disk_warm"] = dict(median_pair)
+        res["disk_warm"] = median_pair
         res["disk_warm_ratios"] = ratios_dw
         for engine, label in (("a", "(a) itpk fit"), ("b", "(b) hand + nutpie"), ("c", "(c) hand + PyMC NUTS")):
             r = res["cold"][engine]

@@ -112,7 +112,10 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
     rhat = az.rhat(result.tree, var_names=names)
     ess = az.ess(result.tree, var_names=names, method="bulk")
     max_rhat = float(max(float(np.max(rhat[v])) for v in rhat.data_vars))
-    min_ess = float(min(float(np.min(ess[v])) for v in ess.data_vars))
+    per_variable = {str(v): float(np.min(ess[v])) for v in ess.data_vars}
+    min_ess = min(per_variable.values())
+    # a non-finite ESS (a variable that did not move) is the one to name
+    slowest = min(per_variable, key=lambda v: per_variable[v] if math.isfinite(per_variable[v]) else -math.inf)
     stats = result.tree["sample_stats"]
     divergences = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
     reasons = []
@@ -122,10 +125,7 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
         reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
-    # a non-finite ESS (a variable that did not move) is the one to name
-    slowest = min(ess.data_vars, key=lambda v: float(np.min(ess[v])) if np.all(np.isfinite(ess[v])) else -math.inf)
-    notes = advice(max_rhat, min_ess, str(slowest), post.sizes["chain"], post.sizes["draw"], divergences,
-                   result.settings.get("target_accept"))
+    notes = advice(max_rhat, min_ess, slowest, post.sizes["chain"], post.sizes["draw"])
     return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
             "reasons": reasons, "advice": notes}
 
@@ -141,9 +141,9 @@ def rhat_noise(min_ess: float, chains: int) -> float:
     return 0.5 * math.sqrt(2.0 / (m - 1)) * m / min_ess
 
 
-def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: int, divergences: int = 0,
-           target_accept: float | None = None) -> list[str]:
-    """What to change when the MCMC diagnostics fail.
+def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: int) -> list[str]:
+    """What to change when R-hat or ESS fail (divergences have their remedy in the fit's warnings,
+    :func:`itpk.inference.fit`, which name the higher ``--target-accept``).
 
     Parameters
     ----------
@@ -153,10 +153,6 @@ def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: in
         The variable with the smallest bulk ESS.
     chains, draws
         Chains and draws per chain of the fit.
-    divergences
-        Divergent transitions after warm-up.
-    target_accept
-        The fit's target acceptance rate, for the divergence advice.
 
     Returns
     -------
@@ -165,8 +161,7 @@ def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: in
         that disagree (R-hat above :data:`R_HAT_STUCK`, and over 4 noise SDs at this ESS or an
         ESS under :data:`STUCK_ESS_FRACTION` of the draws: more draws do not fix that); too few
         effective draws (the ``--draws`` at which the slowest variable reaches
-        :data:`ESS_FOR_R_HAT`, scaled by sqrt(chains/4)); divergences (a higher
-        ``--target-accept``).
+        :data:`ESS_FOR_R_HAT`, scaled by sqrt(chains/4)).
     """
     out: list[str] = []
     if not (math.isfinite(max_rhat) and math.isfinite(min_ess)) or min_ess <= 0:
@@ -186,10 +181,6 @@ def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: in
         needed = math.ceil(draws * target / min_ess / 100.0) * 100
         out.append(f"rerun with --draws {needed}: the slowest-mixing variable ({slowest}) has a bulk ESS of {min_ess:.0f} "
                    f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {target:.0f}")
-    if divergences:
-        higher = min(0.99, round((target_accept or 0.9) + 0.05, 2))
-        out.append(f"{divergences} divergent transitions: rerun with --target-accept {higher} (a smaller step size), "
-                   "or another parametrisation of the IIV (--iiv)")
     return out
 
 
