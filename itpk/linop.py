@@ -124,7 +124,8 @@ class Design:
     dose_ss_period : ndarray (N, D) float64, optional
         Steady-state doses (SS = 1 or 2): 0 for an ordinary dose; the interval
         II (time unit) when the dose stands for its repetition every II since
-        long before (its duration must not exceed II); ``inf`` for a constant
+        long before (an infusion may last longer than II: the repetitions
+        overlap); ``inf`` for a constant
         infusion at steady state (II = 0). Default: no steady-state doses. An
         SS = 1 dose's reset is a reset like any other (``obs_after``).
     """
@@ -185,8 +186,8 @@ class Design:
         period, duration = self.dose_ss_period[valid], self.dose_duration[valid]
         if np.any(np.isnan(period) | (period < 0)):
             problems.append(f"dose_ss_period must be >= 0 (inf allowed), found {_first(period, lambda p: np.isnan(p) | (p < 0))}")
-        elif np.any(np.isfinite(period) & (period > 0) & (duration > period)):
-            problems.append("a steady-state infusion must not last longer than its interval (dose_duration > dose_ss_period)")
+        elif np.any(np.isfinite(period) & (period > 0) & np.isinf(duration)):
+            problems.append("a periodic steady-state dose must have a finite duration (dose_duration inf with a finite dose_ss_period)")
         N = shape[0]
         if np.any((self.obs_subject < 0) | (self.obs_subject >= N)):
             problems.append(f"obs_subject must be in 0..{N - 1}, found {_first(self.obs_subject, lambda s: (s < 0) | (s >= N))}")
@@ -229,21 +230,33 @@ class Design:
         with np.errstate(invalid="ignore"):  # padding may hold NaN
             counts = valid & (td <= t) & (td >= after)
         obs, dose = np.nonzero(counts)
-        period = self.dose_ss_period[subj[obs], dose]
-        past = np.isfinite(period) & (period > 0)  # τ: the doses before this one, every τ
-        obs, dose = np.concatenate([obs, obs[past]]), np.concatenate([dose, dose[past]])
-        is_past = np.arange(obs.size) >= past.size
-        period = np.where(is_past, self.dose_ss_period[subj[obs], dose], 0.0)
+        tau, d = self.dose_ss_period[subj[obs], dose], self.dose_duration[subj[obs], dose]
+        past = np.isfinite(tau) & (tau > 0)  # τ: the doses before this one, every τ
+        # A steady-state infusion longer than τ overlaps its K − 1 predecessors (K = ⌈d/τ⌉): they
+        # are still running at its start and enter as ordinary infusions that began k·τ before it;
+        # the periodic pair then stands for the ones that have ended (k >= K).
+        with np.errstate(invalid="ignore", divide="ignore"):
+            K = np.where(past, np.maximum(1.0, np.ceil(d / np.where(past, tau, 1.0))), 1.0).astype(np.int64)
+        running = np.repeat(np.arange(obs.size), K - 1)
+        k_running = np.arange(running.size) - np.repeat(np.cumsum(K - 1) - (K - 1), K - 1) + 1
+        obs = np.concatenate([obs, obs[past], obs[running]])
+        dose = np.concatenate([dose, dose[past], dose[running]])
+        kind = np.repeat(np.array([0, 1, 2], dtype=np.int8), [past.size, int(past.sum()), running.size])
+        back = np.concatenate([np.zeros(past.size), K[past], k_running]).astype(float)  # intervals before the dose
         order = np.argsort(subj[obs], kind="stable")
-        obs, dose, period, is_past = obs[order], dose[order], period[order], is_past[order]
-        t_obs, t_dose, d = self.obs_time[obs], self.dose_time[subj[obs], dose], self.dose_duration[subj[obs], dose]
-        constant = np.isinf(self.dose_ss_period[subj[obs], dose])  # constant infusion at steady state
+        obs, dose, kind, back = obs[order], dose[order], kind[order], back[order]
+        tau = np.where(kind > 0, self.dose_ss_period[subj[obs], dose], 0.0)
+        period = np.where(kind == 1, tau, 0.0)
+        t_obs, d = self.obs_time[obs], self.dose_duration[subj[obs], dose]
+        t_dose = self.dose_time[subj[obs], dose] - back * tau
+        constant = (kind == 0) & np.isinf(self.dose_ss_period[subj[obs], dose])  # constant infusion at steady state
         infusion = d > 0
         t_end = np.where(infusion, np.minimum(t_obs, t_dose + d), t_dose)
         s, u = t_obs - t_end, t_end - t_dose
-        # the past doses: the last one started τ before this one and has ended (duration <= τ)
-        s = np.where(is_past, t_obs - t_dose + period - d, np.where(constant, 0.0, s))
-        u = np.where(is_past, d, np.where(constant, np.inf, u))
+        # the periodic pair: the last of the ended doses started K·τ before this one and ended
+        # (K·τ >= d) by the time this one started
+        s = np.where(kind == 1, np.maximum(t_obs - t_dose - d, 0.0), np.where(constant, 0.0, s))
+        u = np.where(kind == 1, d, np.where(constant, np.inf, u))
         start = np.searchsorted(subj[obs], np.arange(self.n_subjects + 1), side="left")
         return {
             "subject_start": start.astype(np.int64),

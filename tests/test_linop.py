@@ -142,6 +142,7 @@ def check_gradients(K, F, C, design, *, rtol=GRAD_RTOL, seed=0, static=False, me
 # -- predictions equal simulate ---------------------------------------------------------
 
 TIMES = np.array([0.0, 0.25, 1.0, 2.0, 2.5, 6.0, 12.0, 12.5, 24.0, 36.0, 48.0, 72.0])
+OVERLAP_TIMES = np.array([0.0, 1.0, 6.0, 12.0, 18.0, 29.0, 31.0, 40.0, 41.0, 50.0, 60.0, 70.0, 89.0, 90.0, 95.0, 113.0, 115.0, 130.0])
 
 
 def test_two_cpt_oral_bolus_infusion_addl_matches_simulate():
@@ -467,15 +468,24 @@ def steady_state_cases():
     ss_infusion = Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, addl=1, duration=2.0, ss=1),
                             Dose(30.0, 0.0, Target("iv"), rate=3.0, ss=1)))  # constant infusion from t = 30
     it = Schedule((Dose(6.0, 10.0, Target("iv"), ii=24.0, duration=1.0, ss=1), Dose(30.0, 5.0, Target("it"), ii=24.0, ss=2)))
+    # infusions longer than their interval: 30 h every 12 h (K = 3: two predecessors still running
+    # at its start), then SS = 2 on top, 20 h every 8 h with ADDL, and exactly 2 intervals (24 h every 12 h)
+    overlapping = Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, duration=30.0, ss=1),
+                            Dose(40.0, 60.0, Target("iv"), ii=8.0, addl=2, duration=20.0, ss=2),
+                            Dose(90.0, 50.0, Target("iv"), ii=12.0, duration=24.0, ss=1)))
     return {
         "one_cpt_iv": build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, ss_infusion, TIMES)]),
         "one_cpt_oral": build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, ss_bolus, TIMES)]),
         "two_cpt_iv": build(load_model("two_cpt_iv"), [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, ss_infusion, TIMES)]),
+        "one_cpt_iv_overlapping": build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, overlapping, OVERLAP_TIMES)]),
+        "two_cpt_iv_overlapping": build(load_model("two_cpt_iv"),
+                                        [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, overlapping, OVERLAP_TIMES)]),
         "it_linear": build(load_model("it_linear"), [({}, it, TIMES)]),
     }
 
 
-@pytest.mark.parametrize("name", ["one_cpt_iv", "one_cpt_oral", "two_cpt_iv", "it_linear"])
+@pytest.mark.parametrize("name", ["one_cpt_iv", "one_cpt_oral", "two_cpt_iv", "it_linear", "one_cpt_iv_overlapping",
+                                  "two_cpt_iv_overlapping"])
 @pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
 def test_steady_state_doses_match_simulate(name, static):
     # rtol 1e-10 vs simulate's steady-state solver (a linear solve with the matrix exponential)
@@ -486,15 +496,32 @@ def test_steady_state_doses_match_simulate(name, static):
     np.testing.assert_allclose(got, reference, rtol=RTOL, atol=ATOL_REL * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("name", ["one_cpt_oral", "two_cpt_iv"])
+@pytest.mark.parametrize("name", ["one_cpt_oral", "two_cpt_iv", "two_cpt_iv_overlapping"])
 def test_steady_state_gradients_match_central_differences(name):
     check_gradients(*steady_state_cases()[name][:4])
 
 
-def test_steady_state_infusion_longer_than_its_interval_is_refused():
+def test_periodic_steady_state_dose_of_infinite_duration_is_refused():
     ok = {
-        "dose_time": np.zeros((1, 1)), "dose_duration": np.full((1, 1), 13.0), "dose_valid": np.ones((1, 1), bool),
+        "dose_time": np.zeros((1, 1)), "dose_duration": np.full((1, 1), np.inf), "dose_valid": np.ones((1, 1), bool),
         "obs_subject": [0], "obs_time": [1.0], "obs_output": [0], "obs_after": [-np.inf],
     }  # fmt: skip
-    with pytest.raises(FitError, match="must not last longer than its interval"):
+    with pytest.raises(FitError, match="must have a finite duration"):
         Design(**ok, dose_ss_period=np.full((1, 1), 12.0))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
+def test_overlapping_steady_state_infusion_equals_its_explicit_history(static):
+    # A 30 h infusion every 12 h at steady state against the same infusion given explicitly 80
+    # times before (e^{-k·960 h} ~ 1e-53 of the first one is left out): rtol 1e-10, independent of
+    # simulate's steady-state solver
+    params = {"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}
+    start = 1000.0  # times are >= 0: the history starts at 40 h
+    times = start + np.array([0.0, 0.5, 5.0, 12.0, 17.9, 18.0, 30.0, 31.0, 47.0])
+    steady = Schedule((Dose(start, 100.0, Target("iv"), ii=12.0, addl=1, duration=30.0, ss=2),))
+    history = Schedule(tuple(Dose(start - 12.0 * k, 100.0, Target("iv"), duration=30.0) for k in range(80, -2, -1)))
+    K, F, C, design, _ = build(load_model("two_cpt_iv"), [(params, steady, times)])
+    K2, F2, C2, design2, _ = build(load_model("two_cpt_iv"), [(params, history, times)])
+    want = predict(K2, F2, C2, design2, static=static)
+    assert np.abs(want).min() > 0.5  # far from 0 everywhere: the doses of the last days all count
+    np.testing.assert_allclose(predict(K, F, C, design, static=static), want, rtol=1e-10)
