@@ -39,10 +39,11 @@ eigendecomposition instead of repeating it.
 Steady-state doses (SS = 1, 2) add one more pair per observation for their past
 doses: g(λ)·1/(1 − e^{λτ}) with τ = II (a geometric series of modal responses; its
 λ-derivative τR(R − 1) for R = 1/(1 − e^{λτ})), and a constant infusion at steady
-state (II = 0) contributes g(λ) = −1/λ.
+state (II = 0) contributes g(λ) = −1/λ. A periodic infusion longer than II adds
+K − 1 more (K = ⌈duration/II⌉, at most :data:`MAX_OVERLAP`): its predecessors still
+running when it starts, as ordinary infusions; the geometric series then starts K·II back.
 
-Limits: no nonzero initial amounts; periodic steady-state infusions no longer
-than II; K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
+Limits: no nonzero initial amounts; periodic steady-state doses of finite duration; K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
 subject's predictions and gradients are NaN so a sampler rejects the point
 (an exactly repeated, defective eigenvalue such as ka == CL/V, or a chain of
 transit compartments with one shared rate, is always NaN). Nearly equal
@@ -96,6 +97,9 @@ _njit = numba.njit(cache=True, fastmath=False, boundscheck=False, nogil=True)
 # --------------------------------------------------------------------------------------
 
 
+MAX_OVERLAP = 1000  # predecessors a steady-state infusion may overlap (duration/II): more is a data error
+
+
 @dataclass(frozen=True, eq=False)  # arrays: compared and hashed by identity
 class Design:
     """Doses and observations of N subjects: everything a prediction needs but parameters.
@@ -124,8 +128,8 @@ class Design:
     dose_ss_period : ndarray (N, D) float64, optional
         Steady-state doses (SS = 1 or 2): 0 for an ordinary dose; the interval
         II (time unit) when the dose stands for its repetition every II since
-        long before (an infusion may last longer than II: the repetitions
-        overlap); ``inf`` for a constant
+        long before (an infusion may last longer than II, up to MAX_OVERLAP·II:
+        the repetitions overlap; its duration must be finite); ``inf`` for a constant
         infusion at steady state (II = 0). Default: no steady-state doses. An
         SS = 1 dose's reset is a reset like any other (``obs_after``).
     """
@@ -186,8 +190,15 @@ class Design:
         period, duration = self.dose_ss_period[valid], self.dose_duration[valid]
         if np.any(np.isnan(period) | (period < 0)):
             problems.append(f"dose_ss_period must be >= 0 (inf allowed), found {_first(period, lambda p: np.isnan(p) | (p < 0))}")
-        elif np.any(np.isfinite(period) & (period > 0) & np.isinf(duration)):
-            problems.append("a periodic steady-state dose must have a finite duration (dose_duration inf with a finite dose_ss_period)")
+        else:
+            periodic = np.isfinite(period) & (period > 0)
+            if np.any(periodic & np.isinf(duration)):
+                problems.append("a periodic steady-state dose must have a finite duration (dose_duration inf with a finite dose_ss_period)")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                overlap = np.where(periodic & np.isfinite(duration), duration / np.where(periodic, period, 1.0), 0.0)
+            if np.any(overlap > MAX_OVERLAP):
+                problems.append(f"a steady-state infusion lasting {overlap.max():.4g} times its interval overlaps more than "
+                                f"{MAX_OVERLAP} of its predecessors (check RATE, AMT and II)")
         N = shape[0]
         if np.any((self.obs_subject < 0) | (self.obs_subject >= N)):
             problems.append(f"obs_subject must be in 0..{N - 1}, found {_first(self.obs_subject, lambda s: (s < 0) | (s >= N))}")
@@ -222,7 +233,11 @@ class Design:
         ``s`` = time since the input ended and ``u`` = time the infusion has
         run (0 for a bolus; inf for a constant steady-state infusion), time unit,
         and ``period`` (0, or τ for the past doses of a steady-state dose: a
-        second pair of that dose and observation whose response repeats every τ).
+        second pair of that dose and observation whose response repeats every τ;
+        its ``s`` counts from the end of the last of them that had ended when the
+        dose started, K·τ before it). A steady-state infusion longer than τ also
+        gets K − 1 ordinary pairs (period 0), its predecessors started k·τ before
+        it (k = 1..K−1, K = ⌈duration/τ⌉), still running at its start.
         """
         subj = self.obs_subject
         td, valid = self.dose_time[subj], self.dose_valid[subj]  # (M, D)

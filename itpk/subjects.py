@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.dataset import Dataset
+from itpk.errors import DatasetError
 from itpk.events import Dose, Schedule, Target
 from itpk.spec import ModelSpec
 
@@ -97,12 +98,26 @@ class ExpandedDoses:
 
 def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
     """ADDL-expanded doses of all subjects (a steady-state dose stays one dose: its past
-    repetitions, overlapping or not, are the prediction's business, :class:`itpk.linop.Design`)."""
-    per = []
+    repetitions, overlapping or not, are the prediction's business, :class:`itpk.linop.Design`).
+
+    Raises
+    ------
+    DatasetError
+        A steady-state infusion overlapping more than :data:`itpk.linop.MAX_OVERLAP` of its
+        predecessors (duration/II; a data error such as a RATE far too small): every such dose
+        is listed.
+    """
+    from itpk.linop import MAX_OVERLAP
+
+    per, problems = [], []
     for s in subject_list:
         resets = _resets(s.schedule)
         doses = []
         for d in s.schedule.doses:
+            if d.ss and d.is_infusion and d.ii > 0 and not d.infusion_duration <= MAX_OVERLAP * d.ii:
+                problems.append(f"subject {s.id}, time {d.time:g}: steady-state infusion lasting {d.infusion_duration:g}, "
+                                f"{d.infusion_duration / d.ii:.4g} times its interval II={d.ii:g}: more than {MAX_OVERLAP} "
+                                "overlapping predecessors (check RATE, AMT and II)")
             for k, t in enumerate(d.times()):
                 steady = bool(d.ss) and k == 0
                 duration = d.infusion_duration if d.is_infusion else 0.0
@@ -112,6 +127,8 @@ def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
                 period = (d.ii if d.ii > 0 else math.inf) if steady else 0.0
                 doses.append((t, d.amount, d.infusion_rate, duration, d.target, period))
         per.append(sorted(doses, key=lambda x: x[0]))
+    if problems:
+        raise DatasetError("steady-state doses itpk fit cannot use:\n" + "\n".join(f"- {p}" for p in problems))
     N, D = len(per), max((len(p) for p in per), default=0) or 1
     time, amount, rate, duration, ss_period = (np.zeros((N, D)) for _ in range(5))
     valid = np.zeros((N, D), dtype=bool)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from itpk import load_model
 from itpk.dataset import read_frame
-from itpk.errors import FitError
+from itpk.errors import DatasetError, FitError
 from itpk.inference import build_model, fit
 
 THEOPH = Path(str(files("itpk.data") / "theoph.csv"))
@@ -385,6 +385,11 @@ def check_ipred_is_simulated(spec, rows):
 
 
 def test_steady_state_doses_a_fit_cannot_use_are_refused_with_the_reason():
+    # RATE far too small: a 1 mg/h infusion of 5 000 mg every 2 h would overlap 2 500 predecessors
+    too_long = [(1, 0.0, 1, 5000.0, 1.0, 2.0, 0, 1, "iv", "", None), (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.0)]
+    with pytest.raises(DatasetError, match=r"subject 1, time 0: steady-state infusion lasting 5000, 2500 times its interval "
+                                           r"II=2: more than 1000 overlapping predecessors \(check RATE, AMT and II\)"):
+        build_model(load_model("one_cpt_iv"), read_frame(steady_state_frame(too_long), load_model("one_cpt_iv")))
     nonlinear = [(1, 0.0, 1, 100.0, None, 12.0, 0, 1, "iv", "", None), (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.0)]
     spec = load_model("one_cpt_mm")
     with pytest.raises(FitError, match=r"steady-state doses \(SS=1/2\) can be fitted with linear models only; one_cpt_mm is nonlinear"):

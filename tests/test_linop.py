@@ -462,6 +462,15 @@ def test_non_contiguous_inputs_give_the_same_numbers():
 # -- steady-state doses (SS = 1, 2; periodic bolus and infusion, constant infusion) ----------
 
 
+def interleaved(K, F, C, design, reference):
+    """The same case with its observations in a shuffled order (subjects interleaved)."""
+    order = np.random.default_rng(3).permutation(design.n_obs)
+    fields = {name: getattr(design, name) for name in ("dose_time", "dose_duration", "dose_valid", "dose_ss_period")}
+    shuffled = Design(**fields, **{name: getattr(design, name)[order] for name in ("obs_subject", "obs_time", "obs_output", "obs_after")})
+    assert np.any(np.diff(shuffled.obs_subject) < 0)  # subjects interleaved
+    return K, F, C, shuffled, reference[order]
+
+
 def steady_state_cases():
     """Schedules with SS doses for 1-, 2- (chain and general) and 6-compartment models."""
     ss_bolus = Schedule((Dose(0.0, 100.0, Target("po"), ii=12.0, addl=2, ss=1), Dose(40.0, 50.0, Target("po"), ii=8.0, ss=2)))
@@ -473,19 +482,26 @@ def steady_state_cases():
     overlapping = Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, duration=30.0, ss=1),
                             Dose(40.0, 60.0, Target("iv"), ii=8.0, addl=2, duration=20.0, ss=2),
                             Dose(90.0, 50.0, Target("iv"), ii=12.0, duration=24.0, ss=1)))
+    # a second subject: an EVID 3 reset while overlapping infusions run, then duration/II =
+    # 2.1/0.7, which rounds to 3.0000000000000004 (K = 4, the 4th predecessor ended at the start)
+    reset = Schedule((Dose(0.0, 80.0, Target("iv"), ii=6.0, duration=15.0, ss=1),
+                      Dose(60.0, 10.0, Target("iv"), ii=0.7, duration=2.1, ss=2)), resets=(20.0,))
+    two_cpt = {"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}
     return {
         "one_cpt_iv": build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, ss_infusion, TIMES)]),
         "one_cpt_oral": build(load_model("one_cpt_oral"), [({"ka": 0.83, "CL": 4.2, "V": 33.0}, ss_bolus, TIMES)]),
         "two_cpt_iv": build(load_model("two_cpt_iv"), [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, ss_infusion, TIMES)]),
         "one_cpt_iv_overlapping": build(load_model("one_cpt_iv"), [({"CL": 4.2, "V": 33.0}, overlapping, OVERLAP_TIMES)]),
-        "two_cpt_iv_overlapping": build(load_model("two_cpt_iv"),
-                                        [({"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}, overlapping, OVERLAP_TIMES)]),
+        "two_cpt_iv_overlapping": interleaved(*build(load_model("two_cpt_iv"), [(two_cpt, overlapping, OVERLAP_TIMES),
+                                                                                (two_cpt, reset, OVERLAP_TIMES)])),
+        "three_cpt_iv_overlapping": interleaved(*build(load_model("three_cpt_iv"), [({}, overlapping, OVERLAP_TIMES),
+                                                                                    ({}, reset, OVERLAP_TIMES)])),
         "it_linear": build(load_model("it_linear"), [({}, it, TIMES)]),
     }
 
 
 @pytest.mark.parametrize("name", ["one_cpt_iv", "one_cpt_oral", "two_cpt_iv", "it_linear", "one_cpt_iv_overlapping",
-                                  "two_cpt_iv_overlapping"])
+                                  "two_cpt_iv_overlapping", "three_cpt_iv_overlapping"])
 @pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
 def test_steady_state_doses_match_simulate(name, static):
     # rtol 1e-10 vs simulate's steady-state solver (a linear solve with the matrix exponential)
@@ -501,6 +517,17 @@ def test_steady_state_gradients_match_central_differences(name):
     check_gradients(*steady_state_cases()[name][:4])
 
 
+def test_steady_state_infusion_overlapping_too_many_predecessors_is_refused():
+    ok = {
+        "dose_time": np.zeros((1, 1)), "dose_valid": np.ones((1, 1), bool), "dose_ss_period": np.ones((1, 1)),
+        "obs_subject": [0], "obs_time": [1.0], "obs_output": [0], "obs_after": [-np.inf],
+    }  # fmt: skip
+    # at the limit: the dose, its periodic past and the 999 predecessors still running
+    assert Design(**ok, dose_duration=np.full((1, 1), 1000.0)).pairs["obs"].size == 1001
+    with pytest.raises(FitError, match="lasting 1200 times its interval overlaps more than 1000 of its predecessors"):
+        Design(**ok, dose_duration=np.full((1, 1), 1200.0))
+
+
 def test_periodic_steady_state_dose_of_infinite_duration_is_refused():
     ok = {
         "dose_time": np.zeros((1, 1)), "dose_duration": np.full((1, 1), np.inf), "dose_valid": np.ones((1, 1), bool),
@@ -513,8 +540,8 @@ def test_periodic_steady_state_dose_of_infinite_duration_is_refused():
 @pytest.mark.parametrize("static", [False, True], ids=["general", "small"])
 def test_overlapping_steady_state_infusion_equals_its_explicit_history(static):
     # A 30 h infusion every 12 h at steady state against the same infusion given explicitly 80
-    # times before (e^{-k·960 h} ~ 1e-53 of the first one is left out): rtol 1e-10, independent of
-    # simulate's steady-state solver
+    # times before (the slow eigenvalue is -0.042/h: e^{-0.042·960} ~ 4e-18 of the first is left
+    # out): rtol 1e-10, independent of simulate's steady-state solver
     params = {"CL": 3.7, "V1": 12.0, "Q": 8.1, "V2": 55.0}
     start = 1000.0  # times are >= 0: the history starts at 40 h
     times = start + np.array([0.0, 0.5, 5.0, 12.0, 17.9, 18.0, 30.0, 31.0, 47.0])
