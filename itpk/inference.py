@@ -558,9 +558,9 @@ def fit(
                          progressbar=progress, compute_convergence_checks=False, target_accept=target_accept,
                          nuts_sampler="pymc")  # PyMC 6 would otherwise hand over to nutpie
     elif method == "map":
-        tree = _map(model, seed, progress)
+        tree, note = _map(model, seed, progress)
         warnings.append("method map: a single posterior mode over all parameters including the random effects; "
-                        "IIV (omega) and shrinkage collapse toward 0 and intervals are not computed")
+                        "IIV (omega) and shrinkage collapse toward 0 and intervals are not computed" + note)
     elif method == "laplace":
         tree, note = _laplace(model, data, draws, seed, progress)
         warnings.append("method laplace: random effects integrated out by the Laplace approximation (FOCE-style); "
@@ -831,12 +831,23 @@ def _same_log_density(model: Any, other: Any) -> bool:
                                    in_ys=[*other.value_vars, *shared[1]]))
 
 
-def _map(model: Any, seed: int, progress: bool) -> Any:
+def _map(model: Any, seed: int, progress: bool) -> tuple[Any, str]:
+    """The joint posterior mode as a DataTree (one draw), and a note when the optimiser did not converge."""
+    import warnings as python_warnings
+
     import pymc as pm
     import xarray as xr
 
-    result = pm.find_MAP(model=model, random_seed=seed, jitter=False, return_inferencedata=True, progressbar=progress)
-    return xr.DataTree.from_dict({"posterior": result["posterior"].to_dataset()})
+    # PyMC says so with a UserWarning on stderr; the note puts it in run.json with the method's caveat
+    with python_warnings.catch_warnings(record=True) as caught:
+        python_warnings.simplefilter("always")
+        result = pm.find_MAP(model=model, random_seed=seed, jitter=False, return_inferencedata=True, progressbar=progress)
+    unconverged = [str(w.message) for w in caught if "did not converge" in str(w.message)]
+    for w in caught:
+        if "did not converge" not in str(w.message):
+            python_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    note = f"; the optimiser stopped before converging ({unconverged[0].split(': ', 1)[-1]})" if unconverged else ""
+    return xr.DataTree.from_dict({"posterior": result["posterior"].to_dataset()}), note
 
 
 def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -> tuple[Any, str]:

@@ -118,3 +118,15 @@ def test_the_ode_op_is_evaluated_without_sensitivities():
     assert len(loops) == 1
     settings = loops[0].core.inputs[-1].data
     assert settings[3] == 0.0  # rtol, atol, max_steps, sensitivities (off), …
+
+
+def test_map_puts_an_unconverged_optimiser_in_the_fit_warnings(recwarn):
+    # four observations of two subjects: the individual curves can pass through them, so sigma and
+    # the omegas head for 0 (measured: sigma 8e-8, omega_V 2e-5), the density has no maximum and
+    # the optimiser stops at PyMC's budget; the note says so in run.json instead of a bare
+    # UserWarning on stderr
+    spec, data = dataset("one_cpt_oral", "po", None)
+    result = fit(spec, data, method="map", seed=1, errors={"plasma": "additive"})
+    map_warning = next(w for w in result.warnings if w.startswith("method map"))
+    assert "; the optimiser stopped before converging (`callback` raised `StopIteration`.)" in map_warning
+    assert not [w for w in recwarn if "did not converge" in str(w.message)]
