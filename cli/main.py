@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from itpk import jsontext
 from itpk.errors import ItpkError
 
 app = typer.Typer(
@@ -161,7 +162,6 @@ def compare(
     quiet: Annotated[bool, typer.Option(help="Print nothing on success (except --json).")] = False,
 ) -> None:
     """Intratumoral vs systemic exposure: AUC/Cmax/Tmax per route and the local-gain metrics."""
-    import json
 
     from itpk.workflows import run_comparison
 
@@ -184,7 +184,7 @@ def compare(
             plot=plot,
         )
     if json_:
-        typer.echo(json.dumps(result.report, indent=2, allow_nan=True))
+        typer.echo(jsontext.dumps(result.report, indent=2))
     elif not quiet:
         typer.echo(result.message)
 

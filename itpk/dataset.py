@@ -528,6 +528,23 @@ class _Reader:
             self._blank(values, "CMT", obs, "blank on an observation row", hint)
         if spec is not None:
             values["CMT"] = self._resolve_cmt(cmt, dose, obs)
+            self._check_route_targets(route, values["CMT"], dose)
+
+    def _check_route_targets(self, route: pd.Series, cmt: pd.Series, dose: pd.Series) -> None:
+        """CMT beside ROUTE on a dose row must be one of the compartments that route doses.
+
+        Sending a route's dose to another lesion (ROUTE=it, CMT=lesion2) would need the route's
+        fractions redirected, which no model declares yet; ignoring CMT would dose the wrong lesion.
+        """
+        spec = self.spec
+        assert spec is not None
+        for i in np.flatnonzero((dose & route.notna() & cmt.notna()).to_numpy()):
+            r, c = route.iat[i], cmt.iat[i]
+            if r in spec.routes and c is not None and c not in spec.routes[r].into:
+                into = ", ".join(spec.routes[r].into)
+                self.add(int(self.row[i]), "CMT", f"found {c!r} with ROUTE={r}, whose doses go into {into}",
+                         f"blank, or one of {into}; to dose {c} itself give CMT={c} with ROUTE blank "
+                         f"(the whole amount goes into {c}; a route into another lesion is not supported yet)")
 
     def _resolve_cmt(self, cmt: pd.Series, dose: pd.Series, obs: pd.Series) -> pd.Series:
         """Model names for CMT: 1-based numbers resolved, unknown names reported."""
@@ -566,6 +583,11 @@ class _Reader:
             if not (cov is not None and cov.time_varying):
                 why = f"{name} is not time-varying in model {self.spec.name}" if self.spec else "without a model, covariates are constant; a model may declare them time-varying"
                 self._constant(values, name, f"one value per subject ({why})")
+            else:
+                # declared time-varying, but simulate and fit take each subject's first value:
+                # refusing a change is better than silently ignoring it
+                self._constant(values, name, f"one value per subject ({name} is declared time-varying in model "
+                                             f"{self.spec.name}, but itpk does not apply covariate changes (NOCB) yet)")
         self.covariate_columns = tuple(renamed)
         self._constant(values, "ARM", "one arm per subject")
 

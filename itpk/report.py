@@ -312,9 +312,10 @@ def verdict(run: RunData) -> dict[str, Any]:
     else:
         status, headline = "na", f"No MCMC diagnostics (method {method}): treat the estimates as a quick look"
     checks = []
-    if d.get("max_r_hat") is not None:
-        checks.append(("max R-hat", fmt(d["max_r_hat"], 4), f"≤ {R_HAT_MAX}", d["max_r_hat"] <= R_HAT_MAX))
-        checks.append(("min bulk ESS", fmt(d["min_ess_bulk"]), f"≥ {ESS_BULK_MIN}", d["min_ess_bulk"] >= ESS_BULK_MIN))
+    if passed is not None:  # an MCMC run; null numbers in run.json are non-finite ones (a variable that did not move)
+        r_hat, ess = (math.nan if d.get(k) is None else float(d[k]) for k in ("max_r_hat", "min_ess_bulk"))
+        checks.append(("max R-hat", fmt(r_hat, 4), f"≤ {R_HAT_MAX}", r_hat <= R_HAT_MAX))
+        checks.append(("min bulk ESS", fmt(ess), f"≥ {ESS_BULK_MIN}", ess >= ESS_BULK_MIN))
         tail = pd.to_numeric(run.summary.get("ess_tail"), errors="coerce") if "ess_tail" in run.summary else None
         if tail is not None and tail.notna().any():
             checks.append(("min tail ESS", fmt(tail.min()), f"≥ {ESS_BULK_MIN}", bool(tail.min() >= ESS_BULK_MIN)))

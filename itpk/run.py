@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from itpk import jsontext
 from itpk.errors import ItpkError
 from itpk.inference import CENSORING_METHOD, FitResult
 
@@ -273,7 +274,7 @@ def _write_files(result: FitResult, folder: Path, command: Sequence[str]) -> Non
         exposure.to_csv(folder / "exposure.csv", index=False)
     (folder / "model.toml").write_text(result.data.spec.text_toml, encoding="utf-8")
     timings = {**result.timings, "write_s": time.perf_counter() - start}
-    (folder / "run.json").write_text(json.dumps(run_record(result, command, timings), indent=2, default=str), encoding="utf-8")
+    (folder / "run.json").write_text(jsontext.dumps(run_record(result, command, timings), indent=2, default=str), encoding="utf-8")
 
 
 def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, float]) -> dict[str, Any]:
@@ -378,8 +379,17 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
         raise ItpkError(f"{folder / 'run.json'}: unreadable ({exc})") from None
     if record.get("format") != RUN_FORMAT:
         raise ItpkError(f"{folder}: run format {record.get('format')!r} is not supported (this itpk reads format {RUN_FORMAT})")
-    spec = parse_model(tomllib.loads((folder / "model.toml").read_text(encoding="utf-8")), source=str(folder / "model.toml"))
-    tree = xr.open_datatree(folder / "posterior.nc")
+    try:
+        raw = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ItpkError(f"{folder / 'model.toml'}: unreadable ({exc})") from None
+    spec = parse_model(raw, source=str(folder / "model.toml"))
+    try:
+        tree = xr.open_datatree(folder / "posterior.nc")
+    except Exception as exc:  # noqa: BLE001 - any netCDF/HDF5 failure is a broken run directory
+        raise ItpkError(f"{folder / 'posterior.nc'}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if "posterior" not in tree.children:
+        raise ItpkError(f"{folder / 'posterior.nc'}: no posterior group; the run directory is incomplete")
     post = tree["posterior"]
     draws = {name: np.asarray(post[name]).reshape(-1) for name in post.data_vars
              if name in spec.parameters or str(name).startswith("omega_")}

@@ -255,7 +255,24 @@ def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule],
     }
     if len(by_route) > 1:
         report["metrics_by_route"] = by_route
+    notes = _unsolved_notes(comparison)
+    if notes:
+        report["notes"] = notes
     return report
+
+
+def _unsolved_notes(comparison: Comparison) -> list[str]:
+    """Why DSF or systemic_sparing is missing (null in JSON, nan in the CSV), per local route."""
+    notes = []
+    for route, metrics in comparison.metrics.items():
+        for name in ("DSF", "systemic_sparing"):
+            values = np.asarray(metrics.get(name, []), dtype=float)
+            missing = int(np.count_nonzero(~np.isfinite(values)))
+            if missing:
+                share = "" if values.size == 1 else f" for {missing} of {values.size} parameter sets"
+                notes.append(f"{name} ({route} vs {comparison.reference}){share}: no dose factor in [1e-6, 1e6] matches the "
+                             "lesion AUC between the routes (in a nonlinear model it need not rise with the dose)")
+    return notes
 
 
 def comparison_table(report: dict) -> pd.DataFrame:
@@ -302,6 +319,7 @@ def format_comparison(report: dict) -> str:
         lines.append(f"  {route:>3}: " + "; ".join(parts))
     if report["metrics"]:
         lines.append(f"  metrics ({_local_route(report)} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
+    lines += [f"  note: {note}" for note in report.get("notes", ())]
     return "\n".join(lines)
 
 

@@ -178,15 +178,37 @@ def test_steady_state_constant_infusion_needs_no_amount_or_interval(tmp_path):
 
 
 def test_time_varying_covariate_declared_by_model(tmp_path, it_mini):
+    # constant values are read (CMT numbers on observation rows name outputs); a change within a
+    # subject is refused, because simulate and fit would silently use the first value
     header = ["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV", "DIAM", "tvol"]
     rows = [
         ["1", "0", "1", "10", "it", "", "", "2", "4"],
-        ["1", "1", "0", "", "", "tumor", "3", "2", "4.5"],
-        ["1", "2", "0", "", "", "2", "1", "2", "5"],  # CMT number: the 2nd output
+        ["1", "1", "0", "", "", "tumor", "3", "2", "4"],
+        ["1", "2", "0", "", "", "2", "1", "2", "4"],  # CMT number: the 2nd output
     ]
     ds = read_dataset(write(tmp_path, rows, header), it_mini)
-    assert ds.data["TVOL"].tolist() == [4, 4.5, 5]
+    assert ds.data["TVOL"].tolist() == [4, 4, 4]
     assert ds.data["CMT"].tolist()[1:] == ["tumor", "tumor"]
+    rows[2][-1] = "5"
+    with pytest.raises(DatasetError) as err:
+        read_dataset(write(tmp_path, rows, header), it_mini)
+    assert ("row 4, TVOL: found 5, but ID 1 has 4 on row 2; allowed: one value per subject (TVOL is declared "
+            "time-varying in model it_mini, but itpk does not apply covariate changes (NOCB) yet)") in str(err.value)
+
+
+def test_route_dose_into_a_compartment_the_route_does_not_reach_is_refused(tmp_path, it_mini):
+    header = ["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV", "DIAM"]
+    rows = [
+        ["1", "0", "1", "10", "it", "A_T", "", "2"],  # consistent: the it route doses A_T
+        ["1", "1", "1", "10", "iv", "A_T", "", "2"],  # iv reaches only A_P
+        ["1", "2", "0", "", "", "tumor", "3", "2"],
+    ]
+    with pytest.raises(DatasetError) as err:
+        read_dataset(write(tmp_path, rows, header), it_mini)
+    message = str(err.value)
+    assert "row 3, CMT: found 'A_T' with ROUTE=iv, whose doses go into A_P; allowed: blank, or one of A_P" in message
+    assert "to dose A_T itself give CMT=A_T with ROUTE blank" in message
+    assert "row 2," not in message
 
 
 def test_dose_cmt_number_resolves_to_compartment(tmp_path, it_mini):

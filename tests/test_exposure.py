@@ -153,3 +153,25 @@ def test_compare_bad_input(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_unsolvable_dose_factors_are_null_in_strict_json_and_explained():
+    # The virus model's lesion AUC does not rise with the dose (neutralising antibodies), so no dose
+    # factor matches it: DSF and systemic_sparing are null (not NaN, which strict JSON readers
+    # reject), and a note says why, in the JSON and on the terminal
+    from itpk.workflows import format_comparison
+
+    result = runner.invoke(app, ["compare", "it_oncolytic_virus", "--regimen", "tvec", "--diam", "3.2", "--doses", "2",
+                                 "--horizon", "720", "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    report = json.loads(result.output, parse_constant=refuse)
+    assert report["metrics"]["DSF"] is None and report["metrics"]["systemic_sparing"] is None
+    assert report["metrics"]["G"] > 0
+    assert [n.split(":")[0] for n in report["notes"]] == ["DSF (it vs iv)", "systemic_sparing (it vs iv)"]
+    assert "need not rise with the dose" in report["notes"][0]
+    report["metrics"] = {k: (float("nan") if v is None else v) for k, v in report["metrics"].items()}
+    assert "  note: DSF (it vs iv): no dose factor in [1e-6, 1e6]" in format_comparison(report)

@@ -119,6 +119,20 @@ def test_passed_diagnostics_green(runs, tmp_path):
     assert 'class="verdict pass"' in text and "Diagnostics passed" in text
 
 
+def test_non_finite_diagnostics_are_failed_checks(runs):
+    # run.json is strict JSON: a non-finite R-hat (a variable that did not move) is written as null,
+    # and the report shows it as a failed check, not as a missing one
+    from itpk import jsontext
+    from itpk.report import read_run, verdict
+
+    run = read_run(runs["nuts"])
+    run.record["diagnostics"].update(passed=False, max_r_hat=float("nan"), min_ess_bulk=float("nan"))
+    run.record.update(json.loads(jsontext.dumps(run.record, default=str)))
+    assert run.record["diagnostics"]["max_r_hat"] is None
+    checks = {name: (shown, ok) for name, shown, _, ok in verdict(run)["checks"]}
+    assert checks["max R-hat"] == ("—", False) and checks["min bulk ESS"] == ("—", False)
+
+
 def test_exposure_sentences(nuts_html):
     section = nuts_html[nuts_html.find("7. Intratumoral"):nuts_html.find("8. Sampler")]
     assert "Injecting into the tumour gives" in section
@@ -167,6 +181,20 @@ def test_incomplete_and_incompatible_run_directories(runs, tmp_path):
     pd.read_csv(cols / "predictions.csv").drop(columns=["PIT"]).to_csv(cols / "predictions.csv", index=False)
     with pytest.raises(ItpkError, match="missing column"):
         write_report(cols)
+    # a truncated posterior.nc and a garbled model.toml: one message each, for report and compare
+    from itpk.run import load_run
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs["map"], corrupt)
+    (corrupt / "posterior.nc").write_bytes((corrupt / "posterior.nc").read_bytes()[:2000])
+    for read in (write_report, load_run):
+        with pytest.raises(ItpkError, match=r"posterior.nc: unreadable \("):
+            read(corrupt)
+    garbled = tmp_path / "garbled"
+    shutil.copytree(runs["map"], garbled)
+    (garbled / "model.toml").write_text("name = [unclosed", encoding="utf-8")
+    with pytest.raises(ItpkError, match=r"model.toml: unreadable \("):
+        load_run(garbled)
 
 
 def _ipred_median(run) -> np.ndarray:

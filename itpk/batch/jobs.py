@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from itpk import jsontext
 from itpk.batch.headline import compare_headline, fit_headline, simulate_headline
 from itpk.batch.pipeline import JobSpec, Pipeline
 from itpk.errors import ItpkError, PipelineError
@@ -200,7 +201,7 @@ def _compare(job: JobSpec, folder: Path) -> dict[str, Any]:
         horizon=o.get("horizon"), posterior=o.get("posterior"), out=folder / "compare.csv",
         plot=folder / "compare.png" if o.get("plot") else None,
     )
-    (folder / "compare.json").write_text(json.dumps(result.report, indent=2, allow_nan=True), encoding="utf-8")
+    (folder / "compare.json").write_text(jsontext.dumps(result.report, indent=2), encoding="utf-8")
     return compare_headline(result.report)
 
 
