@@ -887,10 +887,41 @@ def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
     tree["log_likelihood"] = xr.DataTree(loglik)
     tree["posterior_predictive"] = xr.DataTree(predictive)
     tree["observed_data"] = xr.DataTree(observed)
+    tree["constant_data"] = xr.DataTree(constant_data(data))
     prior = prior_draws(model, PRIOR_DRAWS, seed)
     tree["prior"] = xr.DataTree(prior)
     tree["prior_predictive"] = xr.DataTree(_pointwise_groups(prior, data, rng)[1])
     return tree
+
+
+def constant_data(data: FitData) -> Any:
+    """The design the fit conditioned on, as the ``constant_data`` group (model units).
+
+    Per observation (coordinate ``observation`` = dataset ROW, as IPRED): ``ID``, ``TIME``,
+    ``output``, ``censored`` and ``LLOQ``; per subject: each model covariate
+    (``covariate_<NAME>``) and ``ARM``; per dose row (``dose_row``): ``dose_ID``, ``dose_TIME``,
+    ``dose_AMT``, ``dose_RATE``, ``dose_ROUTE``, ``dose_CMT``, ``dose_II``, ``dose_ADDL``, ``dose_SS``.
+    """
+    import xarray as xr
+
+    obs = data.observations
+    subjects = [s.id for s in data.subjects]
+    by_obs = {"ID": obs["ID"], "TIME": obs["TIME"], "output": obs["output"].to_numpy(dtype=str), "censored": obs["censored"],
+              "LLOQ": obs["LLOQ"]}
+    variables = {name: xr.DataArray(np.asarray(values), dims=("observation",)) for name, values in by_obs.items()}
+    for name in data.spec.covariates:
+        values = [s.covariates[name] for s in data.subjects]
+        variables[f"covariate_{name}"] = xr.DataArray(np.asarray(values, dtype=float), dims=("subject",))
+    variables["ARM"] = xr.DataArray(np.asarray([s.arm for s in data.subjects], dtype=str), dims=("subject",))
+    doses = data.dataset.doses
+    for column in ("ID", "TIME", "AMT", "RATE", "ROUTE", "CMT", "II", "ADDL", "SS"):
+        if column in doses:
+            values = doses[column]
+            numeric = pd.api.types.is_numeric_dtype(values)
+            array = values.to_numpy(dtype=float) if numeric else values.fillna("").astype(str).to_numpy(dtype=str)
+            variables[f"dose_{column}"] = xr.DataArray(array, dims=("dose_row",))
+    coords = {"observation": obs["ROW"].to_numpy(), "subject": subjects, "dose_row": doses["ROW"].to_numpy()}
+    return xr.Dataset(variables, coords=coords)
 
 
 def _pointwise_groups(draws: Any, data: FitData, rng: np.random.Generator) -> tuple[Any, Any, Any]:

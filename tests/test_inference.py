@@ -233,8 +233,16 @@ def test_smoke_nuts_run_directory(theoph_nuts):
     assert record["model"] == "one_cpt_oral" and len(record["data_sha256"]) == 64
     assert "M3" in record["censoring_method"] and record["settings"]["seed"] == 1
     assert set(record["diagnostics"]) >= {"max_r_hat", "min_ess_bulk", "divergences", "passed"}
-    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data", "sample_stats", "prior"):
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data", "constant_data", "sample_stats", "prior"):
         assert group in result.tree.children, group
+    # constant_data, read back from posterior.nc: the design on IPRED's observation coordinate
+    import xarray as xr
+
+    const = xr.open_datatree(out / "posterior.nc")["constant_data"].to_dataset()
+    np.testing.assert_array_equal(const["observation"].values, result.tree["posterior"]["observation"].values)
+    assert const["TIME"].values[:2].tolist() == [0.0, 0.25] and set(const["output"].values.tolist()) == {"plasma"}
+    assert const["dose_ROUTE"].values.tolist() == ["po"] * 12 and const["dose_AMT"].values[0] == pytest.approx(319.992)
+    assert const.sizes == {"observation": 132, "subject": 12, "dose_row": 12}
     # a short run: CL within a factor 1.5 of the published 2.75 L/h
     cl = summary.set_index("parameter").loc["CL", "median"]
     assert 2.75 / 1.5 < cl < 2.75 * 1.5
