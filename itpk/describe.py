@@ -9,7 +9,7 @@ def describe_model(spec: ModelSpec) -> str:
     """Compartments, flows/ODEs, routes, outputs and parameters, as text."""
     lines = [f"{spec.name} — {spec.description}", f"agent: {spec.agent}; time unit: {spec.time_unit}; "
              f"{'linear (solved exactly)' if spec.is_linear else 'nonlinear (ODE solver)'}; file: {spec.source}", ""]
-    lines.append("compartments (CMT order):")
+    lines.append("compartments (CMT number on dose rows):")
     for i, c in enumerate(spec.compartments, 1):
         vol = f", volume {c.volume}" if c.volume else ""
         lines.append(f"  {i}. {c.name} [{c.amount_unit}{vol}] {c.description}")
@@ -23,9 +23,9 @@ def describe_model(spec: ModelSpec) -> str:
     for r in spec.routes.values():
         into = ", ".join(f"{c} × {e}" for c, e in r.into.items())
         lines.append(f"  {r.name}: {into}" + (f" — {r.description}" if r.description else ""))
-    lines.append("outputs:")
-    for o in spec.outputs.values():
-        lines.append(f"  {o.name} = {o.expr} [{o.unit}], error {o.error}" + (f" — {o.description}" if o.description else ""))
+    lines.append("outputs (CMT number on observation rows):")
+    for i, o in enumerate(spec.outputs.values(), 1):
+        lines.append(f"  {i}. {o.name} = {o.expr} [{o.unit}], error {o.error}" + (f" — {o.description}" if o.description else ""))
     if spec.derived:
         lines.append("derived quantities:")
         lines.extend(f"  {d.name} = {d.expr}" + (f" [{d.unit}]" if d.unit else "") for d in spec.derived.values())

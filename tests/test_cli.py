@@ -32,6 +32,14 @@ def test_models_show_lists_parameters_with_units_and_priors():
     assert "L/h" in result.output and "lognormal(median=5, sigma=1)" in result.output
 
 
+def test_models_show_numbers_compartments_for_dose_rows_and_outputs_for_observation_rows():
+    # a numeric CMT means a compartment on a dose row and an output on an observation row
+    result = run("models", "show", "it_antibody")
+    assert "compartments (CMT number on dose rows):\n  1. tumor" in result.output
+    assert "  4. central [mg, volume V]" in result.output
+    assert "outputs (CMT number on observation rows):\n  1. plasma = central / V" in result.output
+
+
 def test_simulate_writes_long_csv_matching_closed_form(tmp_path):
     out = tmp_path / "sim.csv"
     result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", 100, "--at", "0,1,5", "--set", "CL=5", "--set", "V=50", "--out", out)
