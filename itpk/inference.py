@@ -76,11 +76,26 @@ def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | No
     if obs.empty:
         raise FitError(f"{dataset.source}: no observations to fit")
     outputs = tuple(o for o in spec.outputs if o in set(obs["output"]))
+    _check_log_dv(obs, {o: errors[o] for o in outputs})
     relevant = relevant_names(spec, doses, outputs)
     estimated = tuple(n for n, p in spec.parameters.items() if p.prior is not None and not p.fixed and n in relevant)
     fixed = {n: p.value for n, p in spec.parameters.items() if n not in estimated}
     iiv = tuple(n for n in estimated if spec.parameters[n].iiv_cv is not None)
     return FitData(spec, dataset, subject_list, doses, obs, outputs, {o: errors[o] for o in outputs}, estimated, iiv, fixed)
+
+
+def _check_log_dv(obs: pd.DataFrame, errors: Mapping[str, str]) -> None:
+    """Quantified DV <= 0 under a ``log`` error model: a data problem, named with its rows."""
+    problems = []
+    for output, kind in errors.items():
+        rows = obs[(obs["output"] == output) & ~obs["censored"] & ~(obs["DV"] > 0)] if kind == "log" else obs.iloc[:0]
+        if len(rows):
+            listed = ", ".join(f"{r} ({dv:g})" for r, dv in zip(rows["ROW"][:10], rows["DV"][:10], strict=True))
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            problems.append(f"{output}: DV <= 0 on rows {listed}{more} under the log error model, which needs DV > 0; "
+                            f"mark them BLQ=1 with their LLOQ, or use --error {output}=additive")
+    if problems:
+        raise FitError("; ".join(problems))
 
 
 def relevant_names(spec: ModelSpec, doses: ExpandedDoses, outputs: tuple[str, ...]) -> set[str]:
@@ -634,8 +649,9 @@ def _check_initial_point(at_start: Mapping[str, np.ndarray], data: FitData) -> N
     likelihood: each output's pointwise terms at IPRED and the σ's of :func:`_at_start`'s row 0.
     """
     start = {name: value[0] for name, value in at_start.items()}
+    observed = observed_outputs(data.observations, data.outputs, data.errors)
     bad, hints = [], []
-    for obs in observed_outputs(data.observations, data.outputs, data.errors):
+    for obs in observed:
         with np.errstate(all="ignore"):
             loglik, _ = pointwise(start, obs, np.random.default_rng(0))  # the predictive draw is not used
         if np.all(np.isfinite(loglik)):

@@ -342,6 +342,19 @@ def test_infinite_initial_log_density_is_explained():
         fit(spec, read_dataset(THEOPH, spec), errors={"plasma": "proportional"}, method="map")
 
 
+def test_dv_not_positive_under_the_log_error_model_is_a_data_problem():
+    # the message names the rows and the fixes, not "a prediction of 0"
+    rows = [(1, 0.0, 1, 100.0, None, None, None, 0, "po", "", None),
+            (1, 1.0, 0, None, None, None, None, 0, "", "plasma", 0.0),
+            (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.5),
+            (1, 4.0, 0, None, None, None, None, 0, "", "plasma", -0.2)]
+    spec = load_model("one_cpt_oral")
+    dataset = read_frame(steady_state_frame(rows), spec)
+    with pytest.raises(FitError, match=r"^plasma: DV <= 0 on rows 3 \(0\), 5 \(-0.2\) under the log error model, which needs "
+                                       r"DV > 0; mark them BLQ=1 with their LLOQ, or use --error plasma=additive$"):
+        fit(spec, dataset, method="map", errors={"plasma": "log"})
+
+
 def steady_state_frame(rows):
     return pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "RATE", "II", "ADDL", "SS", "ROUTE", "CMT", "DV"])
 
