@@ -51,6 +51,7 @@ TISSUE_DENSITY = "1 g/mL"
 TIME_COLUMNS = ("TIME", "II", "DUR")
 UNIT_KEYS = ("TIME", "II", "DUR", "AMT", "RATE", "DV", "LLOQ")
 _TABLE_KEYS = ("AMT", "RATE", "DV", "LLOQ")  # keys that may be a table by name
+_TIME_KEYS = ("TIME", "II", "DUR")
 
 
 @functools.cache
@@ -224,7 +225,11 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = ()) -> Unit
                     table[str(name)] = unit
             parsed[upper] = table
         elif _check_unit_text(value, where, problems):
-            parsed[upper] = value
+            if upper in _TIME_KEYS and parse_unit(value).dimensionality != registry().hour.dimensionality:
+                # checked here too, so that `data validate` without a model catches it
+                problems.append(f"{where}: found {value!r}, which is not a time; allowed: a time unit such as h, min or day")
+            else:
+                parsed[upper] = value
     if problems:
         raise DatasetError(f"units file {path}: invalid\n  - " + "\n  - ".join(problems))
     return UnitsSidecar(str(path), parsed)

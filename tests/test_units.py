@@ -190,13 +190,26 @@ def test_incompatible_sidecar_unit_names_column_and_unit(tmp_path):
 
 
 def test_incompatible_time_unit(tmp_path):
-    with pytest.raises(DatasetError, match=r"units file trial.units.toml, TIME: 'mg' cannot be converted to 'h'"):
+    with pytest.raises(DatasetError, match=r"units file trial.units.toml, TIME: found 'mg', which is not a time; allowed: a time unit"):
         dataset(tmp_path, 'TIME = "mg"\n')
 
 
 def test_unknown_unit_in_sidecar(tmp_path):
     with pytest.raises(DatasetError, match=r"units file trial.units.toml, TIME: 'hourz' is not a unit itpk knows"):
         dataset(tmp_path, 'TIME = "hourz"\n')
+
+
+def test_time_columns_need_a_time_unit_even_without_a_model(tmp_path):
+    # 'furlong' is a unit pint knows (a length): without a model nothing else would catch it
+    from itpk.dataset import read_dataset
+
+    (tmp_path / "trial.csv").write_text(CSV)
+    (tmp_path / "trial.units.toml").write_text('TIME = "furlong"\nII = "h"\nDUR = "mg"\n')
+    with pytest.raises(DatasetError) as err:
+        read_dataset(tmp_path / "trial.csv")
+    message = str(err.value)
+    assert "TIME: found 'furlong', which is not a time; allowed: a time unit such as h, min or day" in message
+    assert "DUR: found 'mg', which is not a time" in message and "II:" not in message
 
 
 def test_unknown_sidecar_key(tmp_path):
