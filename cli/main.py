@@ -42,6 +42,20 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
+@contextmanager
+def silenced(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``, no Python warnings from the libraries underneath (numpy, PyMC...): what a
+    user must know is in the command's own output files (``run.json`` warnings)."""
+    if not quiet:
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _parse_sets(pairs: list[str], *, option: str = "--set", example: str = "--set CL=2.5") -> dict[str, float]:
     """``NAME=VALUE`` pairs to a dict; every malformed pair is reported."""
     out: dict[str, float] = {}
@@ -118,7 +132,7 @@ def simulate(
     """Concentration-time profiles of a regimen (a virtual population with --subjects)."""
     from itpk.workflows import run_simulation
 
-    with user_errors():
+    with user_errors(), silenced(quiet):
         result = run_simulation(
             model,
             route=route,
@@ -165,7 +179,7 @@ def compare(
 
     from itpk.workflows import run_comparison
 
-    with user_errors():
+    with user_errors(), silenced(quiet):
         result = run_comparison(
             model,
             dose=dose,
@@ -218,7 +232,7 @@ def fit(
             with user_errors():
                 raise ItpkError(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
         errors[name.strip()] = kind.strip()
-    with user_errors():
+    with user_errors(), silenced(quiet):
         result = run_fit(data, model=model, out=out, method=method, draws=draws, tune=tune, chains=chains,
                          cores=cores, seed=seed, errors=errors, target_accept=target_accept,
                          mass_matrix=mass_matrix, iiv=iiv, precondition=precondition, progress=not quiet and sys.stderr.isatty(),

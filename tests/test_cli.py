@@ -123,3 +123,28 @@ def test_console_script_works_from_any_folder(tmp_path):
     result = subprocess.run([exe, "models", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "two_cpt_iv" in result.stdout
+
+
+def test_quiet_silences_library_warnings(monkeypatch, tmp_path):
+    # --quiet: no Python warnings from the libraries underneath (what matters is in run.json);
+    # without it they still show
+    import warnings
+    from types import SimpleNamespace
+
+    import itpk.workflows
+
+    def noisy_fit(*args, **kwargs):
+        warnings.warn("overflow encountered in exp", RuntimeWarning, stacklevel=1)
+        return SimpleNamespace(message="fitted", diagnostics={"passed": True})
+
+    monkeypatch.setattr(itpk.workflows, "run_fit", noisy_fit)
+    args = ("fit", "data.csv", "--model", "one_cpt_oral", "--out", tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = run(*args, "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == "" and not caught
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loud = run(*args)
+    assert loud.exit_code == 0 and "fitted" in loud.output
+    assert [str(w.message) for w in caught] == ["overflow encountered in exp"]
