@@ -126,6 +126,7 @@ def simulate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
     subjects: Annotated[int, typer.Option(help="Virtual population size drawn from the model's IIV (1 = typical subject).")] = 1,
     seed: Annotated[int | None, typer.Option(help="Seed of the virtual population draw.")] = None,
+    posterior: Annotated[Path | None, typer.Option(help="Run directory of `itpk fit`: parameters from its posterior (with --subjects N: N subjects, each a posterior draw with its own IIV; else the typical subject at up to 500 draws).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG figure (linear and log axes).")] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
 ) -> None:
@@ -148,6 +149,7 @@ def simulate(
             overrides=_parse_sets(set_ or []),
             subjects=subjects,
             seed=seed,
+            posterior=posterior,
             out=out,
             plot=plot,
         )

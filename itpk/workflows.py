@@ -114,6 +114,7 @@ def run_simulation(
     overrides: Mapping[str, float] | None = None,
     subjects: int = 1,
     seed: int | None = None,
+    posterior: str | Path | None = None,
     out: str | Path | None = None,
     plot: str | Path | None = None,
 ) -> SimulationResult:
@@ -122,9 +123,22 @@ def run_simulation(
     Parameters mirror ``itpk simulate``: ``dose`` in the receiving
     compartment's amount unit, times in the model's time unit; ``overrides``
     set typical parameter/covariate values; ``subjects > 1`` draws a virtual
-    population from the model's IIV with ``seed``.
+    population from the model's IIV with ``seed``. With ``posterior`` (a run
+    directory of ``itpk fit``) the parameters come from the fit instead: each
+    subject takes a posterior draw and, with ``subjects > 1``, its own η from
+    that draw's omegas (:func:`itpk.population.sample_posterior_population`);
+    with ``subjects == 1``, one typical-subject profile per posterior draw (at
+    most :data:`POSTERIOR_PROFILES`, evenly thinned; ``ID`` is the profile).
     """
-    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    draws = None
+    if posterior is not None:
+        from itpk.run import load_run
+
+        spec, draws, _ = load_run(posterior)
+        if not isinstance(model, ModelSpec) and model not in (None, "", spec.name):
+            raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {model!r}")
+    else:
+        spec = model if isinstance(model, ModelSpec) else load_model(model)
     overrides = dict(overrides or {})
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides)
@@ -132,10 +146,20 @@ def run_simulation(
         raise ItpkError(f"model {spec.name!r} has no route {route!r}; routes: {', '.join(spec.routes)}")
     resolve(spec, overrides)  # unknown names fail here, before any work
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
-    params = sample_population(spec, subjects, seed=seed, typical=overrides) if subjects > 1 else overrides
     if subjects < 1:
         raise ItpkError(f"--subjects must be >= 1, found {subjects}")
+    if draws is not None:
+        params = _posterior_parameters(spec, draws, subjects, seed, overrides)
+    else:
+        params = sample_population(spec, subjects, seed=seed, typical=overrides) if subjects > 1 else overrides
     profiles = simulate(spec, schedule, params, times)
+    count = profiles.amounts.shape[0]  # with a posterior and one subject: one profile per draw
+    if draws is None:
+        who = f"{count} subject(s)"
+    elif subjects > 1:
+        who = f"{count} subject(s) drawn from the posterior in {posterior}"
+    else:
+        who = f"the typical subject at {count} posterior draw(s) from {posterior}"
     csv = atomic_write(out, lambda tmp: profiles.to_frame().to_csv(tmp, index=False)) if out else None
     png = None
     if plot:
@@ -146,10 +170,34 @@ def run_simulation(
         )
         png = plot_profiles(profiles, plot, dose_times=schedule.dose_times(), title=label)
     written = ", ".join(str(p) for p in (csv, png) if p)
-    message = f"simulated {spec.name}: {subjects} subject(s) × {times.size} times × {len(profiles.outputs)} output(s)" + (
+    message = f"simulated {spec.name}: {who} × {times.size} times × {len(profiles.outputs)} output(s)" + (
         f"; wrote {written}" if written else ""
     )
     return SimulationResult(profiles, schedule, csv, png, message)
+
+
+POSTERIOR_PROFILES = 500  # typical-subject profiles drawn from a posterior (simulate --posterior, one subject)
+
+
+def _posterior_parameters(spec: ModelSpec, draws: Mapping[str, np.ndarray], subjects: int, seed: int | None,
+                          overrides: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Parameter sets from a fit: a virtual population (subjects > 1) or the typical subject per draw."""
+    from itpk.errors import ModelSpecError
+    from itpk.population import sample_posterior_population
+    from itpk.run import posterior_values
+
+    if subjects > 1:
+        try:
+            return sample_posterior_population(spec, draws, subjects, seed=seed, typical=overrides)
+        except ModelSpecError as exc:
+            raise ItpkError(str(exc)) from None
+    values = posterior_values(spec, draws, overrides=overrides, max_draws=POSTERIOR_PROFILES)
+    n = len(next(iter(values.values())))
+    for name, p in spec.parameters.items():
+        values.setdefault(name, np.full(n, p.value))
+    for name, c in spec.covariates.items():
+        values.setdefault(name, np.full(n, float(overrides.get(name, c.value))))
+    return values
 
 
 def _dose_unit(spec: ModelSpec, route: str) -> str:

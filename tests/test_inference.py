@@ -248,6 +248,31 @@ def test_smoke_nuts_run_directory(theoph_nuts):
     assert 2.75 / 1.5 < cl < 2.75 * 1.5
 
 
+def test_simulate_from_a_posterior(theoph_nuts, tmp_path):
+    # one subject: the typical profile at every draw (200 here), each equal to simulate at that
+    # draw's values (rtol 1e-12); --subjects N: reproducible by seed, different across seeds
+    from itpk.simulate import simulate
+    from itpk.workflows import run_simulation
+
+    result, out = theoph_nuts
+    spec = load_model("one_cpt_oral")
+    times = [0.5, 2.0, 12.0]
+    typical = run_simulation("one_cpt_oral", route="po", dose=320.0, at=times, posterior=out)
+    profiles = typical.profiles.outputs["plasma"]
+    assert profiles.shape == (200, 3)
+    post = result.tree["posterior"]
+    for k in (0, 77, 199):
+        values = {name: float(np.asarray(post[name]).reshape(-1)[k]) for name in ("ka", "CL", "V")}
+        want = simulate(spec, typical.schedule, values, np.array(times)).outputs["plasma"][0]
+        np.testing.assert_allclose(profiles[k], want, rtol=1e-12)
+    assert "the typical subject at 200 posterior draw(s)" in typical.message
+    pop = [run_simulation("one_cpt_oral", route="po", dose=320.0, at=times, posterior=out, subjects=40, seed=seed,
+                          out=tmp_path / f"pop{seed}.csv") for seed in (7, 7, 8)]
+    first, again, other = (p.profiles.outputs["plasma"] for p in pop)
+    assert first.shape == (40, 3) and np.array_equal(first, again) and not np.array_equal(first, other)
+    assert pd.read_csv(tmp_path / "pop7.csv").columns.tolist() == ["ID", "TIME", "OUTPUT", "VALUE", "UNIT"]
+
+
 def test_same_seed_same_numbers(theoph_nuts):
     from itpk.dataset import read_dataset
 
