@@ -78,7 +78,35 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
     with np.errstate(all="ignore"):
         for name, item in spec.derived.items():
             env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (size,))
+        _check_volumes(spec, env, size)
     return Values(spec, env, size)
+
+
+def _check_volumes(spec: ModelSpec, env: Mapping[str, np.ndarray], size: int) -> None:
+    """Every compartment volume finite and > 0 (a lesion of diameter 0 would give 0/0 concentrations)."""
+    problems = []
+    for c in spec.compartments:
+        if c.volume is None:
+            continue
+        volume = np.broadcast_to(np.asarray(c.volume.evaluate(env), dtype=float), (size,))
+        bad = ~(np.isfinite(volume) & (volume > 0))
+        if np.any(bad):
+            at = int(np.argmax(bad))
+            inputs = ", ".join(f"{n}={env[n][at]:g}" for n in _inputs_of(spec, c.volume.names))
+            problems.append(f"compartment {c.name}: volume {c.volume.text} = {volume[at]:g} with {inputs}; a volume must be > 0")
+    if problems:
+        raise ModelSpecError("; ".join(problems))
+
+
+def _inputs_of(spec: ModelSpec, names: Any) -> list[str]:
+    """The parameters and covariates behind ``names``, through derived quantities."""
+    found: list[str] = []
+    for name in sorted(names):
+        if name in spec.derived:
+            found += [n for n in _inputs_of(spec, spec.derived[name].expr.names) if n not in found]
+        elif name not in found and (name in spec.parameters or name in spec.covariates):
+            found.append(name)
+    return found
 
 
 def rate_matrix(values: Values) -> np.ndarray:

@@ -175,3 +175,17 @@ def test_unsolvable_dose_factors_are_null_in_strict_json_and_explained():
     assert "need not rise with the dose" in report["notes"][0]
     report["metrics"] = {k: (float("nan") if v is None else v) for k, v in report["metrics"].items()}
     assert "  note: DSF (it vs iv): no dose factor in [1e-6, 1e6]" in format_comparison(report)
+
+
+def test_a_lesion_of_zero_size_is_refused_with_its_cause():
+    # DIAM = 0 gives V_T = 0 and 0/0 tumour concentrations: one message naming the compartment,
+    # the volume expression and the input behind it; exit 1 from the CLI
+    from itpk.errors import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match=r"^compartment tumor: volume V_T = 0 with DIAM=0; a volume must be > 0$"):
+        resolve(load_model("it_antibody"), {"DIAM": 0.0})
+    population = {"DIAM": np.array([2.0, 3.0, -1.0])}  # the third of three parameter sets
+    with pytest.raises(ModelSpecError, match=r"volume V_T = -0.000523599 with DIAM=-1"):
+        resolve(load_model("it_antibody"), population)
+    result = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--set", "DIAM=0"])
+    assert result.exit_code == 1 and "a volume must be > 0" in result.output and "Traceback" not in result.output
