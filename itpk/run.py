@@ -286,6 +286,10 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
     data = result.data
     source = Path(data.dataset.source)
     data_sha = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
+    from itpk.units import sidecar_path
+
+    sidecar = sidecar_path(source) if source.is_file() else None
+    units_sha = hashlib.sha256(sidecar.read_bytes()).hexdigest() if sidecar is not None and sidecar.is_file() else None
     obs = data.observations
     return {
         "format": RUN_FORMAT,
@@ -298,6 +302,7 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
         "model_sha256": data.spec.sha256,
         "data": str(source.resolve()) if source.is_file() else str(source),
         "data_sha256": data_sha,
+        "units_sha256": units_sha,  # the units sidecar beside the data (None without one): it changes the numbers too
         "subjects": len(data.subjects),
         "arms": sorted({s.arm for s in data.subjects if s.arm}),
         "observations": {o: int((obs["output"] == o).sum()) for o in data.outputs},

@@ -501,6 +501,10 @@ class _Parser:
         for name, value in self._table("covariates").items():
             entry = self._entry("covariates", name, value, _COV_KEYS, "value")
             where = f"[covariates] {name!r}"
+            if isinstance(entry.get("value"), str):  # an expression: SPEC §3's own example writes one here
+                self.fail(f"{where} value", f"found {entry['value']!r}: a covariate is a number read from the data (this is its "
+                                            f"default); an expression belongs in [derived], e.g. {name} = {{ expr = {entry['value']!r} }}")
+                continue
             number = self._number(entry.get("value"), f"{where} value")
             unit = entry.get("unit", "")
             if number is not None:

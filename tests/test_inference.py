@@ -231,6 +231,7 @@ def test_smoke_nuts_run_directory(theoph_nuts):
     assert len(pred) == 132 and pred["IPRED"].notna().all() and pred["PRED"].notna().all()
     record = json.loads((out / "run.json").read_text())
     assert record["model"] == "one_cpt_oral" and len(record["data_sha256"]) == 64
+    assert record["units_sha256"] is None  # Theoph has no units sidecar
     assert "M3" in record["censoring_method"] and record["settings"]["seed"] == 1
     assert set(record["diagnostics"]) >= {"max_r_hat", "min_ess_bulk", "divergences", "passed"}
     for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data", "constant_data", "sample_stats", "prior"):
@@ -346,6 +347,11 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     result = fit(spec, data, method="map", seed=3)
     run_dir = write_run(result, tmp_path / "run")
     assert (run_dir / "exposure.csv").is_file()
+    import hashlib
+
+    sidecar = Path(str(files("itpk.data") / "example_it_vs_iv.units.toml"))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["units_sha256"] == hashlib.sha256(sidecar.read_bytes()).hexdigest()
     out = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir), "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output)
