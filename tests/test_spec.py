@@ -142,8 +142,8 @@ ERRORS = [
     ({"compartments": {}, "flows": {}, "routes": {}, "outputs": {}}, r"a model needs at least one compartment"),
     ({"derived": {"V_T": "pi/6 * DIAM**3"}}, r"\[derived\] 'V_T' .*unknown name\(s\) DIAM"),
     ({"covariates": {"DIAM": 2.0, "TVOL": "pi/6*DIAM**3"}},
-     r"\[covariates\] 'TVOL' value: found 'pi/6\*DIAM\*\*3': a covariate is a number read from the data \(this is its "
-     r"default\); an expression belongs in \[derived\], e.g. TVOL = \{ expr = 'pi/6\*DIAM\*\*3' \}"),
+     (r"\[covariates\] 'TVOL' value: found 'pi/6\*DIAM\*\*3': a covariate is a number read from the data \(this is its "
+      r"default\); an expression belongs in \[derived\], e.g. TVOL = \{ expr = 'pi/6\*DIAM\*\*3' \}")),
 ]
 
 
