@@ -47,9 +47,7 @@ def sample_population(
     dict of name -> ndarray (n,)
         Values for every parameter and covariate, in their declared units.
     """
-    if n < 1:
-        raise ModelSpecError(f"the number of subjects must be >= 1, found {n}")
-    typical = dict(typical or {})
+    typical = _checked(n, typical)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for name, p in spec.parameters.items():
@@ -58,16 +56,28 @@ def sample_population(
             out[name] = np.full(n, theta)
             continue
         eta = rng.normal(0.0, omega(p.iiv_cv), size=n)
-        if p.fraction:
-            if not 0 < theta < 1:
-                out[name] = np.full(n, theta)
-                continue
-            out[name] = 1.0 / (1.0 + np.exp(-(np.log(theta / (1 - theta)) + eta)))
-        else:
-            out[name] = theta * np.exp(eta)
-    for name, c in spec.covariates.items():
-        out[name] = np.full(n, float(typical.get(name, c.value)))
-    return out
+        if p.fraction and not 0 < theta < 1:
+            out[name] = np.full(n, theta)
+            continue
+        out[name] = _individual(np.full(n, theta), eta, logit=p.fraction)
+    return {**out, **_covariates(spec, n, typical)}
+
+
+def _checked(n: int, typical: Mapping[str, float] | None) -> dict[str, float]:
+    if n < 1:
+        raise ModelSpecError(f"the number of subjects must be >= 1, found {n}")
+    return dict(typical or {})
+
+
+def _individual(theta: np.ndarray, eta: np.ndarray, *, logit: bool) -> np.ndarray:
+    """θ·e^η, or θ moved by η on the logit scale (a fraction stays in (0, 1))."""
+    if logit:
+        return 1.0 / (1.0 + np.exp(-(np.log(theta / (1 - theta)) + eta)))
+    return theta * np.exp(eta)
+
+
+def _covariates(spec: ModelSpec, n: int, typical: Mapping[str, float]) -> dict[str, np.ndarray]:
+    return {name: np.full(n, float(typical.get(name, c.value))) for name, c in spec.covariates.items()}
 
 
 def sample_posterior_population(
@@ -91,21 +101,12 @@ def sample_posterior_population(
         The fitted model (the run directory's ``model.toml``).
     draws
         Flattened posterior draws by name (:func:`itpk.run.load_run`): typical values and omegas.
-    n
-        Number of subjects (>= 1).
-    seed
-        Seed of the random generator; the same seed gives the same population.
+    n, seed
+        As :func:`sample_population`; so is the result (name -> ndarray (n,), declared units).
     typical
         Values of fixed parameters and covariates; an estimated parameter cannot be set.
-
-    Returns
-    -------
-    dict of name -> ndarray (n,)
-        Values for every parameter and covariate, in their declared units.
     """
-    if n < 1:
-        raise ModelSpecError(f"the number of subjects must be >= 1, found {n}")
-    typical = dict(typical or {})
+    typical = _checked(n, typical)
     estimated = [name for name in spec.parameters if name in draws]
     clash = sorted(set(typical) & set(estimated))
     if clash:
@@ -124,10 +125,6 @@ def sample_posterior_population(
             out[name] = theta
             continue
         eta = rng.normal(0.0, 1.0, size=n) * np.asarray(sd, dtype=float)[pick]
-        if p.fraction or (p.prior is not None and p.prior.dist in ("beta", "logitnormal")):
-            out[name] = 1.0 / (1.0 + np.exp(-(np.log(theta / (1 - theta)) + eta)))
-        else:
-            out[name] = theta * np.exp(eta)
-    for name, c in spec.covariates.items():
-        out[name] = np.full(n, float(typical.get(name, c.value)))
-    return out
+        logit = p.fraction or (p.prior is not None and p.prior.dist in ("beta", "logitnormal"))  # as the fit's IIV
+        out[name] = _individual(theta, eta, logit=logit)
+    return {**out, **_covariates(spec, n, typical)}
