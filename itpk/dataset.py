@@ -531,20 +531,23 @@ class _Reader:
             self._check_route_targets(route, values["CMT"], dose)
 
     def _check_route_targets(self, route: pd.Series, cmt: pd.Series, dose: pd.Series) -> None:
-        """CMT beside ROUTE on a dose row must be one of the compartments that route doses.
+        """CMT beside ROUTE on a dose row may only repeat the route's own site (its first target).
 
-        Sending a route's dose to another lesion (ROUTE=it, CMT=lesion2) would need the route's
-        fractions redirected, which no model declares yet; ignoring CMT would dose the wrong lesion.
+        The route decides where the dose goes (with its fractions, e.g. a leak into blood), so CMT
+        there is a check, never a redirection: sending a route's dose to another lesion (ROUTE=it,
+        CMT=lesion2) would need the route's fractions redirected, which no model declares yet.
         """
         spec = self.spec
         assert spec is not None
         for i in np.flatnonzero((dose & route.notna() & cmt.notna()).to_numpy()):
             r, c = route.iat[i], cmt.iat[i]
-            if r in spec.routes and c is not None and c not in spec.routes[r].into:
+            site = next(iter(spec.routes[r].into), None) if r in spec.routes else None
+            if site is not None and c is not None and c != site:
                 into = ", ".join(spec.routes[r].into)
                 self.add(int(self.row[i]), "CMT", f"found {c!r} with ROUTE={r}, whose doses go into {into}",
-                         f"blank, or one of {into}; to dose {c} itself give CMT={c} with ROUTE blank "
-                         f"(the whole amount goes into {c}; a route into another lesion is not supported yet)")
+                         f"blank or {site} (the route decides where the dose goes); to dose {c} itself give "
+                         f"CMT={c} with ROUTE blank (the whole amount goes into {c}; a route into another lesion "
+                         "is not supported yet)")
 
     def _resolve_cmt(self, cmt: pd.Series, dose: pd.Series, obs: pd.Series) -> pd.Series:
         """Model names for CMT: 1-based numbers resolved, unknown names reported."""

@@ -125,6 +125,5 @@ def sample_posterior_population(
             out[name] = theta
             continue
         eta = rng.normal(0.0, 1.0, size=n) * np.asarray(sd, dtype=float)[pick]
-        logit = p.fraction or (p.prior is not None and p.prior.dist in ("beta", "logitnormal"))  # as the fit's IIV
-        out[name] = _individual(theta, eta, logit=logit)
+        out[name] = _individual(theta, eta, logit=p.iiv_scale == "logit")  # the scale the fit used
     return {**out, **_covariates(spec, n, typical)}

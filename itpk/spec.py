@@ -94,6 +94,18 @@ class Parameter:
     fixed: bool = False
     source: str = ""
 
+    @property
+    def iiv_scale(self) -> str:
+        """``log`` or ``logit``: the scale a fit puts this parameter's between-subject η on.
+
+        A lognormal prior means log and a logitnormal one logit, whatever ``fraction`` says;
+        otherwise fractions and beta priors are logit, the rest log (:func:`itpk.inference.build_model`).
+        """
+        dist = self.prior.dist if self.prior is not None else None
+        if dist in ("lognormal", "logitnormal"):
+            return "log" if dist == "lognormal" else "logit"
+        return "logit" if self.fraction or dist == "beta" else "log"
+
     def __post_init__(self) -> None:
         if not math.isfinite(self.value):
             raise ModelSpecError(f"parameter {self.name!r}: value {self.value} is not a finite number")

@@ -7,7 +7,7 @@ draws): a value is an array of shape (S,), a rate matrix (S, n, n), amounts
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,17 +78,29 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
     with np.errstate(all="ignore"):
         for name, item in spec.derived.items():
             env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (size,))
-        _check_volumes(spec, env, size)
     return Values(spec, env, size)
 
 
-def _check_volumes(spec: ModelSpec, env: Mapping[str, np.ndarray], size: int) -> None:
-    """Every compartment volume finite and > 0 (a lesion of diameter 0 would give 0/0 concentrations)."""
+def check_volumes(values: Values, outputs: Sequence[str]) -> None:
+    """The volumes behind ``outputs`` finite and > 0 in every parameter set.
+
+    A lesion of diameter 0 makes its concentration 0/0. Only the compartments the named outputs
+    read are checked: a patient without a second lesion (``DIAM2 = 0``) is fine as long as
+    nothing asks for ``lesion2``.
+
+    Raises
+    ------
+    ModelSpecError
+        Naming the compartment, its volume expression and the inputs behind it.
+    """
+    spec, env = values.spec, values.env
     problems = []
+    wanted = {name for o in outputs for name in spec.outputs[o].expr.names}
     for c in spec.compartments:
-        if c.volume is None:
+        if c.volume is None or c.name not in wanted:
             continue
-        volume = np.broadcast_to(np.asarray(c.volume.evaluate(env), dtype=float), (size,))
+        with np.errstate(all="ignore"):
+            volume = np.broadcast_to(np.asarray(c.volume.evaluate(env), dtype=float), (values.size,))
         bad = ~(np.isfinite(volume) & (volume > 0))
         if np.any(bad):
             at = int(np.argmax(bad))

@@ -20,7 +20,7 @@ from itpk.io import atomic_write
 from itpk.population import sample_population
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
-from itpk.system import resolve
+from itpk.system import check_volumes, resolve
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -132,11 +132,7 @@ def run_simulation(
     """
     draws = None
     if posterior is not None:
-        from itpk.run import load_run
-
-        spec, draws, _ = load_run(posterior)
-        if not isinstance(model, ModelSpec) and model not in (None, "", spec.name):
-            raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {model!r}")
+        spec, draws = fitted_model(model, posterior)
     else:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
     overrides = dict(overrides or {})
@@ -174,6 +170,22 @@ def run_simulation(
         f"; wrote {written}" if written else ""
     )
     return SimulationResult(profiles, schedule, csv, png, message)
+
+
+def fitted_model(model: str | Path | ModelSpec | None, posterior: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """The model and posterior draws of a run directory, checked against the model the user named.
+
+    ``model`` may be a built-in name, a path to a model file or a spec (or empty: the run's own);
+    it must name the fitted model (the run directory keeps its own copy, which is the one used).
+    """
+    from itpk.run import load_run
+
+    spec, draws, _ = load_run(posterior)
+    if model not in (None, ""):
+        asked = model.name if isinstance(model, ModelSpec) else load_model(model).name
+        if asked != spec.name:
+            raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {asked!r}")
+    return spec, draws
 
 
 POSTERIOR_PROFILES = 500  # typical-subject profiles drawn from a posterior (simulate --posterior, one subject)
@@ -243,11 +255,9 @@ def run_comparison(
     P(metric > x) when several parameter sets are compared.
     """
     if posterior is not None:
-        from itpk.run import load_run, posterior_values
+        from itpk.run import posterior_values
 
-        spec, draws, _ = load_run(posterior)
-        if model not in (None, "", spec.name) and not isinstance(model, ModelSpec):
-            raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {model!r}")
+        spec, draws = fitted_model(model, posterior)
         overrides = posterior_values(spec, draws, overrides=overrides)
     else:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
@@ -262,6 +272,9 @@ def run_comparison(
     base, _ = build_schedule(spec, route=routes[0], dose=dose, every=every, doses=doses, infusion=None,
                              regimen_name=regimen_name, diam=diam, overrides=overrides)
     values = resolve(spec, overrides)
+    # the lesion and plasma concentrations the metrics divide by (not the abscopal lesion's: a
+    # patient without one, DIAM2 = 0, still gets every other metric)
+    check_volumes(values, [spec.exposure[role] for role in ("local", "systemic") if role in spec.exposure])
     iv_infused = regimen("iv", base.doses[0].amount, every=every, doses=doses or 1, infusion=infusion) if infusion else None
     schedules = {r: iv_infused if (r == "iv" and iv_infused) else base.retarget(r) for r in routes}
     dose = base.doses[0].amount if dose is None else dose
@@ -310,16 +323,24 @@ def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule],
 
 
 def _unsolved_notes(comparison: Comparison) -> list[str]:
-    """Why DSF or systemic_sparing is missing (null in JSON, nan in the CSV), per local route."""
+    """Why a metric is missing (null in JSON; inf or nan in the CSV), per local route and cause."""
     notes = []
+    solved = ("DSF", "systemic_sparing")  # dose factors found by root search in a nonlinear model
     for route, metrics in comparison.metrics.items():
-        for name in ("DSF", "systemic_sparing"):
-            values = np.asarray(metrics.get(name, []), dtype=float)
-            missing = int(np.count_nonzero(~np.isfinite(values)))
-            if missing:
-                share = "" if values.size == 1 else f" for {missing} of {values.size} parameter sets"
-                notes.append(f"{name} ({route} vs {comparison.reference}){share}: no dose factor in [1e-6, 1e6] matches the "
-                             "lesion AUC between the routes (in a nonlinear model it need not rise with the dose)")
+        for name, raw in metrics.items():
+            values = np.asarray(raw, dtype=float)
+            infinite, undefined = int(np.count_nonzero(np.isinf(values))), int(np.count_nonzero(np.isnan(values)))
+            of = "" if values.size == 1 else f" of {values.size}"
+            where = f"{name} ({route} vs {comparison.reference})"
+            if infinite:
+                notes.append(f"{where}: infinite for {infinite}{of} parameter set(s): a ratio whose denominator is 0 "
+                             "(e.g. no exposure of that lesion by the reference route)")
+            if undefined and name in solved and not comparison.spec.is_linear:
+                notes.append(f"{where}: no dose factor in [1e-6, 1e6] matches the lesion AUC between the routes for "
+                             f"{undefined}{of} parameter set(s) (in a nonlinear model it need not rise with the dose)")
+            elif undefined:
+                notes.append(f"{where}: undefined (0/0) for {undefined}{of} parameter set(s): no exposure of that "
+                             "output by either route, or a lesion of volume 0")
     return notes
 
 

@@ -297,3 +297,36 @@ def test_slurm_without_sbatch_is_a_clear_error(tmp_path):
     path = write(tmp_path, GRID + '[cluster]\nscheduler = "slurm"\ncores = 2\nmemory = "4GB"\n')
     result = runner.invoke(app, ["batch", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "sbatch is not on PATH" in result.output
+
+
+def test_batch_records_are_strict_json_when_metrics_are_not_finite(tmp_path):
+    # Kp = 0: no tumour uptake from blood, so G, TI, DSF are infinite; job.json, batch.json, the
+    # event log and compare.json hold null, not Infinity/NaN (which strict JSON readers reject)
+    path = write(tmp_path, """
+        [[jobs]]
+        kind = "compare"
+        model = "it_linear"
+        dose = 10
+        routes = ["it", "iv"]
+        set = { Kp = 0 }
+        """)
+    out = tmp_path / "out"
+    log = tmp_path / "log.jsonl"
+    result = runner.invoke(app, ["batch", str(path), "--out", str(out), "--workers", "1", "--log", str(log)])
+    assert result.exit_code == 0, result.output
+
+    def strict(text):
+        def refuse(token):
+            raise AssertionError(f"non-standard JSON constant {token}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    record = strict((out / "batch.json").read_text())
+    job = out / record["jobs"][0]["output"]
+    headline = strict((job / "job.json").read_text())
+    assert strict((job / "compare.json").read_text())["metrics"]["G"] is None
+    for line in log.read_text().splitlines():
+        strict(line)
+    for document in (headline, record["jobs"][0]):
+        assert document["headline"]["G_it"] is None and document["headline"]["TI_it"] is None
+        assert document["headline"]["S_it"] == pytest.approx(0.9857142857142855, rel=1e-12)  # finite ones kept

@@ -201,12 +201,14 @@ def test_route_dose_into_a_compartment_the_route_does_not_reach_is_refused(tmp_p
     rows = [
         ["1", "0", "1", "10", "it", "A_T", "", "2"],  # consistent: the it route doses A_T
         ["1", "1", "1", "10", "iv", "A_T", "", "2"],  # iv reaches only A_P
+        ["1", "1.5", "1", "10", "it", "A_P", "", "2"],  # it leaks into A_P, but its site is A_T
         ["1", "2", "0", "", "", "tumor", "3", "2"],
     ]
     with pytest.raises(DatasetError) as err:
         read_dataset(write(tmp_path, rows, header), it_mini)
     message = str(err.value)
-    assert "row 3, CMT: found 'A_T' with ROUTE=iv, whose doses go into A_P; allowed: blank, or one of A_P" in message
+    assert "row 3, CMT: found 'A_T' with ROUTE=iv, whose doses go into A_P; allowed: blank or A_P (the route decides" in message
+    assert "row 4, CMT: found 'A_P' with ROUTE=it, whose doses go into A_T, A_P; allowed: blank or A_T" in message
     assert "to dose A_T itself give CMT=A_T with ROUTE blank" in message
     assert "row 2," not in message
 

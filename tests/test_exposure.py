@@ -179,13 +179,21 @@ def test_unsolvable_dose_factors_are_null_in_strict_json_and_explained():
 
 def test_a_lesion_of_zero_size_is_refused_with_its_cause():
     # DIAM = 0 gives V_T = 0 and 0/0 tumour concentrations: one message naming the compartment,
-    # the volume expression and the input behind it; exit 1 from the CLI
+    # the volume expression and the input behind it; exit 1 from the CLI. Only the volumes the
+    # requested outputs read are checked: without a second lesion (DIAM2 = 0) compare still works.
     from itpk.errors import ModelSpecError
+    from itpk.system import check_volumes
 
+    spec = load_model("it_antibody")
     with pytest.raises(ModelSpecError, match=r"^compartment tumor: volume V_T = 0 with DIAM=0; a volume must be > 0$"):
-        resolve(load_model("it_antibody"), {"DIAM": 0.0})
-    population = {"DIAM": np.array([2.0, 3.0, -1.0])}  # the third of three parameter sets
+        check_volumes(resolve(spec, {"DIAM": 0.0}), ["tumor"])
+    population = resolve(spec, {"DIAM": np.array([2.0, 3.0, -1.0])})  # the third of three parameter sets
     with pytest.raises(ModelSpecError, match=r"volume V_T = -0.000523599 with DIAM=-1"):
-        resolve(load_model("it_antibody"), population)
+        check_volumes(population, ["plasma", "tumor"])
+    check_volumes(resolve(spec, {"DIAM2": 0.0}), ["plasma", "tumor"])  # lesion2 not asked for
     result = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--set", "DIAM=0"])
     assert result.exit_code == 1 and "a volume must be > 0" in result.output and "Traceback" not in result.output
+    single = runner.invoke(app, ["compare", "it_linear", "--dose", "10", "--set", "DIAM2=0", "--json"])
+    assert single.exit_code == 0, single.output
+    metrics = json.loads(single.output)["metrics"]
+    assert metrics["G"] > 1 and metrics["abscopal"] is None

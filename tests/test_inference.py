@@ -352,6 +352,17 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     sidecar = Path(str(files("itpk.data") / "example_it_vs_iv.units.toml"))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["units_sha256"] == hashlib.sha256(sidecar.read_bytes()).hexdigest()
+    # simulate from the same run at the CLI: the model named by its file, a covariate set, 3 subjects
+    model_file = Path(str(files("itpk.models") / "it_antibody.toml"))
+    sim = runner.invoke(app, ["simulate", str(model_file), "--route", "it", "--dose", "10", "--at", "1,24",
+                              "--posterior", str(run_dir), "--subjects", "3", "--seed", "1", "--set", "DIAM=2.5",
+                              "--out", str(tmp_path / "sim.csv")])
+    assert sim.exit_code == 0, sim.output
+    frame = pd.read_csv(tmp_path / "sim.csv")
+    assert len(frame) == 3 * 2 * 4 and sorted(frame["ID"].unique()) == [1, 2, 3]
+    wrong = runner.invoke(app, ["simulate", "one_cpt_oral", "--route", "po", "--dose", "1", "--posterior", str(run_dir),
+                                "--out", str(tmp_path / "x.csv")])
+    assert wrong.exit_code == 1 and "holds a fit of model 'it_antibody', not 'one_cpt_oral'" in wrong.output
     out = runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir), "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output)

@@ -39,3 +39,42 @@ def test_an_estimated_parameter_cannot_be_set():
     spec = load_model("it_antibody")
     with pytest.raises(ModelSpecError, match="--set CL: estimated in the posterior"):
         sample_posterior_population(spec, {"CL": np.array([0.02])}, 3, seed=1, typical={"CL": 1.0})
+
+
+def test_the_iiv_scale_is_the_one_the_fit_uses_for_every_prior_kind():
+    # the fit's centred individual effects are named log_X_i or logit_X_i: Parameter.iiv_scale
+    # (used by sample_posterior_population) must name the same scale for every prior and flag
+    import pandas as pd
+
+    from itpk.dataset import read_frame
+    from itpk.inference import build_model
+    from itpk.spec import parse_model
+
+    kinds = {
+        "A": ({"dist": "lognormal", "median": 1.0, "sigma": 0.5}, False),
+        "B": ({"dist": "lognormal", "median": 0.5, "sigma": 0.5}, True),  # a fraction with a lognormal prior: log
+        "C": ({"dist": "logitnormal", "median": 0.5, "sigma": 0.5}, True),
+        "D": ({"dist": "beta", "alpha": 2.0, "beta": 2.0}, True),
+        "E": ({"dist": "normal", "mu": 1.0, "sigma": 0.1}, False),
+        "F": ({"dist": "halfnormal", "sigma": 1.0}, False),
+        "G": ({"dist": "uniform", "lower": 0.1, "upper": 0.9}, True),
+    }
+    raw = {
+        "name": "kinds",
+        "compartments": {"central": {"amount_unit": "mg", "volume": "V"}},
+        "parameters": {"V": {"value": 10.0, "unit": "L"},
+                       **{k: {"value": 0.5, "unit": "1", "prior": prior, "iiv": 0.3, "fraction": fraction}
+                          for k, (prior, fraction) in kinds.items()}},
+        "flows": {"central -> out": " * ".join(kinds)},
+        "routes": {"iv": {"into": {"central": 1}}},
+        "outputs": {"plasma": {"expr": "central / V", "unit": "mg/L"}},
+    }
+    spec = parse_model(raw)
+    rows = [(i, t, e, 100.0 if e else None, "iv" if e else "", "" if e else "plasma", None if e else 1.0)
+            for i in (1, 2) for t, e in ((0.0, 1), (1.0, 0), (4.0, 0))]
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV"])
+    model, _ = build_model(spec, read_frame(frame, spec), iiv="centred")
+    names = {v.name for v in model.free_RVs}
+    for name in kinds:
+        assert f"{spec.parameters[name].iiv_scale}_{name}_i" in names, name
+    assert [spec.parameters[k].iiv_scale for k in kinds] == ["log", "log", "logit", "logit", "log", "log", "logit"]

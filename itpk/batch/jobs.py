@@ -266,7 +266,7 @@ def execute(job: ResolvedJob, jobs_dir: str, hook: Callable[[ResolvedJob], None]
                 hook(job)
             headline = RUNNERS[job.spec.kind](job.spec, tmp)
         wall = time.perf_counter() - start
-        (tmp / RECORD).write_text(json.dumps(_record(job, headline, wall), indent=2, allow_nan=True), encoding="utf-8")
+        (tmp / RECORD).write_text(jsontext.dumps(_record(job, headline, wall), indent=2), encoding="utf-8")
         write_manifest(tmp, job)
         _publish(tmp, final, job)
     except ItpkError as exc:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from itpk import jsontext
 
 
 class Progress:
@@ -70,7 +71,7 @@ class EventLog:
         if self._fh is None:
             return
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        self._fh.write(json.dumps({"time": stamp, "event": event, **fields}, default=str, allow_nan=True) + "\n")
+        self._fh.write(jsontext.dumps({"time": stamp, "event": event, **fields}, default=str) + "\n")
         self._fh.flush()
 
     def close(self) -> None:

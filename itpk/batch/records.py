@@ -6,12 +6,12 @@ interrupted), so a reader never sees half a file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itpk import jsontext
 from itpk.io import atomic_write, write_text
 
 BATCH_FORMAT = 1
@@ -53,7 +53,7 @@ def counts(records: Sequence[JobRecord]) -> dict[str, int]:
 def write_batch_json(out: Path, records: Sequence[JobRecord], meta: Mapping[str, Any]) -> Path:
     """``OUT/batch.json``: the run's settings, counts per status, then every job in pipeline order."""
     document = {"format": BATCH_FORMAT, **meta, "counts": counts(records), "jobs": [asdict(r) for r in records]}
-    return write_text(out / "batch.json", json.dumps(document, indent=2, default=str, allow_nan=True))
+    return write_text(out / "batch.json", jsontext.dumps(document, indent=2, default=str))
 
 
 def _cell(value: Any) -> Any:
