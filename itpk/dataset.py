@@ -542,7 +542,7 @@ class _Reader:
         for i in np.flatnonzero((dose & route.notna() & cmt.notna()).to_numpy()):
             r, c = route.iat[i], cmt.iat[i]
             site = next(iter(spec.routes[r].into), None) if r in spec.routes else None
-            if site is not None and c is not None and c != site:
+            if site is not None and c != site:
                 into = ", ".join(spec.routes[r].into)
                 self.add(int(self.row[i]), "CMT", f"found {c!r} with ROUTE={r}, whose doses go into {into}",
                          f"blank or {site} (the route decides where the dose goes); to dose {c} itself give "

@@ -225,7 +225,7 @@ def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int, iiv: str 
             "uniform": lambda: pm.Uniform(p.name, lower=args["lower"], upper=args["upper"]),
         }[prior.dist]
         typical = dist()
-        if p.fraction or prior.dist == "beta":
+        if p.iiv_scale == "logit":  # a fraction or a beta prior (the scale posterior populations use too)
             scale, inverse, label = pt.log(typical) - pt.log1p(-typical), pt.sigmoid, "logit"
         else:
             scale, inverse, label = pt.log(typical), pt.exp, "log"
@@ -649,9 +649,8 @@ def _check_initial_point(at_start: Mapping[str, np.ndarray], data: FitData) -> N
     likelihood: each output's pointwise terms at IPRED and the σ's of :func:`_at_start`'s row 0.
     """
     start = {name: value[0] for name, value in at_start.items()}
-    observed = observed_outputs(data.observations, data.outputs, data.errors)
     bad, hints = [], []
-    for obs in observed:
+    for obs in observed_outputs(data.observations, data.outputs, data.errors):
         with np.errstate(all="ignore"):
             loglik, _ = pointwise(start, obs, np.random.default_rng(0))  # the predictive draw is not used
         if np.all(np.isfinite(loglik)):
@@ -921,7 +920,6 @@ def constant_data(data: FitData) -> Any:
     import xarray as xr
 
     obs = data.observations
-    subjects = [s.id for s in data.subjects]
     by_obs = {"ID": obs["ID"], "TIME": obs["TIME"], "output": obs["output"].to_numpy(dtype=str), "censored": obs["censored"],
               "LLOQ": obs["LLOQ"]}
     variables = {name: xr.DataArray(np.asarray(values), dims=("observation",)) for name, values in by_obs.items()}
@@ -936,7 +934,7 @@ def constant_data(data: FitData) -> Any:
             numeric = pd.api.types.is_numeric_dtype(values)
             array = values.to_numpy(dtype=float) if numeric else values.fillna("").astype(str).to_numpy(dtype=str)
             variables[f"dose_{column}"] = xr.DataArray(array, dims=("dose_row",))
-    coords = {"observation": obs["ROW"].to_numpy(), "subject": subjects, "dose_row": doses["ROW"].to_numpy()}
+    coords = {**data.coords, "dose_row": doses["ROW"].to_numpy()}
     return xr.Dataset(variables, coords=coords)
 
 

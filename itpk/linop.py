@@ -43,7 +43,8 @@ state (II = 0) contributes g(λ) = −1/λ. A periodic infusion longer than II a
 K − 1 more (K = ⌈duration/II⌉, at most :data:`MAX_OVERLAP`): its predecessors still
 running when it starts, as ordinary infusions; the geometric series then starts K·II back.
 
-Limits: no nonzero initial amounts; periodic steady-state doses of finite duration; K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
+Limits: no nonzero initial amounts; periodic steady-state doses of finite
+duration; K must be diagonalisable with cond₁(V) <= 1e12 — otherwise that
 subject's predictions and gradients are NaN so a sampler rejects the point
 (an exactly repeated, defective eigenvalue such as ka == CL/V, or a chain of
 transit compartments with one shared rate, is always NaN). Nearly equal

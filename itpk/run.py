@@ -282,12 +282,11 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
     import hashlib
 
     from itpk import __version__
+    from itpk.units import sidecar_path
 
     data = result.data
     source = Path(data.dataset.source)
     data_sha = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else None
-    from itpk.units import sidecar_path
-
     sidecar = sidecar_path(source) if source.is_file() else None
     units_sha = hashlib.sha256(sidecar.read_bytes()).hexdigest() if sidecar is not None and sidecar.is_file() else None
     obs = data.observations

@@ -203,13 +203,8 @@ def _posterior_parameters(spec: ModelSpec, draws: Mapping[str, np.ndarray], subj
             return sample_posterior_population(spec, draws, subjects, seed=seed, typical=overrides)
         except ModelSpecError as exc:
             raise ItpkError(str(exc)) from None
-    values = posterior_values(spec, draws, overrides=overrides, max_draws=POSTERIOR_PROFILES)
-    n = len(next(iter(values.values())))
-    for name, p in spec.parameters.items():
-        values.setdefault(name, np.full(n, p.value))
-    for name, c in spec.covariates.items():
-        values.setdefault(name, np.full(n, float(overrides.get(name, c.value))))
-    return values
+    # fixed parameters and covariates not set keep the model's value (resolve broadcasts them)
+    return posterior_values(spec, draws, overrides=overrides, max_draws=POSTERIOR_PROFILES)
 
 
 def _dose_unit(spec: ModelSpec, route: str) -> str:
