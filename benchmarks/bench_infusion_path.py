@@ -15,10 +15,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pandas as pd
+from gradient_timing import logp_and_gradient, seconds_per_call
 
 from itpk import load_model
 from itpk.dataset import read_frame
@@ -39,19 +39,9 @@ def frame(subjects: int, rate: float | None, seed: int) -> pd.DataFrame:
 
 def seconds_per_gradient(rate: float | None, subjects: int, repeats: int, seed: int) -> float:
     """Wall seconds of one compiled log-density + gradient at the model's initial point."""
-    import pytensor
-
     spec = load_model("two_cpt_iv")
     model, _ = build_model(spec, read_frame(frame(subjects, rate, seed), spec))
-    logp = model.logp()
-    fn = pytensor.function(model.value_vars, [logp, *pytensor.grad(logp, model.value_vars)])
-    point = model.initial_point()
-    args = [point[v.name] for v in model.value_vars]
-    fn(*args)  # compile and warm
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn(*args)
-    return (time.perf_counter() - start) / repeats
+    return seconds_per_call(*logp_and_gradient(model), repeats)
 
 
 def main() -> None:

@@ -587,10 +587,8 @@ class _Reader:
                 why = f"{name} is not time-varying in model {self.spec.name}" if self.spec else "without a model, covariates are constant; a model may declare them time-varying"
                 self._constant(values, name, f"one value per subject ({why})")
             else:
-                # declared time-varying, but simulate and fit take each subject's first value:
-                # refusing a change is better than silently ignoring it
-                self._constant(values, name, f"one value per subject ({name} is declared time-varying in model "
-                                             f"{self.spec.name}, but itpk does not apply covariate changes (NOCB) yet)")
+                self._one_per_time(values, name, f"one value per time within a subject ({name} is time-varying: NOCB, "
+                                                 "a row's value holds from the subject's previous row to its own)")
         self.covariate_columns = tuple(renamed)
         self._constant(values, "ARM", "one arm per subject")
 
@@ -604,6 +602,19 @@ class _Reader:
             elif value != first[subject][0]:
                 seen, row = first[subject]
                 self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {subject} has {_fmt(seen)} on row {row}", allowed)
+
+    def _one_per_time(self, values: dict[str, pd.Series], column: str, allowed: str) -> None:
+        """Rows of one subject at one time must agree: a change between them would have no interval to hold on."""
+        ids, times, series = values["ID"], values["TIME"], values[column]
+        seen: dict[tuple[Any, Any], tuple[Any, int]] = {}
+        for i in np.flatnonzero((ids.notna() & times.notna() & series.notna()).to_numpy()):
+            key, value = (ids.iat[i], times.iat[i]), series.iat[i]
+            if key not in seen:
+                seen[key] = (value, int(self.row[i]))
+            elif value != seen[key][0]:
+                first, row = seen[key]
+                self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {key[0]} has {_fmt(first)} at the same "
+                         f"TIME {_fmt(key[1])} on row {row}", allowed)
 
     def _check_duplicates(self, text: pd.DataFrame) -> None:
         cells = text.drop(columns="ROW")

@@ -31,7 +31,8 @@ def describe_model(spec: ModelSpec) -> str:
         lines.extend(f"  {d.name} = {d.expr}" + (f" [{d.unit}]" if d.unit else "") for d in spec.derived.values())
     if spec.covariates:
         lines.append("covariates (default):")
-        lines.extend(f"  {c.name} = {c.value:g} {c.unit} {c.description}" for c in spec.covariates.values())
+        lines.extend(f"  {c.name} = {c.value:g} {c.unit} {c.description}" + (" (time-varying: NOCB)" if c.time_varying else "")
+                     for c in spec.covariates.values())
     lines.append("parameters:")
     lines.append(f"  {'name':<8} {'value':>10} {'unit':<8} {'IIV CV':>7}  {'prior':<36} description; source")
     for p in spec.parameters.values():

@@ -9,22 +9,28 @@ events that every solver consumes the same way:
 - ``steady_state``: the state replaced (SS=1) or incremented (SS=2) by the
   periodic steady state of the dose repeated every II;
 - ``bolus``: an amount added through a route;
-- ``infusion_on`` / ``infusion_off``: a zero-order input starts or stops.
+- ``infusion_on`` / ``infusion_off``: a zero-order input starts or stops;
+- ``covariate``: time-varying covariates take new values (NOCB, see
+  :class:`CovariateChange`).
 
-At one time, events apply in that order (resets, steady states, boluses, then
-infusion switches), and observations at that time see the state after them:
-a value at a dose time is the value just after the dose (SPEC.md §4).
+At one time, events apply in that order (resets, steady states, boluses,
+infusion switches, then covariate changes), and observations at that time see
+the state after them: a value at a dose time is the value just after the dose
+(SPEC.md §4). A covariate change at t moves no amount; it applies from t on,
+exclusive, so outputs at t still use the old values.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 from itpk.errors import ScheduleError
 
 RESET, STEADY_STATE, BOLUS, INFUSION_ON, INFUSION_OFF = "reset", "steady_state", "bolus", "infusion_on", "infusion_off"
-_ORDER = {RESET: 0, STEADY_STATE: 1, BOLUS: 2, INFUSION_OFF: 3, INFUSION_ON: 4}
+COVARIATE = "covariate"
+_ORDER = {RESET: 0, STEADY_STATE: 1, BOLUS: 2, INFUSION_OFF: 3, INFUSION_ON: 4, COVARIATE: 5}
 
 
 @dataclass(frozen=True)
@@ -123,19 +129,53 @@ class Dose:
 
 
 @dataclass(frozen=True)
+class CovariateChange:
+    """Time-varying covariates taking new values on the open interval after ``time``.
+
+    NONMEM's NOCB: a data record's covariates hold from the previous record's
+    time (exclusive) up to its own (inclusive). So when a record's value
+    differs from the previous record's, the change happens at the previous
+    record's time, after everything at that time (:func:`itpk.subjects.subjects`
+    builds them from a subject's rows).
+
+    Parameters
+    ----------
+    time
+        Time of the change, model time unit; the new values hold for t > time.
+    values
+        (covariate name, new value in the covariate's unit), sorted by name.
+    """
+
+    time: float
+    values: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.time):
+            raise ScheduleError(f"covariate change time must be a finite number, found {self.time!r}")
+        bad = [name for name, v in self.values if not math.isfinite(v)]
+        if bad or not self.values:
+            raise ScheduleError(f"covariate change at {self.time:g}: values must be finite numbers"
+                                + (f" ({', '.join(bad)})" if bad else ", and at least one is needed"))
+
+
+@dataclass(frozen=True)
 class Schedule:
-    """A subject's dosing history: doses and resets (EVID 3).
+    """A subject's dosing history: doses, resets (EVID 3) and covariate changes.
 
     Hashable, so subjects that share a schedule are solved together.
     """
 
     doses: tuple[Dose, ...] = ()
     resets: tuple[float, ...] = ()
+    changes: tuple[CovariateChange, ...] = ()
 
     def __post_init__(self) -> None:
         for t in self.resets:
             if not (math.isfinite(t) and t >= 0):
                 raise ScheduleError(f"reset time must be a finite number >= 0, found {t!r}")
+        times = [c.time for c in self.changes]
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise ScheduleError(f"covariate changes must be in increasing time order, found times {times}")
 
     def targets(self) -> tuple[Target, ...]:
         """Distinct dose targets, in first-use order."""
@@ -146,14 +186,15 @@ class Schedule:
         from dataclasses import replace
 
         return Schedule(
-            tuple(replace(d, amount=d.amount * factor, rate=d.rate * factor) for d in self.doses), self.resets
+            tuple(replace(d, amount=d.amount * factor, rate=d.rate * factor) for d in self.doses), self.resets,
+            self.changes,
         )
 
     def retarget(self, route: str) -> Schedule:
         """The same doses given by another route."""
         from dataclasses import replace
 
-        return Schedule(tuple(replace(d, target=Target(route)) for d in self.doses), self.resets)
+        return Schedule(tuple(replace(d, target=Target(route)) for d in self.doses), self.resets, self.changes)
 
     def dose_times(self) -> tuple[float, ...]:
         """Every dose time after ADDL expansion, sorted."""
@@ -162,7 +203,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Event:
-    """An atomic event. ``infusion`` identifies an infusion across its on/off pair."""
+    """An atomic event. ``infusion`` identifies an infusion across its on/off pair;
+    ``segment`` numbers a covariate change (1 for the schedule's first)."""
 
     time: float
     kind: str
@@ -171,6 +213,7 @@ class Event:
     rate: float = 0.0
     infusion: int = -1
     dose: Dose | None = field(default=None, compare=False)
+    segment: int = -1
 
 
 def expand(schedule: Schedule) -> tuple[Event, ...]:
@@ -204,6 +247,7 @@ def expand(schedule: Schedule) -> tuple[Event, ...]:
                 events.append(Event(t + dose.infusion_duration, INFUSION_OFF, dose.target, 0.0, dose.infusion_rate, serial, dose))
             else:
                 events.append(Event(t, BOLUS, dose.target, dose.amount, 0.0, -1, dose))
+    events += [Event(c.time, COVARIATE, segment=j + 1) for j, c in enumerate(schedule.changes)]
     events.sort(key=lambda e: (e.time, _ORDER[e.kind], e.infusion))
     return tuple(events)
 

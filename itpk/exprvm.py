@@ -61,7 +61,7 @@ ONE: Node = ("c", 1.0)
 # --------------------------------------------------------------------------------------
 
 
-def lower(expr: Expr, slots: Mapping[str, int]) -> Node:
+def lower(expr: Expr, slots: Mapping[str, int | Node]) -> Node:
     """The tuple tree of ``expr`` with every name replaced by its slot.
 
     Parameters
@@ -69,7 +69,8 @@ def lower(expr: Expr, slots: Mapping[str, int]) -> Node:
     expr
         A parsed, whitelisted expression.
     slots
-        Slot number of every name the expression may use (``pi`` is a constant).
+        Slot number of every name the expression may use (``pi`` is a constant),
+        or a tree to put in the name's place (a derived quantity inlined).
 
     Raises
     ------
@@ -79,13 +80,14 @@ def lower(expr: Expr, slots: Mapping[str, int]) -> Node:
     return _lower(expr.tree, slots)
 
 
-def _lower(node: ast.expr, slots: Mapping[str, int]) -> Node:
+def _lower(node: ast.expr, slots: Mapping[str, int | Node]) -> Node:
     if isinstance(node, ast.Constant):
         return ("c", float(node.value))
     if isinstance(node, ast.Name):
         if node.id in CONSTANTS:
             return ("c", float(CONSTANTS[node.id]))
-        return ("v", int(slots[node.id]))
+        slot = slots[node.id]
+        return slot if isinstance(slot, tuple) else ("v", int(slot))
     if isinstance(node, ast.BinOp):
         return _make(_AST_BINARY[type(node.op)], _lower(node.left, slots), _lower(node.right, slots))
     if isinstance(node, ast.UnaryOp):

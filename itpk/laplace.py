@@ -137,9 +137,14 @@ class _Problem:
 
 
 def _solve_blocks(H: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """H_i⁻¹ g_i per subject, with eigenvalues floored so the step is a descent direction."""
+    """H_i⁻¹ g_i per subject with |eigenvalues| (floored): a descent direction on the scale of the curvature.
+
+    Where H has a negative eigenvalue (away from the mode, e.g. at a θ drawn in the tail) a
+    floor alone would make the step along it ~1e8 times too long, and the line search ends
+    before the mode is reached (saddle-free Newton, Dauphin et al. 2014, takes |λ|).
+    """
     w, Q = np.linalg.eigh(H)
-    w = np.maximum(w, 1e-8 + 1e-6 * np.abs(w).max(axis=1, keepdims=True))
+    w = np.maximum(np.abs(w), 1e-8 + 1e-6 * np.abs(w).max(axis=1, keepdims=True))
     gi = g.T[:, :, None]  # (N, k, 1)
     return np.einsum("nij,nj,nkj,nkl->ni", Q, 1.0 / w, Q, gi).T
 
@@ -219,7 +224,11 @@ def laplace(model: Any, z_names: list[str], n_subjects: int, *, draws: int, seed
     z = z_hat
     for s, theta in enumerate(thetas):
         z, H, _, _ = problem.conditional_mode(theta, z)
-        L = np.linalg.cholesky(np.linalg.inv(H))  # (N, k, k): z | θ ~ N(ẑ, H⁻¹)
+        try:
+            L = np.linalg.cholesky(np.linalg.inv(H))  # (N, k, k): z | θ ~ N(ẑ, H⁻¹)
+        except np.linalg.LinAlgError:
+            raise FitError(f"method laplace: at population draw {s + 1} of {draws} the random effects have no "
+                           "conditional mode (the curvature is not positive definite); use --method nuts") from None
         noise = np.einsum("nij,nj->in", L, rng.standard_normal((problem.N, problem.k)))
         flat[s] = problem.full(theta, z + noise)
         if progress is not None and (s + 1) % max(1, draws // 10) == 0:

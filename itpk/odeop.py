@@ -141,8 +141,9 @@ F_RHS, JX, JP, G_OUT, GX, GP = range(6)
 # (4 entries from _T_OUT), then the instruction sections: p only, F_RHS, JX, JP (5 from _T_SEC).
 _T_OUT, _T_SEC = 0, 4
 # Event kinds, in the order they are applied at one time: a reset first (a dose at the
-# reset time counts), infusions off before on, observations last (value just after doses).
-RESET, INF_OFF, BOLUS, INF_ON, OBS = range(5)
+# reset time counts), infusions off before on, observations (value just after doses), then
+# late boluses: covariate changes, which hold only after their time (NOCB).
+RESET, INF_OFF, BOLUS, INF_ON, OBS, LATE = range(6)
 
 # Dormand–Prince 5(4) tableau (Hairer, Nørsett & Wanner, Solving ODEs I, Table 5.2).
 _A = np.zeros((7, 6))
@@ -254,18 +255,38 @@ class OdeSystem:
         return len(self.input_names)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, outputs: Sequence[str] | None = None, method: str = "auto") -> OdeSystem:
-        """Compile a model's flows, ``[odes]`` and outputs (all, or ``outputs`` in that order)."""
+    def from_spec(cls, spec: ModelSpec, outputs: Sequence[str] | None = None, method: str = "auto",
+                  state_covariates: Sequence[str] = ()) -> OdeSystem:
+        """Compile a model's flows, ``[odes]`` and outputs (all, or ``outputs`` in that order).
+
+        ``state_covariates`` (time-varying covariates) become extra states after
+        the compartments, with derivative 0: a change of value is a jump of the
+        state at the change time, so the solver's restart at events applies it.
+        Derived quantities that use them are inlined as expressions of those
+        states; their input columns (like the covariates') are then unused.
+        """
         if method not in METHODS:
             raise FitError(f"method {method!r} is unknown; methods: {', '.join(METHODS)}")
-        states = spec.state_names
+        tv = tuple(state_covariates)
+        unknown_tv = [c for c in tv if c not in spec.covariates]
+        if unknown_tv:
+            raise FitError(f"model {spec.name!r} has no covariate(s) {unknown_tv}; covariates: {', '.join(spec.covariates)}")
+        states = (*spec.state_names, *tv)
         inputs = (*spec.parameters, *spec.covariates, *spec.derived)
         names = tuple(outputs) if outputs is not None else tuple(spec.outputs)
         unknown = [o for o in names if o not in spec.outputs]
         if unknown:
             raise FitError(f"model {spec.name!r} has no output(s) {unknown}; outputs: {', '.join(spec.outputs)}")
         n = len(states)
-        slots = {**{s: k for k, s in enumerate(states)}, **{name: n + k for k, name in enumerate(inputs)}}
+        slots: dict[str, int | exprvm.Node] = {
+            **{s: k for k, s in enumerate(states)}, **{name: n + k for k, name in enumerate(inputs)}}
+        for k, c in enumerate(tv):
+            slots[c] = len(spec.state_names) + k
+        varying = set(tv)
+        for name, d in spec.derived.items():  # model-file order: a derived name only uses earlier ones
+            if d.expr.names & varying:
+                slots[name] = exprvm.lower(d.expr, slots)
+                varying.add(name)
         rhs: list[exprvm.Node] = [exprvm.ZERO] * n
         for flow in spec.flows:  # first-order: rate(p)·x_source out of the source, into the target
             src = spec.index(flow.source)
@@ -279,7 +300,7 @@ class OdeSystem:
             rhs[k] = exprvm.add(rhs[k], exprvm.lower(expr, slots))
         outs = [exprvm.lower(spec.outputs[o].expr, slots) for o in names]
         system = cls._build(states, inputs, names, rhs, outs, method)
-        return replace(system, typical_rate=_typical_rate(spec, system))
+        return replace(system, typical_rate=_typical_rate(spec, system, tv))
 
     @classmethod
     def _build(cls, states: tuple[str, ...], inputs: tuple[str, ...], outputs: tuple[str, ...],
@@ -346,7 +367,7 @@ def dense_jacobian(system: OdeSystem, x: np.ndarray, p: np.ndarray) -> np.ndarra
     return J
 
 
-def _typical_rate(spec: ModelSpec, system: OdeSystem) -> float:
+def _typical_rate(spec: ModelSpec, system: OdeSystem, state_covariates: Sequence[str] = ()) -> float:
     """Spectral radius of ∂f/∂x (1/time) at the model file's values and initial amounts; NaN if not computable.
 
     At the initial amounts a saturable elimination runs at its fastest
@@ -354,7 +375,7 @@ def _typical_rate(spec: ModelSpec, system: OdeSystem) -> float:
     """
     try:
         values = resolve(spec)
-        x0 = initial_state(values)[0]
+        x0 = np.concatenate([initial_state(values)[0], [float(values[c][0]) for c in state_covariates]])
         p = np.array([float(np.ravel(values[name])[0]) for name in system.input_names])
     except (ItpkError, KeyError, ValueError):
         return float("nan")
@@ -408,8 +429,9 @@ class EventTable:
     Resets are the distinct finite ``obs_after`` of a subject's observations
     (the only resets that change a prediction). Arrays: ``start`` (N+1,)
     delimits subjects; ``time`` (E,) float64; ``kind`` (E,) int64 (RESET,
-    INF_OFF, BOLUS, INF_ON, OBS); ``index`` (E,) int64: dose column or
-    observation row.
+    INF_OFF, BOLUS, INF_ON, OBS, LATE); ``index`` (E,) int64: dose column or
+    observation row. ``late`` (N, D) bool marks the bolus doses applied after
+    the observations at their time (covariate changes).
     """
 
     start: np.ndarray
@@ -418,13 +440,13 @@ class EventTable:
     index: np.ndarray
 
     @classmethod
-    def from_design(cls, design: Design) -> EventTable:
+    def from_design(cls, design: Design, late: np.ndarray | None = None) -> EventTable:
         rows: list[tuple[int, float, int, int]] = []
         for i in range(design.n_subjects):
             for d in np.flatnonzero(design.dose_valid[i]):
                 t, dur = float(design.dose_time[i, d]), float(design.dose_duration[i, d])
                 if dur == 0.0:
-                    rows.append((i, t, BOLUS, int(d)))
+                    rows.append((i, t, LATE if late is not None and late[i, d] else BOLUS, int(d)))
                 else:
                     rows.append((i, t, INF_ON, int(d)))
                     if np.isfinite(t + dur):  # an endless infusion never switches off
@@ -891,7 +913,7 @@ def _forward_core(p: np.ndarray, x0: np.ndarray, Fr: np.ndarray, obs_subject: np
             if kind == RESET:  # amounts back to x0 (sensitivity ∂x/∂x0 = I), infusions stopped
                 _restart(X, x0[i], P, sens, running, u, cmap)
                 h = 0.0
-            elif kind == BOLUS:
+            elif kind == BOLUS or kind == LATE:
                 for k in range(n):
                     X[k, 0] += F[d, k]
                     if sens:
@@ -1231,7 +1253,7 @@ def dose_factors(F: Any, N: int, D: int, n: int) -> tuple[np.ndarray, Any]:
     """(Gd (N, D, R) constant, Fr (N, R, n)) with F = Gd @ Fr; Gd (N, D, 0) (the identity) and Fr = F otherwise.
 
     A model's dose vectors are the dose amounts (constant) times the routes'
-    fractions (:func:`itpk.inference._dose_vectors`: ``matmul(G, fractions)``):
+    fractions (:func:`itpk.inference._dose_parts`: ``matmul(G, fractions)``):
     the Op then integrates sensitivities to the R·n fractions, not to the D·n
     dose entries (the virus fit: 2 columns instead of 8).
     """
@@ -1281,6 +1303,7 @@ def ode_predict(
     return_steps: bool = False,
     method: str | None = None,
     fit: bool = False,
+    late: np.ndarray | None = None,
 ) -> Any:
     """Predictions y_m = g_o(x_i(t_m), p_i) of a nonlinear compartment model.
 
@@ -1322,6 +1345,10 @@ def ode_predict(
     fit
         The predictions feed a fit's log-density: the stiff method's default
         rtol is the looser :data:`FIT_RTOL_STIFF` (an explicit ``rtol`` wins).
+    late
+        (N, D) bool: bolus doses applied after the observations at their time
+        (covariate changes into :meth:`OdeSystem.from_spec`'s covariate
+        states, NOCB); None: none.
 
     Returns
     -------
@@ -1351,7 +1378,11 @@ def ode_predict(
         rtol = stiff_rtol if chosen == "rosenbrock" else DEFAULT_RTOL
     if not (rtol > 0 and atol > 0 and max_steps > 0):
         raise FitError(f"ode_predict: rtol, atol and max_steps must be > 0, found {rtol}, {atol}, {max_steps}")
-    events = EventTable.from_design(design)
+    if late is not None:
+        late = np.asarray(late, dtype=bool)
+        if late.shape != (N, D) or np.any(late & design.dose_valid & (design.dose_duration != 0)):
+            raise FitError(f"ode_predict: late must be (N, D) = {(N, D)} and mark boluses only, found shape {late.shape}")
+    events = EventTable.from_design(design, late)
     prog = system.program
     Gd, Fr = dose_factors(F, N, D, n)
     R = Gd.shape[2] or D

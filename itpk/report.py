@@ -622,16 +622,19 @@ def curve_grid(schedule: Any, obs_times: np.ndarray, points: int = CURVE_POINTS)
 
     ``points`` evenly spaced times from 0 to 5% past the last observation or dose, plus the
     observation times, dose times, infusion ends and a few log-spaced times after each dose
-    (so peaks and early rises are not stepped over), and a time just before each later dose
-    (so a bolus shows as a jump rather than a slanted line).
+    (so peaks and early rises are not stepped over), a time just before each later dose
+    (so a bolus shows as a jump rather than a slanted line), and each covariate change's time
+    and a time just after it (the new value holds after the change: NOCB).
     """
     doses = np.asarray(schedule.dose_times(), dtype=float)
+    changes = np.array([c.time for c in schedule.changes], dtype=float)
     ends = np.array([t + d.infusion_duration for d in schedule.doses if d.is_infusion
                      and math.isfinite(d.infusion_duration) for t in d.times()], dtype=float)
     end = 1.05 * max([0.0, *np.asarray(obs_times, dtype=float), *doses, *ends]) or 1.0
     early = (doses[:, None] + end * np.geomspace(1e-4, 0.02, 10)[None, :]).ravel()
     before = doses[doses > 0] - 1e-6 * end
-    grid = np.concatenate([np.linspace(0.0, end, points), obs_times, doses, ends, early, before])
+    grid = np.concatenate([np.linspace(0.0, end, points), obs_times, doses, ends, early, before,
+                           changes, changes + 1e-6 * end])
     return np.unique(np.clip(grid, 0.0, end))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from itpk.errors import ScheduleError
 from itpk.events import (
     BOLUS,
+    COVARIATE,
     INFUSION_OFF,
     INFUSION_ON,
     RESET,
@@ -22,7 +23,7 @@ from itpk.events import (
 from itpk.linear import Inputs, LinearStepper
 from itpk.ode import NonlinearStepper
 from itpk.spec import ModelSpec
-from itpk.system import Values, evaluate_outputs, resolve
+from itpk.system import Values, evaluate_outputs, resolve, with_covariates
 from itpk.threads import single_blas_thread
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ def simulate(
 
     Linear models (flows only) are solved exactly with matrix exponentials;
     nonlinear models with a stiff-capable ODE solver restarted at every event.
+    The schedule's covariate changes (NOCB) switch the parameters at their
+    times, amounts carried over; outputs at a change time use the old values.
 
     Parameters
     ----------
@@ -114,14 +117,85 @@ def simulate(
         raise ScheduleError("no output times were given")
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ScheduleError(f"output times must be finite and >= 0, found {t[~(np.isfinite(t) & (t >= 0))][:3].tolist()}")
-    stepper_cls = LinearStepper if spec.is_linear else NonlinearStepper
-    stepper = stepper_cls(values, schedule.targets())
+    segments = segment_values(values, schedule)
+    stepper = make_stepper(segments, schedule)
     amounts = _run(stepper, schedule, t)
     names = list(outputs) if outputs is not None else list(spec.outputs)
-    return Profiles(spec, t, amounts, evaluate_outputs(values, amounts, names))
+    return Profiles(spec, t, amounts, _outputs(segments, schedule, t, amounts, names))
 
 
-def _run(stepper: LinearStepper | NonlinearStepper, schedule: Schedule, times: np.ndarray) -> np.ndarray:
+def segment_values(values: Values, schedule: Schedule) -> list[Values]:
+    """The values in force before the schedule's first covariate change, then after each."""
+    out = [values]
+    for change in schedule.changes:
+        out.append(with_covariates(out[-1], dict(change.values)))
+    return out
+
+
+def make_stepper(segments: Sequence[Values], schedule: Schedule) -> LinearStepper | NonlinearStepper | SegmentedStepper:
+    """The model's stepper, or one per covariate segment behind :class:`SegmentedStepper`."""
+    stepper_cls = LinearStepper if segments[0].spec.is_linear else NonlinearStepper
+    targets = schedule.targets()
+    if len(segments) == 1:
+        return stepper_cls(segments[0], targets)
+    return SegmentedStepper([stepper_cls(v, targets) for v in segments])
+
+
+class SegmentedStepper:
+    """One stepper per covariate segment; a switch carries the amounts to the next one.
+
+    A reset afterwards returns to the initial amounts of the segment in force
+    (``initial`` expressions evaluated with its covariates).
+    """
+
+    def __init__(self, steppers: Sequence[LinearStepper | NonlinearStepper]) -> None:
+        self.steppers = list(steppers)
+        self.current = self.steppers[0]
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.current.x
+
+    @property
+    def fractions(self) -> Mapping[Target, np.ndarray]:
+        return self.current.fractions
+
+    def switch(self, segment: int) -> None:
+        x = self.current.x
+        self.current = self.steppers[segment]
+        self.current.x = x.copy()
+
+    def advance(self, dt: float, inputs: Inputs) -> None:
+        self.current.advance(dt, inputs)
+
+    def bolus(self, target: Target, amount: float) -> None:
+        self.current.bolus(target, amount)
+
+    def reset(self) -> None:
+        self.current.reset()
+
+    def state(self) -> np.ndarray:
+        return self.current.state()
+
+    def steady_state(self, dose: Any) -> None:
+        self.current.steady_state(dose)
+
+
+def _outputs(segments: Sequence[Values], schedule: Schedule, times: np.ndarray, amounts: np.ndarray,
+             names: list[str]) -> dict[str, np.ndarray]:
+    """Outputs at each time with the values in force there (a change at τ holds for t > τ)."""
+    if len(segments) == 1:
+        return evaluate_outputs(segments[0], amounts, names)
+    which = np.searchsorted([c.time for c in schedule.changes], times, side="left")
+    out = {name: np.empty(amounts.shape[:2]) for name in names}
+    for j in np.unique(which):
+        cols = which == j
+        for name, value in evaluate_outputs(segments[j], amounts[:, cols], names).items():
+            out[name][:, cols] = value
+    return out
+
+
+def _run(stepper: LinearStepper | NonlinearStepper | SegmentedStepper, schedule: Schedule, times: np.ndarray) -> np.ndarray:
     """Amounts (S, T, n) at ``times`` (after the events at each time)."""
     unique, inverse = np.unique(times, return_inverse=True)
     recorded = np.empty((stepper.x.shape[0], unique.size, stepper.x.shape[1]))
@@ -136,7 +210,7 @@ def _run(stepper: LinearStepper | NonlinearStepper, schedule: Schedule, times: n
 
 
 def walk(
-    stepper: LinearStepper | NonlinearStepper,
+    stepper: LinearStepper | NonlinearStepper | SegmentedStepper,
     schedule: Schedule,
     times: np.ndarray,
     record: Callable[[float, np.ndarray, np.ndarray, Inputs], None],
@@ -163,8 +237,13 @@ def walk(
         record(now, before, stepper.state(), tuple(running.values()))
 
 
-def _apply(stepper: LinearStepper | NonlinearStepper, event: Any, running: dict[int, tuple[Target, float]]) -> None:
-    if event.kind == RESET:
+def _apply(stepper: LinearStepper | NonlinearStepper | SegmentedStepper, event: Any,
+           running: dict[int, tuple[Target, float]]) -> None:
+    if event.kind == COVARIATE:
+        if not isinstance(stepper, SegmentedStepper):
+            raise ScheduleError("a schedule with covariate changes needs simulate.make_stepper's stepper")
+        stepper.switch(event.segment)
+    elif event.kind == RESET:
         stepper.reset()
         running.clear()  # NONMEM: a reset also stops infusions in progress
     elif event.kind == STEADY_STATE:

@@ -15,13 +15,17 @@ import pandas as pd
 
 from itpk.dataset import Dataset
 from itpk.errors import DatasetError
-from itpk.events import Dose, Schedule, Target
+from itpk.events import CovariateChange, Dose, Schedule, Target
 from itpk.spec import ModelSpec
 
 
 @dataclass(frozen=True)
 class Subject:
-    """One subject's schedule, covariates and observation rows (positions in ``Dataset.data``)."""
+    """One subject's schedule, covariates and observation rows (positions in ``Dataset.data``).
+
+    ``covariates`` are the values on the subject's first row; later values of
+    time-varying covariates are the schedule's ``changes``.
+    """
 
     id: Any
     schedule: Schedule
@@ -36,11 +40,11 @@ def subjects(dataset: Dataset, spec: ModelSpec) -> list[Subject]:
     out = []
     for sid, rows in frame.groupby("ID", sort=False):
         obs = rows[(rows["EVID"] == 0) & (rows["MDV"] == 0)]
-        out.append(Subject(sid, _schedule(rows), _covariates(rows, spec), _arm(rows), obs))
+        out.append(Subject(sid, _schedule(rows, spec), _covariates(rows, spec), _arm(rows), obs))
     return out
 
 
-def _schedule(rows: pd.DataFrame) -> Schedule:
+def _schedule(rows: pd.DataFrame, spec: ModelSpec) -> Schedule:
     doses = []
     resets = []
     for r in rows[rows["EVID"].isin([1, 3, 4])].itertuples(index=False):
@@ -54,7 +58,26 @@ def _schedule(rows: pd.DataFrame) -> Schedule:
                 ii=float(r.II or 0.0), addl=int(r.ADDL or 0), ss=int(r.SS or 0), reset=bool(r.EVID == 4),
             )
         )
-    return Schedule(tuple(doses), tuple(resets))
+    return Schedule(tuple(doses), tuple(resets), _changes(rows, spec))
+
+
+def _changes(rows: pd.DataFrame, spec: ModelSpec) -> tuple[CovariateChange, ...]:
+    """NOCB: a row's time-varying covariates hold from the previous row's time (exclusive) to its own.
+
+    So a value that differs from the previous row's takes over at the previous
+    row's time. Rows at one time agree (the dataset checks it), so the change
+    times are distinct.
+    """
+    names = [n for n, c in spec.covariates.items() if c.time_varying and n in rows.columns]
+    if not names or len(rows) < 2:
+        return ()
+    times = rows["TIME"].to_numpy(dtype=float)
+    values = rows[names].to_numpy(dtype=float)
+    out = []
+    for k in np.flatnonzero(np.any(values[1:] != values[:-1], axis=1)) + 1:
+        new = tuple((n, float(values[k, j])) for j, n in enumerate(names) if values[k, j] != values[k - 1, j])
+        out.append(CovariateChange(float(times[k - 1]), tuple(sorted(new))))
+    return tuple(out)
 
 
 def _covariates(rows: pd.DataFrame, spec: ModelSpec) -> dict[str, float]:
@@ -111,7 +134,7 @@ def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
 
     per, problems = [], []
     for s in subject_list:
-        resets = _resets(s.schedule)
+        resets = reset_times(s.schedule)
         doses = []
         for d in s.schedule.doses:
             if d.ss and d.is_infusion and d.ii > 0 and not d.infusion_duration <= MAX_OVERLAP * d.ii:
@@ -143,14 +166,14 @@ def expand_doses(subject_list: list[Subject]) -> ExpandedDoses:
     return ExpandedDoses(time, amount, rate, duration, target, valid, ss_period)
 
 
-def _resets(schedule: Schedule) -> list[float]:
+def reset_times(schedule: Schedule) -> list[float]:
     """Reset times: EVID 3, EVID 4 doses and SS = 1 doses (which replace the state)."""
     return sorted({*schedule.resets, *(d.time for d in schedule.doses if d.reset or d.ss == 1)})
 
 
 def last_reset(subject: Subject, times: np.ndarray) -> np.ndarray:
     """For each time, the last reset (EVID 3, 4 or an SS = 1 dose) at or before it; -inf when none."""
-    resets = np.array(_resets(subject.schedule))
+    resets = np.array(reset_times(subject.schedule))
     if resets.size == 0:
         return np.full(times.shape, -math.inf)
     idx = np.searchsorted(resets, times, side="right") - 1

@@ -81,6 +81,35 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
     return Values(spec, env, size)
 
 
+def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
+    """The same parameter sets with some covariates set to new values and derived quantities recomputed.
+
+    Parameters
+    ----------
+    values
+        Resolved values (S sets).
+    covariates
+        New value of each named covariate (its unit), the same for every set.
+
+    Raises
+    ------
+    ModelSpecError
+        For a name that is not a covariate of the model.
+    """
+    spec = values.spec
+    unknown = sorted(set(covariates) - set(spec.covariates))
+    if unknown:
+        raise ModelSpecError(f"model {spec.name!r} has no covariate {', '.join(map(repr, unknown))}; "
+                             f"covariates: {', '.join(spec.covariates) or 'none'}")
+    env = dict(values.env)
+    for name, value in covariates.items():
+        env[name] = np.full(values.size, float(value))
+    with np.errstate(all="ignore"):
+        for name, item in spec.derived.items():
+            env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (values.size,))
+    return Values(spec, env, values.size)
+
+
 def check_volumes(values: Values, outputs: Sequence[str]) -> None:
     """The volumes behind ``outputs`` finite and > 0 in every parameter set.
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "posterior_geometry.py"
+from bench_scripts import load
 
 
 @pytest.fixture(scope="module")
 def geometry():
-    spec = importlib.util.spec_from_file_location("posterior_geometry", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("posterior_geometry")
 
 
 def _gaussian(cov: np.ndarray):

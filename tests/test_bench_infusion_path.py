@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from bench_scripts import load
 from pytensor.graph.traversal import io_toposort
 
 from itpk import load_model
@@ -12,14 +10,9 @@ from itpk.dataset import read_frame
 from itpk.inference import build_model
 from itpk.linop import LinearPredict
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infusion_path.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_infusion_path", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("bench_infusion_path")
 
 
 def test_bolus_side_is_the_closed_form_and_infusion_side_the_general_op():

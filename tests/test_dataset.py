@@ -178,22 +178,25 @@ def test_steady_state_constant_infusion_needs_no_amount_or_interval(tmp_path):
 
 
 def test_time_varying_covariate_declared_by_model(tmp_path, it_mini):
-    # constant values are read (CMT numbers on observation rows name outputs); a change within a
-    # subject is refused, because simulate and fit would silently use the first value
+    # CMT numbers on observation rows name outputs; a declared time-varying covariate may change
+    # between times (NOCB), but two rows at one time must agree: the change would hold nowhere
     header = ["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV", "DIAM", "tvol"]
     rows = [
         ["1", "0", "1", "10", "it", "", "", "2", "4"],
         ["1", "1", "0", "", "", "tumor", "3", "2", "4"],
-        ["1", "2", "0", "", "", "2", "1", "2", "4"],  # CMT number: the 2nd output
+        ["1", "2", "0", "", "", "2", "1", "2", "5"],  # CMT number: the 2nd output
     ]
     ds = read_dataset(write(tmp_path, rows, header), it_mini)
-    assert ds.data["TVOL"].tolist() == [4, 4, 4]
+    assert ds.data["TVOL"].tolist() == [4, 4, 5]
     assert ds.data["CMT"].tolist()[1:] == ["tumor", "tumor"]
-    rows[2][-1] = "5"
+    rows.append(["1", "2", "2", "", "", "", "", "2", "6"])
     with pytest.raises(DatasetError) as err:
         read_dataset(write(tmp_path, rows, header), it_mini)
-    assert ("row 4, TVOL: found 5, but ID 1 has 4 on row 2; allowed: one value per subject (TVOL is declared "
-            "time-varying in model it_mini, but itpk does not apply covariate changes (NOCB) yet)") in str(err.value)
+    assert ("row 5, TVOL: found 6, but ID 1 has 5 at the same TIME 2 on row 4; allowed: one value per time within a "
+            "subject (TVOL is time-varying: NOCB, a row's value holds from the subject's previous row to its own)") in str(err.value)
+    rows[3][-2] = "3"  # DIAM is not time-varying: still one value per subject
+    with pytest.raises(DatasetError, match=r"row 5, DIAM: found 3, but ID 1 has 2 on row 2; allowed: one value per subject"):
+        read_dataset(write(tmp_path, rows, header), it_mini)
 
 
 def test_route_dose_into_a_compartment_the_route_does_not_reach_is_refused(tmp_path, it_mini):
