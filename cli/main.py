@@ -152,6 +152,7 @@ def simulate(
             posterior=posterior,
             out=out,
             plot=plot,
+            progress=not quiet,
         )
     if not quiet:
         typer.echo(result.message)

@@ -15,16 +15,16 @@ import base64
 import hashlib
 import io
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from itpk.errors import ItpkError
 from itpk.io import write_text
+from itpk.progress import Progress
 
 TEMPLATE = "templates/report.html.j2"
 SUBJECTS_PER_FIGURE = 12
@@ -162,49 +162,6 @@ SECTIONS = {
     "individual": "individual fits", "vpc": "prediction-corrected VPC", "exposure": "exposure",
     "sampler": "sampler diagnostics",
 }
-
-
-class Progress:
-    """A progress bar on stderr (rich) when ``enabled`` and stderr is a terminal; otherwise silent.
-
-    Parameters
-    ----------
-    total
-        Number of steps (subjects simulated plus report sections).
-    enabled
-        False silences it whatever stderr is (``--quiet``).
-    """
-
-    def __init__(self, total: int, *, enabled: bool = True) -> None:
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()  # never in pipes or logs
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Self:
-        if self.enabled:
-            from rich import progress as rp
-            from rich.console import Console
-
-            self._bar = rp.Progress(rp.TextColumn("report: {task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                                    rp.TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("reading", total=self.total)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def step(self, label: str) -> None:
-        """Announce the step about to run."""
-        if self._bar is not None:
-            self._bar.update(self._task, description=label)
-
-    def advance(self) -> None:
-        """One step done."""
-        if self._bar is not None:
-            self._bar.advance(self._task)
 
 
 def render_report(run: RunData, progress: Progress | None = None) -> str:
