@@ -11,14 +11,23 @@ so it is a *late* bolus, applied after the observations at that time.
 A reset (EVID 3 or 4) puts every state back to its initial amount, the
 covariate states included; a bolus at the reset time restores the value in
 force there.
+
+Only covariates that reach the right-hand side or the outputs (directly or
+through derived quantities) become states. Route fractions and ``initial``
+amounts are evaluated once per subject (with the first values) in a fit, so
+a dose by such a route or a reset after a change of a covariate they use is
+refused (:func:`check_fittable`); ``simulate`` follows the change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from itpk.errors import FitError
+from itpk.expr import Expr
 from itpk.spec import ModelSpec
 from itpk.subjects import Subject, reset_times
 
@@ -52,8 +61,18 @@ class CovariateDoses:
 
 
 def covariate_doses(spec: ModelSpec, subject_list: list[Subject]) -> CovariateDoses | None:
-    """The subjects' covariate changes as boluses; None when no covariate changes."""
-    names = tuple(n for n in spec.covariates if any(n in dict(c.values) for s in subject_list for c in s.schedule.changes))
+    """The subjects' covariate changes as boluses; None when no covariate that the
+    right-hand side or the outputs use changes.
+
+    Raises
+    ------
+    FitError
+        When a changing covariate reaches a route fraction or an ``initial`` amount.
+    """
+    changing = {n for s in subject_list for c in s.schedule.changes for n, _ in c.values}
+    check_fittable(spec, subject_list)
+    used = uses(spec, [f.rate for f in spec.flows] + list(spec.odes.values()) + [o.expr for o in spec.outputs.values()])
+    names = tuple(n for n in spec.covariates if n in changing and n in used)
     if not names:
         return None
     per = [_boluses(s, names) for s in subject_list]
@@ -84,3 +103,50 @@ def _boluses(subject: Subject, names: tuple[str, ...]) -> list[tuple[float, np.n
         if np.any(in_force != values):
             out.append((r, in_force - values, False))
     return [b for b in out if np.any(b[1] != 0)]
+
+
+def uses(spec: ModelSpec, exprs: Sequence[Expr]) -> set[str]:
+    """Every name the expressions use, directly or through derived quantities."""
+    names: set[str] = set()
+    for expr in exprs:
+        names |= expr.names
+    for name in reversed(list(spec.derived)):  # a derived quantity only uses earlier ones
+        if name in names:
+            names |= spec.derived[name].expr.names
+    return names
+
+
+def check_fittable(spec: ModelSpec, subject_list: list[Subject]) -> None:
+    """Refuse a change that a fit would miss: route fractions and ``initial`` amounts are fixed per subject.
+
+    So a dose by a route whose fractions use a covariate, given (or infusing) after that
+    covariate changed, or a reset (back to initial amounts that use it) after it changed,
+    cannot be fitted.
+    """
+    problems = []
+    for s in subject_list:
+        first: dict[str, float] = {}  # time of each covariate's first change
+        for change in s.schedule.changes:
+            for name, _ in change.values:
+                first.setdefault(name, change.time)
+        if not first:
+            continue
+        for dose in s.schedule.doses:
+            if dose.target.compartment:
+                continue
+            used = uses(spec, list(spec.routes[dose.target.name].into.values()))
+            end = dose.times()[-1] + (dose.infusion_duration if dose.is_infusion else 0.0)
+            hit = sorted(n for n in used if n in first and end > first[n])  # given, or still running, after
+            if hit:
+                problems.append(f"subject {s.id}: a dose by route {dose.target.name!r} after {', '.join(hit)} changed "
+                                "(the route's fractions use it)")
+        initial = uses(spec, [c.initial for c in spec.compartments if c.initial is not None])
+        for r in reset_times(s.schedule):
+            hit = sorted(n for n in initial if n in first and r > first[n])
+            if hit:
+                problems.append(f"subject {s.id}: a reset at {r:g} after {', '.join(hit)} changed (initial amounts use it)")
+    if problems:
+        shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise FitError(f"model {spec.name!r}: a fit evaluates route fractions and initial amounts once per subject, "
+                       "so it cannot follow these covariate changes (itpk simulate does):\n"
+                       + "\n".join(f"- {p}" for p in shown))

@@ -150,8 +150,8 @@ class CovariateChange:
     values: tuple[tuple[str, float], ...]
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.time):
-            raise ScheduleError(f"covariate change time must be a finite number, found {self.time!r}")
+        if not (math.isfinite(self.time) and self.time >= 0):
+            raise ScheduleError(f"covariate change time must be a finite number >= 0, found {self.time!r}")
         bad = [name for name, v in self.values if not math.isfinite(v)]
         if bad or not self.values:
             raise ScheduleError(f"covariate change at {self.time:g}: values must be finite numbers"

@@ -266,10 +266,11 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     changes = covariate_doses(spec, data.subjects)
     exact = uses_exact_solution(spec) and changes is None
     if d.has_steady_state and not exact:
-        why = ("its covariates " + ", ".join(changes.names) + " change within subjects" if changes is not None
-               else "nonlinear" if not spec.is_linear else "linear with initial amounts")
+        why = [] if spec.is_linear else ["is nonlinear"]
+        why += ["has initial amounts"] if spec.is_linear and not uses_exact_solution(spec) else []
+        why += [f"has covariates that change within subjects ({', '.join(changes.names)})"] if changes is not None else []
         raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models with constant "
-                       f"covariates only; {spec.name} is {why} (give the dosing history explicitly with ADDL instead)")
+                       f"covariates only; {spec.name} {' and '.join(why)} (give the dosing history explicitly with ADDL instead)")
     if exact and closedform.supports(len(spec.compartments), design):
         return _closed_form(pt, spec, data, env, backend, design)
     G, fractions = _dose_parts(pt, spec, data, env, backend)

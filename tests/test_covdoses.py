@@ -56,9 +56,9 @@ def test_changes_become_late_boluses_and_resets_get_a_restore():
     assert covariate_doses(spec, subjects(constant, spec)) is None
 
 
-def ipred_and_reference(spec):
+def ipred_and_reference(spec, rows=ROWS):
     """IPRED of the fit's graph at a random point, and simulate's values with the same individual parameters."""
-    model, data = build_model(spec, dataset(spec))
+    model, data = build_model(spec, dataset(spec, rows))
     point = model.initial_point()
     rng = np.random.default_rng(4)
     point = {k: v + rng.normal(0, 0.3, np.shape(v)) for k, v in point.items()}
@@ -109,7 +109,7 @@ def test_steady_state_with_changes_is_refused_with_the_reason():
     rows = [(1, 0.0, 1, 100.0, "iv", None, 70.0), (1, 1.0, 0, None, "", 1.8, 70.0), (1, 2.0, 0, None, "", 1.6, 80.0)]
     frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "DV", "WT"])
     frame["SS"], frame["II"] = [1, None, None], [12.0, None, None]
-    with pytest.raises(FitError, match="its covariates WT change within subjects"):
+    with pytest.raises(FitError, match=r"tv_weight has covariates that change within subjects \(WT\) \(give the dosing"):
         build_model(spec, read_frame(frame, spec))
 
 
@@ -173,3 +173,44 @@ def test_models_show_marks_time_varying_covariates():
     from itpk.describe import describe_model
 
     assert "WT = 70 kg Body weight (time-varying: NOCB)" in describe_model(load_model(DATA / "tv_weight.toml"))
+
+
+def route_rows(*extra):
+    """tv_route: SC dose at 0, weight 70 -> 100 kg after 2 h, samples to 8 h, plus ``extra`` rows."""
+    rows = [(1, 0.0, 1, 100.0, "sc", None, 70.0), (1, 1.0, 0, None, "", 2.0, 70.0), (1, 2.0, 0, None, "", 2.5, 70.0),
+            (1, 4.0, 0, None, "", 2.0, 100.0), (1, 8.0, 0, None, "", 1.0, 100.0), *extra]
+    return sorted(rows, key=lambda r: r[1])
+
+
+def test_changes_that_route_fractions_or_initial_amounts_would_miss_are_refused():
+    # tv_route's SC split and central's initial amount use WT: a fit fixes both per subject, so an
+    # SC dose (or an infusion still running) after the change, or a reset after it, is refused with
+    # the subject named; before any such event the changes are followed (IPRED = simulate, 1e-7)
+    spec = load_model(DATA / "tv_route.toml")
+    ipred, ref, *_ = ipred_and_reference(spec, route_rows())
+    np.testing.assert_allclose(ipred, ref, rtol=1e-7)
+    for extra, why in (((1, 6.0, 1, 50.0, "sc", None, 100.0),
+                        "subject 1: a dose by route 'sc' after WT changed \\(the route's fractions use it\\)"),
+                       ((1, 6.0, 3, None, "", None, 100.0),
+                        "subject 1: a reset at 6 after WT changed \\(initial amounts use it\\)")):
+        with pytest.raises(FitError, match=why):
+            build_model(spec, dataset(spec, route_rows(extra)))
+    running = [(1, 0.0, 1, 100.0, "sc", None, 70.0, 20.0), *(r + (None,) for r in route_rows()[1:])]
+    frame = pd.DataFrame(running, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "DV", "WT", "RATE"])
+    with pytest.raises(FitError, match="a dose by route 'sc' after WT changed"):  # 5 h infusion through 2 h
+        build_model(spec, read_frame(frame, spec))
+
+
+def test_a_changing_covariate_that_nothing_uses_keeps_the_exact_path():
+    # it_mini's TVOL is declared time-varying but no expression uses it: its changes are ignored by
+    # the fit, which stays on the closed form
+    from pytensor.graph.traversal import io_toposort
+
+    from itpk.odeop import OdePredict
+
+    spec = load_model(DATA / "it_mini.toml")
+    rows = [(1, 0.0, 1, 10.0, "it", None, 4.0), (1, 1.0, 0, None, "", 0.1, 4.0), (1, 2.0, 0, None, "", 0.05, 5.0)]
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "DV", "TVOL"])
+    frame["CMT"] = ["", "plasma", "plasma"]
+    model, _ = build_model(spec, read_frame(frame, spec))
+    assert not any(isinstance(node.op, OdePredict) for node in io_toposort([], [model["IPRED"]]))

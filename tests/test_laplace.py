@@ -15,3 +15,30 @@ def test_newton_step_descends_on_the_curvature_scale_where_the_hessian_is_indefi
     # a positive definite block is plain Newton: H⁻¹g
     H = np.array([[[2.0, 1.0], [1.0, 3.0]]])
     np.testing.assert_allclose(_solve_blocks(H, g)[:, 0], np.linalg.solve(H[0], g[:, 0]), rtol=1e-13)
+
+
+def test_a_draw_without_conditional_mode_stops_the_fit_with_a_message(monkeypatch):
+    # the draws' per-subject Cholesky failing (an indefinite conditional Hessian) is a FitError
+    # naming the draw and the way out, not numpy's LinAlgError
+    import pandas as pd
+    import pytest
+
+    from itpk import load_model
+    from itpk.dataset import read_frame
+    from itpk.errors import FitError
+    from itpk.inference import fit
+
+    rows = [(1, 0.0, 1, 100.0, "iv", None), (1, 1.0, 0, None, "", 1.7), (1, 6.0, 0, None, "", 1.1),
+            (2, 0.0, 1, 50.0, "iv", None), (2, 2.0, 0, None, "", 0.8), (2, 12.0, 0, None, "", 0.35)]
+    spec = load_model("one_cpt_iv")
+    data = read_frame(pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "DV"]), spec)
+    real = np.linalg.cholesky
+
+    def blocks_fail(a, *args, **kwargs):
+        if np.ndim(a) == 3:  # the per-subject blocks of the draws, not the population covariance
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "cholesky", blocks_fail)
+    with pytest.raises(FitError, match="at population draw 1 of 5 the random effects have no conditional mode .*use --method nuts"):
+        fit(spec, data, method="laplace", draws=5, seed=1, errors={"plasma": "additive"})

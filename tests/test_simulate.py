@@ -145,3 +145,19 @@ def test_subjects_turn_rows_into_nocb_changes_at_the_previous_row_time():
     (k0, v0), (k1, v1), (k2, v2) = k_and_v(70), k_and_v(90), k_and_v(60)
     a2, a6 = 100 * np.exp(-k0 * 2), 100 * np.exp(-k0 * 2 - k1 * 4)
     np.testing.assert_allclose(prof, [a2 / v0, a6 / v1, a6 * np.exp(-k2 * 2) / v2], rtol=1e-12)
+
+
+def test_steady_state_dose_after_a_change_uses_the_new_weight():
+    # SS=1 bolus every 12 h from 10 h, weight 70 -> 100 kg after 5 h: the periodic state of the
+    # 100 kg parameters, A = D/(1 - e^{-k·12}), then e^{-k·3}; rtol 1e-12
+    schedule = Schedule((Dose(0.0, 100.0, Target("iv")), Dose(10.0, 100.0, Target("iv"), ii=12.0, ss=1)), (),
+                        changes((5.0, 100.0)))
+    got = simulate(weight_model(), schedule, {}, [10.0, 13.0]).outputs["plasma"][0]
+    k, v = k_and_v(100)
+    a = 100 / (1 - np.exp(-k * 12))
+    np.testing.assert_allclose(got, [a / v, a * np.exp(-3 * k) / v], rtol=1e-12)
+
+
+def test_change_before_time_zero_is_refused():
+    with pytest.raises(ScheduleError, match="finite number >= 0"):
+        CovariateChange(-1.0, (("WT", 80.0),))
