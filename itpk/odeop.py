@@ -324,6 +324,13 @@ class OdeSystem:
         rc = np.array([(r, c) for _, r, c in flat], dtype=np.int64).reshape(-1, 2)
         return cls(states, inputs, outputs, program, bounds, rc, method, trees=tuple(tree for tree, _, _ in flat))
 
+    def with_state_outputs(self) -> OdeSystem:
+        """The same right-hand side with the amounts as outputs (``output_names`` = ``state_names``)."""
+        rhs = list(self.trees[self.groups[F_RHS]:self.groups[F_RHS + 1]])
+        outs: list[exprvm.Node] = [("v", k) for k in range(self.n_states)]
+        system = self._build(self.state_names, self.input_names, self.state_names, rhs, outs, self.method)
+        return replace(system, typical_rate=self.typical_rate)
+
     def stack_inputs(self, env: Mapping[str, Any], n_subjects: int) -> Any:
         """p (N, P) as a pytensor tensor from values by name (scalars or (N,) tensors)."""
         ones = pt.ones(n_subjects)
