@@ -3,9 +3,10 @@
 ``simulate`` of a nonlinear model once stepped scipy's LSODA from event to event with a Python
 right-hand side: ~1.3 s per subject for the T-VEC regimen of ``it_oncolytic_virus``. The kernel
 of :mod:`itpk.odeop` (numba, the same whitelisted expression tape, DP5 or the stiff
-Rosenbrock-W method) solves the same schedule for every parameter set in one call, ~200× faster
-(see ``tests/test_odesim.py`` and README). Steady-state doses and covariate changes stay with the
-steppers of :mod:`itpk.simulate`.
+Rosenbrock-W method) solves the same schedule for every parameter set in one call, 46–103×
+faster (``benchmarks/bench_nonlinear_simulate.py``). Steady-state doses and covariate changes stay
+with the steppers of :mod:`itpk.simulate`, and so does a parameter set whose kernel solve fails
+(e.g. the step budget spent on a year of doses): ``simulate`` retries it with LSODA.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def kernel_amounts(values: Values, schedule: Schedule, times: np.ndarray) -> np.
         When the solver fails for a parameter set (step count exceeded, step size underflow,
         values that are not finite).
     """
+    amounts, failed, method = kernel_solve(values, schedule, times)
+    if failed.size:
+        raise ScheduleError(f"the ODE solver failed for parameter set(s) {failed[:10].tolist()} ({method})")
+    return amounts
+
+
+def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Amounts (S, T, n) at sorted, distinct ``times``, the parameter sets whose solve failed
+    (their rows NaN), and the method with its rtol."""
     spec, S = values.spec, values.size
     system = OdeSystem.from_spec(spec).with_state_outputs()
     n, T = system.n_states, times.size
@@ -81,9 +91,7 @@ def kernel_amounts(values: Values, schedule: Schedule, times: np.ndarray) -> np.
                             *_tape_arrays(system, None), settings)
     amounts = y.reshape(S, T, n)
     failed = np.flatnonzero((counts[:, 0] < 0) | ~np.all(np.isfinite(amounts), axis=(1, 2)))
-    if failed.size:
-        raise ScheduleError(f"the ODE solver failed for parameter set(s) {failed[:10].tolist()} "
-                            f"({'Rosenbrock' if stiff else 'Dormand-Prince'}, rtol {settings[0]:g})")
+    amounts[failed] = np.nan
     # amounts cannot be negative; -1e-25 after a state has decayed over many decades is round-off
     # that would poison log-scale outputs
-    return np.maximum(amounts, 0.0)
+    return np.maximum(amounts, 0.0), failed, f"{'Rosenbrock' if stiff else 'Dormand-Prince'}, rtol {settings[0]:g}"

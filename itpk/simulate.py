@@ -123,7 +123,11 @@ def simulate(
     segments = segment_values(values, schedule)
     if not spec.is_linear and odesim.supports(schedule):
         unique, inverse = np.unique(t, return_inverse=True)
-        amounts = odesim.kernel_amounts(values, schedule, unique)[:, inverse]
+        amounts, failed, _ = odesim.kernel_solve(values, schedule, unique)
+        if failed.size:  # LSODA, the slow path, for the sets the kernel could not solve
+            part = values.take(failed)
+            amounts[failed] = _run(make_stepper([part], schedule), schedule, unique)
+        amounts = amounts[:, inverse]
     else:
         amounts = _run(make_stepper(segments, schedule), schedule, t)
     names = list(outputs) if outputs is not None else list(spec.outputs)

@@ -45,8 +45,8 @@ def test_simulate_takes_the_kernel_unless_steady_state_or_changes(monkeypatch):
     import itpk.simulate as sim
 
     calls = []
-    real = sim.odesim.kernel_amounts
-    monkeypatch.setattr(sim.odesim, "kernel_amounts", lambda *a: calls.append(1) or real(*a))
+    real = sim.odesim.kernel_solve
+    monkeypatch.setattr(sim.odesim, "kernel_solve", lambda *a: calls.append(1) or real(*a))
     spec = load_model("one_cpt_mm")
     simulate(spec, Schedule((Dose(0.0, 100.0, Target("iv")),)), {}, [1.0])
     simulate(spec, Schedule((Dose(0.0, 100.0, Target("iv"), ii=12.0, ss=1),)), {}, [1.0])
@@ -61,3 +61,24 @@ def test_a_failed_solve_is_a_schedule_error():
     values = resolve(spec, {"Km": [2.0, -2.0]})
     with pytest.raises(ScheduleError, match=r"the ODE solver failed for parameter set\(s\) \[1\]"):
         kernel_amounts(values, Schedule((Dose(0.0, 500.0, Target("iv")),)), np.array([1.0, 48.0]))
+
+
+def test_simulate_retries_a_failed_kernel_solve_with_lsoda(monkeypatch):
+    # a set the kernel cannot solve (here: reported failed) gets LSODA's numbers, the others keep
+    # the kernel's (a set LSODA cannot solve either stays the stepper's ScheduleError)
+    import itpk.simulate as sim
+
+    spec = load_model("one_cpt_mm")
+    schedule, times = Schedule((Dose(0.0, 150.0, Target("iv"), ii=8.0, addl=2),)), np.array([1.0, 9.0, 30.0])
+    values = resolve(spec, {"Vmax": [10.0, 25.0, 40.0]})
+    real = sim.odesim.kernel_solve
+
+    def one_fails(*args):
+        amounts, _, method = real(*args)
+        amounts[1] = np.nan
+        return amounts, np.array([1]), method
+
+    monkeypatch.setattr(sim.odesim, "kernel_solve", one_fails)
+    got = simulate(spec, schedule, values, times).amounts
+    np.testing.assert_array_equal(got[1], lsoda(values.take(np.array([1])), schedule, times)[0])
+    np.testing.assert_allclose(got, lsoda(values, schedule, times), rtol=1e-8)
