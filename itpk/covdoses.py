@@ -21,15 +21,14 @@ refused (:func:`check_fittable`); ``simulate`` follows the change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from itpk.errors import FitError
-from itpk.expr import Expr
 from itpk.spec import ModelSpec
 from itpk.subjects import Subject, reset_times
+from itpk.system import inputs_of
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,8 @@ def covariate_doses(spec: ModelSpec, subject_list: list[Subject]) -> CovariateDo
     """
     changing = {n for s in subject_list for c in s.schedule.changes for n, _ in c.values}
     check_fittable(spec, subject_list)
-    used = uses(spec, [f.rate for f in spec.flows] + list(spec.odes.values()) + [o.expr for o in spec.outputs.values()])
+    exprs = [f.rate for f in spec.flows] + list(spec.odes.values()) + [o.expr for o in spec.outputs.values()]
+    used = set(inputs_of(spec, set().union(*(e.names for e in exprs))))
     names = tuple(n for n in spec.covariates if n in changing and n in used)
     if not names:
         return None
@@ -105,17 +105,6 @@ def _boluses(subject: Subject, names: tuple[str, ...]) -> list[tuple[float, np.n
     return [b for b in out if np.any(b[1] != 0)]
 
 
-def uses(spec: ModelSpec, exprs: Sequence[Expr]) -> set[str]:
-    """Every name the expressions use, directly or through derived quantities."""
-    names: set[str] = set()
-    for expr in exprs:
-        names |= expr.names
-    for name in reversed(list(spec.derived)):  # a derived quantity only uses earlier ones
-        if name in names:
-            names |= spec.derived[name].expr.names
-    return names
-
-
 def check_fittable(spec: ModelSpec, subject_list: list[Subject]) -> None:
     """Refuse a change that a fit would miss: route fractions and ``initial`` amounts are fixed per subject.
 
@@ -123,6 +112,8 @@ def check_fittable(spec: ModelSpec, subject_list: list[Subject]) -> None:
     covariate changed, or a reset (back to initial amounts that use it) after it changed,
     cannot be fitted.
     """
+    by_route = {name: set(inputs_of(spec, set().union(*(f.names for f in r.into.values())))) for name, r in spec.routes.items()}
+    initial = set(inputs_of(spec, set().union(*(c.initial.names for c in spec.compartments if c.initial is not None))))
     problems = []
     for s in subject_list:
         first: dict[str, float] = {}  # time of each covariate's first change
@@ -134,13 +125,11 @@ def check_fittable(spec: ModelSpec, subject_list: list[Subject]) -> None:
         for dose in s.schedule.doses:
             if dose.target.compartment:
                 continue
-            used = uses(spec, list(spec.routes[dose.target.name].into.values()))
             end = dose.times()[-1] + (dose.infusion_duration if dose.is_infusion else 0.0)
-            hit = sorted(n for n in used if n in first and end > first[n])  # given, or still running, after
+            hit = sorted(n for n in by_route[dose.target.name] if n in first and end > first[n])  # given, or running, after
             if hit:
                 problems.append(f"subject {s.id}: a dose by route {dose.target.name!r} after {', '.join(hit)} changed "
                                 "(the route's fractions use it)")
-        initial = uses(spec, [c.initial for c in spec.compartments if c.initial is not None])
         for r in reset_times(s.schedule):
             hit = sorted(n for n in initial if n in first and r > first[n])
             if hit:

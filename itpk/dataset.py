@@ -585,36 +585,28 @@ class _Reader:
             values[name] = numbers if numeric or cov is not None else text.where(~missing)
             if not (cov is not None and cov.time_varying):
                 why = f"{name} is not time-varying in model {self.spec.name}" if self.spec else "without a model, covariates are constant; a model may declare them time-varying"
-                self._constant(values, name, f"one value per subject ({why})")
+                self._agree(values, name, f"one value per subject ({why})", per_time=False)
             else:
-                self._one_per_time(values, name, f"one value per time within a subject ({name} is time-varying: NOCB, "
-                                                 "a row's value holds from the subject's previous row to its own)")
+                self._agree(values, name, f"one value per time within a subject ({name} is time-varying: NOCB, "
+                                          "a row's value holds from the subject's previous row to its own)", per_time=True)
         self.covariate_columns = tuple(renamed)
-        self._constant(values, "ARM", "one arm per subject")
+        self._agree(values, "ARM", "one arm per subject", per_time=False)
 
-    def _constant(self, values: dict[str, pd.Series], column: str, allowed: str) -> None:
-        ids, series = values["ID"], values[column]
-        first: dict[Any, tuple[Any, int]] = {}
-        for i in np.flatnonzero((ids.notna() & series.notna()).to_numpy()):
-            subject, value = ids.iat[i], series.iat[i]
-            if subject not in first:
-                first[subject] = (value, int(self.row[i]))
-            elif value != first[subject][0]:
-                seen, row = first[subject]
-                self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {subject} has {_fmt(seen)} on row {row}", allowed)
-
-    def _one_per_time(self, values: dict[str, pd.Series], column: str, allowed: str) -> None:
-        """Rows of one subject at one time must agree: a change between them would have no interval to hold on."""
+    def _agree(self, values: dict[str, pd.Series], column: str, allowed: str, *, per_time: bool) -> None:
+        """Every row of a subject has the first such row's value; with ``per_time``, only rows at one TIME
+        (a time-varying covariate: a change between them would have no interval to hold on)."""
         ids, times, series = values["ID"], values["TIME"], values[column]
-        seen: dict[tuple[Any, Any], tuple[Any, int]] = {}
-        for i in np.flatnonzero((ids.notna() & times.notna() & series.notna()).to_numpy()):
-            key, value = (ids.iat[i], times.iat[i]), series.iat[i]
-            if key not in seen:
-                seen[key] = (value, int(self.row[i]))
-            elif value != seen[key][0]:
-                first, row = seen[key]
-                self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {key[0]} has {_fmt(first)} at the same "
-                         f"TIME {_fmt(key[1])} on row {row}", allowed)
+        usable = ids.notna() & series.notna() & (times.notna() if per_time else True)
+        first: dict[tuple[Any, ...], tuple[Any, int]] = {}
+        for i in np.flatnonzero(usable.to_numpy()):
+            key, value = ((ids.iat[i], times.iat[i]) if per_time else (ids.iat[i],)), series.iat[i]
+            if key not in first:
+                first[key] = (value, int(self.row[i]))
+            elif value != first[key][0]:
+                seen, row = first[key]
+                where = f" at the same TIME {_fmt(key[1])}" if per_time else ""
+                self.add(int(self.row[i]), column, f"found {_fmt(value)}, but ID {key[0]} has {_fmt(seen)}{where} on row {row}",
+                         allowed)
 
     def _check_duplicates(self, text: pd.DataFrame) -> None:
         cells = text.drop(columns="ROW")

@@ -71,19 +71,22 @@ def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple
     spec, S = values.spec, values.size
     system = OdeSystem.from_spec(spec).with_state_outputs()
     n, T = system.n_states, times.size
-    doses = expand_doses([Subject("simulate", schedule, {}, "", pd.DataFrame())] * S)
+    subject = Subject("simulate", schedule, {}, "", pd.DataFrame())
+    doses = expand_doses([subject])  # every parameter set shares the schedule: expanded once
+    time, duration, valid, period = (np.repeat(a, S, axis=0) for a in (doses.time, doses.duration, doses.valid, doses.ss_period))
     design = Design(
-        dose_time=doses.time, dose_duration=doses.duration, dose_valid=doses.valid,
+        dose_time=time, dose_duration=duration, dose_valid=valid,
         obs_subject=np.repeat(np.arange(S), T * n), obs_time=np.tile(np.repeat(times, n), S),
         obs_output=np.tile(np.arange(n), S * T),
-        obs_after=np.tile(np.repeat(last_reset(Subject("simulate", schedule, {}, "", pd.DataFrame()), times), n), S),
-        dose_ss_period=doses.ss_period,
+        obs_after=np.tile(np.repeat(last_reset(subject, times), n), S),
+        dose_ss_period=period,
     )
+    fractions = {t: input_fractions(values, t) for t in schedule.targets()}  # (S, n) per target
     F = np.zeros((S, doses.time.shape[1], n))
     for d, target in enumerate(doses.target[0]):
         if target is not None:  # a bolus amount or an infusion rate, through the target's fractions
             scale = doses.rate[0, d] if doses.rate[0, d] > 0 else doses.amount[0, d]
-            F[:, d, :] = scale * input_fractions(values, target)
+            F[:, d, :] = scale * fractions[target]
     p = np.stack([np.broadcast_to(np.asarray(values[name], dtype=float), (S,)) for name in system.input_names], axis=1)
     stiff = choose_method(system, design_horizon(design)) == "rosenbrock"
     x0 = np.ascontiguousarray(initial_state(values))

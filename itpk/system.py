@@ -75,10 +75,7 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
         if not np.all(np.isfinite(raw)):
             raise ModelSpecError(f"{name}: values must be finite numbers, found {raw[~np.isfinite(raw)][:3].tolist()}")
         env[name] = np.broadcast_to(raw, (size,)).astype(float)
-    with np.errstate(all="ignore"):
-        for name, item in spec.derived.items():
-            env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (size,))
-    return Values(spec, env, size)
+    return Values(spec, _derive(spec, env, size), size)
 
 
 def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
@@ -104,10 +101,15 @@ def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
     env = dict(values.env)
     for name, value in covariates.items():
         env[name] = np.full(values.size, float(value))
+    return Values(spec, _derive(spec, env, values.size), values.size)
+
+
+def _derive(spec: ModelSpec, env: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``env`` with the derived quantities (re)computed from it, in model-file order, each (size,)."""
     with np.errstate(all="ignore"):
         for name, item in spec.derived.items():
-            env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (values.size,))
-    return Values(spec, env, values.size)
+            env[name] = np.broadcast_to(np.asarray(item.expr.evaluate(env), dtype=float), (size,))
+    return env
 
 
 def check_volumes(values: Values, outputs: Sequence[str]) -> None:
@@ -133,18 +135,18 @@ def check_volumes(values: Values, outputs: Sequence[str]) -> None:
         bad = ~(np.isfinite(volume) & (volume > 0))
         if np.any(bad):
             at = int(np.argmax(bad))
-            inputs = ", ".join(f"{n}={env[n][at]:g}" for n in _inputs_of(spec, c.volume.names))
+            inputs = ", ".join(f"{n}={env[n][at]:g}" for n in inputs_of(spec, c.volume.names))
             problems.append(f"compartment {c.name}: volume {c.volume.text} = {volume[at]:g} with {inputs}; a volume must be > 0")
     if problems:
         raise ModelSpecError("; ".join(problems))
 
 
-def _inputs_of(spec: ModelSpec, names: Any) -> list[str]:
+def inputs_of(spec: ModelSpec, names: Any) -> list[str]:
     """The parameters and covariates behind ``names``, through derived quantities."""
     found: list[str] = []
     for name in sorted(names):
         if name in spec.derived:
-            found += [n for n in _inputs_of(spec, spec.derived[name].expr.names) if n not in found]
+            found += [n for n in inputs_of(spec, spec.derived[name].expr.names) if n not in found]
         elif name not in found and (name in spec.parameters or name in spec.covariates):
             found.append(name)
     return found
