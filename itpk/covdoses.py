@@ -1,4 +1,7 @@
-"""Time-varying covariates in fits: changes as jumps of extra states.
+"""Time-varying covariates in fits of models on the ODE path: changes as jumps of extra states.
+
+(Linear models without initial amounts follow changes exactly instead, segment by
+segment: :mod:`itpk.segments`.)
 
 A fit's predictions take the subject's parameters as constants between
 events. A covariate that changes within a subject (NOCB,
@@ -22,6 +25,7 @@ refused (:func:`check_fittable`); ``simulate`` follows the change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,11 +72,9 @@ def covariate_doses(spec: ModelSpec, subject_list: list[Subject]) -> CovariateDo
     FitError
         When a changing covariate reaches a route fraction or an ``initial`` amount.
     """
-    changing = {n for s in subject_list for c in s.schedule.changes for n, _ in c.values}
     check_fittable(spec, subject_list)
     exprs = [f.rate for f in spec.flows] + list(spec.odes.values()) + [o.expr for o in spec.outputs.values()]
-    used = set(inputs_of(spec, set().union(*(e.names for e in exprs))))
-    names = tuple(n for n in spec.covariates if n in changing and n in used)
+    names = changing_inputs(spec, subject_list, exprs)
     if not names:
         return None
     per = [_boluses(s, names) for s in subject_list]
@@ -84,6 +86,14 @@ def covariate_doses(spec: ModelSpec, subject_list: list[Subject]) -> CovariateDo
             time[i, j], amount[i, j], valid[i, j], late[i, j] = t, jump, True, is_late
     first = np.array([[s.covariates[n] for n in names] for s in subject_list], dtype=float)
     return CovariateDoses(names, first, time, amount, valid, late)
+
+
+def changing_inputs(spec: ModelSpec, subject_list: list[Subject], exprs: list[Any]) -> tuple[str, ...]:
+    """Covariates that change within some subject and that ``exprs`` use (directly or through
+    derived quantities), in model-file order."""
+    changing = {n for s in subject_list for c in s.schedule.changes for n, _ in c.values}
+    used = set(inputs_of(spec, set().union(*(e.names for e in exprs))))
+    return tuple(n for n in spec.covariates if n in changing and n in used)
 
 
 def _boluses(subject: Subject, names: tuple[str, ...]) -> list[tuple[float, np.ndarray, bool]]:

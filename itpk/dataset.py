@@ -531,23 +531,22 @@ class _Reader:
             self._check_route_targets(route, values["CMT"], dose)
 
     def _check_route_targets(self, route: pd.Series, cmt: pd.Series, dose: pd.Series) -> None:
-        """CMT beside ROUTE on a dose row may only repeat the route's own site (its first target).
+        """CMT beside ROUTE on a dose row names one of the route's sites (SPEC §2: with ROUTE=it, which lesion).
 
-        The route decides where the dose goes (with its fractions, e.g. a leak into blood), so CMT
-        there is a check, never a redirection: sending a route's dose to another lesion (ROUTE=it,
-        CMT=lesion2) would need the route's fractions redirected, which no model declares yet.
+        The route still decides how the dose splits (a leak into blood stays a leak); CMT only
+        moves the site's share, and only to compartments the model lists in the route's ``sites``.
         """
         spec = self.spec
         assert spec is not None
         for i in np.flatnonzero((dose & route.notna() & cmt.notna()).to_numpy()):
             r, c = route.iat[i], cmt.iat[i]
-            site = next(iter(spec.routes[r].into), None) if r in spec.routes else None
-            if site is not None and c != site:
+            sites = spec.routes[r].sites if r in spec.routes else ()
+            if sites and c not in sites and c in spec.state_names:
                 into = ", ".join(spec.routes[r].into)
+                moved = f"; a site other than {sites[0]} takes {sites[0]}'s share" if len(sites) > 1 else ""
                 self.add(int(self.row[i]), "CMT", f"found {c!r} with ROUTE={r}, whose doses go into {into}",
-                         f"blank or {site} (the route decides where the dose goes); to dose {c} itself give "
-                         f"CMT={c} with ROUTE blank (the whole amount goes into {c}; a route into another lesion "
-                         "is not supported yet)")
+                         f"blank or {' or '.join(sites)} (route {r}'s sites in model {spec.name}{moved}); "
+                         f"to dose {c} itself give CMT={c} with ROUTE blank")
 
     def _resolve_cmt(self, cmt: pd.Series, dose: pd.Series, obs: pd.Series) -> pd.Series:
         """Model names for CMT: 1-based numbers resolved, unknown names reported."""

@@ -7,8 +7,8 @@ from itpk.spec import ModelSpec
 
 def describe_model(spec: ModelSpec) -> str:
     """Compartments, flows/ODEs, routes, outputs and parameters, as text."""
-    lines = [f"{spec.name} — {spec.description}", f"agent: {spec.agent}; time unit: {spec.time_unit}; "
-             f"{'linear (solved exactly)' if spec.is_linear else 'nonlinear (ODE solver)'}; file: {spec.source}", ""]
+    kind = "linear (solved exactly)" if spec.is_linear else "nonlinear (ODE solver)"
+    lines = [f"{spec.name} — {spec.description}", f"agent: {spec.agent}; time unit: {spec.time_unit}; {kind}; file: {spec.source}", ""]
     lines.append("compartments (CMT number on dose rows):")
     for i, c in enumerate(spec.compartments, 1):
         vol = f", volume {c.volume}" if c.volume else ""
@@ -23,6 +23,8 @@ def describe_model(spec: ModelSpec) -> str:
     for r in spec.routes.values():
         into = ", ".join(f"{c} × {e}" for c, e in r.into.items())
         lines.append(f"  {r.name}: {into}" + (f" — {r.description}" if r.description else ""))
+        if len(r.sites) > 1:
+            lines.append(f"    CMT on its dose rows may move {r.site}'s share to: {', '.join(r.sites[1:])}")
     lines.append("outputs (CMT number on observation rows):")
     for i, o in enumerate(spec.outputs.values(), 1):
         lines.append(f"  {i}. {o.name} = {o.expr} [{o.unit}], error {o.error}" + (f" — {o.description}" if o.description else ""))

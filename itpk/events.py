@@ -36,13 +36,24 @@ _ORDER = {RESET: 0, STEADY_STATE: 1, BOLUS: 2, INFUSION_OFF: 3, INFUSION_ON: 4, 
 @dataclass(frozen=True)
 class Target:
     """Where a dose goes: a route of the model (``iv``, ``it``...) or, with
-    ``compartment=True``, straight into the named compartment (fraction 1)."""
+    ``compartment=True``, straight into the named compartment (fraction 1).
+
+    ``site`` sends a route to another of its sites (``ROUTE=it, CMT=lesion2``:
+    the second lesion is injected, with the route's leak); None is the route's own.
+    """
 
     name: str
     compartment: bool = False
+    site: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compartment and self.site is not None:
+            raise ScheduleError(f"dose into compartment {self.name!r}: a site is for routes only (found {self.site!r})")
 
     def __str__(self) -> str:
-        return f"cmt:{self.name}" if self.compartment else self.name
+        if self.compartment:
+            return f"cmt:{self.name}"
+        return self.name if self.site is None else f"{self.name}@{self.site}"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from itpk.covdoses import CovariateDoses, covariate_doses
+from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
 from itpk.dataset import Dataset
 from itpk.errors import FitError
 from itpk.expr import pytensor_backend
@@ -114,12 +114,10 @@ def relevant_names(spec: ModelSpec, doses: ExpandedDoses, outputs: tuple[str, ..
         if c.initial is not None:
             names |= c.initial.names
     for t in targets:
-        if t.compartment:
-            reached.add(t.name)
-        else:
-            reached.update(spec.routes[t.name].into)
-            for frac in spec.routes[t.name].into.values():
-                names |= frac.names
+        into = spec.dose_into(t)
+        reached.update(into)
+        for frac in into.values():
+            names |= frac.names
     changed = True
     while changed:  # compartments reachable through flows and ODE terms
         changed = False
@@ -197,8 +195,7 @@ def build_model(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] 
             env[name] = _individual(pm, pt, p, data, N, kind) if name in data.estimated else pt.as_tensor_variable(np.full(N, p.value))
         for name in spec.covariates:
             env[name] = pt.as_tensor_variable(np.array([s.covariates[name] for s in data.subjects], dtype=float))
-        for name, d in spec.derived.items():
-            env[name] = pt.as_tensor_variable(d.expr.evaluate(env, backend)) * pt.ones(N)
+        _derive(pt, spec, env, backend, N)
         pred = pm.Deterministic("IPRED", _predict(pt, spec, data, env, backend), dims="observation")
         _likelihood(pm, pt, data, pred)
     return model, data
@@ -245,6 +242,12 @@ def _individual(pm: Any, pt: Any, p: Parameter, data: FitData, N: int, iiv: str 
     return pm.Deterministic(f"{p.name}_i", inverse(scale + eta), dims="subject")
 
 
+def _derive(pt: Any, spec: ModelSpec, env: dict[str, Any], backend: Mapping[str, Any], N: int) -> None:
+    """Add the derived quantities to ``env`` (in file order: each may use the ones before it), each (N,)."""
+    for name, d in spec.derived.items():
+        env[name] = pt.as_tensor_variable(d.expr.evaluate(env, backend)) * pt.ones(N)
+
+
 def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:
     from itpk import closedform
     from itpk.linop import Design, linear_predict
@@ -263,14 +266,20 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
         obs_after=obs["after"].to_numpy(dtype=float),
         dose_ss_period=d.ss_period,
     )
-    changes = covariate_doses(spec, data.subjects)
-    exact = uses_exact_solution(spec) and changes is None
+    # linear models follow covariate changes exactly, segment by segment (itpk.segments); the ODE
+    # path carries them as states (itpk.covdoses)
+    segmented = changing_inputs(spec, data.subjects, _linear_expressions(spec)) if uses_exact_solution(spec) else ()
+    changes = None if uses_exact_solution(spec) else covariate_doses(spec, data.subjects)
+    varying = segmented or (changes.names if changes is not None else ())
+    exact = uses_exact_solution(spec) and not varying
     if d.has_steady_state and not exact:
         why = [] if spec.is_linear else ["is nonlinear"]
         why += ["has initial amounts"] if spec.is_linear and not uses_exact_solution(spec) else []
-        why += [f"has covariates that change within subjects ({', '.join(changes.names)})"] if changes is not None else []
+        why += [f"has covariates that change within subjects ({', '.join(varying)})"] if varying else []
         raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models with constant "
                        f"covariates only; {spec.name} {' and '.join(why)} (give the dosing history explicitly with ADDL instead)")
+    if segmented:
+        return _segmented(pt, spec, data, env, backend, design, segmented)
     if exact and closedform.supports(len(spec.compartments), design):
         return _closed_form(pt, spec, data, env, backend, design)
     G, fractions = _dose_parts(pt, spec, data, env, backend)
@@ -288,6 +297,32 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     design, G, fractions, late = _with_changes(pt, design, G, fractions, changes)
     x0 = pt.concatenate([x0, pt.as_tensor_variable(changes.first)], axis=1)
     return ode_predict(system, system.stack_inputs(env, N), x0, pt.matmul(G, fractions), design, fit=True, late=late)
+
+
+def _linear_expressions(spec: ModelSpec) -> list[Any]:
+    """What a linear model's predictions are made of: flow rates, outputs and route fractions."""
+    return ([f.rate for f in spec.flows] + [o.expr for o in spec.outputs.values()]
+            + [frac for r in spec.routes.values() for frac in r.into.values()])
+
+
+def _segmented(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any], design: Any,
+               names: tuple[str, ...]) -> Any:
+    """Exact predictions of a linear model through the subjects' covariate changes (:mod:`itpk.segments`)."""
+    from itpk.segments import plan_segments, segmented_predict
+
+    N = len(data.subjects)
+    G, _ = _dose_parts(pt, spec, data, env, backend)
+    plan = plan_segments(data.subjects, data.doses, design, G, names, len(spec.compartments), len(data.outputs))
+    K, fractions, C = [], [], []
+    for segment in plan.segments:
+        env_j = dict(env)
+        for k, name in enumerate(names):
+            env_j[name] = pt.as_tensor_variable(segment.values[:, k])
+        _derive(pt, spec, env_j, backend, N)
+        K.append(_rate_matrices(pt, spec, env_j, backend, N))
+        fractions.append(_dose_parts(pt, spec, data, env_j, backend)[1])
+        C.append(pt.stack([_output_row(pt, spec, name, env_j, backend, N) for name in data.outputs], axis=1))
+    return segmented_predict(pt, plan, K, fractions, C)
 
 
 def _with_changes(pt: Any, design: Any, G: np.ndarray, fractions: Any, changes: CovariateDoses) -> tuple[Any, np.ndarray, Any, np.ndarray]:
@@ -429,11 +464,8 @@ def _dose_terms(spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend:
     targets = sorted({t for row in d.target for t in row if t is not None}, key=str)
     terms: list[tuple[Any, dict[int, float]]] = []
     for r, t in enumerate(targets):
-        if t.compartment:
-            terms.append((1.0, {r * n + spec.index(t.name): 1.0}))
-        else:
-            for cmt, frac in spec.routes[t.name].into.items():
-                terms.append((frac.evaluate(env, backend), {r * n + spec.index(cmt): 1.0}))
+        for cmt, frac in spec.dose_into(t).items():
+            terms.append((frac.evaluate(env, backend), {r * n + spec.index(cmt): 1.0}))
     G = np.zeros((N, D, max(len(targets), 1)))
     scale = np.where(d.rate > 0, d.rate, d.amount) * d.valid
     for i, row in enumerate(d.target):

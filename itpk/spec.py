@@ -162,11 +162,40 @@ class Flow:
 
 @dataclass(frozen=True)
 class Route:
-    """Where a dose given by this route goes: compartment -> fraction expression."""
+    """Where a dose given by this route goes: compartment -> fraction expression.
+
+    The first compartment of ``into`` is the route's site (the injected lesion of ``it``).
+    ``sites`` lists the compartments a dose row may send the route to instead (``ROUTE=it``,
+    ``CMT=lesion2``: SPEC §2); there the site's fraction goes into that compartment and the
+    other fractions (a leak into blood) are unchanged. Default: the site only.
+    """
 
     name: str
     into: Mapping[str, Expr]
     description: str = ""
+    sites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.into:
+            raise ModelSpecError(f"route {self.name!r}: 'into' is empty")
+        site = self.site
+        object.__setattr__(self, "sites", (site, *(s for s in self.sites if s != site)))
+        others = sorted(set(self.sites) & (set(self.into) - {site}))
+        if others:
+            raise ModelSpecError(f"route {self.name!r}: sites {', '.join(others)} already receive another fraction of the dose")
+
+    @property
+    def site(self) -> str:
+        """The compartment a dose by this route goes to unless CMT names another of ``sites``."""
+        return next(iter(self.into))
+
+    def into_at(self, site: str | None) -> Mapping[str, Expr]:
+        """``into`` with the site's fraction sent to ``site`` (one of ``sites``; None: the route's own)."""
+        if site is None or site == self.site:
+            return self.into
+        if site not in self.sites:
+            raise ModelSpecError(f"route {self.name!r} cannot send a dose to {site!r}; allowed: {', '.join(self.sites)}")
+        return {(site if cmt == self.site else cmt): frac for cmt, frac in self.into.items()}
 
 
 @dataclass(frozen=True)
@@ -236,7 +265,24 @@ class ModelSpec:
         """0-based position of a compartment."""
         return self.state_names.index(compartment)
 
+    def dose_into(self, target: Any) -> Mapping[str, Expr]:
+        """Compartment -> fraction expression for a dose target (:class:`itpk.events.Target`).
 
+        A compartment takes the whole dose; a route splits it by its ``into``, its site moved
+        to ``target.site`` when one is given. Unknown routes, compartments and sites raise
+        :class:`ModelSpecError` naming what is allowed.
+        """
+        if target.compartment:
+            if target.name not in self.state_names:
+                raise ModelSpecError(f"model {self.name!r} has no compartment {target.name!r}; compartments: {', '.join(self.state_names)}")
+            return {target.name: _WHOLE_DOSE}
+        route = self.routes.get(target.name)
+        if route is None:
+            raise ModelSpecError(f"model {self.name!r} has no route {target.name!r}; routes: {', '.join(self.routes)}")
+        return route.into_at(target.site)
+
+
+_WHOLE_DOSE = parse_expr(1, where="a dose into one compartment")
 _TOP_KEYS = (
     "name", "description", "agent", "time_unit", "references", "extends",
     "compartments", "parameters", "covariates", "derived", "flows", "odes", "routes", "outputs", "exposure",
@@ -246,7 +292,7 @@ _PARAM_KEYS = ("value", "unit", "description", "prior", "iiv", "fraction", "fixe
 _COV_KEYS = ("value", "unit", "description", "time_varying")
 _CMT_KEYS = ("amount_unit", "volume", "description", "initial")
 _OUT_KEYS = ("expr", "unit", "error", "description")
-_ROUTE_KEYS = ("into", "description")
+_ROUTE_KEYS = ("into", "description", "sites")
 _DERIVED_KEYS = ("expr", "unit", "description")
 
 
@@ -601,7 +647,19 @@ class _Parser:
                 self._unknown_names(expr, known, f"{where} into {cmt!r}")
                 if expr is not None:
                     into[cmt] = expr
-            out[name] = Route(name, into, str(value.get("description", "")))
+            sites = value.get("sites", [])
+            if not isinstance(sites, list) or not all(isinstance(c, str) for c in sites):
+                self.fail(where, f"sites must be a list of compartment names, found {sites!r}")
+                sites = []
+            for cmt in sites:
+                if cmt not in states:
+                    self.fail(where, f"site {cmt!r} is not a compartment; compartments: {', '.join(states)}")
+            if not into or len(into) < len(value["into"]) or any(c not in states for c in sites):
+                continue
+            try:
+                out[name] = Route(name, into, str(value.get("description", "")), tuple(sites))
+            except ModelSpecError as exc:
+                self.fail(where, str(exc).removeprefix(f"route {name!r}: "))
         return out
 
     def _exposure(self, outputs: Mapping[str, Output]) -> dict[str, str]:

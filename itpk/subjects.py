@@ -51,7 +51,7 @@ def _schedule(rows: pd.DataFrame, spec: ModelSpec) -> Schedule:
         if r.EVID == 3:
             resets.append(float(r.TIME))
             continue
-        target = Target(str(r.ROUTE)) if isinstance(r.ROUTE, str) and r.ROUTE else Target(str(r.CMT), compartment=True)
+        target = _target(r.ROUTE, r.CMT, spec)
         doses.append(
             Dose(
                 float(r.TIME), float(r.AMT), target, rate=float(r.RATE or 0.0), duration=float(r.DUR or 0.0),
@@ -59,6 +59,15 @@ def _schedule(rows: pd.DataFrame, spec: ModelSpec) -> Schedule:
             )
         )
     return Schedule(tuple(doses), tuple(resets), _changes(rows, spec))
+
+
+def _target(route: Any, cmt: Any, spec: ModelSpec) -> Target:
+    """A dose row's target: its route (CMT, when it names another of the route's sites, moves the
+    route there: SPEC §2, ``ROUTE=it`` with ``CMT`` = which lesion), else the compartment CMT."""
+    if not (isinstance(route, str) and route):
+        return Target(str(cmt), compartment=True)
+    site = cmt if isinstance(cmt, str) and cmt and cmt != spec.routes[route].site else None
+    return Target(route, site=site)
 
 
 def _changes(rows: pd.DataFrame, spec: ModelSpec) -> tuple[CovariateChange, ...]:

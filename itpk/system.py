@@ -193,15 +193,7 @@ def input_fractions(values: Values, target: Target) -> np.ndarray:
     """Fraction of a dose that enters each compartment, shape (S, n)."""
     spec = values.spec
     out = np.zeros((values.size, len(spec.compartments)))
-    if target.compartment:
-        if target.name not in spec.state_names:
-            raise ModelSpecError(f"model {spec.name!r} has no compartment {target.name!r}; compartments: {', '.join(spec.state_names)}")
-        out[:, spec.index(target.name)] = 1.0
-        return out
-    route = spec.routes.get(target.name)
-    if route is None:
-        raise ModelSpecError(f"model {spec.name!r} has no route {target.name!r}; routes: {', '.join(spec.routes)}")
-    for cmt, frac in route.into.items():
+    for cmt, frac in spec.dose_into(target).items():
         out[:, spec.index(cmt)] += np.broadcast_to(np.asarray(frac.evaluate(values.env), dtype=float), (values.size,))
     if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out.sum(axis=1) > 1 + 1e-12):
         raise ModelSpecError(

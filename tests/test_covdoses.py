@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import ipred_reference as reference
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,23 +59,7 @@ def test_changes_become_late_boluses_and_resets_get_a_restore():
 
 def ipred_and_reference(spec, rows=ROWS):
     """IPRED of the fit's graph at a random point, and simulate's values with the same individual parameters."""
-    model, data = build_model(spec, dataset(spec, rows))
-    point = model.initial_point()
-    rng = np.random.default_rng(4)
-    point = {k: v + rng.normal(0, 0.3, np.shape(v)) for k, v in point.items()}
-    names = [n + "_i" if n in data.iiv else n for n in data.estimated]
-    outputs = model.replace_rvs_by_values([model["IPRED"], *(model[n] for n in names)])  # at the point, not prior draws
-    f = model.compile_fn(outputs, inputs=model.value_vars, on_unused_input="ignore")
-    ipred, *values = f(point)
-    N = len(data.subjects)
-    values = [np.broadcast_to(v, (N,)) for v in values]
-    obs = data.observations
-    ref = np.empty(len(obs))
-    for i, s in enumerate(data.subjects):
-        rows = np.flatnonzero((obs["subject"] == i).to_numpy())
-        params = {name: float(v[i]) for name, v in zip(data.estimated, values, strict=True)}
-        ref[rows] = simulate(spec, s.schedule, {**params, **s.covariates}, obs["TIME"].to_numpy()[rows]).outputs["plasma"][0]
-    return ipred, ref, model, point
+    return reference.ipred_and_reference(spec, dataset(spec, rows))
 
 
 @pytest.mark.parametrize(("model", "rtol"), [("tv_weight.toml", 1e-7), ("tv_mm.toml", 1e-6)])

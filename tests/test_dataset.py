@@ -210,9 +210,38 @@ def test_route_dose_into_a_compartment_the_route_does_not_reach_is_refused(tmp_p
     with pytest.raises(DatasetError) as err:
         read_dataset(write(tmp_path, rows, header), it_mini)
     message = str(err.value)
-    assert "row 3, CMT: found 'A_T' with ROUTE=iv, whose doses go into A_P; allowed: blank or A_P (the route decides" in message
+    assert "row 3, CMT: found 'A_T' with ROUTE=iv, whose doses go into A_P; allowed: blank or A_P (route iv's sites in model" in message
     assert "row 4, CMT: found 'A_P' with ROUTE=it, whose doses go into A_T, A_P; allowed: blank or A_T" in message
     assert "to dose A_T itself give CMT=A_T with ROUTE blank" in message
+    assert "row 2," not in message
+
+
+def test_it_dose_into_the_second_lesion_is_a_site_of_the_route(tmp_path):
+    # SPEC §2: with ROUTE=it, CMT says which lesion. it_antibody lists tumor and lesion2 as the
+    # it route's sites; ia lists only its own, and iv cannot be moved
+    from itpk.events import Target
+    from itpk.subjects import subjects
+
+    spec = load_model("it_antibody")
+    header = ["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV"]
+    rows = [
+        ["1", "0", "1", "10", "it", "lesion2", ""],
+        ["1", "1", "1", "10", "it", "tumor", ""],
+        ["1", "2", "1", "10", "it", "", ""],
+        ["1", "3", "1", "10", "it", "2", ""],  # lesion2 by its number
+        ["1", "4", "0", "", "", "lesion2", "3"],
+    ]
+    ds = read_dataset(write(tmp_path, rows, header), spec)
+    targets = [d.target for d in subjects(ds, spec)[0].schedule.doses]
+    assert targets == [Target("it", site="lesion2"), Target("it"), Target("it"), Target("it", site="lesion2")]
+    bad = rows[:1] + [["1", "1", "1", "10", "ia", "lesion2", ""], ["1", "2", "1", "10", "it", "central", ""]] + rows[4:]
+    with pytest.raises(DatasetError) as err:
+        read_dataset(write(tmp_path, bad, header), spec)
+    message = str(err.value)
+    assert ("row 3, CMT: found 'lesion2' with ROUTE=ia, whose doses go into tumor, central; allowed: blank or tumor "
+            "(route ia's sites in model it_antibody); to dose lesion2 itself give CMT=lesion2 with ROUTE blank") in message
+    assert ("row 4, CMT: found 'central' with ROUTE=it, whose doses go into tumor, central; allowed: blank or tumor or "
+            "lesion2 (route it's sites in model it_antibody; a site other than tumor takes tumor's share)") in message
     assert "row 2," not in message
 
 

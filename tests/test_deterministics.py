@@ -1,5 +1,7 @@
 """Deterministics evaluated after sampling, vectorised over draws, against the model point by point."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytensor
@@ -128,5 +130,8 @@ def test_map_puts_an_unconverged_optimiser_in_the_fit_warnings(recwarn):
     spec, data = dataset("one_cpt_oral", "po", None)
     result = fit(spec, data, method="map", seed=1, errors={"plasma": "additive"})
     map_warning = next(w for w in result.warnings if w.startswith("method map"))
-    assert "; the optimiser stopped before converging (`callback` raised `StopIteration`.)" in map_warning
+    # the reason is the optimiser's own words: PyMC's evaluation budget (`callback` raised
+    # `StopIteration`) or, with other scipy/PyMC releases, L-BFGS-B's (TOTAL NO. OF F,G EVALUATIONS)
+    assert re.search(r"; the optimiser stopped before converging \((`callback` raised `StopIteration`\.|STOP: TOTAL NO\. OF F,G "
+                     r"EVALUATIONS EXCEEDS LIMIT)\)$", map_warning), map_warning
     assert not [w for w in recwarn if "did not converge" in str(w.message)]

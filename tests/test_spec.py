@@ -171,3 +171,50 @@ def test_prior_describe():
 def test_nonlinear_output_makes_model_nonlinear():
     spec = parse_model(variant(outputs__plasma__expr="central**2 / V"))
     assert not spec.is_linear
+
+
+# -- route sites (ROUTE=it, CMT=lesion2) ---------------------------------------------------------
+
+TWO_LESIONS = {
+    **MINIMAL,
+    "compartments": {"tumor": {"amount_unit": "mg"}, "lesion2": {"amount_unit": "mg"}, "central": {"amount_unit": "mg", "volume": "V"}},
+    "parameters": {**MINIMAL["parameters"], "f": {"value": 0.2, "unit": "1", "fraction": True}},
+    "flows": {"central -> out": "CL / V", "tumor -> central": "0.1", "lesion2 -> central": "0.1"},
+    "routes": {"it": {"into": {"tumor": "1 - f", "central": "f"}, "sites": ["tumor", "lesion2"]}, "iv": {"into": {"central": 1}}},
+}
+
+
+def test_route_sites_move_the_sites_share_and_keep_the_leak():
+    from itpk.events import Target
+
+    spec = parse_model(TWO_LESIONS)
+    it = spec.routes["it"]
+    assert it.site == "tumor" and it.sites == ("tumor", "lesion2")
+    assert spec.routes["iv"].sites == ("central",)  # default: the route's own site only
+    moved = spec.dose_into(Target("it", site="lesion2"))
+    assert list(moved) == ["lesion2", "central"]
+    assert moved["lesion2"] is it.into["tumor"] and moved["central"] is it.into["central"]
+    assert spec.dose_into(Target("it")) is it.into
+    assert list(spec.dose_into(Target("lesion2", compartment=True))) == ["lesion2"]
+    with pytest.raises(ModelSpecError, match=r"route 'iv' cannot send a dose to 'tumor'; allowed: central"):
+        spec.dose_into(Target("iv", site="tumor"))
+    with pytest.raises(ModelSpecError, match=r"has no route 'ia'"):
+        spec.dose_into(Target("ia"))
+
+
+@pytest.mark.parametrize(("sites", "message"), [
+    (["tumor", "liver"], r"\[routes\] 'it': site 'liver' is not a compartment; compartments: tumor, lesion2, central"),
+    (["lesion2", "central"], r"\[routes\] 'it': sites central already receive another fraction of the dose"),
+    ("lesion2", r"\[routes\] 'it': sites must be a list of compartment names, found 'lesion2'"),
+])
+def test_bad_route_sites_are_refused(sites, message):
+    raw = copy.deepcopy(TWO_LESIONS)
+    raw["routes"]["it"]["sites"] = sites
+    with pytest.raises(ModelSpecError, match=message):
+        parse_model(raw)
+
+
+def test_it_models_let_the_it_route_inject_the_second_lesion():
+    for name in ("it_linear", "it_small_molecule", "it_cytokine", "it_antibody", "it_peptide"):
+        assert load_model(name).routes["it"].sites == ("tumor", "lesion2"), name
+        assert load_model(name).routes["ia"].sites == ("tumor",), name
