@@ -22,6 +22,14 @@ from itpk.system import Values, initial_state, input_fractions, rhs_function
 
 RTOL = 1e-10
 ATOL = 1e-14
+# Right-hand-side evaluations allowed for one solve between two events (2-4 s of Python). The
+# test suite's solves need at most ~2 400; absurd parameters (Vmax = 1e300) made LSODA creep on
+# for more than 5 minutes, so past this the solve stops with a message instead.
+MAX_RHS_CALLS = 200_000
+
+
+class _Budget(Exception):
+    """Raised inside the right-hand side when a solve has used up MAX_RHS_CALLS."""
 
 
 class NonlinearStepper:
@@ -50,10 +58,29 @@ class NonlinearStepper:
             return x0
         rhs = self.rhs[s]
         scale = self.atol * np.maximum(1.0, np.abs(x0).max())
-        sol = solve_ivp(lambda t, x: rhs(t, x) + u, (0.0, dt), x0, method=self.method,
-                        rtol=self.rtol, atol=scale)
-        if not sol.success or not np.all(np.isfinite(sol.y[:, -1])):
+        calls = 0
+
+        def f(t: float, x: np.ndarray) -> np.ndarray:
+            nonlocal calls
+            calls += 1
+            if calls > MAX_RHS_CALLS:
+                raise _Budget
+            return rhs(t, x) + u
+
+        # only the end point is kept (t_eval): memory does not grow with the steps; an overflow
+        # is reported below as one message, not as numpy warnings on the way
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                sol = solve_ivp(f, (0.0, dt), x0, method=self.method, rtol=self.rtol, atol=scale, t_eval=(dt,))
+        except _Budget:
+            raise ScheduleError(f"the ODE solver gave up on parameter set {s} after {MAX_RHS_CALLS:,} evaluations of the "
+                                f"right-hand side over {dt:g} time units: the system is too stiff at these parameter "
+                                "values (check them for extreme numbers)") from None
+        if not sol.success:
             raise ScheduleError(f"the ODE solver failed for parameter set {s}: {sol.message}")
+        if sol.y.shape[1] != 1 or not np.all(np.isfinite(sol.y[:, -1])):
+            raise ScheduleError(f"the ODE solution of parameter set {s} became infinite or NaN within {dt:g} time units "
+                                "(overflow: check the parameter values for extreme numbers)")
         # Amounts cannot be negative; values like -1e-25 after a state has decayed
         # over many decades are solver round-off, and would poison log-scale outputs.
         return np.maximum(sol.y[:, -1], 0.0)
