@@ -17,9 +17,8 @@ force there.
 
 Only covariates that reach the right-hand side or the outputs (directly or
 through derived quantities) become states. Route fractions and ``initial``
-amounts are evaluated once per subject (with the first values) in a fit, so
-a dose by such a route or a reset after a change of a covariate they use is
-refused (:func:`check_fittable`); ``simulate`` follows the change.
+amounts that use a changing covariate follow it through cut doses
+(:mod:`itpk.dosecuts`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from itpk.errors import FitError
 from itpk.spec import ModelSpec
 from itpk.subjects import Subject, reset_times
 from itpk.system import inputs_of
@@ -65,14 +63,7 @@ class CovariateDoses:
 
 def covariate_doses(spec: ModelSpec, subject_list: list[Subject]) -> CovariateDoses | None:
     """The subjects' covariate changes as boluses; None when no covariate that the
-    right-hand side or the outputs use changes.
-
-    Raises
-    ------
-    FitError
-        When a changing covariate reaches a route fraction or an ``initial`` amount.
-    """
-    check_fittable(spec, subject_list)
+    right-hand side or the outputs use changes."""
     exprs = [f.rate for f in spec.flows] + list(spec.odes.values()) + [o.expr for o in spec.outputs.values()]
     names = changing_inputs(spec, subject_list, exprs)
     if not names:
@@ -113,39 +104,3 @@ def _boluses(subject: Subject, names: tuple[str, ...]) -> list[tuple[float, np.n
         if np.any(in_force != values):
             out.append((r, in_force - values, False))
     return [b for b in out if np.any(b[1] != 0)]
-
-
-def check_fittable(spec: ModelSpec, subject_list: list[Subject]) -> None:
-    """Refuse a change that a fit would miss: route fractions and ``initial`` amounts are fixed per subject.
-
-    So a dose by a route whose fractions use a covariate, given (or infusing) after that
-    covariate changed, or a reset (back to initial amounts that use it) after it changed,
-    cannot be fitted.
-    """
-    by_route = {name: set(inputs_of(spec, set().union(*(f.names for f in r.into.values())))) for name, r in spec.routes.items()}
-    initial = set(inputs_of(spec, set().union(*(c.initial.names for c in spec.compartments if c.initial is not None))))
-    problems = []
-    for s in subject_list:
-        first: dict[str, float] = {}  # time of each covariate's first change
-        for change in s.schedule.changes:
-            for name, _ in change.values:
-                first.setdefault(name, change.time)
-        if not first:
-            continue
-        for dose in s.schedule.doses:
-            if dose.target.compartment:
-                continue
-            end = dose.times()[-1] + (dose.infusion_duration if dose.is_infusion else 0.0)
-            hit = sorted(n for n in by_route[dose.target.name] if n in first and end > first[n])  # given, or running, after
-            if hit:
-                problems.append(f"subject {s.id}: a dose by route {dose.target.name!r} after {', '.join(hit)} changed "
-                                "(the route's fractions use it)")
-        for r in reset_times(s.schedule):
-            hit = sorted(n for n in initial if n in first and r > first[n])
-            if hit:
-                problems.append(f"subject {s.id}: a reset at {r:g} after {', '.join(hit)} changed (initial amounts use it)")
-    if problems:
-        shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise FitError(f"model {spec.name!r}: a fit evaluates route fractions and initial amounts once per subject, "
-                       "so it cannot follow these covariate changes (itpk simulate does):\n"
-                       + "\n".join(f"- {p}" for p in shown))

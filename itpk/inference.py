@@ -30,6 +30,7 @@ import pandas as pd
 
 from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
 from itpk.dataset import Dataset
+from itpk.dosecuts import cut_doses
 from itpk.errors import FitError
 from itpk.expr import pytensor_backend
 from itpk.residuals import location_scale, observed_outputs, pointwise, sigma_names
@@ -289,6 +290,9 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     from itpk.odeop import OdeSystem, initial_amounts, ode_predict
 
     x0 = initial_amounts(spec, env, N, backend)
+    cuts = cut_doses(spec, data.subjects, d)
+    if cuts is not None:  # route fractions or initial amounts that follow covariate changes (itpk.dosecuts)
+        design, G, fractions = _follow_cuts(pt, spec, data, env, backend, design, G, cuts)
     if changes is None:
         system = OdeSystem.from_spec(spec, outputs=list(outputs))
         return ode_predict(system, system.stack_inputs(env, N), x0, pt.matmul(G, fractions), design, fit=True)
@@ -323,6 +327,45 @@ def _segmented(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], 
         fractions.append(_dose_parts(pt, spec, data, env_j, backend)[1])
         C.append(pt.stack([_output_row(pt, spec, name, env_j, backend, N) for name in data.outputs], axis=1))
     return segmented_predict(pt, plan, K, fractions, C)
+
+
+def _follow_cuts(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any], design: Any,
+                 G: np.ndarray, cuts: Any) -> tuple[Any, np.ndarray, Any]:
+    """Design, G (N, P + Q, (R + 1)·S) and fractions (N, (R + 1)·S, n) of the cut doses.
+
+    Target r in segment k is column r·S + k, its fractions evaluated with segment k's covariates;
+    columns R·S + k hold x0(segment k) − x0(first values), the bolus that follows a reset there.
+    """
+    from dataclasses import replace
+
+    from itpk.odeop import initial_amounts
+
+    N, _, R = G.shape
+    S, n = cuts.values.shape[0], len(spec.compartments)
+    fractions, x0 = [], []
+    for k in range(S):
+        env_k = dict(env)
+        for c, name in enumerate(cuts.names):
+            env_k[name] = pt.as_tensor_variable(cuts.values[k, :, c])
+        _derive(pt, spec, env_k, backend, N)
+        fractions.append(_dose_parts(pt, spec, data, env_k, backend)[1])
+        x0.append(initial_amounts(spec, env_k, N, backend))
+    by_target = pt.stack(fractions, axis=2).reshape((N, R * S, n))  # column r·S + k
+    restore = pt.stack([x - x0[0] for x in x0], axis=1)  # (N, S, n)
+    P, Q = cuts.time.shape[1], cuts.restore_time.shape[1]
+    G_cut = np.zeros((N, P + Q, (R + 1) * S))
+    for i, p in zip(*np.nonzero(cuts.valid), strict=True):
+        G_cut[i, p, np.arange(R) * S + cuts.segment[i, p]] = G[i, cuts.column[i, p]]
+    for i, q in zip(*np.nonzero(cuts.restore_valid), strict=True):
+        G_cut[i, P + q, R * S + cuts.restore_segment[i, q]] = 1.0
+    design = replace(
+        design,
+        dose_time=np.concatenate([cuts.time, cuts.restore_time], axis=1),
+        dose_duration=np.concatenate([cuts.duration, np.zeros((N, Q))], axis=1),
+        dose_valid=np.concatenate([cuts.valid, cuts.restore_valid], axis=1),
+        dose_ss_period=np.zeros((N, P + Q)),
+    )
+    return design, G_cut, pt.concatenate([by_target, restore], axis=1)
 
 
 def _with_changes(pt: Any, design: Any, G: np.ndarray, fractions: Any, changes: CovariateDoses) -> tuple[Any, np.ndarray, Any, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 from itpk.errors import FitError
 from itpk.subjects import ExpandedDoses, Subject, reset_times
 
-__all__ = ["Segment", "SegmentPlan", "plan_segments", "segmented_predict"]
+__all__ = ["Segment", "SegmentPlan", "boundaries", "plan_segments", "segmented_predict"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +74,7 @@ class SegmentPlan:
     n_obs: int
 
 
-def _boundaries(subject: Subject, names: tuple[str, ...]) -> tuple[list[float], list[np.ndarray]]:
+def boundaries(subject: Subject, names: tuple[str, ...]) -> tuple[list[float], list[np.ndarray]]:
     """Change times of the named covariates and the values in force from each (first: the subject's own)."""
     values = np.array([subject.covariates[n] for n in names], dtype=float)
     times, history = [], [values]
@@ -116,7 +116,7 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
     if doses.has_steady_state:
         raise FitError("steady-state doses cannot be combined with covariate changes in a linear fit's segments")
     N = len(subject_list)
-    bounds, histories = zip(*(_boundaries(s, names) for s in subject_list), strict=True)
+    bounds, histories = zip(*(boundaries(s, names) for s in subject_list), strict=True)
     resets = [np.array(reset_times(s.schedule)) for s in subject_list]
     J = 1 + max(len(b) for b in bounds)
     obs_subject, obs_time, obs_output, obs_after = design.obs_subject, design.obs_time, design.obs_output, design.obs_after
