@@ -271,14 +271,11 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     # path carries them as states (itpk.covdoses)
     segmented = changing_inputs(spec, data.subjects, _linear_expressions(spec)) if uses_exact_solution(spec) else ()
     changes = None if uses_exact_solution(spec) else covariate_doses(spec, data.subjects)
-    varying = segmented or (changes.names if changes is not None else ())
-    exact = uses_exact_solution(spec) and not varying
-    if d.has_steady_state and not exact:
-        why = [] if spec.is_linear else ["is nonlinear"]
-        why += ["has initial amounts"] if spec.is_linear and not uses_exact_solution(spec) else []
-        why += [f"has covariates that change within subjects ({', '.join(varying)})"] if varying else []
-        raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models with constant "
-                       f"covariates only; {spec.name} {' and '.join(why)} (give the dosing history explicitly with ADDL instead)")
+    exact = uses_exact_solution(spec) and not segmented
+    if d.has_steady_state and not uses_exact_solution(spec):
+        why = "has initial amounts" if spec.is_linear else "is nonlinear"
+        raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models without initial "
+                       f"amounts only; {spec.name} {why} (give the dosing history explicitly with ADDL instead)")
     if segmented:
         return _segmented(pt, spec, data, env, backend, design, segmented)
     if exact and closedform.supports(len(spec.compartments), design):

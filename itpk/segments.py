@@ -106,15 +106,19 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
     n_states, n_outputs
         Compartments n and observed outputs O.
 
+    A steady-state dose (SS = 1, 2) stands for its repetitions with the parameters in force
+    when it is given (NONMEM computes it so too); its effect then carries into later
+    segments through the amounts. A constant infusion at steady state (II = 0) that runs
+    into a later segment continues there as an ordinary infusion with the fractions in force.
+
     Raises
     ------
     FitError
-        Steady-state doses (their past repetitions would cross the changes).
+        A periodic steady-state infusion still running at a change (its repetitions would
+        straddle it), naming the subject and times.
     """
     from itpk.linop import Design
 
-    if doses.has_steady_state:
-        raise FitError("steady-state doses cannot be combined with covariate changes in a linear fit's segments")
     N = len(subject_list)
     bounds, histories = zip(*(boundaries(s, names) for s in subject_list), strict=True)
     resets = [np.array(reset_times(s.schedule)) for s in subject_list]
@@ -122,7 +126,7 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
     obs_subject, obs_time, obs_output, obs_after = design.obs_subject, design.obs_time, design.obs_output, design.obs_after
     segments = []
     for j in range(J):
-        cols: list[list[tuple[float, float, int]]] = []  # per subject: (time, duration, expanded dose index)
+        cols: list[list[tuple[float, float, int, float]]] = []  # per subject: (time, duration, dose index, SS period)
         rows: list[np.ndarray] = []
         carry = np.full((N, n_states), -1, dtype=np.int64)
         values = np.empty((N, len(names)))
@@ -130,7 +134,7 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
             b = [-math.inf, *bounds[i], math.inf]
             lo, hi = (b[j], b[j + 1]) if j + 1 < len(b) else (math.inf, math.inf)
             values[i] = histories[i][min(j, len(histories[i]) - 1)]
-            cols.append(_segment_doses(doses, i, lo, hi))
+            cols.append(_segment_doses(doses, i, lo, hi, resets[i], subject_list[i].id))
             rows.append(np.flatnonzero((obs_subject == i) & (obs_time > lo) & (obs_time <= hi)))
         M_real = sum(r.size for r in rows)
         carried = [i for i in range(N) if j < len(bounds[i])]  # subjects with a next segment
@@ -138,13 +142,13 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
             break  # the last segment, and nothing observed in it
         D = 1 + max((len(c) for c in cols), default=0)
         dose_time, dose_duration = np.zeros((N, D)), np.zeros((N, D))
-        dose_valid = np.zeros((N, D), dtype=bool)
+        dose_valid, dose_period = np.zeros((N, D), dtype=bool), np.zeros((N, D))
         seg_G = np.zeros((N, D - 1, G.shape[2]))
         for i, c in enumerate(cols):
             if j > 0 and j <= len(bounds[i]):
                 dose_time[i, 0], dose_valid[i, 0] = bounds[i][j - 1], True
-            for k, (t, duration, d) in enumerate(c, 1):
-                dose_time[i, k], dose_duration[i, k], dose_valid[i, k] = t, duration, True
+            for k, (t, duration, d, period) in enumerate(c, 1):
+                dose_time[i, k], dose_duration[i, k], dose_valid[i, k], dose_period[i, k] = t, duration, True, period
                 seg_G[i, k - 1] = G[i, d]
         real = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         s_obs, t_obs, o_obs, a_obs = [obs_subject[real]], [obs_time[real]], [obs_output[real]], [obs_after[real]]
@@ -159,21 +163,29 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
             carry[i] = next_row + np.arange(n_states)
             next_row += n_states
         link = Design(dose_time, dose_duration, dose_valid, np.concatenate(s_obs), np.concatenate(t_obs),
-                      np.concatenate(o_obs), np.concatenate(a_obs))
+                      np.concatenate(o_obs), np.concatenate(a_obs), dose_period)
         segments.append(Segment(link, seg_G, real.astype(np.int64), carry, values))
     return SegmentPlan(names, tuple(segments), len(obs_subject))
 
 
-def _segment_doses(doses: ExpandedDoses, i: int, lo: float, hi: float) -> list[tuple[float, float, int]]:
-    """(time, duration, dose index) of subject i's doses given in (lo, hi], and of its infusions
-    still running at lo, restarted there for what remains of them."""
+def _segment_doses(doses: ExpandedDoses, i: int, lo: float, hi: float, resets: np.ndarray,
+                   subject: Any) -> list[tuple[float, float, int, float]]:
+    """(time, duration, dose index, SS period) of subject i's doses given in (lo, hi], and of its
+    infusions still running at lo, restarted there for what remains of them."""
     out = []
     for d in np.flatnonzero(doses.valid[i]):
-        t, duration = float(doses.time[i, d]), float(doses.duration[i, d])
+        t, duration, period = float(doses.time[i, d]), float(doses.duration[i, d]), float(doses.ss_period[i, d])
         if lo < t <= hi:
-            out.append((t, duration, int(d)))
-        elif t <= lo < t + duration and duration > 0:
-            out.append((lo, t + duration - lo, int(d)))
+            out.append((t, duration, int(d), period))
+            continue
+        # steady-state durations are not cut at resets (they describe the past repetitions too)
+        stopped = period > 0 and bool(np.any((resets > t) & (resets <= lo)))
+        if t <= lo < t + duration and duration > 0 and not stopped:
+            if math.isfinite(period) and period > 0:
+                raise FitError(f"subject {subject}: the steady-state infusion given at {t:g} (every {period:g}) still runs at "
+                               f"{lo:g}, when covariates change; its repetitions would straddle the change (give the "
+                               "dosing history explicitly with ADDL instead)")
+            out.append((lo, t + duration - lo, int(d), 0.0))  # a constant SS infusion goes on as an ordinary one
     return out
 
 

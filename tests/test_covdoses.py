@@ -89,12 +89,12 @@ def test_log_density_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
 
 
-def test_steady_state_with_changes_is_refused_with_the_reason():
-    spec = load_model(DATA / "tv_weight.toml")
+def test_steady_state_doses_on_the_ode_path_are_refused_with_the_reason():
+    spec = load_model(DATA / "tv_route.toml")
     rows = [(1, 0.0, 1, 100.0, "iv", None, 70.0), (1, 1.0, 0, None, "", 1.8, 70.0), (1, 2.0, 0, None, "", 1.6, 80.0)]
     frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "DV", "WT"])
     frame["SS"], frame["II"] = [1, None, None], [12.0, None, None]
-    with pytest.raises(FitError, match=r"tv_weight has covariates that change within subjects \(WT\) \(give the dosing"):
+    with pytest.raises(FitError, match=r"tv_route has initial amounts \(give the dosing history explicitly with ADDL instead\)"):
         build_model(spec, read_frame(frame, spec))
 
 

@@ -455,7 +455,7 @@ def test_steady_state_doses_a_fit_cannot_use_are_refused_with_the_reason():
         build_model(load_model("one_cpt_iv"), read_frame(steady_state_frame(too_long), load_model("one_cpt_iv")))
     nonlinear = [(1, 0.0, 1, 100.0, None, 12.0, 0, 1, "iv", "", None), (1, 2.0, 0, None, None, None, None, 0, "", "plasma", 1.0)]
     spec = load_model("one_cpt_mm")
-    with pytest.raises(FitError, match=r"steady-state doses \(SS=1/2\) can be fitted with linear models with constant covariates only; one_cpt_mm is nonlinear"):
+    with pytest.raises(FitError, match=r"steady-state doses \(SS=1/2\) can be fitted with linear models without initial amounts only; one_cpt_mm is nonlinear"):
         build_model(spec, read_frame(steady_state_frame(nonlinear), spec))
 
 

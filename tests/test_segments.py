@@ -103,12 +103,37 @@ def test_gradient_through_the_carried_amounts_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
 
 
-def test_steady_state_doses_with_changes_stay_refused():
+SS_COLUMNS = ["ID", "TIME", "EVID", "AMT", "ROUTE", "RATE", "II", "SS", "DV", "WT"]
+SS_ROWS = [
+    # subject 1: SC at steady state every 12 h (SS=1) at 70 kg, the weight 90 kg after 6 h, a second
+    # steady-state dose on top (SS=2) at 24 h: each computed with the weight in force when given
+    (1, 0.0, 1, 100.0, "sc", None, 12.0, 1, None, 70.0),
+    (1, 2.0, 0, None, "", None, None, 0, 2.0, 70.0),
+    (1, 6.0, 0, None, "", None, None, 0, 2.0, 70.0),
+    (1, 10.0, 0, None, "", None, None, 0, 1.0, 90.0),
+    (1, 24.0, 1, 50.0, "sc", None, 8.0, 2, None, 90.0),
+    (1, 26.0, 0, None, "", None, None, 0, 1.0, 90.0),
+    # subject 2: a constant SC infusion at steady state (II = 0) running through two changes
+    (2, 0.0, 1, 0.0, "sc", 5.0, 0.0, 1, None, 60.0),
+    (2, 1.0, 0, None, "", None, None, 0, 2.0, 60.0),
+    (2, 5.0, 0, None, "", None, None, 0, 2.0, 100.0),
+    (2, 9.0, 0, None, "", None, None, 0, 2.0, 50.0),
+]
+
+
+def test_steady_state_doses_across_changes_predict_what_simulate_does():
+    # IPRED against simulate, rtol 1e-10: SS doses use the parameters in force when given, their
+    # effect carries on through the amounts; the constant SS infusion goes on with the new split
     spec = split_model()
-    rows = [(1, 0.0, 1, 100.0, "iv", None, None, 12.0, None, 70.0), (1, 2.0, 0, None, "", None, None, None, 1.0, 90.0),
-            (1, 4.0, 0, None, "", None, None, None, 1.0, 90.0)]
-    data = frame(rows)
-    data["SS"] = [1, 0, 0]
-    with pytest.raises(FitError, match=r"steady-state doses \(SS=1/2\) can be fitted with linear models with constant "
-                                       r"covariates only; tv_route has covariates that change within subjects \(WT\)"):
-        build_model(spec, read_frame(data, spec))
+    ipred, ref, model, _ = reference.ipred_and_reference(spec, read_frame(pd.DataFrame(SS_ROWS, columns=SS_COLUMNS), spec))
+    np.testing.assert_allclose(ipred, ref, rtol=1e-10)
+    assert "OdePredict" not in op_names(model)
+
+
+def test_a_periodic_steady_state_infusion_running_at_a_change_is_refused_with_the_reason():
+    spec = split_model()
+    rows = [(1, 0.0, 1, 100.0, "iv", 10.0, 12.0, 1, None, 70.0), (1, 2.0, 0, None, "", None, None, 0, 1.0, 70.0),
+            (1, 4.0, 0, None, "", None, None, 0, 1.0, 90.0)]
+    with pytest.raises(FitError, match=r"subject 1: the steady-state infusion given at 0 \(every 12\) still runs at 2, when "
+                                       r"covariates change; its repetitions would straddle the change"):
+        build_model(spec, read_frame(pd.DataFrame(rows, columns=SS_COLUMNS), spec))
