@@ -161,6 +161,41 @@ def read_dataset(path: str | Path, spec: ModelSpec | None = None) -> Dataset:
     return _build(header, rows, blank, source, spec, Path(str(path)))
 
 
+def check_against(dataset: Dataset, spec: ModelSpec) -> None:
+    """Check the routes, sites, compartments and outputs of a dataset read without ``spec``.
+
+    :func:`read_dataset` with the model does this (and more) while reading; a dataset read
+    without one, or with another model, is checked here before a fit uses it. A no-op for a
+    dataset read with ``spec``.
+
+    Raises
+    ------
+    DatasetError
+        Every name the model does not have, one line per row, at once.
+    """
+    if dataset.model == spec.name:
+        return
+    problems = []
+    df = dataset.data
+    for row, evid, route, cmt in zip(df["ROW"], df["EVID"], df["ROUTE"], df["CMT"], strict=True):
+        route = route if isinstance(route, str) and route else None
+        cmt = cmt if isinstance(cmt, str) and cmt else None
+        if evid in (1, 4) and route is not None and route not in spec.routes:
+            problems.append(Problem(int(row), "ROUTE", f"found {route!r}", f"a route of model {spec.name}: {', '.join(spec.routes)}"))
+        elif evid in (1, 4) and route is not None and cmt is not None and cmt not in spec.routes[route].sites:
+            sites = spec.routes[route].sites
+            problems.append(Problem(int(row), "CMT", f"found {cmt!r} with ROUTE={route}", f"blank or {' or '.join(sites)}"))
+        elif evid in (1, 4) and route is None and cmt is not None and cmt not in spec.state_names:
+            problems.append(Problem(int(row), "CMT", f"found {cmt!r} on a dose row",
+                                    f"a compartment of model {spec.name}: {', '.join(spec.state_names)}"))
+        elif evid == 0 and cmt is not None and cmt not in spec.outputs:
+            problems.append(Problem(int(row), "CMT", f"found {cmt!r} on an observation row",
+                                    f"an output of model {spec.name}: {', '.join(spec.outputs)}"))
+    if problems:
+        read = f"read with model {dataset.model}" if dataset.model else "read without a model"
+        raise DatasetError(_message(f"{dataset.source} ({read}, fitted with {spec.name})", problems, []))
+
+
 def read_frame(frame: pd.DataFrame, spec: ModelSpec | None = None, *, source: str = "<frame>") -> Dataset:
     """Check and normalise a dataset given as a DataFrame (as if read from CSV).
 
@@ -544,7 +579,9 @@ class _Reader:
             if sites and c not in sites and c in spec.state_names:
                 into = ", ".join(spec.routes[r].into)
                 moved = f"; a site other than {sites[0]} takes {sites[0]}'s share" if len(sites) > 1 else ""
-                self.add(int(self.row[i]), "CMT", f"found {c!r} with ROUTE={r}, whose doses go into {into}",
+                raw = str(self.text["CMT"].iat[i]).strip()
+                found = repr(c) if raw == c else f"{raw!r} ({c})"
+                self.add(int(self.row[i]), "CMT", f"found {found} with ROUTE={r}, whose doses go into {into}",
                          f"blank or {' or '.join(sites)} (route {r}'s sites in model {spec.name}{moved}); "
                          f"to dose {c} itself give CMT={c} with ROUTE blank")
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
-from itpk.dataset import Dataset
+from itpk.dataset import Dataset, check_against
 from itpk.dosecuts import cut_doses
 from itpk.errors import FitError
 from itpk.expr import pytensor_backend
@@ -72,6 +72,7 @@ def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | No
         raise FitError(
             f"error model override(s) {bad} invalid; outputs: {', '.join(spec.outputs)}; error models: {', '.join(ERROR_MODELS)}"
         )
+    check_against(dataset, spec)
     subject_list = subjects(dataset, spec)
     doses = expand_doses(subject_list)
     obs = _observations(subject_list, dataset)

@@ -179,10 +179,11 @@ class Route:
         if not self.into:
             raise ModelSpecError(f"route {self.name!r}: 'into' is empty")
         site = self.site
-        object.__setattr__(self, "sites", (site, *(s for s in self.sites if s != site)))
+        object.__setattr__(self, "sites", tuple(dict.fromkeys((site, *self.sites))))
         others = sorted(set(self.sites) & (set(self.into) - {site}))
         if others:
-            raise ModelSpecError(f"route {self.name!r}: sites {', '.join(others)} already receive another fraction of the dose")
+            raise ModelSpecError(f"route {self.name!r}: sites {', '.join(others)} already receive another fraction of the dose "
+                                 f"(the route's own site is {site}, the first compartment of 'into')")
 
     @property
     def site(self) -> str:
@@ -654,10 +655,10 @@ class _Parser:
             for cmt in sites:
                 if cmt not in states:
                     self.fail(where, f"site {cmt!r} is not a compartment; compartments: {', '.join(states)}")
-            if not into or len(into) < len(value["into"]) or any(c not in states for c in sites):
+            if not into or len(into) < len(value["into"]):
                 continue
-            try:
-                out[name] = Route(name, into, str(value.get("description", "")), tuple(sites))
+            try:  # the known sites still get their own checks, so every problem is listed at once
+                out[name] = Route(name, into, str(value.get("description", "")), tuple(c for c in sites if c in states))
             except ModelSpecError as exc:
                 self.fail(where, str(exc).removeprefix(f"route {name!r}: "))
         return out

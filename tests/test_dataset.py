@@ -234,7 +234,8 @@ def test_it_dose_into_the_second_lesion_is_a_site_of_the_route(tmp_path):
     ds = read_dataset(write(tmp_path, rows, header), spec)
     targets = [d.target for d in subjects(ds, spec)[0].schedule.doses]
     assert targets == [Target("it", site="lesion2"), Target("it"), Target("it"), Target("it", site="lesion2")]
-    bad = rows[:1] + [["1", "1", "1", "10", "ia", "lesion2", ""], ["1", "2", "1", "10", "it", "central", ""]] + rows[4:]
+    bad = rows[:1] + [["1", "1", "1", "10", "ia", "lesion2", ""], ["1", "2", "1", "10", "it", "central", ""],
+                      ["1", "3", "1", "10", "it", "5", ""]] + rows[4:]
     with pytest.raises(DatasetError) as err:
         read_dataset(write(tmp_path, bad, header), spec)
     message = str(err.value)
@@ -242,7 +243,32 @@ def test_it_dose_into_the_second_lesion_is_a_site_of_the_route(tmp_path):
             "(route ia's sites in model it_antibody); to dose lesion2 itself give CMT=lesion2 with ROUTE blank") in message
     assert ("row 4, CMT: found 'central' with ROUTE=it, whose doses go into tumor, central; allowed: blank or tumor or "
             "lesion2 (route it's sites in model it_antibody; a site other than tumor takes tumor's share)") in message
+    assert "row 5, CMT: found '5' (peripheral) with ROUTE=it" in message  # a number, quoted as typed
     assert "row 2," not in message
+
+
+def test_a_dataset_read_without_the_model_is_checked_against_it_before_a_fit(tmp_path):
+    # read_frame without a model cannot know the routes, sites, compartments and outputs; a fit
+    # checks them (all at once) instead of failing on the first unknown name
+    from itpk.dataset import check_against
+    from itpk.inference import build_model
+
+    header = ["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV"]
+    rows = [["1", "0", "1", "10", "it", "", ""], ["1", "0.5", "1", "10", "it", "lymph", ""], ["1", "1", "0", "", "", "plasma", "1"],
+            ["1", "2", "0", "", "", "tumor", "1"], ["1", "3", "1", "5", "", "lymph", ""]]
+    ds = read_dataset(write(tmp_path, rows, header))
+    with pytest.raises(DatasetError) as err:
+        build_model(load_model("one_cpt_iv"), ds)
+    message = str(err.value)
+    assert "d.csv (read without a model, fitted with one_cpt_iv): invalid dataset, 4 problems:" in message
+    for line in ("row 2, ROUTE: found 'it'; allowed: a route of model one_cpt_iv: iv",
+                 "row 3, ROUTE: found 'it'",
+                 "row 5, CMT: found 'tumor' on an observation row; allowed: an output of model one_cpt_iv: plasma",
+                 "row 6, CMT: found 'lymph' on a dose row; allowed: a compartment of model one_cpt_iv: central"):
+        assert line in message
+    with pytest.raises(DatasetError, match=r"row 3, CMT: found 'lymph' with ROUTE=it; allowed: blank or tumor or lesion2"):
+        check_against(ds, load_model("it_antibody"))
+    check_against(read_dataset(write(tmp_path, rows[:1] + rows[2:4], header), load_model("it_antibody")), load_model("it_antibody"))
 
 
 def test_dose_cmt_number_resolves_to_compartment(tmp_path, it_mini):

@@ -204,7 +204,8 @@ def test_route_sites_move_the_sites_share_and_keep_the_leak():
 
 @pytest.mark.parametrize(("sites", "message"), [
     (["tumor", "liver"], r"\[routes\] 'it': site 'liver' is not a compartment; compartments: tumor, lesion2, central"),
-    (["lesion2", "central"], r"\[routes\] 'it': sites central already receive another fraction of the dose"),
+    (["lesion2", "central"], r"\[routes\] 'it': sites central already receive another fraction of the dose \(the route's own "
+                              r"site is tumor, the first compartment of 'into'\)"),
     ("lesion2", r"\[routes\] 'it': sites must be a list of compartment names, found 'lesion2'"),
 ])
 def test_bad_route_sites_are_refused(sites, message):
@@ -218,3 +219,13 @@ def test_it_models_let_the_it_route_inject_the_second_lesion():
     for name in ("it_linear", "it_small_molecule", "it_cytokine", "it_antibody", "it_peptide"):
         assert load_model(name).routes["it"].sites == ("tumor", "lesion2"), name
         assert load_model(name).routes["ia"].sites == ("tumor",), name
+
+
+def test_every_sites_problem_is_listed_and_repeated_sites_count_once():
+    raw = copy.deepcopy(TWO_LESIONS)
+    raw["routes"]["it"]["sites"] = ["nowhere", "central"]
+    with pytest.raises(ModelSpecError) as err:
+        parse_model(raw)
+    assert "site 'nowhere' is not a compartment" in str(err.value) and "sites central already receive" in str(err.value)
+    raw["routes"]["it"]["sites"] = ["lesion2", "lesion2", "tumor"]
+    assert parse_model(raw).routes["it"].sites == ("tumor", "lesion2")
