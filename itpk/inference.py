@@ -250,6 +250,16 @@ def _derive(pt: Any, spec: ModelSpec, env: dict[str, Any], backend: Mapping[str,
         env[name] = pt.as_tensor_variable(d.expr.evaluate(env, backend)) * pt.ones(N)
 
 
+def _with_values(pt: Any, spec: ModelSpec, env: Mapping[str, Any], backend: Mapping[str, Any], names: tuple[str, ...],
+                 values: np.ndarray) -> dict[str, Any]:
+    """``env`` with covariates ``names`` set to ``values`` (N, C) and the derived quantities recomputed."""
+    out = dict(env)
+    for k, name in enumerate(names):
+        out[name] = pt.as_tensor_variable(values[:, k])
+    _derive(pt, spec, out, backend, values.shape[0])
+    return out
+
+
 def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any]) -> Any:
     from itpk import closedform
     from itpk.linop import Design, linear_predict
@@ -317,10 +327,7 @@ def _segmented(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], 
     plan = plan_segments(data.subjects, data.doses, design, G, names, len(spec.compartments), len(data.outputs))
     K, fractions, C = [], [], []
     for segment in plan.segments:
-        env_j = dict(env)
-        for k, name in enumerate(names):
-            env_j[name] = pt.as_tensor_variable(segment.values[:, k])
-        _derive(pt, spec, env_j, backend, N)
+        env_j = _with_values(pt, spec, env, backend, names, segment.values)
         K.append(_rate_matrices(pt, spec, env_j, backend, N))
         fractions.append(_dose_parts(pt, spec, data, env_j, backend)[1])
         C.append(pt.stack([_output_row(pt, spec, name, env_j, backend, N) for name in data.outputs], axis=1))
@@ -342,10 +349,7 @@ def _follow_cuts(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any]
     S, n = cuts.values.shape[0], len(spec.compartments)
     fractions, x0 = [], []
     for k in range(S):
-        env_k = dict(env)
-        for c, name in enumerate(cuts.names):
-            env_k[name] = pt.as_tensor_variable(cuts.values[k, :, c])
-        _derive(pt, spec, env_k, backend, N)
+        env_k = _with_values(pt, spec, env, backend, cuts.names, cuts.values[k])
         fractions.append(_dose_parts(pt, spec, data, env_k, backend)[1])
         x0.append(initial_amounts(spec, env_k, N, backend))
     by_target = pt.stack(fractions, axis=2).reshape((N, R * S, n))  # column r·S + k
