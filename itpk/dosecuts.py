@@ -70,8 +70,9 @@ class DoseCuts:
 
 
 def cut_doses(spec: ModelSpec, subject_list: list[Subject], doses: ExpandedDoses) -> DoseCuts | None:
-    """The cut doses of a fit, or None when no covariate that route fractions or ``initial``
-    amounts use changes within a subject (then nothing needs cutting)."""
+    """The cut doses of a fit, or None when nothing needs cutting: no covariate that route
+    fractions use changes within a subject, and no reset follows a change of one that
+    ``initial`` amounts use."""
     routes = [frac for r in spec.routes.values() for frac in r.into.values()]
     initial = [c.initial for c in spec.compartments if c.initial is not None]
     names = changing_inputs(spec, subject_list, routes + initial)
@@ -92,6 +93,8 @@ def cut_doses(spec: ModelSpec, subject_list: list[Subject], doses: ExpandedDoses
             if k > 0 and np.any(histories[i][k][in_initial] != histories[i][0][in_initial]):
                 rows.append((r, k))
         restores.append(rows)
+    if not changing_inputs(spec, subject_list, routes) and not any(restores):
+        return None  # only initial amounts use the changes, and no reset follows one: nothing to cut
     P, Q = max(max(len(p) for p in pieces), 1), max(max(len(r) for r in restores), 1)
     time, duration = np.zeros((N, P)), np.zeros((N, P))
     valid = np.zeros((N, P), dtype=bool)

@@ -336,10 +336,11 @@ def _segmented(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], 
 
 def _follow_cuts(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], backend: Mapping[str, Any], design: Any,
                  G: np.ndarray, cuts: Any) -> tuple[Any, np.ndarray, Any]:
-    """Design, G (N, P + Q, (R + 1)·S) and fractions (N, (R + 1)·S, n) of the cut doses.
+    """Design, G (N, P + Q, U) and fractions (N, U, n) of the cut doses.
 
-    Target r in segment k is column r·S + k, its fractions evaluated with segment k's covariates;
-    columns R·S + k hold x0(segment k) − x0(first values), the bolus that follows a reset there.
+    Of the (R + 1)·S candidate columns, target r in segment k is r·S + k, its fractions evaluated
+    with segment k's covariates, and R·S + k holds x0(segment k) − x0(first values), the bolus that
+    follows a reset there; the U columns kept are those some dose uses.
     """
     from dataclasses import replace
 
@@ -367,7 +368,10 @@ def _follow_cuts(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any]
         dose_valid=np.concatenate([cuts.valid, cuts.restore_valid], axis=1),
         dose_ss_period=np.zeros((N, P + Q)),
     )
-    return design, G_cut, pt.concatenate([by_target, restore], axis=1)
+    # only the (target, segment) pairs some dose uses: the ODE Op integrates sensitivities for
+    # every fraction row that reaches a parameter (unused ones cost 2-5x per gradient)
+    used = np.flatnonzero(G_cut.any(axis=(0, 1)))
+    return design, G_cut[:, :, used], pt.concatenate([by_target, restore], axis=1)[:, used, :]
 
 
 def _with_changes(pt: Any, design: Any, G: np.ndarray, fractions: Any, changes: CovariateDoses) -> tuple[Any, np.ndarray, Any, np.ndarray]:

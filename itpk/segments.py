@@ -17,8 +17,8 @@ values). Segment j of every subject is one call of the linear Op
 A reset inside a segment drops the starting bolus like any earlier dose (the
 design's ``obs_after``). Subjects are batched per segment index, so a fit
 chains as many Op calls as the most changes of any subject, plus one; the
-gradient flows back through the carried amounts. Steady-state doses are not
-supported here (their past repetitions would cross the changes).
+gradient flows back through the carried amounts. A steady-state dose stands for
+its repetitions with the parameters in force when it is given.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def plan_segments(subject_list: Sequence[Subject], doses: ExpandedDoses, design:
     Raises
     ------
     FitError
-        A periodic steady-state infusion still running at a change (its repetitions would
-        straddle it), naming the subject and times.
+        A periodic steady-state infusion with an earlier repetition still running at a change
+        (longer than its interval), naming the subject and times.
     """
     from itpk.linop import Design
 
@@ -181,11 +181,13 @@ def _segment_doses(doses: ExpandedDoses, i: int, lo: float, hi: float, resets: n
         # steady-state durations are not cut at resets (they describe the past repetitions too)
         stopped = period > 0 and bool(np.any((resets > t) & (resets <= lo)))
         if t <= lo < t + duration and duration > 0 and not stopped:
-            if math.isfinite(period) and period > 0:
-                raise FitError(f"subject {subject}: the steady-state infusion given at {t:g} (every {period:g}) still runs at "
-                               f"{lo:g}, when covariates change; its repetitions would straddle the change (give the "
-                               "dosing history explicitly with ADDL instead)")
-            out.append((lo, t + duration - lo, int(d), 0.0))  # a constant SS infusion goes on as an ordinary one
+            if math.isfinite(period) and period > 0 and lo < t - period + duration:
+                raise FitError(f"subject {subject}: the steady-state infusion given at {t:g} (every {period:g}, lasting "
+                               f"{duration:g}) still has an earlier repetition running at {lo:g}, when covariates change; "
+                               "it would straddle the change (give the dosing history explicitly with ADDL instead)")
+            # the dose's own infusion (or a constant SS infusion) goes on as an ordinary one; its
+            # repetitions have all ended and reach later segments through the amounts
+            out.append((lo, t + duration - lo, int(d), 0.0))
     return out
 
 

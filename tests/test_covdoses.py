@@ -233,3 +233,21 @@ def test_a_changing_covariate_that_nothing_uses_keeps_the_exact_path():
     frame["CMT"] = ["", "plasma", "plasma"]
     model, _ = build_model(spec, read_frame(frame, spec))
     assert not any(isinstance(node.op, OdePredict) for node in io_toposort([], [model["IPRED"]]))
+
+
+def test_nothing_is_cut_when_only_initial_amounts_use_the_changes_and_no_reset_follows():
+    # the cut doses cost sensitivities (the review measured 4.9 -> 20 ms per gradient on a virus
+    # fit with a time-varying diameter and no resets): they are planned only when a dose or a reset needs them
+    import tomllib
+
+    from itpk.dosecuts import cut_doses
+    from itpk.spec import parse_model
+    from itpk.subjects import expand_doses
+
+    raw = tomllib.loads((DATA / "tv_route.toml").read_text())
+    raw["derived"]["FD"]["expr"] = "0.5"  # the SC split no longer uses the weight; B0 still does
+    spec = parse_model(raw)
+    subject_list = subjects(dataset(spec, route_rows()), spec)
+    assert cut_doses(spec, subject_list, expand_doses(subject_list)) is None
+    with_reset = subjects(dataset(spec, route_rows((1, 6.0, 3, None, "", None, 100.0))), spec)
+    assert cut_doses(spec, with_reset, expand_doses(with_reset)) is not None

@@ -118,6 +118,14 @@ SS_ROWS = [
     (2, 1.0, 0, None, "", None, None, 0, 2.0, 60.0),
     (2, 5.0, 0, None, "", None, None, 0, 2.0, 100.0),
     (2, 9.0, 0, None, "", None, None, 0, 2.0, 50.0),
+    # subject 3: a 10 h SC infusion at steady state every 12 h given at a change time (the weight
+    # after 4 h is 90: NOCB puts the change at the dose row), and one at 30 h running through the
+    # change after 33 h; both run on as ordinary infusions with the new split
+    (3, 4.0, 1, 100.0, "sc", 10.0, 12.0, 1, None, 70.0),
+    (3, 6.0, 0, None, "", None, None, 0, 1.0, 90.0),
+    (3, 30.0, 1, 100.0, "sc", 10.0, 12.0, 1, None, 90.0),
+    (3, 33.0, 0, None, "", None, None, 0, 1.0, 90.0),
+    (3, 36.0, 0, None, "", None, None, 0, 1.0, 60.0),
 ]
 
 
@@ -130,10 +138,11 @@ def test_steady_state_doses_across_changes_predict_what_simulate_does():
     assert "OdePredict" not in op_names(model)
 
 
-def test_a_periodic_steady_state_infusion_running_at_a_change_is_refused_with_the_reason():
+def test_a_steady_state_infusion_longer_than_its_interval_running_at_a_change_is_refused_with_the_reason():
+    # 20 h every 12 h: the repetition started at -12 h still runs at the change after 2 h
     spec = split_model()
-    rows = [(1, 0.0, 1, 100.0, "iv", 10.0, 12.0, 1, None, 70.0), (1, 2.0, 0, None, "", None, None, 0, 1.0, 70.0),
+    rows = [(1, 0.0, 1, 100.0, "iv", 5.0, 12.0, 1, None, 70.0), (1, 2.0, 0, None, "", None, None, 0, 1.0, 70.0),
             (1, 4.0, 0, None, "", None, None, 0, 1.0, 90.0)]
-    with pytest.raises(FitError, match=r"subject 1: the steady-state infusion given at 0 \(every 12\) still runs at 2, when "
-                                       r"covariates change; its repetitions would straddle the change"):
+    with pytest.raises(FitError, match=r"subject 1: the steady-state infusion given at 0 \(every 12, lasting 20\) still has an "
+                                       r"earlier repetition running at 2, when covariates change; it would straddle the change"):
         build_model(spec, read_frame(pd.DataFrame(rows, columns=SS_COLUMNS), spec))
