@@ -78,7 +78,8 @@ def cut_doses(spec: ModelSpec, subject_list: list[Subject], doses: ExpandedDoses
     names = changing_inputs(spec, subject_list, routes + initial)
     if not names:
         return None
-    in_initial = np.array([n in changing_inputs(spec, subject_list, initial) for n in names])
+    initial_names = changing_inputs(spec, subject_list, initial)
+    in_initial = np.array([n in initial_names for n in names])
     N = len(subject_list)
     bounds, histories = zip(*(boundaries(s, names) for s in subject_list), strict=True)
     S = 1 + max(len(b) for b in bounds)

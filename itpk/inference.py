@@ -280,10 +280,11 @@ def _predict(pt: Any, spec: ModelSpec, data: FitData, env: Mapping[str, Any], ba
     )
     # linear models follow covariate changes exactly, segment by segment (itpk.segments); the ODE
     # path carries them as states (itpk.covdoses)
-    segmented = changing_inputs(spec, data.subjects, _linear_expressions(spec)) if uses_exact_solution(spec) else ()
-    changes = None if uses_exact_solution(spec) else covariate_doses(spec, data.subjects)
-    exact = uses_exact_solution(spec) and not segmented
-    if d.has_steady_state and not uses_exact_solution(spec):
+    linear = uses_exact_solution(spec)
+    segmented = changing_inputs(spec, data.subjects, _linear_expressions(spec)) if linear else ()
+    changes = None if linear else covariate_doses(spec, data.subjects)
+    exact = linear and not segmented
+    if d.has_steady_state and not linear:
         why = "has initial amounts" if spec.is_linear else "is nonlinear"
         raise FitError(f"{data.dataset.source}: steady-state doses (SS=1/2) can be fitted with linear models without initial "
                        f"amounts only; {spec.name} {why} (give the dosing history explicitly with ADDL instead)")

@@ -1,4 +1,5 @@
-"""IPRED of a fit's graph at a point, against simulate with the same individual parameters (shared by tests)."""
+"""Shared by the fit tests: IPRED of a fit's graph at a point against simulate with the same individual
+parameters, and the log-density gradient against central finite differences."""
 
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def ipred_and_reference(spec: Any, dataset: Any, *, seed: int = 4, spread: float
             times = obs["TIME"].to_numpy()[rows]
             ref[rows] = simulate(spec, s.schedule, {**params, **s.covariates}, times, outputs=[output]).outputs[output][0]
     return ipred, ref, model, point
+
+
+def gradient_and_finite_differences(model: Any, point: dict, h: float = 1e-5) -> tuple[np.ndarray, list[float]]:
+    """The compiled log-density gradient at ``point`` and central differences (step ``h`` on each
+    unconstrained value), in the order of ``model.value_vars``."""
+    logp, dlogp = model.compile_logp(), model.compile_dlogp()
+    numeric = []
+    for name in (v.name for v in model.value_vars):
+        value = np.atleast_1d(np.asarray(point[name], dtype=float))
+        shape = np.shape(point[name])
+        for k in range(value.size):
+            up, down = value.copy(), value.copy()
+            up[k] += h
+            down[k] -= h
+            numeric.append((logp({**point, name: up.reshape(shape)}) - logp({**point, name: down.reshape(shape)})) / (2 * h))
+    return dlogp(point), numeric

@@ -74,18 +74,7 @@ def test_log_density_gradient_matches_finite_differences():
     # central differences, step 1e-5 on the unconstrained variables; rtol 1e-4
     spec = load_model(DATA / "tv_weight.toml")
     _, _, model, point = ipred_and_reference(spec)
-    logp = model.compile_logp()
-    dlogp = model.compile_dlogp()
-    grad = dlogp(point)
-    numeric, h = [], 1e-5
-    for name in (v.name for v in model.value_vars):
-        value = np.atleast_1d(np.asarray(point[name], dtype=float))
-        for k in range(value.size):
-            up, down = value.copy(), value.copy()
-            up[k] += h
-            down[k] -= h
-            shape = np.shape(point[name])
-            numeric.append((logp({**point, name: up.reshape(shape)}) - logp({**point, name: down.reshape(shape)})) / (2 * h))
+    grad, numeric = reference.gradient_and_finite_differences(model, point)
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
 
 
