@@ -201,11 +201,11 @@ class Schedule:
             self.changes,
         )
 
-    def retarget(self, route: str) -> Schedule:
-        """The same doses given by another route."""
+    def retarget(self, route: str, site: str | None = None) -> Schedule:
+        """The same doses given by another route (to another of its sites with ``site``)."""
         from dataclasses import replace
 
-        return Schedule(tuple(replace(d, target=Target(route)) for d in self.doses), self.resets, self.changes)
+        return Schedule(tuple(replace(d, target=Target(route, site=site)) for d in self.doses), self.resets, self.changes)
 
     def dose_times(self) -> tuple[float, ...]:
         """Every dose time after ADDL expansion, sorted."""

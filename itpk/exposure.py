@@ -169,7 +169,9 @@ class Comparison:
     """Exposure per route at the same dose and schedule, and the §6 metrics.
 
     ``metrics[route]`` compares a local route (``it``/``ia``) with the
-    systemic reference route; each value is an array (S,).
+    systemic reference route; each value is an array (S,). ``roles`` are the
+    ``[exposure]`` outputs in force (:func:`roles_at`); ``site`` is the lesion
+    (compartment) the local routes injected, None without a local route.
     """
 
     spec: ModelSpec
@@ -178,6 +180,8 @@ class Comparison:
     metrics: Mapping[str, Mapping[str, np.ndarray]]
     reference: str | None
     size: int
+    roles: Mapping[str, str]
+    site: str | None = None
 
 
 LOCAL_ROUTES = ("it", "ia")
@@ -201,8 +205,13 @@ def compare_routes(
     dose-sparing factor, ``systemic_sparing``, ``abscopal`` (when the model has
     a non-injected lesion). For linear models DSF = G and systemic sparing = TI
     exactly; for nonlinear models they are found by adjusting the local dose.
+
+    "Tumor" is the injected lesion (SPEC §6): when the local routes' doses go to
+    another of their sites (``Target.site``, e.g. ``lesion2``), the roles follow
+    (:func:`roles_at`).
     """
-    roles = spec.exposure
+    site = injected_site(spec, schedules)
+    roles = roles_at(spec, site)
     outputs = list(spec.outputs)
     exposures = {r: route_exposure(values, sch, outputs=outputs, targets=targets, horizon=horizon) for r, sch in schedules.items()}
     reference = next((r for r in REFERENCE_ROUTES if r in schedules), None)
@@ -211,7 +220,52 @@ def compare_routes(
         for route in (r for r in LOCAL_ROUTES if r in schedules):
             pair = (schedules[route], schedules[reference])
             metrics[route] = _metrics(values, exposures[route], exposures[reference], roles, pair, horizon)
-    return Comparison(spec, dose, exposures, metrics, reference, values.size)
+    return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site)
+
+
+def injected_site(spec: ModelSpec, schedules: Mapping[str, Schedule]) -> str | None:
+    """The compartment the local routes' doses inject (None without a local route).
+
+    Raises
+    ------
+    ItpkError
+        When the local routes' doses go to different lesions: the metrics would mix them.
+    """
+    sites = {
+        spec.routes[route].site if dose.target.site is None else dose.target.site
+        for route, schedule in schedules.items() if route in LOCAL_ROUTES
+        for dose in schedule.doses if not dose.target.compartment
+    }
+    if len(sites) > 1:
+        raise ItpkError(f"the local routes inject different lesions ({', '.join(sorted(sites))}): compare one lesion at a time")
+    return next(iter(sites), None)
+
+
+def roles_at(spec: ModelSpec, site: str | None) -> dict[str, str]:
+    """The model's ``[exposure]`` roles when the local routes inject ``site``.
+
+    The model file names the outputs for its routes' own sites. SPEC §6's
+    "tumor" is the injected lesion, so injecting the other lesion (``ROUTE=it,
+    CMT=lesion2``) swaps the ``local`` and ``abscopal`` outputs: the lesion
+    injected becomes local, the one spared abscopal. That needs the
+    ``abscopal`` output to read the injected compartment alone.
+
+    Raises
+    ------
+    ItpkError
+        When no ``[exposure]`` output reads ``site`` alone, so the local output is unknown.
+    """
+    roles = dict(spec.exposure)
+    own = {spec.routes[r].site for r in LOCAL_ROUTES if r in spec.routes}
+    if site is None or site in own or "local" not in roles:
+        return roles
+    abscopal = roles.get("abscopal")
+    if abscopal is None or spec.outputs[abscopal].expr.names & set(spec.state_names) != {site}:
+        raise ItpkError(f"model {spec.name!r}: no [exposure] output reads lesion {site!r} alone (roles: "
+                        f"{', '.join(f'{k} = {v}' for k, v in roles.items())}), so its local exposure is unknown; "
+                        "name that output as the 'abscopal' role in the model file")
+    roles["local"], roles["abscopal"] = abscopal, roles["local"]
+    return roles
 
 
 def _metrics(

@@ -70,8 +70,11 @@ def _draw(ax, t: np.ndarray, values: np.ndarray, max_lines: int) -> None:  # noq
     ax.legend(fontsize=8, loc="best")
 
 
-def plot_routes(spec, values, schedules, path, *, title: str = "") -> Path:  # noqa: ANN001
-    """Local (tumour) and systemic (plasma) profiles of each route side by side, log scale."""
+def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -> Path:  # noqa: ANN001
+    """Local (tumour) and systemic (plasma) profiles of each route side by side, log scale.
+
+    ``roles``: the ``[exposure]`` outputs in force (:func:`itpk.exposure.roles_at`); the model file's by default.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +85,8 @@ def plot_routes(spec, values, schedules, path, *, title: str = "") -> Path:  # n
     from itpk.simulate import simulate
     from itpk.workflows import output_grid
 
-    roles = [spec.exposure[r] for r in ("local", "systemic", "abscopal") if r in spec.exposure] or list(spec.outputs)[:2]
+    roles = roles if roles is not None else spec.exposure
+    roles = [roles[r] for r in ("local", "systemic", "abscopal") if r in roles] or list(spec.outputs)[:2]
     fig, axes = plt.subplots(1, len(roles), figsize=(5.5 * len(roles), 4.2), squeeze=False, constrained_layout=True)
     first = next(iter(schedules.values()))
     horizon = max(24.0, 0.4 * default_horizon(values, first)) if spec.is_linear else None  # about 4 slowest half-lives

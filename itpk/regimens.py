@@ -31,16 +31,17 @@ def tvec_volume(diameter_cm: float) -> float:
     return next(volume for lower, volume in _VOLUME_BY_DIAMETER if diameter_cm > lower)
 
 
-def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it") -> Schedule:
+def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it", site: str | None = None) -> Schedule:
     """T-VEC visits into one lesion: amounts in PFU, times in hours.
 
     Visit 1 at day 0 with 10^6 PFU/mL, visit 2 at day 21 with 10^8 PFU/mL, then
-    every 14 days; each visit injects ``tvec_volume(diameter_cm)`` mL.
+    every 14 days; each visit injects ``tvec_volume(diameter_cm)`` mL into the
+    route's site (``site``: another of the route's sites, e.g. ``lesion2``).
     """
     if visits < 1:
         raise ItpkError(f"--doses (visits) must be >= 1, found {visits}")
     volume = tvec_volume(diameter_cm)
-    target = Target(route)
+    target = Target(route, site=site)
     doses = [Dose(0.0, FIRST_CONCENTRATION * volume, target)]
     if visits > 1:
         doses.append(

@@ -332,9 +332,11 @@ def exposure_table(result: FitResult) -> pd.DataFrame | None:
     """SPEC §6 metrics over the posterior of the population (typical) parameters, or None.
 
     Written when the model has an ``it`` route and a systemic one; the dose is
-    the dataset's first dose amount, given once by each route.
+    the dataset's first dose amount, given once by each route, the ``it`` dose
+    into the lesion the dataset's first ``it`` dose injected (``CMT=lesion2``:
+    that lesion is the metrics' tumour, :func:`itpk.exposure.roles_at`).
     """
-    from itpk.events import regimen
+    from itpk.events import Target, regimen
     from itpk.exposure import LOCAL_ROUTES, REFERENCE_ROUTES, compare_routes, summarize
     from itpk.system import resolve
 
@@ -348,12 +350,15 @@ def exposure_table(result: FitResult) -> pd.DataFrame | None:
     thin = max(1, len(next(iter(draws.values()))) // 1000)
     values = resolve(spec, {k: v[::thin] for k, v in draws.items()})
     dose = float(data.doses.amount[data.doses.valid][0])
-    cmp = compare_routes(spec, values, {local: regimen(local, dose), ref: regimen(ref, dose)}, dose=dose)
+    injected = next((t for row in data.doses.target for t in row if t is not None and not t.compartment and t.name == local),
+                    Target(local))
+    injected = Target(local) if injected.site == spec.routes[local].site else injected
+    cmp = compare_routes(spec, values, {local: regimen(injected, dose), ref: regimen(ref, dose)}, dose=dose)
     rows = []
     for name, arr in cmp.metrics[local].items():
         s = summarize(arr, thresholds=(1.0,))
         s = s if isinstance(s, dict) else {"median": s, "ci_low": s, "ci_high": s}
-        rows.append({"metric": name, "route": f"{local} vs {ref}", "dose": dose, **s, "unit": "1"})
+        rows.append({"metric": name, "route": f"{injected} vs {ref}", "dose": dose, **s, "unit": "1"})
     return pd.DataFrame(rows)
 
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from itpk.errors import ItpkError
-from itpk.exposure import Comparison, compare_routes, quantity_units, route_quantities, summarize
-from itpk.events import Schedule, regimen
+from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
+from itpk.events import Schedule, Target, regimen
 from itpk.io import atomic_write
 from itpk.population import sample_population
 from itpk.progress import Progress
@@ -75,11 +75,15 @@ def build_schedule(
     regimen_name: str | None,
     diam: float | None,
     overrides: dict[str, float],
+    site: str | None = None,
 ) -> tuple[Schedule, str]:
     """The schedule of a command: a regular regimen, or a named one (``tvec``).
 
     A named regimen fixes amounts and times; with ``diam`` it also sets the
-    model's ``DIAM`` covariate. Returns the schedule and its route.
+    model's ``DIAM`` covariate (the route's own lesion's; injecting another
+    ``site``, set that lesion's size with ``overrides``). ``site`` sends the
+    route's doses to another of its sites (``--cmt lesion2``). Returns the
+    schedule and its route.
     """
     if regimen_name is not None:
         from itpk.regimens import REGIMENS
@@ -91,12 +95,30 @@ def build_schedule(
         if diam is None:
             raise ItpkError(f"--regimen {regimen_name} needs the lesion's longest diameter: --diam CM")
         route = route or "it"
-        if "DIAM" in spec.covariates:
+        site = check_sites(spec, [route], site)
+        if "DIAM" in spec.covariates and site is None:
             overrides.setdefault("DIAM", diam)
-        return REGIMENS[regimen_name](diam, visits=doses or 6, route=route), route
+        return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site), route
     if route is None or dose is None:
         raise ItpkError("give --route and --dose (or --regimen tvec --diam CM)")
-    return regimen(route, dose, every=every, doses=doses or 1, infusion=infusion), route
+    site = check_sites(spec, [route], site)
+    return regimen(Target(route, site=site), dose, every=every, doses=doses or 1, infusion=infusion), route
+
+
+def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
+    """``site`` (``--cmt``) if every route in ``routes`` can inject it, None for their own site.
+
+    Unknown routes are left to the caller's message. Raises ItpkError listing every route
+    that cannot send a dose to ``site`` with the sites it allows.
+    """
+    known = [spec.routes[r] for r in routes if r in spec.routes]
+    if site is None or all(site == r.site for r in known):
+        return None
+    problems = [f"route {r.name!r} cannot inject {site!r} (sites: {', '.join(r.sites)})"
+                for r in known if site != r.site and site not in r.sites]
+    if problems:
+        raise ItpkError("--cmt: " + "; ".join(problems))
+    return site
 
 
 def run_simulation(
@@ -104,6 +126,7 @@ def run_simulation(
     *,
     route: str | None = None,
     dose: float | None = None,
+    site: str | None = None,
     regimen_name: str | None = None,
     diam: float | None = None,
     every: float | None = None,
@@ -123,7 +146,8 @@ def run_simulation(
     """Simulate a regular regimen and write the long CSV (and a PNG).
 
     Parameters mirror ``itpk simulate``: ``dose`` in the receiving
-    compartment's amount unit, times in the model's time unit; ``overrides``
+    compartment's amount unit, times in the model's time unit; ``site``
+    (``--cmt``) sends the route's doses to another of its sites; ``overrides``
     set typical parameter/covariate values; ``subjects > 1`` draws a virtual
     population from the model's IIV with ``seed``. With ``posterior`` (a run
     directory of ``itpk fit``) the parameters come from the fit instead: each
@@ -140,7 +164,7 @@ def run_simulation(
         spec = model if isinstance(model, ModelSpec) else load_model(model)
     overrides = dict(overrides or {})
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
-                                     regimen_name=regimen_name, diam=diam, overrides=overrides)
+                                     regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
     if route not in spec.routes:
         raise ItpkError(f"model {spec.name!r} has no route {route!r}; routes: {', '.join(spec.routes)}")
     resolve(spec, overrides)  # unknown names fail here, before any work
@@ -164,7 +188,7 @@ def run_simulation(
     if plot:
         from itpk.plot import plot_profiles
 
-        label = f"{spec.name}: {regimen_name or _describe_regimen(schedule, spec.time_unit)} {route}" + (
+        label = f"{spec.name}: {regimen_name or _describe_regimen(schedule, spec.time_unit)} {schedule.doses[0].target}" + (
             f", {infusion:g} {spec.time_unit} infusion" if infusion else ""
         )
         png = plot_profiles(profiles, plot, dose_times=schedule.dose_times(), title=label)
@@ -257,6 +281,7 @@ def run_comparison(
     *,
     dose: float | None = None,
     routes: Sequence[str] = ("it", "iv"),
+    site: str | None = None,
     regimen_name: str | None = None,
     diam: float | None = None,
     every: float | None = None,
@@ -274,7 +299,9 @@ def run_comparison(
 
     ``dose`` is in the receiving compartment's amount unit, times in the
     model's time unit; ``infusion`` (a duration) applies to the ``iv`` route
-    only (injections into a lesion or artery are boluses); ``targets`` maps an
+    only (injections into a lesion or artery are boluses); ``site`` (``--cmt``)
+    sends the local routes' (``it``, ``ia``) doses to another of their sites,
+    which then is the "tumor" of the metrics; ``targets`` maps an
     output to a concentration for time above target; ``thresholds`` adds
     P(metric > x) when several parameter sets are compared.
     """
@@ -293,14 +320,21 @@ def run_comparison(
     if bad_targets:
         raise ItpkError(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
     overrides = dict(overrides or {})
+    local = [r for r in routes if r in LOCAL_ROUTES]
+    if site is not None and not local:
+        raise ItpkError(f"--cmt {site}: names the lesion a local route ({', '.join(LOCAL_ROUTES)}) injects; none is compared")
+    site = check_sites(spec, local, site)
     base, _ = build_schedule(spec, route=routes[0], dose=dose, every=every, doses=doses, infusion=None,
-                             regimen_name=regimen_name, diam=diam, overrides=overrides)
+                             regimen_name=regimen_name, diam=diam, overrides=overrides,
+                             site=site if routes[0] in local else None)
     values = resolve(spec, overrides)
     # the lesion and plasma concentrations the metrics divide by (not the abscopal lesion's: a
     # patient without one, DIAM2 = 0, still gets every other metric)
-    check_volumes(values, [spec.exposure[role] for role in ("local", "systemic") if role in spec.exposure])
+    roles = roles_at(spec, site)
+    check_volumes(values, [roles[role] for role in ("local", "systemic") if role in roles])
     iv_infused = regimen("iv", base.doses[0].amount, every=every, doses=doses or 1, infusion=infusion) if infusion else None
-    schedules = {r: iv_infused if (r == "iv" and iv_infused) else base.retarget(r) for r in routes}
+    schedules = {r: iv_infused if (r == "iv" and iv_infused) else base.retarget(r, site if r in local else None)
+                 for r in routes}
     dose = base.doses[0].amount if dose is None else dose
     comparison = compare_routes(spec, values, schedules, dose=dose, targets=targets, horizon=horizon)
     report = comparison_report(comparison, schedules, thresholds=thresholds)
@@ -309,7 +343,7 @@ def run_comparison(
     if plot:
         from itpk.plot import plot_routes
 
-        png = plot_routes(spec, values, schedules, plot, title=f"{spec.name}: {regimen_name or f'{dose:g} {_dose_unit(spec, routes[0])}'} by route")
+        png = plot_routes(spec, values, schedules, plot, roles=roles, title=f"{spec.name}: {regimen_name or f'{dose:g} {_dose_unit(spec, routes[0])}'} by route")
     written = ", ".join(str(p) for p in (csv, png) if p)
     return ComparisonResult(comparison, report, csv, png, format_comparison(report) + (f"\nwrote {written}" if written else ""))
 
@@ -334,7 +368,8 @@ def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule],
         "routes": routes,
         "metrics": first,
         "reference_route": comparison.reference,
-        "exposure_outputs": dict(spec.exposure),
+        "exposure_outputs": dict(comparison.roles),
+        "site": comparison.site,
         "units": {**units, **dict.fromkeys(("G", "S", "S_max", "TI", "DSF", "systemic_sparing", "abscopal"), "1")},
         "parameter_sets": comparison.size,
     }
@@ -405,6 +440,8 @@ def _describe_regimen(schedule: Schedule, time_unit: str) -> str:
 def format_comparison(report: dict) -> str:
     """Plain-text summary for the terminal."""
     lines = [f"{report['model']}: {report['regimen']} ({report['dose_unit']}); AUC over {report['auc_interval']}"]
+    if report.get("site"):
+        lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs'].get('local')})")
     units = report["units"]
     shown = tuple(f"_{name}" for role, name in report["exposure_outputs"].items() if role in ("local", "systemic"))
     for route, q in report["routes"].items():

@@ -330,3 +330,33 @@ def test_batch_records_are_strict_json_when_metrics_are_not_finite(tmp_path):
     for document in (headline, record["jobs"][0]):
         assert document["headline"]["G_it"] is None and document["headline"]["TI_it"] is None
         assert document["headline"]["S_it"] == pytest.approx(0.9857142857142855, rel=1e-12)  # finite ones kept
+
+
+def test_cmt_key_injects_the_second_lesion_in_compare_and_simulate_jobs(tmp_path):
+    # the batch key is the CLI's --cmt: the same numbers as `itpk compare/simulate --cmt lesion2`
+    path = write(tmp_path, """
+        [[jobs]]
+        kind = "compare"
+        model = "it_linear"
+        dose = 10.0
+        cmt = "lesion2"
+        [[jobs]]
+        kind = "simulate"
+        model = "it_linear"
+        route = "it"
+        cmt = "lesion2"
+        dose = 10.0
+        at = [1.0, 6.0]
+    """)
+    compare_job, simulate_job = resolve_jobs(load_pipeline(path))
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+    for job in (compare_job, simulate_job):
+        assert execute(job, str(jobs_dir))["status"] == "done"
+    doc = json.loads((jobs_dir / compare_job.name / "compare.json").read_text())
+    cli = json.loads(runner.invoke(app, ["compare", "it_linear", "--dose", "10", "--cmt", "lesion2", "--json"]).output)
+    assert doc["site"] == "lesion2" and doc["metrics"] == cli["metrics"]
+    profiles = pd.read_csv(jobs_dir / simulate_job.name / "profiles.csv")
+    runner.invoke(app, ["simulate", "it_linear", "--route", "it", "--cmt", "lesion2", "--dose", "10", "--at", "1,6",
+                        "--out", str(tmp_path / "cli.csv")])
+    pd.testing.assert_frame_equal(profiles, pd.read_csv(tmp_path / "cli.csv"))

@@ -123,7 +123,7 @@ def test_every_problem_is_listed_once_with_where_key_found_allowed(tmp_path):
         "[defaults] dose: found 'ten'; allowed: a finite number",
         "[defaults] routez: unknown key; allowed: kind, at,",
         "[grid] model: found 'no_such_model'; allowed: a built-in model (it_antibody",
-        "[grid] draws: unknown key for kind 'compare'; allowed: kind, diam, dose",
+        "[grid] draws: unknown key for kind 'compare'; allowed: kind, cmt, diam, dose",
         "[[jobs]] #1 data: found 'missing.csv': no such file",
         "[[jobs]] #1 routes: unknown key for kind 'fit'; allowed: kind, chains, data",
         "[[jobs]] #2 kind: found 'simulat'; allowed: compare, simulate, fit",

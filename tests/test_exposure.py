@@ -197,3 +197,64 @@ def test_a_lesion_of_zero_size_is_refused_with_its_cause():
     assert single.exit_code == 0, single.output
     metrics = json.loads(single.output)["metrics"]
     assert metrics["G"] > 1 and metrics["abscopal"] is None
+
+
+# -- the injected lesion is the metrics' tumour (--cmt lesion2) -------------------------------------
+
+
+def test_injecting_the_second_lesion_equals_swapping_the_lesions():
+    # Without lymph drainage (k_ly = 0) it_linear's two lesions are the same system with volumes
+    # V_T(DIAM) and V_T2(DIAM2). So injecting lesion2 of a patient with (DIAM, DIAM2) = (2.5, 4) must
+    # give exactly the metrics of injecting the tumour of a patient with (4, 2.5): the local output
+    # becomes lesion2, the abscopal one the tumour. rtol 1e-10 (both exact, the K matrices differ).
+    from itpk.events import Target
+    from itpk.exposure import roles_at
+
+    spec = load_model("it_linear")
+    common = {"k_ly": 0.0, "k_deg": 0.05}
+    moved = resolve(spec, {**common, "DIAM": 2.5, "DIAM2": 4.0})
+    swapped = resolve(spec, {**common, "DIAM": 4.0, "DIAM2": 2.5})
+    into2 = compare_routes(spec, moved, {"it": regimen(Target("it", site="lesion2"), 10.0), "iv": regimen("iv", 10.0)}, dose=10.0)
+    own = compare_routes(spec, swapped, {"it": regimen("it", 10.0), "iv": regimen("iv", 10.0)}, dose=10.0)
+    assert into2.site == "lesion2" and own.site == "tumor"
+    assert dict(into2.roles) == {**spec.exposure, "local": "lesion2", "abscopal": "tumor"} == roles_at(spec, "lesion2")
+    assert set(into2.metrics["it"]) == {"G", "S", "S_max", "TI", "DSF", "systemic_sparing", "abscopal"}
+    for name, value in own.metrics["it"].items():
+        np.testing.assert_allclose(into2.metrics["it"][name], value, rtol=1e-10, err_msg=name)
+    for route in ("it", "iv"):
+        np.testing.assert_allclose(into2.routes[route].auc["lesion2"], own.routes[route].auc["tumor"], rtol=1e-10)
+        np.testing.assert_allclose(into2.routes[route].auc["tumor"], own.routes[route].auc["lesion2"], rtol=1e-10)
+    # and it is not the tumour's gain: the lesions differ in size, and with k_deg the gain depends on it
+    assert not np.allclose(into2.metrics["it"]["G"], compare_routes(
+        spec, moved, {"it": regimen("it", 10.0), "iv": regimen("iv", 10.0)}, dose=10.0).metrics["it"]["G"], rtol=1e-3)
+
+
+def test_roles_at_refuses_a_site_no_exposure_output_reads():
+    from itpk.errors import ItpkError
+    from itpk.exposure import roles_at
+
+    spec = load_model("it_linear")
+    assert roles_at(spec, None) == roles_at(spec, "tumor") == dict(spec.exposure)
+    bare = spec.__class__(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+                            "exposure": {k: v for k, v in spec.exposure.items() if k != "abscopal"}})
+    with pytest.raises(ItpkError, match="no \\[exposure\\] output reads lesion 'lesion2' alone"):
+        roles_at(bare, "lesion2")
+
+
+def test_compare_cli_cmt(tmp_path):
+    base = ["compare", "it_linear", "--dose", "10", "--json"]
+    doc = json.loads(runner.invoke(app, [*base, "--cmt", "lesion2"]).output)
+    default = json.loads(runner.invoke(app, base).output)
+    assert doc["site"] == "lesion2" and default["site"] == "tumor"
+    assert doc["exposure_outputs"]["local"] == "lesion2" and doc["exposure_outputs"]["abscopal"] == "tumor"
+    assert "AUC_lesion2" in doc["routes"]["it"] and doc["metrics"]["G"] > 1
+    assert doc["routes"]["iv"] == default["routes"]["iv"]  # the reference route is untouched
+    text = runner.invoke(app, ["compare", "it_linear", "--dose", "10", "--cmt", "lesion2"]).output
+    assert "injected lesion: lesion2 (local output lesion2)" in text
+    for args, message in [
+        (["--cmt", "central"], "--cmt: route 'it' cannot inject 'central' (sites: tumor, lesion2)"),
+        (["--cmt", "lesion2", "--routes", "it,ia,iv"], "--cmt: route 'ia' cannot inject 'lesion2' (sites: tumor)"),
+        (["--cmt", "lesion2", "--routes", "iv,sc"], "--cmt lesion2: names the lesion a local route (it, ia) injects; none is compared"),
+    ]:
+        result = runner.invoke(app, ["compare", "it_linear", "--dose", "10", *args])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output

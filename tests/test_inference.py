@@ -482,3 +482,40 @@ def test_fit_predictions_of_it_doses_into_the_second_lesion_are_simulated(index,
     spec = two_lesion_models()[index]
     ipred, ref, *_ = ipred_and_reference(spec, read_frame(two_lesion_frame(), spec))
     np.testing.assert_allclose(ipred, ref, rtol=rtol)
+
+
+def test_exposure_table_compares_the_lesion_the_trial_injected():
+    # exposure.csv is the §6 metrics at the posterior: "tumor" is the lesion the dataset's first it
+    # dose injected. A trial whose first it dose went to lesion2 gets lesion2's gain, equal to
+    # compare_routes with Target("it", site="lesion2") at the same draws (rtol 1e-12); the same
+    # trial injecting the first lesion first gets the first lesion's (different: DIAM2 = 2.5 != DIAM).
+    import xarray as xr
+
+    from itpk.events import Target, regimen
+    from itpk.exposure import compare_routes
+    from itpk.inference import FitResult, prepare
+    from itpk.run import exposure_table
+    from itpk.system import resolve
+
+    spec = load_model("it_linear")
+    rng = np.random.default_rng(5)
+
+    def table(frame):
+        data = prepare(spec, read_frame(frame, spec))
+        post = xr.Dataset({n: (("chain", "draw"), float(spec.parameters[n].value) * np.exp(0.2 * rng.standard_normal((2, 3))))
+                           for n in data.estimated})
+        return exposure_table(FitResult({"posterior": post}, data, "nuts", {}, {}, ())), post, data
+
+    frame = two_lesion_frame()
+    frame["DIAM"] = 2.0
+    into2, post, data = table(frame)
+    assert set(into2["route"]) == {"it@lesion2 vs iv"}
+    values = resolve(spec, {n: np.asarray(post[n]).reshape(-1) for n in data.estimated})
+    ref = compare_routes(spec, values, {"it": regimen(Target("it", site="lesion2"), 10.0), "iv": regimen("iv", 10.0)}, dose=10.0)
+    got = into2.set_index("metric")["median"]
+    for name in ("G", "S", "TI", "abscopal"):
+        assert got[name] == pytest.approx(np.median(ref.metrics["it"][name]), rel=1e-12), name
+    first = frame[~((frame["ID"] == 1) & (frame["TIME"] == 0.0) & (frame["EVID"] == 1))]  # subject 1 starts at 24 h
+    own, *_ = table(first)
+    assert set(own["route"]) == {"it vs iv"}
+    assert own.set_index("metric")["median"]["abscopal"] != pytest.approx(got["abscopal"], rel=1e-3)

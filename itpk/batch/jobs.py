@@ -195,7 +195,7 @@ def _compare(job: JobSpec, folder: Path) -> dict[str, Any]:
 
     o = dict(job.options)
     result = run_comparison(
-        o["model"], dose=o.get("dose"), routes=o.get("routes", ("it", "iv")), regimen_name=o.get("regimen"),
+        o["model"], dose=o.get("dose"), routes=o.get("routes", ("it", "iv")), site=o.get("cmt"), regimen_name=o.get("regimen"),
         diam=o.get("diam"), every=o.get("every"), doses=o.get("doses"), infusion=o.get("infusion"),
         overrides=dict(o.get("set", ())), targets=dict(o.get("target", ())), thresholds=o.get("threshold", ()),
         horizon=o.get("horizon"), posterior=o.get("posterior"), out=folder / "compare.csv",
@@ -210,7 +210,7 @@ def _simulate(job: JobSpec, folder: Path) -> dict[str, Any]:
 
     o = dict(job.options)
     result = run_simulation(
-        o["model"], route=o.get("route"), dose=o.get("dose"), regimen_name=o.get("regimen"), diam=o.get("diam"),
+        o["model"], route=o.get("route"), dose=o.get("dose"), site=o.get("cmt"), regimen_name=o.get("regimen"), diam=o.get("diam"),
         every=o.get("every"), doses=o.get("doses"), infusion=o.get("infusion"), horizon=o.get("horizon"),
         step=o.get("step"), at=o.get("at"), overrides=dict(o.get("set", ())), subjects=o.get("subjects", 1),
         seed=o.get("seed"), out=folder / "profiles.csv", plot=folder / "profiles.png" if o.get("plot") else None,

@@ -126,6 +126,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     _option("posterior", _text, "a path to a run directory written by itpk fit"),
     _option("route", _text, "a route name (it, ia, iv, sc, po)"),
     _option("routes", _text_list),
+    _option("cmt", _text, "a site of the route (e.g. lesion2)"),
     _option("regimen", _text, "a named regimen (tvec)"),
     _option("method", _text, "nuts, pymc, laplace, map or advi"),
     _option("target_accept", _number, "a NUTS target acceptance rate in [0.5, 1)"),
@@ -145,9 +146,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 # Options per kind: those of the matching CLI command, minus the ones batch owns (--out, --json,
 # --quiet: outputs go to the job directory) and --cores (a job gets one core: N workers use N cores).
 KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "compare": frozenset({"model", "dose", "routes", "regimen", "diam", "every", "doses", "infusion", "set", "target",
+    "compare": frozenset({"model", "dose", "routes", "cmt", "regimen", "diam", "every", "doses", "infusion", "set", "target",
                           "threshold", "horizon", "posterior", "plot"}),
-    "simulate": frozenset({"model", "route", "dose", "regimen", "diam", "every", "doses", "infusion", "horizon", "step",
+    "simulate": frozenset({"model", "route", "cmt", "dose", "regimen", "diam", "every", "doses", "infusion", "horizon", "step",
                            "at", "set", "subjects", "seed", "plot"}),
     "fit": frozenset({"data", "model", "method", "draws", "tune", "chains", "seed", "error", "target_accept", "mass_matrix", "iiv",
                       "precondition"}),
