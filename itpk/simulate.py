@@ -83,7 +83,7 @@ def simulate(
     Linear models (flows only) are solved exactly with matrix exponentials;
     nonlinear models by the fits' compiled ODE kernel (:mod:`itpk.odesim`: Dormand–Prince at
     rtol 1e-10, or Rosenbrock-W at 1e-9 for stiff ones), restarted at every event, or, with
-    steady-state doses or covariate changes, by scipy's LSODA (rtol 1e-10) event to event.
+    steady-state doses, by scipy's LSODA (rtol 1e-10) event to event.
     The schedule's covariate changes (NOCB) switch the parameters at their
     times, amounts carried over; outputs at a change time use the old values.
 
@@ -126,7 +126,7 @@ def simulate(
         amounts, failed, _ = odesim.kernel_solve(values, schedule, unique)
         if failed.size:  # LSODA, the slow path, for the sets the kernel could not solve
             part = values.take(failed)
-            amounts[failed] = _run(make_stepper([part], schedule), schedule, unique)
+            amounts[failed] = _run(make_stepper(segment_values(part, schedule), schedule), schedule, unique)
         amounts = amounts[:, inverse]
     else:
         amounts = _run(make_stepper(segments, schedule), schedule, t)

@@ -78,7 +78,7 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
     return Values(spec, _derive(spec, env, size), size)
 
 
-def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
+def with_covariates(values: Values, covariates: Mapping[str, Any]) -> Values:
     """The same parameter sets with some covariates set to new values and derived quantities recomputed.
 
     Parameters
@@ -86,7 +86,7 @@ def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
     values
         Resolved values (S sets).
     covariates
-        New value of each named covariate (its unit), the same for every set.
+        New value of each named covariate (its unit): one for every set, or an array (S,).
 
     Raises
     ------
@@ -100,7 +100,7 @@ def with_covariates(values: Values, covariates: Mapping[str, float]) -> Values:
                              f"covariates: {', '.join(spec.covariates) or 'none'}")
     env = dict(values.env)
     for name, value in covariates.items():
-        env[name] = np.full(values.size, float(value))
+        env[name] = np.array(np.broadcast_to(np.asarray(value, dtype=float), (values.size,)))
     return Values(spec, _derive(spec, env, values.size), values.size)
 
 
