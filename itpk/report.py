@@ -1040,25 +1040,28 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
     """Tumour and plasma profiles of the typical subject after the same single dose by each route.
 
     The population parameters' posterior (thinned, covariates at the model's defaults, the same
-    bolus regimens as ``exposure.csv``) is simulated to 5% past the last observation; lines are
-    posterior medians and bands 90% credible bands. None when the model names no local and
-    systemic outputs.
+    bolus regimens as ``exposure.csv``; ``local`` may name a site, ``it@lesion2``) is simulated to
+    5% past the last observation; lines are posterior medians and bands 90% credible bands. None
+    when the model names no local and systemic outputs.
     """
-    from itpk.events import regimen
+    from itpk.events import Target, regimen
+    from itpk.exposure import roles_at
     from itpk.run import posterior_values
     from itpk.simulate import simulate
 
-    roles = run.spec.exposure
+    name, _, site = local.partition("@")
+    injected = Target(name, site=site or None)
+    roles = roles_at(run.spec, injected.site)
     outputs = [roles[r] for r in ("local", "systemic") if r in roles and roles[r] in run.spec.outputs]
     if not outputs or not any(k in run.spec.parameters for k in run.draws):
         return None
     limit = CURVE_DRAWS_LINEAR if run.spec.is_linear else CURVE_DRAWS_NONLINEAR
     values = posterior_values(run.spec, run.draws, max_draws=limit)
     last = float(run.predictions["TIME"].max())
-    times = curve_grid(regimen(local, dose), np.array([last]), CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)
+    times = curve_grid(regimen(injected, dose), np.array([last]), CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)
     bands = {route: {o: np.quantile(v, BAND, axis=0) for o, v in
-                     simulate(run.spec, regimen(route, dose), values, times, outputs=outputs).outputs.items()}
-             for route in (local, ref)}
+                     simulate(run.spec, regimen(target, dose), values, times, outputs=outputs).outputs.items()}
+             for route, target in ((local, injected), (ref, Target(ref)))}
     plt = _matplotlib()
     fig, axes = plt.subplots(1, len(outputs), figsize=(5.6 * len(outputs), 3.6), squeeze=False, constrained_layout=True)
     for ax, output in zip(axes.flat, outputs, strict=True):
@@ -1067,7 +1070,7 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
         for color, (route, b) in zip(ROUTE_COLORS, bands.items(), strict=True):
             lo, med, hi = (np.maximum(v, floor) if floor is not None else v for v in b[output])
             ax.fill_between(times, lo, hi, color=color, alpha=0.2, lw=0)
-            ax.plot(times, med, color=color, lw=1.5, label=f"{route.upper()} {fmt(dose)} {_dose_unit(run, route)}".rstrip())
+            ax.plot(times, med, color=color, lw=1.5, label=f"{route.upper()} {fmt(dose)} {_dose_unit(run, route.split('@')[0])}".rstrip())
         if floor is not None:
             log_axis(ax, "y")
         unit = run.spec.outputs[output].unit
@@ -1096,7 +1099,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         return None
     route = str(e["route"].iloc[0]) if "route" in e else "it vs iv"
     ref = route.split(" vs ")[-1].upper() if " vs " in route else "systemic"
-    dose = f"{fmt(e['dose'].iloc[0])} {_dose_unit(run, route.split(' vs ')[0])}".strip() if "dose" in e else "?"
+    dose = f"{fmt(e['dose'].iloc[0])} {_dose_unit(run, route.split(' vs ')[0].split('@')[0])}".strip() if "dose" in e else "?"
     pcol = next((c for c in e.columns if c.startswith("P(>")), None)
     rows, sentences = [], []
     for row in e.to_dict("records"):

@@ -380,3 +380,29 @@ def test_report_renders_in_headless_chromium(nuts_html, runs, tmp_path):
     assert not console, console
     pixels = matplotlib.image.imread(shot)
     assert pixels.std() > 0.05  # a blank page is one flat colour
+
+
+def test_exposure_profiles_follow_the_lesion_the_trial_injected(runs, tmp_path, monkeypatch):
+    # exposure.csv says "it@lesion2 vs iv" when the trial's first it dose injected the second lesion:
+    # the report's profiles then dose lesion2 through the it route and draw lesion2 as the injected
+    # lesion (the roles of itpk.exposure.roles_at), not the first lesion
+    import itpk.simulate
+    from itpk import report
+    from itpk.events import Target
+
+    folder = tmp_path / "run"
+    shutil.copytree(runs["map"], folder)
+    table = pd.read_csv(folder / "exposure.csv")
+    table["route"] = "it@lesion2 vs iv"
+    table.to_csv(folder / "exposure.csv", index=False)
+    calls = []
+    real = itpk.simulate.simulate
+
+    def spy(spec, schedule, values, times, outputs=None):
+        calls.append((schedule.doses[0].target, list(outputs)))
+        return real(spec, schedule, values, times, outputs=outputs)
+
+    monkeypatch.setattr(itpk.simulate, "simulate", spy)
+    section = report.exposure_section(report.read_run(folder))
+    assert section["route"] == "it@lesion2 vs iv" and section["dose"] == "10 mg" and section["profiles"]
+    assert calls == [(Target("it", site="lesion2"), ["lesion2", "plasma"]), (Target("iv"), ["lesion2", "plasma"])]
