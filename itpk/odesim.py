@@ -40,7 +40,7 @@ from itpk.system import Values, initial_state, input_fractions, with_covariates
 # report and the exposure metrics are checked against (agreement with LSODA at 1e-10 and with
 # the closed-form references of the tests: 1e-7).
 RTOL_DP5, RTOL_STIFF = 1e-10, 1e-9
-# atol relative to the largest dose or initial amount, as LSODA's 1e-14·max(1, |x|) was: a fixed
+# atol relative to the largest dose or initial amount (the smaller of the two, see kernel_solve), as LSODA's 1e-14·max(1, |x|) was: a fixed
 # 1e-10 amount units left a 1e-3 mg dose 120x wrong at 96 h (sparse output times), and made the
 # accuracy depend on the amount unit.
 ATOL_SCALE = 1e-14
@@ -88,7 +88,11 @@ def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple
     changes = covariate_doses(spec, subjects) if schedule.changes else None
     system = OdeSystem.from_spec(spec, state_covariates=changes.names if changes else ()).with_state_outputs()
     x0 = np.ascontiguousarray(initial_state(values))
-    scale = max(plan.largest, float(np.abs(x0).max(initial=0.0)))
+    # the smaller of the two magnitudes: states that start empty are filled by the doses, so an
+    # initial amount far larger than any dose (virus: 1e10 tumour cells, doses of 1e6-1e8 PFU) must
+    # not set the absolute tolerance of the infected cells and free virus (it did: 1.5e-6 of
+    # their peak after a few weeks of exponential growth, 1e-8 now)
+    scale = min((m for m in (plan.largest, float(np.abs(x0).max(initial=0.0))) if m > 0), default=0.0)
     F, time, duration, valid, late = plan.F, plan.time, plan.duration, plan.valid, np.zeros(plan.valid.shape, dtype=bool)
     if changes is not None:  # covariate states: their first values, then a late bolus at each change
         C = len(changes.names)
