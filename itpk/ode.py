@@ -9,7 +9,7 @@ relative accuracy because atol is scaled to each state's magnitude.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.integrate import solve_ivp
@@ -43,10 +43,13 @@ class NonlinearStepper:
         Every dose target the schedule uses.
     method
         A ``solve_ivp`` method; LSODA switches to a stiff (BDF) method when needed.
+    labels
+        The sets' numbers in messages (default 0..S-1; a retry of some sets passes theirs).
     """
 
     def __init__(self, values: Values, targets: tuple[Target, ...], *, method: str = "LSODA",
-                 rtol: float = RTOL, atol: float = ATOL) -> None:
+                 rtol: float = RTOL, atol: float = ATOL, labels: Sequence[int] | None = None) -> None:
+        self.labels = list(labels) if labels is not None else list(range(values.size))
         self.rhs = [rhs_function(values, s) for s in range(values.size)]
         self.fractions = {t: input_fractions(values, t) for t in targets}
         self.x0 = initial_state(values)
@@ -70,16 +73,16 @@ class NonlinearStepper:
         # only the end point is kept (t_eval): memory does not grow with the steps; an overflow
         # is reported below as one message, not as numpy warnings on the way
         try:
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 sol = solve_ivp(f, (0.0, dt), x0, method=self.method, rtol=self.rtol, atol=scale, t_eval=(dt,))
         except _Budget:
-            raise ScheduleError(f"the ODE solver gave up on parameter set {s} after {MAX_RHS_CALLS:,} evaluations of the "
+            raise ScheduleError(f"the ODE solver gave up on parameter set {self.labels[s]} after {MAX_RHS_CALLS:,} evaluations of the "
                                 f"right-hand side over {dt:g} time units: the system is too stiff at these parameter "
                                 "values (check them for extreme numbers)") from None
         if not sol.success:
-            raise ScheduleError(f"the ODE solver failed for parameter set {s}: {sol.message}")
+            raise ScheduleError(f"the ODE solver failed for parameter set {self.labels[s]}: {sol.message}")
         if sol.y.shape[1] != 1 or not np.all(np.isfinite(sol.y[:, -1])):
-            raise ScheduleError(f"the ODE solution of parameter set {s} became infinite or NaN within {dt:g} time units "
+            raise ScheduleError(f"the ODE solution of parameter set {self.labels[s]} became infinite or NaN within {dt:g} time units "
                                 "(overflow: check the parameter values for extreme numbers)")
         # Amounts cannot be negative; values like -1e-25 after a state has decayed
         # over many decades are solver round-off, and would poison log-scale outputs.

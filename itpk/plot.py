@@ -70,6 +70,9 @@ def _draw(ax, t: np.ndarray, values: np.ndarray, max_lines: int) -> None:  # noq
     ax.legend(fontsize=8, loc="best")
 
 
+ROLE_TITLES = {"local": "injected lesion", "systemic": "systemic circulation", "abscopal": "non-injected lesion"}
+
+
 def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -> Path:  # noqa: ANN001
     """Local (tumour) and systemic (plasma) profiles of each route side by side, log scale.
 
@@ -85,8 +88,10 @@ def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -
     from itpk.simulate import simulate
     from itpk.workflows import output_grid
 
-    roles = roles if roles is not None else spec.exposure
-    roles = [roles[r] for r in ("local", "systemic", "abscopal") if r in roles] or list(spec.outputs)[:2]
+    in_force = dict(roles if roles is not None else spec.exposure)
+    roles = [in_force[r] for r in ("local", "systemic", "abscopal") if r in in_force] or list(spec.outputs)[:2]
+    # titles by role: the model file's descriptions name the lesions as the model file's routes inject them
+    role_of = {name: ROLE_TITLES[r] for r, name in in_force.items() if r in ROLE_TITLES}
     fig, axes = plt.subplots(1, len(roles), figsize=(5.5 * len(roles), 4.2), squeeze=False, constrained_layout=True)
     first = next(iter(schedules.values()))
     horizon = max(24.0, 0.4 * default_horizon(values, first)) if spec.is_linear else None  # about 4 slowest half-lives
@@ -96,7 +101,7 @@ def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -
         prof = simulate(spec, schedule, values, grid, outputs=roles)
         for ax, name in zip(axes[0], roles, strict=True):
             y = prof.outputs[name][0]
-            ax.plot(grid, np.where(y > 0, y, np.nan), lw=1.8, label=route)
+            ax.plot(grid, np.where(y > 0, y, np.nan), lw=1.8, label=str(schedule.doses[0].target) if schedule.doses else route)
     for ax, name in zip(axes[0], roles, strict=True):
         ax.set_yscale("log")
         top = max(np.nanmax(line.get_ydata()) for line in ax.get_lines())
@@ -104,7 +109,7 @@ def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(f"time ({spec.time_unit})")
         ax.set_ylabel(f"{name} ({spec.outputs[name].unit})")
-        ax.set_title(spec.outputs[name].description or name, fontsize=10)
+        ax.set_title(f"{name} ({role_of[name]})" if name in role_of else spec.outputs[name].description or name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(title="route", fontsize=8)
     fig.suptitle(title or spec.name)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,11 @@ def _write_files(result: FitResult, folder: Path, command: Sequence[str]) -> Non
     result.tree.to_netcdf(folder / "posterior.nc")
     summary_table(result).to_csv(folder / "summary.csv", index=False)
     predictions_table(result).to_csv(folder / "predictions.csv", index=False)
-    exposure = exposure_table(result)
+    try:
+        exposure = exposure_table(result)
+    except ItpkError as exc:  # a finished fit is worth more than its exposure table: keep it, say why
+        exposure = None
+        result = replace(result, warnings=(*result.warnings, f"exposure.csv not written: {exc}"))
     if exposure is not None:
         exposure.to_csv(folder / "exposure.csv", index=False)
     (folder / "model.toml").write_text(result.data.spec.text_toml, encoding="utf-8")

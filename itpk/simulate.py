@@ -126,7 +126,7 @@ def simulate(
         amounts, failed, _ = odesim.kernel_solve(values, schedule, unique)
         if failed.size:  # LSODA, the slow path, for the sets the kernel could not solve
             part = values.take(failed)
-            amounts[failed] = _run(make_stepper(segment_values(part, schedule), schedule), schedule, unique)
+            amounts[failed] = _run(make_stepper(segment_values(part, schedule), schedule, labels=failed), schedule, unique)
         amounts = amounts[:, inverse]
     else:
         amounts = _run(make_stepper(segments, schedule), schedule, t)
@@ -142,13 +142,16 @@ def segment_values(values: Values, schedule: Schedule) -> list[Values]:
     return out
 
 
-def make_stepper(segments: Sequence[Values], schedule: Schedule) -> LinearStepper | NonlinearStepper | SegmentedStepper:
-    """The model's stepper, or one per covariate segment behind :class:`SegmentedStepper`."""
-    stepper_cls = LinearStepper if segments[0].spec.is_linear else NonlinearStepper
+def make_stepper(segments: Sequence[Values], schedule: Schedule,
+                 labels: Sequence[int] | None = None) -> LinearStepper | NonlinearStepper | SegmentedStepper:
+    """The model's stepper, or one per covariate segment behind :class:`SegmentedStepper`
+    (``labels``: the sets' numbers in a nonlinear solver's messages)."""
     targets = schedule.targets()
-    if len(segments) == 1:
-        return stepper_cls(segments[0], targets)
-    return SegmentedStepper([stepper_cls(v, targets) for v in segments])
+    if segments[0].spec.is_linear:
+        steppers: list[Any] = [LinearStepper(v, targets) for v in segments]
+    else:
+        steppers = [NonlinearStepper(v, targets, labels=labels) for v in segments]
+    return steppers[0] if len(steppers) == 1 else SegmentedStepper(steppers)
 
 
 class SegmentedStepper:

@@ -6,6 +6,7 @@ functions, so a job and a command always do the same thing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from itpk.population import sample_population
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
-from itpk.system import Values, check_volumes, resolve
+from itpk.system import Values, check_volumes, inputs_of, resolve
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,10 +81,11 @@ def build_schedule(
     """The schedule of a command: a regular regimen, or a named one (``tvec``).
 
     A named regimen fixes amounts and times; with ``diam`` it also sets the
-    model's ``DIAM`` covariate (the route's own lesion's; injecting another
-    ``site``, set that lesion's size with ``overrides``). ``site`` sends the
-    route's doses to another of its sites (``--cmt lesion2``). Returns the
-    schedule and its route.
+    covariate that sizes the injected lesion (:func:`lesion_size`: ``DIAM``,
+    or ``DIAM2`` when ``site`` is ``lesion2``; ``DIAM`` for a route into no
+    lesion) unless ``overrides`` set it.
+    ``site`` sends the route's doses to another of its sites (``--cmt
+    lesion2``). Returns the schedule and its route.
     """
     if regimen_name is not None:
         from itpk.regimens import REGIMENS
@@ -96,13 +98,26 @@ def build_schedule(
             raise ItpkError(f"--regimen {regimen_name} needs the lesion's longest diameter: --diam CM")
         route = route or "it"
         site = check_sites(spec, [route], site)
-        if "DIAM" in spec.covariates and site is None:
-            overrides.setdefault("DIAM", diam)
+        size = lesion_size(spec, site or (spec.routes[route].site if route in spec.routes else None))
+        if size is None and site is None and "DIAM" in spec.covariates:
+            size = "DIAM"  # a regimen by a route that injects no lesion (iv): the patient's lesion still has that size
+        if size is not None:
+            overrides.setdefault(size, diam)
         return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site), route
     if route is None or dose is None:
         raise ItpkError("give --route and --dose (or --regimen tvec --diam CM)")
     site = check_sites(spec, [route], site)
     return regimen(Target(route, site=site), dose, every=every, doses=doses or 1, infusion=infusion), route
+
+
+def lesion_size(spec: ModelSpec, compartment: str | None) -> str | None:
+    """The covariate that sizes ``compartment`` (the one covariate its volume uses, through
+    derived quantities), or None (no volume, none, or several)."""
+    found = next((c for c in spec.compartments if c.name == compartment), None)
+    if found is None or found.volume is None:
+        return None
+    covariates = [n for n in inputs_of(spec, found.volume.names) if n in spec.covariates]
+    return covariates[0] if len(covariates) == 1 else None
 
 
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
@@ -440,8 +455,8 @@ def _describe_regimen(schedule: Schedule, time_unit: str) -> str:
 def format_comparison(report: dict) -> str:
     """Plain-text summary for the terminal."""
     lines = [f"{report['model']}: {report['regimen']} ({report['dose_unit']}); AUC over {report['auc_interval']}"]
-    if report.get("site"):
-        lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs'].get('local')})")
+    if report.get("site") and report["exposure_outputs"].get("local"):
+        lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs']['local']})")
     units = report["units"]
     shown = tuple(f"_{name}" for role, name in report["exposure_outputs"].items() if role in ("local", "systemic"))
     for route, q in report["routes"].items():
@@ -508,5 +523,6 @@ def run_fit(
     verdict = diag["passed"]
     lines.append("diagnostics: " + ("passed" if verdict else ("not applicable" if verdict is None else "FAILED: " + "; ".join(diag["reasons"]))))
     lines += [f"advice: {a}" for a in diag.get("advice", [])]
-    lines += [f"warning: {w}" for w in result.warnings]
+    recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["warnings"]  # the fit's and the writer's
+    lines += [f"warning: {w}" for w in recorded]
     return FitRunResult(run_dir, diag, "\n".join(lines))

@@ -92,13 +92,17 @@ def test_simulate_cmt_injects_the_second_lesion(tmp_path):
     expected = simulate(spec, explicit, {}, [0, 1, 6, 30, 60])
     for name in ("plasma", "tumor", "lesion2"):
         np.testing.assert_allclose(frame[frame["OUTPUT"] == name]["VALUE"], expected.outputs[name][0], rtol=1e-12)
-    # a named regimen into the second lesion: --diam sizes the injection, not the first lesion's DIAM
+    # a named regimen into the second lesion: --diam sizes the injection and that lesion (DIAM2, the
+    # covariate its volume uses), not the first lesion (DIAM stays at its default, 2 cm)
     tvec = tmp_path / "tvec.csv"
     assert run("simulate", "it_linear", "--regimen", "tvec", "--diam", 4, "--cmt", "lesion2", "--doses", 1,
                "--at", "24", "--out", tvec).exit_code == 0
     assert run("simulate", "it_linear", "--regimen", "tvec", "--diam", 4, "--cmt", "lesion2", "--doses", 1,
-               "--at", "24", "--set", "DIAM=2", "--out", tmp_path / "same.csv").exit_code == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tvec), pd.read_csv(tmp_path / "same.csv"))  # DIAM stayed at its default, 2
+               "--at", "24", "--set", "DIAM=2", "--set", "DIAM2=4", "--out", tmp_path / "same.csv").exit_code == 0
+    assert run("simulate", "it_linear", "--regimen", "tvec", "--diam", 4, "--cmt", "lesion2", "--doses", 1,
+               "--at", "24", "--set", "DIAM2=2", "--out", tmp_path / "small.csv").exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tvec), pd.read_csv(tmp_path / "same.csv"))
+    assert not pd.read_csv(tvec)["VALUE"].equals(pd.read_csv(tmp_path / "small.csv")["VALUE"])  # --set wins
 
 
 BAD = [

@@ -258,3 +258,19 @@ def test_compare_cli_cmt(tmp_path):
     ]:
         result = runner.invoke(app, ["compare", "it_linear", "--dose", "10", *args])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_compare_plot_titles_panels_by_role_and_labels_the_injected_site(tmp_path, monkeypatch):
+    # with --cmt lesion2 the lesion2 panel is the injected lesion and the tumour panel the
+    # non-injected one (the model file's descriptions say the opposite); the legend names it@lesion2
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    png = tmp_path / "c.png"
+    result = runner.invoke(app, ["compare", "it_linear", "--dose", "10", "--cmt", "lesion2", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = figures[-1].axes
+    assert [ax.get_title() for ax in axes] == ["lesion2 (injected lesion)", "plasma (systemic circulation)", "tumor (non-injected lesion)"]
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["it@lesion2", "iv"]

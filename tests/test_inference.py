@@ -249,6 +249,23 @@ def test_smoke_nuts_run_directory(theoph_nuts):
     assert 2.75 / 1.5 < cl < 2.75 * 1.5
 
 
+def test_a_fit_whose_exposure_table_fails_is_kept_with_a_warning(theoph_nuts, tmp_path, monkeypatch):
+    # e.g. a trial that injected a lesion no [exposure] output reads alone (itpk.exposure.roles_at):
+    # the run directory is written without exposure.csv and run.json says why
+    import itpk.run
+    from itpk.errors import ItpkError
+
+    def refuse(result):
+        raise ItpkError("model 'x': no [exposure] output reads lesion 'lesion2' alone")
+
+    monkeypatch.setattr(itpk.run, "exposure_table", refuse)
+    result, _ = theoph_nuts
+    out = itpk.run.write_run(result, tmp_path / "run", command=["test"])
+    assert (out / "posterior.nc").is_file() and not (out / "exposure.csv").exists()
+    warnings = json.loads((out / "run.json").read_text())["warnings"]
+    assert warnings[-1] == "exposure.csv not written: model 'x': no [exposure] output reads lesion 'lesion2' alone"
+
+
 def test_simulate_from_a_posterior(theoph_nuts, tmp_path):
     # one subject: the typical profile at every draw (200 here), each equal to simulate at that
     # draw's values (rtol 1e-12); --subjects N: reproducible by seed, different across seeds

@@ -122,6 +122,14 @@ def test_virus_with_a_growing_lesion_matches_radau_piecewise():
     assert np.max(np.abs(frozen - want) / peak) > 0.1
 
 
+def test_a_set_that_fails_in_the_retry_too_is_named_by_its_own_number():
+    # Km = -2 has a pole both solvers meet; simulate retries set 2 with LSODA, which fails too, and
+    # the message names set 2 (it said 0, its place among the retried sets)
+    spec = load_model("one_cpt_mm")
+    with pytest.raises(ScheduleError, match=r"parameter set 2\b"):
+        simulate(spec, Schedule((Dose(0.0, 500.0, Target("iv")),)), {"Km": [2.0, 3.0, -2.0]}, [1.0, 48.0])
+
+
 def test_a_failed_solve_is_a_schedule_error():
     # Km = -2: the elimination rate Vmax·C/(Km + C) has a pole at C = 2 mg/L, which the falling
     # concentration (10 mg/L at first) reaches, so the solve fails for that parameter set only
