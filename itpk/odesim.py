@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from itpk.covdoses import covariate_doses
+from itpk.dosecuts import cut_doses
 from itpk.errors import ScheduleError
 from itpk.events import Schedule
 from itpk.linop import Design
@@ -31,8 +33,6 @@ from itpk.odeop import (
     choose_method,
     design_horizon,
 )
-from itpk.covdoses import covariate_doses
-from itpk.dosecuts import cut_doses
 from itpk.subjects import Subject, expand_doses, last_reset
 from itpk.system import Values, initial_state, input_fractions, with_covariates
 

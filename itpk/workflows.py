@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from itpk.errors import ItpkError
-from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.events import Schedule, Target, regimen
+from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
 from itpk.population import sample_population
 from itpk.progress import Progress

@@ -201,7 +201,7 @@ def test_virus_given_iv_keeps_its_accuracy_below_a_large_initial_amount():
     for t in sorted({24.0, 48.0, 72.0, 168.0, 288.0, *times}):
         f = rhs_function(in_force[max(k for k in in_force if k <= t0)], 0)
         u = rate * into_blood if 24.0 <= t0 < 72.0 else 0.0 * into_blood
-        x = solve_ivp(lambda tt, y: f(tt, y) + u, (t0, t), x, method="Radau", rtol=1e-12, atol=1e-6).y[:, -1]
+        x = solve_ivp(lambda tt, y, f=f, u=u: f(tt, y) + u, (t0, t), x, method="Radau", rtol=1e-12, atol=1e-6).y[:, -1]
         if t == 48.0:
             x = x + 3.6e6 * into_blood
         if t in times:
