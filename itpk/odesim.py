@@ -40,9 +40,9 @@ from itpk.system import Values, initial_state, input_fractions, with_covariates
 # report and the exposure metrics are checked against (agreement with LSODA at 1e-10 and with
 # the closed-form references of the tests: 1e-7).
 RTOL_DP5, RTOL_STIFF = 1e-10, 1e-9
-# atol relative to the largest dose or initial amount (the smaller of the two, see kernel_solve), as LSODA's 1e-14·max(1, |x|) was: a fixed
-# 1e-10 amount units left a 1e-3 mg dose 120x wrong at 96 h (sparse output times), and made the
-# accuracy depend on the amount unit.
+# atol relative to the largest dose or initial amount (the smaller of the two, see kernel_solve),
+# as LSODA's 1e-14·max(1, |x|) was: a fixed 1e-10 amount units left a 1e-3 mg dose 120x wrong at
+# 96 h (sparse output times), and made the accuracy depend on the amount unit.
 ATOL_SCALE = 1e-14
 # Steps per parameter set over the whole schedule: a year of T-VEC visits needs up to ~1e6 at
 # rtol 1e-9 for some virus parameter sets (200 000 failed 7 of 200); a set that still runs out

@@ -339,9 +339,9 @@ def run_comparison(
     if site is not None and not local:
         raise ItpkError(f"--cmt {site}: names the lesion a local route ({', '.join(LOCAL_ROUTES)}) injects; none is compared")
     site = check_sites(spec, local, site)
-    base, _ = build_schedule(spec, route=routes[0], dose=dose, every=every, doses=doses, infusion=None,
-                             regimen_name=regimen_name, diam=diam, overrides=overrides,
-                             site=site if routes[0] in local else None)
+    # built for a local route when there is one, so that --regimen's --diam sizes the lesion it injects
+    base, _ = build_schedule(spec, route=(local or routes)[0], dose=dose, every=every, doses=doses, infusion=None,
+                             regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
     values = resolve(spec, overrides)
     # the lesion and plasma concentrations the metrics divide by (not the abscopal lesion's: a
     # patient without one, DIAM2 = 0, still gets every other metric)

@@ -249,6 +249,13 @@ def test_compare_cli_cmt(tmp_path):
     assert doc["exposure_outputs"]["local"] == "lesion2" and doc["exposure_outputs"]["abscopal"] == "tumor"
     assert "AUC_lesion2" in doc["routes"]["it"] and doc["metrics"]["G"] > 1
     assert doc["routes"]["iv"] == default["routes"]["iv"]  # the reference route is untouched
+    # a named regimen: --diam sizes the injected lesion (DIAM2), whichever route is listed first
+    tvec = ["compare", "it_linear", "--regimen", "tvec", "--diam", "4", "--doses", "1", "--cmt", "lesion2", "--json"]
+    first_it, first_iv = (json.loads(runner.invoke(app, [*tvec, "--routes", r]).output) for r in ("it,iv", "iv,it"))
+    sized = json.loads(runner.invoke(app, [*tvec, "--set", "DIAM2=4"]).output)
+    small = json.loads(runner.invoke(app, [*tvec, "--set", "DIAM2=2"]).output)  # --set wins over --diam
+    assert small["metrics"]["G"] != pytest.approx(sized["metrics"]["G"], rel=1e-3)
+    assert first_it["metrics"] == first_iv["metrics"] == sized["metrics"]
     text = runner.invoke(app, ["compare", "it_linear", "--dose", "10", "--cmt", "lesion2"]).output
     assert "injected lesion: lesion2 (local output lesion2)" in text
     for args, message in [
