@@ -85,37 +85,48 @@ def test_covariate_changes_match_the_lsoda_steppers(index):
     assert np.max(np.abs(frozen - slow) / peak) > 0.05
 
 
+def radau_piecewise(in_force, times, *, boluses=(), infusion=None):
+    """Amounts of parameter set 0 at ``times`` by scipy's Radau (rtol 1e-12), event to event.
+
+    ``in_force`` maps a start time to the Values in force from then on; ``boluses`` are (time,
+    amounts (n,)) added at that time; ``infusion`` is (start, end, rate (n,)). Independent of
+    itpk's event engine: only the right-hand side (:func:`itpk.system.rhs_function`) is shared.
+    """
+    from scipy.integrate import solve_ivp
+
+    from itpk.system import rhs_function
+
+    start, end, rate = infusion if infusion is not None else (0.0, 0.0, 0.0)
+    events = sorted({*in_force, *(t for t, _ in boluses), start, end, *times} - {0.0})
+    x, t0, out = initial_state(in_force[0.0])[0], 0.0, []
+    x = x + sum((a for t, a in boluses if t == 0.0), np.zeros_like(x))
+    for t in events:
+        f = rhs_function(in_force[max(k for k in in_force if k <= t0)], 0)
+        u = rate if start <= t0 < end else 0.0
+        x = solve_ivp(lambda tt, y, f=f, u=u: f(tt, y) + u, (t0, t), x, method="Radau", rtol=1e-12, atol=1e-6).y[:, -1]
+        x = x + sum((a for tb, a in boluses if tb == t), np.zeros_like(x))
+        if t in times:
+            out.append(x.copy())
+        t0 = t
+    return np.array(out)
+
+
 def test_virus_with_a_growing_lesion_matches_radau_piecewise():
     # it_oncolytic_virus (stiff; Rosenbrock-W at rtol 1e-9) on two T-VEC visits, the lesion's
     # diameter 3 -> 3.6 cm after 10 days (V_T_mL in the right-hand side and the outputs). Reference:
     # scipy's Radau at rtol 1e-12 from event to event with the values in force, boluses added by
-    # hand: every amount within 2e-8 of its compartment's peak (measured 2.3e-9; LSODA at rtol 1e-10,
+    # hand: every amount within 2e-8 of its compartment's peak (measured 2.0e-10; LSODA at rtol 1e-10,
     # simulate's path for this case before, 5.5e-9). Ignoring the change is 32% off.
-    from scipy.integrate import solve_ivp
-
-    from itpk.system import input_fractions, rhs_function, with_covariates
+    from itpk.system import input_fractions, with_covariates
 
     spec = load_model("it_oncolytic_virus")
     schedule = Schedule(tvec_schedule(3.0, visits=2).doses, (), (CovariateChange(240.0, (("DIAM", 3.6),)),))
     values = resolve(spec, {"DIAM": 3.0})
     times = np.array([12.0, 100.0, 240.0, 300.0, 504.0, 600.0, 800.0])
     got = kernel_amounts(values, schedule, times)[0]
-    later = with_covariates(values, {"DIAM": 3.6})
-    x = initial_state(values)[0]
-    events = sorted({0.0, 240.0, 504.0, *times})
-    want, t0 = [], 0.0
-    for t in events:
-        if t > t0:
-            rhs = rhs_function(values if t0 < 240.0 else later, 0)
-            x = solve_ivp(rhs, (t0, t), x, method="Radau", rtol=1e-12, atol=1e-12 * x.max(),
-                          jac=None).y[:, -1]
-        for dose in schedule.doses:
-            if t in dose.times():
-                x = x + dose.amount * input_fractions(values, dose.target)[0]
-        if t in times:
-            want.append(x.copy())
-        t0 = t
-    want = np.array(want)
+    in_force = {0.0: values, 240.0: with_covariates(values, {"DIAM": 3.6})}
+    boluses = [(t, dose.amount * input_fractions(values, dose.target)[0]) for dose in schedule.doses for t in dose.times()]
+    want = radau_piecewise(in_force, times, boluses=boluses)
     peak = np.abs(want).max(axis=0)
     assert np.max(np.abs(got - want) / peak) < 2e-8
     frozen = kernel_amounts(values, Schedule(schedule.doses), times)[0]
@@ -184,9 +195,7 @@ def test_virus_given_iv_keeps_its_accuracy_below_a_large_initial_amount():
     # by hand. Every amount within 5e-8 of its peak (measured 1.0e-8). The absolute tolerance
     # scaled by the tumour cells (1e-14 x 1e10) left the infected cells and free virus 1.5e-6 off
     # after their exponential growth; it now follows the doses.
-    from scipy.integrate import solve_ivp
-
-    from itpk.system import input_fractions, rhs_function, with_covariates
+    from itpk.system import input_fractions, with_covariates
 
     spec = load_model("it_oncolytic_virus")
     rate = 4.5e6 / 48.0
@@ -197,16 +206,6 @@ def test_virus_given_iv_keeps_its_accuracy_below_a_large_initial_amount():
     got = kernel_amounts(values, schedule, times)[0]
     in_force = {0.0: values, 168.0: with_covariates(values, {"DIAM": 4.2}), 288.0: with_covariates(values, {"DIAM": 3.0})}
     into_blood = input_fractions(values, Target("iv"))[0]
-    x, t0, want = initial_state(values)[0], 0.0, []
-    for t in sorted({24.0, 48.0, 72.0, 168.0, 288.0, *times}):
-        f = rhs_function(in_force[max(k for k in in_force if k <= t0)], 0)
-        u = rate * into_blood if 24.0 <= t0 < 72.0 else 0.0 * into_blood
-        x = solve_ivp(lambda tt, y, f=f, u=u: f(tt, y) + u, (t0, t), x, method="Radau", rtol=1e-12, atol=1e-6).y[:, -1]
-        if t == 48.0:
-            x = x + 3.6e6 * into_blood
-        if t in times:
-            want.append(x.copy())
-        t0 = t
-    want = np.array(want)
+    want = radau_piecewise(in_force, times, boluses=[(48.0, 3.6e6 * into_blood)], infusion=(24.0, 72.0, rate * into_blood))
     peak = np.abs(want).max(axis=0)
     assert np.max(np.abs(got - want) / peak) < 5e-8
