@@ -55,6 +55,14 @@ class Target:
             return f"cmt:{self.name}"
         return self.name if self.site is None else f"{self.name}@{self.site}"
 
+    @classmethod
+    def parse(cls, label: str) -> Target:
+        """The target ``str(target)`` wrote (``iv``, ``it@lesion2``, ``cmt:central``)."""
+        if label.startswith("cmt:"):
+            return cls(label[4:], compartment=True)
+        name, _, site = label.partition("@")
+        return cls(name, site=site or None)
+
 
 @dataclass(frozen=True)
 class Dose:

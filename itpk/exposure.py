@@ -22,7 +22,7 @@ from itpk.errors import ItpkError, ScheduleError
 from itpk.events import Schedule
 from itpk.linear import auc_infinity
 from itpk.peaks import Trace, grid_modes, peak, time_above, trajectory
-from itpk.simulate import simulate
+from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec
 from itpk.system import Values, evaluate_outputs, input_fractions, rate_matrix
 from itpk.threads import single_blas_thread
@@ -156,13 +156,13 @@ def _grid_exposure(
     values: Values, schedule: Schedule, outputs: Sequence[str], targets: Mapping[str, float], horizon: float | None
 ) -> RouteExposure:
     end = horizon if horizon is not None else max(schedule.dose_times(), default=0.0) + 720.0
-    grid = peak_grid(schedule, end)
-    prof = simulate(values.spec, schedule, values, grid, outputs=list(outputs))
+    grid = peak_grid(schedule, end)  # ends at ``end``: one solve gives the peaks and the AUC
+    prof, auc = _profiles_and_auc(values, schedule, outputs, grid)
     j = {o: np.argmax(prof.outputs[o], axis=1) for o in outputs}
     cmax = {o: prof.outputs[o].max(axis=1) for o in outputs}
     tmax = {o: grid[j[o]] for o in outputs}
     above = {o: np.where(prof.outputs[o] >= lvl, 1.0, 0.0)[:, :-1] @ np.diff(grid) for o, lvl in targets.items()}
-    return RouteExposure(auc_nonlinear(values, schedule, outputs, end), cmax, tmax, above, end)
+    return RouteExposure(auc, cmax, tmax, above, end)
 
 
 def auc_nonlinear(values: Values, schedule: Schedule, outputs: Sequence[str], horizon: float) -> dict[str, np.ndarray]:
@@ -179,11 +179,17 @@ def auc_nonlinear(values: Values, schedule: Schedule, outputs: Sequence[str], ho
     ScheduleError
         For resets or steady-state doses: they would reset or balance the AUC states too.
     """
+    return _profiles_and_auc(values, schedule, outputs, np.array([horizon]))[1]
+
+
+def _profiles_and_auc(values: Values, schedule: Schedule, outputs: Sequence[str],
+                      times: np.ndarray) -> tuple[Profiles, dict[str, np.ndarray]]:
+    """The outputs at ``times`` and their AUC over [0, times[-1]], from one solve with AUC states."""
     if schedule.resets or any(d.reset or d.ss for d in schedule.doses):
         raise ScheduleError("the AUC of a nonlinear model is computed for regimens without resets or steady-state doses")
     augmented, names = _with_auc_states(values.spec.text_toml, tuple(outputs))
-    amounts = simulate(augmented, schedule, Values(augmented, values.env, values.size), [horizon]).amounts[:, -1, :]
-    return {o: amounts[:, augmented.state_names.index(names[o])] for o in outputs}
+    prof = simulate(augmented, schedule, Values(augmented, values.env, values.size), times, outputs=list(outputs))
+    return prof, {o: prof.amounts[:, -1, augmented.state_names.index(names[o])] for o in outputs}
 
 
 @functools.lru_cache(maxsize=16)
@@ -283,6 +289,9 @@ def injected_site(spec: ModelSpec, schedules: Mapping[str, Schedule]) -> str | N
     if len(sites) > 1:
         raise ItpkError(f"the local routes inject different lesions ({', '.join(sorted(sites))}): compare one lesion at a time")
     return next(iter(sites), None)
+
+
+ROLE_TITLES = {"local": "injected lesion", "systemic": "systemic circulation", "abscopal": "non-injected lesion"}
 
 
 def roles_at(spec: ModelSpec, site: str | None) -> dict[str, str]:

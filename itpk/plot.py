@@ -70,9 +70,6 @@ def _draw(ax, t: np.ndarray, values: np.ndarray, max_lines: int) -> None:  # noq
     ax.legend(fontsize=8, loc="best")
 
 
-ROLE_TITLES = {"local": "injected lesion", "systemic": "systemic circulation", "abscopal": "non-injected lesion"}
-
-
 def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -> Path:  # noqa: ANN001
     """Local (tumour) and systemic (plasma) profiles of each route side by side, log scale.
 
@@ -84,7 +81,7 @@ def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from itpk.exposure import default_horizon
+    from itpk.exposure import ROLE_TITLES, default_horizon
     from itpk.simulate import simulate
     from itpk.workflows import output_grid
 

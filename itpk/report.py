@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.errors import ItpkError
+from itpk.events import Target
 from itpk.io import write_text
 from itpk.progress import Progress
 
@@ -1044,13 +1045,12 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
     5% past the last observation; lines are posterior medians and bands 90% credible bands. None
     when the model names no local and systemic outputs.
     """
-    from itpk.events import Target, regimen
-    from itpk.exposure import roles_at
+    from itpk.events import regimen
+    from itpk.exposure import ROLE_TITLES, roles_at
     from itpk.run import posterior_values
     from itpk.simulate import simulate
 
-    name, _, site = local.partition("@")
-    injected = Target(name, site=site or None)
+    injected = Target.parse(local)
     roles = roles_at(run.spec, injected.site)
     outputs = [roles[r] for r in ("local", "systemic") if r in roles and roles[r] in run.spec.outputs]
     if not outputs or not any(k in run.spec.parameters for k in run.draws):
@@ -1070,11 +1070,11 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
         for color, (route, b) in zip(ROUTE_COLORS, bands.items(), strict=True):
             lo, med, hi = (np.maximum(v, floor) if floor is not None else v for v in b[output])
             ax.fill_between(times, lo, hi, color=color, alpha=0.2, lw=0)
-            ax.plot(times, med, color=color, lw=1.5, label=f"{route.upper()} {fmt(dose)} {_dose_unit(run, route.split('@')[0])}".rstrip())
+            ax.plot(times, med, color=color, lw=1.5, label=f"{route.upper()} {fmt(dose)} {_dose_unit(run, route)}".rstrip())
         if floor is not None:
             log_axis(ax, "y")
         unit = run.spec.outputs[output].unit
-        role = "injected lesion" if output == roles.get("local") else "systemic circulation"
+        role = ROLE_TITLES["local" if output == roles.get("local") else "systemic"]
         ax.set_title(f"{output} ({role})", fontsize=10)
         ax.set_xlabel(f"time after the dose ({run.spec.time_unit})", fontsize=9)
         ax.set_ylabel(f"{output} ({unit})", fontsize=9)
@@ -1086,9 +1086,10 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
 
 
 def _dose_unit(run: RunData, route: str) -> str:
-    """Amount unit of the compartments a route doses into (the dose's unit), or "" when unknown."""
+    """Amount unit of the compartments a route (a target label: ``it@lesion2``) doses into (the
+    dose's unit), or "" when unknown."""
     spec = run.spec
-    into = getattr(spec.routes.get(route), "into", {})
+    into = getattr(spec.routes.get(Target.parse(route).name), "into", {})
     units = {c.amount_unit for c in spec.compartments if c.name in into}
     return units.pop() if len(units) == 1 else ""
 
@@ -1099,7 +1100,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         return None
     route = str(e["route"].iloc[0]) if "route" in e else "it vs iv"
     ref = route.split(" vs ")[-1].upper() if " vs " in route else "systemic"
-    dose = f"{fmt(e['dose'].iloc[0])} {_dose_unit(run, route.split(' vs ')[0].split('@')[0])}".strip() if "dose" in e else "?"
+    dose = f"{fmt(e['dose'].iloc[0])} {_dose_unit(run, route.split(' vs ')[0])}".strip() if "dose" in e else "?"
     pcol = next((c for c in e.columns if c.startswith("P(>")), None)
     rows, sentences = [], []
     for row in e.to_dict("records"):

@@ -200,3 +200,8 @@ def test_it_dose_into_the_second_lesion_is_its_share_there_and_the_leak_into_blo
         atol = 0.0 if index == 0 else 1e-9 * np.max(want[name])
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12 if index == 0 else 0.0, atol=atol, err_msg=name)
     assert got["lesion2"][0, 1] > 10 * got["tumor"][0, 1]  # lesion2 was injected, tumor only fed by blood
+
+
+def test_a_target_label_parses_back():
+    for target in (Target("iv"), Target("it", site="lesion2"), Target("central", compartment=True)):
+        assert Target.parse(str(target)) == target
