@@ -39,6 +39,10 @@ def user_errors() -> Iterator[None]:
         yield
     except ItpkError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=getattr(exc, "exit_code", 1)) from None
+    except OSError as exc:  # an output path that cannot be written (a folder, a file as parent, no permission)
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: cannot write or read{where}: {exc.strerror or exc}", err=True)
         raise typer.Exit(code=1) from None
 
 
@@ -118,15 +122,15 @@ def simulate(
     cmt: Annotated[str | None, typer.Option(help="The lesion the route injects, one of its sites (e.g. --route it --cmt lesion2; see `itpk models show`). Default: the route's own.")] = None,
     regimen: Annotated[str | None, typer.Option(help="Named regimen instead of --dose/--every: tvec (label volumes by --diam, 1e6 then 1e8 PFU/mL, day 0, 21, then every 14 d).")] = None,
     diam: Annotated[float | None, typer.Option(help="Longest diameter (cm) of the injected lesion for --regimen; also sets its size covariate (DIAM; DIAM2 with --cmt lesion2) unless --set gives it.")] = None,
-    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h).")] = None,
-    doses: Annotated[int | None, typer.Option(help="Number of doses (visits with --regimen; default 1, or 6 visits).")] = None,
-    infusion: Annotated[float | None, typer.Option(help="Infusion duration, model time unit (h); bolus if omitted.")] = None,
-    horizon: Annotated[float | None, typer.Option(help="Last output time (h); default: last dose + one interval, at least 24 h.")] = None,
-    step: Annotated[float | None, typer.Option(help="Output grid step (h); default horizon/240.")] = None,
-    at: Annotated[str | None, typer.Option(help="Explicit output times, comma-separated (h); replaces --step/--horizon.")] = None,
+    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h for the built-in models).")] = None,
+    doses: Annotated[int | None, typer.Option(min=1, help="Number of doses (visits with --regimen; default 1, or 6 visits).")] = None,
+    infusion: Annotated[float | None, typer.Option(help="Infusion duration, model time unit (h for the built-in models); bolus if omitted.")] = None,
+    horizon: Annotated[float | None, typer.Option(help="Last output time, model time unit; default: last dose + one interval, at least 24 (h for the built-in models).")] = None,
+    step: Annotated[float | None, typer.Option(help="Output grid step, model time unit; default horizon/240.")] = None,
+    at: Annotated[str | None, typer.Option(help="Explicit output times, comma-separated, model time unit; replaces --step/--horizon.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
     subjects: Annotated[int, typer.Option(help="Virtual population size drawn from the model's IIV (1 = typical subject).")] = 1,
-    seed: Annotated[int | None, typer.Option(help="Seed of the virtual population draw.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of the virtual population draw.")] = None,
     posterior: Annotated[Path | None, typer.Option(help="Run directory of `itpk fit`: parameters from its posterior (with --subjects N: N subjects, each a posterior draw with its own IIV; else the typical subject at up to 500 draws).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also write a PNG figure (linear and log axes).")] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
@@ -168,13 +172,13 @@ def compare(
     cmt: Annotated[str | None, typer.Option(help="The lesion it (or ia) injects, one of the route's sites (e.g. lesion2): the metrics' tumour. Default: the route's own.")] = None,
     regimen: Annotated[str | None, typer.Option(help="Named regimen instead of --dose/--every: tvec.")] = None,
     diam: Annotated[float | None, typer.Option(help="Longest diameter (cm) of the injected lesion for --regimen; also sets its size covariate (DIAM; DIAM2 with --cmt lesion2) unless --set gives it.")] = None,
-    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h).")] = None,
-    doses: Annotated[int | None, typer.Option(help="Number of doses (visits with --regimen).")] = None,
-    infusion: Annotated[float | None, typer.Option(help="IV infusion duration (h); other routes are injections.")] = None,
+    every: Annotated[float | None, typer.Option(help="Dosing interval, model time unit (h for the built-in models).")] = None,
+    doses: Annotated[int | None, typer.Option(min=1, help="Number of doses (visits with --regimen).")] = None,
+    infusion: Annotated[float | None, typer.Option(help="IV infusion duration, model time unit (h for the built-in models); other routes are injections.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
     target: Annotated[list[str] | None, typer.Option(help="OUTPUT=CONC: report the time above this concentration (output unit).")] = None,
     threshold: Annotated[list[float] | None, typer.Option(help="Report P(metric > x) when comparing a population/posterior (repeatable).")] = None,
-    horizon: Annotated[float | None, typer.Option(help="Window for peaks and time above target (h); AUC of nonlinear models.")] = None,
+    horizon: Annotated[float | None, typer.Option(help="Window, model time unit, for peaks and time above target (default for linear models: [0, inf)) and for the AUC of nonlinear models.")] = None,
     posterior: Annotated[Path | None, typer.Option(help="Run directory of a fit: metrics over its posterior (median, 95% CrI, P(>x)).")] = None,
     out: Annotated[Path | None, typer.Option(help="CSV: one row per route quantity or metric.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the SPEC §4 JSON document on stdout.")] = False,
@@ -219,8 +223,8 @@ def fit(
     draws: Annotated[int, typer.Option(help="Posterior draws per chain.")] = 1000,
     tune: Annotated[int, typer.Option(help="Tuning draws per chain.")] = 1000,
     chains: Annotated[int, typer.Option(help="Chains.")] = 4,
-    cores: Annotated[int | None, typer.Option(help="Threads running the chains (default: one per chain, sharing the CPUs; --method pymc: processes, min(chains, CPUs)).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of every random step.")] = None,
+    cores: Annotated[int | None, typer.Option(min=1, help="Threads running the chains (default: one per chain, sharing the CPUs; --method pymc: processes, min(chains, CPUs)).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of every random step.")] = None,
     error: Annotated[list[str] | None, typer.Option(help="Residual error per output, OUTPUT=MODEL (additive, proportional, combined, log).")] = None,
     target_accept: Annotated[float, typer.Option(help="NUTS target acceptance rate; raise it (e.g. 0.95) when a fit reports divergences.")] = 0.9,
     mass_matrix: Annotated[str, typer.Option(help="NUTS mass matrix adapted during warm-up: auto (diag; low-rank for a nonlinear model with --precondition none), diag, low-rank.")] = "auto",

@@ -483,6 +483,8 @@ class _Reader:
         self._blank(values, "ID", everywhere, "blank", "a subject identifier")
         self._blank(values, "TIME", everywhere, "blank", _NUMBER)
         self._blank(values, "EVID", everywhere, "blank", _EVID_TEXT)
+        time = values["TIME"]  # the models start from their initial amounts at time 0
+        self.add_rows(time < 0, "TIME", lambda i: f"found {_fmt(time.iat[i])}", "a time >= 0 (time 0 is the start of the model's clock)")
 
     def _check_subjects(self, values: dict[str, pd.Series]) -> None:
         """Each subject's rows together, and TIME non-decreasing within them."""

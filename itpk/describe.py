@@ -35,6 +35,9 @@ def describe_model(spec: ModelSpec) -> str:
         lines.append("covariates (default):")
         lines.extend(f"  {c.name} = {c.value:g} {c.unit} {c.description}" + (" (time-varying: NOCB)" if c.time_varying else "")
                      for c in spec.covariates.values())
+    if spec.conversions:
+        lines.append("unit conversions itpk puts into expressions (itpk.dimensions):")
+        lines.extend(f"  {c}" for c in spec.conversions)
     lines.append("parameters:")
     lines.append(f"  {'name':<8} {'value':>10} {'unit':<8} {'IIV CV':>7}  {'prior':<36} description; source")
     for p in spec.parameters.values():

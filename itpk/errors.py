@@ -30,3 +30,9 @@ class FitError(ItpkError):
 
 class PipelineError(ItpkError):
     """A batch pipeline file (``itpk batch``) is invalid; the message lists every problem found."""
+
+
+class Interrupted(ItpkError):
+    """The user interrupted (Ctrl-C) a command before it finished; nothing was written. Exit code 130."""
+
+    exit_code = 130

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from itpk.errors import ModelSpecError
 
 FUNCTIONS: tuple[str, ...] = ("exp", "log", "sqrt", "abs", "min", "max")
@@ -33,6 +35,7 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 _MAX_LENGTH = 2000
+_MAX_DEPTH = 200
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,47 @@ def parse_expr(text: str | int | float, *, where: str) -> Expr:
         module = ast.parse(source, mode="eval")
     except SyntaxError as exc:
         raise ModelSpecError(f"{where}: cannot parse expression {source!r} ({exc.msg})") from None
+    except (RecursionError, MemoryError):
+        raise ModelSpecError(f"{where}: expression nested too deeply to parse") from None
+    if _depth(module.body) > _MAX_DEPTH:  # every walk of the tree (checks, evaluation, derivatives) recurses
+        raise ModelSpecError(f"{where}: expression nested deeper than {_MAX_DEPTH} levels; split it into [derived] quantities")
     names: set[str] = set()
     _check(module.body, source, where, names)
+    _check_constants(module.body, source, where)
     return Expr(text=source, names=frozenset(names), tree=module.body)
+
+
+def _depth(tree: ast.AST) -> int:
+    """Nesting depth of a tree, without recursion (a deep tree is what is being guarded against)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def _check_constants(node: ast.expr, source: str, where: str) -> float | None:
+    """The value of a constant subtree (None if it uses a name); refuse one that is not a finite real number.
+
+    Evaluated as the solvers do (numpy float64): ``1/0`` is inf and ``(-1)**0.5`` NaN, where
+    Python floats would raise or turn complex.
+    """
+    if isinstance(node, ast.Constant):
+        value: Any = np.float64(node.value)
+    elif isinstance(node, ast.Name):
+        return CONSTANTS.get(node.id)
+    else:
+        children = [_check_constants(c, source, where) for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
+        if isinstance(node, ast.Call):
+            children = [_check_constants(a, source, where) for a in node.args]
+        if any(c is None for c in children):
+            return None
+        with np.errstate(all="ignore"):
+            value = _eval(node, {}, numpy_backend())
+    if not np.isfinite(value):
+        _refuse(node, source, where, f"constant part {ast.unparse(node)!r} (it is {float(value)}, not a finite number)")
+    return float(value)
 
 
 def _check(node: ast.AST, source: str, where: str, names: set[str]) -> None:
@@ -200,7 +241,7 @@ def _refuse(node: ast.AST, source: str, where: str, what: str) -> None:
 
 def _eval(node: ast.expr, env: Mapping[str, Any], backend: Mapping[str, Callable[..., Any]]) -> Any:
     if isinstance(node, ast.Constant):
-        return float(node.value)
+        return np.float64(node.value)  # numpy semantics, as the compiled solvers have: 1/0 is inf, not an exception
     if isinstance(node, ast.Name):
         if node.id in CONSTANTS:
             return CONSTANTS[node.id]

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
-from itpk.dataset import Dataset, check_against
+from itpk.dataset import DOSE_EVIDS, Dataset, check_against
 from itpk.dosecuts import cut_doses
 from itpk.errors import FitError
 from itpk.expr import pytensor_backend
@@ -78,6 +78,9 @@ def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | No
     obs = _observations(subject_list, dataset)
     if obs.empty:
         raise FitError(f"{dataset.source}: no observations to fit")
+    if not dataset.data["EVID"].isin(DOSE_EVIDS).any() and not any(c.initial is not None for c in spec.compartments):
+        raise FitError(f"{dataset.source}: no dose rows (EVID 1 or 4), and model {spec.name!r} starts empty: every prediction "
+                       f"would be 0; add the dosing history")
     outputs = tuple(o for o in spec.outputs if o in set(obs["output"]))
     _check_log_dv(obs, {o: errors[o] for o in outputs})
     relevant = relevant_names(spec, doses, outputs)
@@ -648,6 +651,8 @@ def fit(
 
     if method not in METHODS:
         raise FitError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
+    if seed is not None and not (isinstance(seed, int) and seed >= 0):
+        raise FitError(f"--seed must be a whole number >= 0, found {seed!r}")
     if not (isinstance(target_accept, (int, float)) and 0.5 <= target_accept < 1.0):
         raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
     if precondition not in PRECONDITIONS:

@@ -234,9 +234,29 @@ def typical_predictions(result: FitResult) -> np.ndarray:
     return out
 
 
+def check_run_target(out: str | Path) -> Path:
+    """Refuse, before any work, a run directory that could not be written or must not be replaced.
+
+    Raises
+    ------
+    ItpkError
+        If ``out`` is a file, a folder that is not a run directory, or in a folder that cannot be made or written.
+    """
+    target = Path(out)
+    if target.exists() and not (target / "run.json").is_file():
+        kind = "a folder that is not a run directory" if target.is_dir() else "a file"
+        raise ItpkError(f"--out {target} exists and is {kind}; refusing to replace it (give a new path or an earlier run directory)")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ItpkError(f"--out {target}: cannot write in {parent} (not a writable folder)")
+    return target
+
+
 def write_run(result: FitResult, out: str | Path, *, command: Sequence[str] = ()) -> Path:
     """Write the run directory of SPEC §5 atomically and return its path."""
-    target = Path(out)
+    target = check_run_target(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

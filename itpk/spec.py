@@ -8,6 +8,7 @@ SPEC.md §3). Everything downstream (simulation, fitting, reports) works from a
 from __future__ import annotations
 
 import hashlib
+import keyword
 import math
 import tomllib
 from collections.abc import Mapping
@@ -111,8 +112,29 @@ class Parameter:
             raise ModelSpecError(f"parameter {self.name!r}: value {self.value} is not a finite number")
         if self.fraction and not 0 <= self.value <= 1:
             raise ModelSpecError(f"parameter {self.name!r}: a fraction must be in [0, 1], found {self.value}")
-        if self.iiv_cv is not None and not self.iiv_cv > 0:
-            raise ModelSpecError(f"parameter {self.name!r}: iiv must be a CV > 0, found {self.iiv_cv}")
+        if self.iiv_cv is not None and not (self.iiv_cv > 0 and math.isfinite(self.iiv_cv)):
+            raise ModelSpecError(f"parameter {self.name!r}: iiv must be a finite CV > 0, found {self.iiv_cv}")
+        if self.fixed and self.iiv_cv is not None:
+            raise ModelSpecError(f"parameter {self.name!r}: a fixed parameter has no between-subject variability (drop iiv or fixed)")
+        problem = self.prior and _prior_problem(self)
+        if problem:
+            raise ModelSpecError(f"parameter {self.name!r}: {problem}")
+
+
+def _prior_problem(p: Parameter) -> str:
+    """Why ``p``'s prior cannot describe it ('' if it can): its support must be the parameter's domain."""
+    assert p.prior is not None
+    dist, args = p.prior.dist, p.prior.args
+    lower = {"normal": -math.inf, "uniform": args.get("lower", 0.0)}.get(dist, 0.0)
+    upper = {"beta": 1.0, "logitnormal": 1.0, "uniform": args.get("upper", math.inf)}.get(dist, math.inf)
+    if p.fraction and not (lower >= 0.0 and upper <= 1.0):
+        return f"a fraction needs a prior on [0, 1] (beta, logitnormal, or uniform within [0, 1]), found {p.prior.describe()}"
+    if not p.fraction and dist in ("beta", "logitnormal"):
+        return f"a {dist} prior bounds the parameter to (0, 1): mark it fraction = true, or use a prior on (0, inf)"
+    if p.iiv_cv is not None and lower < 0.0:
+        return (f"between-subject variability is log-normal, so the prior must keep the parameter positive "
+                f"(lognormal, halfnormal, or uniform with lower >= 0), found {p.prior.describe()}")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -234,6 +256,7 @@ class ModelSpec:
     exposure: Mapping[str, str] = field(default_factory=dict)
     source: str = "<memory>"
     text: str = field(default="", repr=False)
+    conversions: tuple[str, ...] = ()  # unit conversions put into expressions (itpk.dimensions)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -324,7 +347,7 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     ['CL', 'V']
     """
     raw, source = _read_resolved(str(name_or_path), seen=())
-    return parse_model(raw, source=source)
+    return parse_model(raw, source=source, units=source != f"models/{name_or_path}.toml")
 
 
 def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
@@ -372,17 +395,30 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>") -> ModelSpec:
-    """Validate a model given as a parsed TOML mapping; every problem is reported at once."""
-    return _Parser(raw, source).parse()
+def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>", units: bool = True) -> ModelSpec:
+    """Validate a model given as a parsed TOML mapping; every problem is reported at once.
+
+    Parameters
+    ----------
+    raw
+        The model file's tables (``extends`` already merged).
+    source
+        Where it came from, for messages.
+    units
+        Work out, check and convert the units of every expression
+        (:func:`itpk.dimensions.check_units`). Only the built-in models skip it
+        (a test checks that it changes nothing there), since pint takes ~1 s to load.
+    """
+    return _Parser(raw, source, units).parse()
 
 
 class _Parser:
     """Collects every problem in a model file, then raises one ModelSpecError."""
 
-    def __init__(self, raw: Mapping[str, Any], source: str) -> None:
+    def __init__(self, raw: Mapping[str, Any], source: str, units: bool = True) -> None:
         self.raw = raw
         self.source = source
+        self.units = units
         self.problems: list[str] = []
 
     def fail(self, where: str, message: str) -> None:
@@ -418,14 +454,19 @@ class _Parser:
         if not outputs:
             self.fail("[outputs]", "a model needs at least one output")
         exposure = self._exposure(outputs)
-        if self.problems:
-            raise ModelSpecError(f"{self.source}: invalid model file\n  - " + "\n  - ".join(self.problems))
-        refs = raw.get("references", [])
-        return ModelSpec(
+        description = self._string(raw, "description", where="key 'description'")
+        time_unit = self._string(raw, "time_unit", required=True, where="key 'time_unit' (e.g. \"h\")")
+        references = self._references(raw.get("references", []))
+        if self.units and not self.problems:
+            from itpk.dimensions import unit_problems
+
+            self.problems += unit_problems(self._unit_texts(compartments, parameters, covariates, derived, outputs), time_unit)
+        self._raise()
+        spec = ModelSpec(
             name=name,
-            description=self._string(raw, "description", where="key 'description'"),
+            description=description,
             agent=agent,
-            time_unit=self._string(raw, "time_unit", where="key 'time_unit'") or "h",
+            time_unit=time_unit,
             compartments=compartments,
             parameters=parameters,
             covariates=covariates,
@@ -434,11 +475,43 @@ class _Parser:
             odes=odes,
             routes=routes,
             outputs=outputs,
-            references=tuple(str(r) for r in refs) if isinstance(refs, list) else (str(refs),),
+            references=references,
             exposure=exposure,
             source=self.source,
             text=_canonical_text(raw),
         )
+        self.problems += _fraction_problems(spec)
+        if self.units:
+            from itpk.dimensions import check_units
+
+            analysis = check_units(spec)
+            self.problems += analysis.problems
+            spec = analysis.spec
+        self._raise()
+        return spec
+
+    def _raise(self) -> None:
+        if self.problems:
+            raise ModelSpecError(f"{self.source}: invalid model file\n  - " + "\n  - ".join(self.problems))
+
+    def _references(self, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+            self.fail("key 'references'", f"must be a list of texts (citations), found {value!r}")
+            return ()
+        return tuple(value)
+
+    @staticmethod
+    def _unit_texts(compartments: tuple[Compartment, ...], parameters: Mapping[str, Parameter], covariates: Mapping[str, Covariate],
+                    derived: Mapping[str, Derived], outputs: Mapping[str, Output]) -> dict[str, str]:
+        """Where → unit text of every declared unit (an empty covariate or derived unit means 'not given')."""
+        texts = {f"[compartments] {c.name!r} amount_unit": c.amount_unit for c in compartments}
+        texts.update({f"[parameters] {p.name!r} unit": p.unit for p in parameters.values()})
+        texts.update({f"[covariates] {c.name!r} unit": c.unit for c in covariates.values() if c.unit})
+        texts.update({f"[derived] {d.name!r} unit": d.unit for d in derived.values() if d.unit})
+        texts.update({f"[outputs] {o.name!r} unit": o.unit for o in outputs.values()})
+        return texts
 
     # -- small readers -------------------------------------------------------------
     def _string(self, table: Mapping[str, Any], key: str, *, where: str, required: bool = False) -> str:
@@ -474,6 +547,13 @@ class _Parser:
         except ModelSpecError as exc:
             self.problems.append(str(exc))
             return None
+
+    def _flag(self, entry: Mapping[str, Any], key: str, where: str) -> bool:
+        value = entry.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(f"{where} {key}", f"must be true or false, found {value!r}")
+            return False
+        return value
 
     def _number(self, value: Any, where: str) -> float | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -519,10 +599,10 @@ class _Parser:
             iiv = self._iiv(entry.get("iiv"), where)
             if number is None or not isinstance(unit, str):
                 continue
+            fraction, fixed = self._flag(entry, "fraction", where), self._flag(entry, "fixed", where)
             try:
                 out[name] = Parameter(
-                    name, number, unit, str(entry.get("description", "")), prior, iiv,
-                    bool(entry.get("fraction", False)), bool(entry.get("fixed", False)), str(entry.get("source", "")),
+                    name, number, unit, str(entry.get("description", "")), prior, iiv, fraction, fixed, str(entry.get("source", "")),
                 )
             except ModelSpecError as exc:
                 self.fail(where, str(exc))
@@ -567,7 +647,7 @@ class _Parser:
             number = self._number(entry.get("value"), f"{where} value")
             unit = entry.get("unit", "")
             if number is not None:
-                out[name] = Covariate(name, number, str(unit), str(entry.get("description", "")), bool(entry.get("time_varying", False)))
+                out[name] = Covariate(name, number, str(unit), str(entry.get("description", "")), self._flag(entry, "time_varying", where))
         return out
 
     def _derived(self) -> dict[str, Derived]:
@@ -588,8 +668,9 @@ class _Parser:
                     self.fail(f"name {name!r}", f"declared both as {seen[name]} and as {label}")
                 seen[name] = label
         for name, label in seen.items():
-            if not name.isidentifier() or name.startswith("_"):
-                self.fail(f"{label} {name!r}", "names must be identifiers (letters, digits, '_'; not starting with '_')")
+            if not (name.isascii() and name.isidentifier()) or name.startswith("_") or keyword.iskeyword(name):
+                self.fail(f"{label} {name!r}", "names must be identifiers of ASCII letters, digits and '_', not starting with '_' "
+                                               "and not a Python keyword (expressions read names through Python's parser)")
             if name in _RESERVED:
                 self.fail(f"{label} {name!r}", f"is reserved ({', '.join(sorted(_RESERVED))})")
 
@@ -640,6 +721,8 @@ class _Parser:
                 self.fail(where, "must be a table with 'into = { compartment = fraction, ... }'")
                 continue
             self._entry("routes", name, value, _ROUTE_KEYS, "into")
+            if not (name.isascii() and name.isidentifier() and name == name.lower()):
+                self.fail(where, "route names are lower-case ASCII identifiers (it, ia, iv, sc, po, ...): a dataset's ROUTE matches them")
             into = {}
             for cmt, frac in value["into"].items():
                 if cmt not in states:
@@ -696,6 +779,27 @@ class _Parser:
             except ModelSpecError as exc:
                 self.fail(where, str(exc))
         return out
+
+
+def _fraction_problems(spec: ModelSpec) -> list[str]:
+    """Route fractions at the model's own values: each finite and >= 0, summing to <= 1 (checked again per simulation)."""
+    import numpy as np
+
+    from itpk.system import resolve
+
+    try:
+        env = resolve(spec).env
+    except ModelSpecError as exc:
+        return [f"the model's own parameter values: {exc}"]
+    problems = []
+    for route in spec.routes.values():
+        with np.errstate(all="ignore"):
+            shares = {c: float(np.ravel(e.evaluate(env))[0]) for c, e in route.into.items()}
+        if not all(math.isfinite(v) and v >= 0 for v in shares.values()) or sum(shares.values()) > 1 + 1e-12:
+            listed = ", ".join(f"{c} {v:g}" for c, v in shares.items())
+            problems.append(f"[routes] {route.name!r}: at the model's own values the fractions are {listed}; "
+                            f"each must be >= 0 and together <= 1")
+    return problems
 
 
 def _canonical_text(raw: Mapping[str, Any]) -> str:

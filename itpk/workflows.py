@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from itpk.errors import ItpkError
+from itpk.errors import Interrupted, ItpkError
 from itpk.events import Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
@@ -87,6 +87,8 @@ def build_schedule(
     ``site`` sends the route's doses to another of its sites (``--cmt
     lesion2``). Returns the schedule and its route.
     """
+    if doses is not None and doses < 1:
+        raise ItpkError(f"--doses must be >= 1, found {doses}")
     if regimen_name is not None:
         from itpk.regimens import REGIMENS
 
@@ -105,7 +107,7 @@ def build_schedule(
             overrides.setdefault(size, diam)
         return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site), route
     if route is None or dose is None:
-        raise ItpkError("give --route and --dose (or --regimen tvec --diam CM)")
+        raise ItpkError("give the route and --dose (or --regimen tvec --diam CM)")
     site = check_sites(spec, [route], site)
     return regimen(Target(route, site=site), dose, every=every, doses=doses or 1, infusion=infusion), route
 
@@ -327,6 +329,12 @@ def run_comparison(
         overrides = posterior_values(spec, draws, overrides=overrides)
     else:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
+    problems = [f"--horizon must be a number > 0, found {horizon:g}" for _ in [0] if horizon is not None and not (np.isfinite(horizon) and horizon > 0)]
+    problems += [f"--target {name}={level:g}: a concentration must be a number > 0" for name, level in (targets or {}).items()
+                 if not (np.isfinite(level) and level > 0)]
+    problems += [f"--threshold {x:g}: must be a finite number" for x in thresholds if not np.isfinite(x)]
+    if problems:
+        raise ItpkError("; ".join(problems))
     routes = list(dict.fromkeys(routes))
     unknown = [r for r in routes if r not in spec.routes]
     if unknown or not routes:
@@ -378,8 +386,9 @@ def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule],
         "model": spec.name,
         "dose": comparison.dose,
         "dose_unit": _dose_unit(spec, next(iter(schedules))),
-        "regimen": _describe_regimen(next(iter(schedules.values())), spec.time_unit),
+        "regimen": _describe_regimens(schedules, spec.time_unit),
         "auc_interval": "[0, inf)" if linear else f"[0, {horizon:g}] {spec.time_unit}",
+        "t_above_interval": "[0, inf)" if horizon is None else f"[0, {horizon:g}] {spec.time_unit}",
         "routes": routes,
         "metrics": first,
         "reference_route": comparison.reference,
@@ -446,10 +455,20 @@ def _describe_regimen(schedule: Schedule, time_unit: str) -> str:
     parts = []
     for d in schedule.doses:
         text = f"{d.amount:g} at {d.time:g} {time_unit}"
+        if d.is_infusion:
+            text += f" infused over {d.infusion_duration:g} {time_unit}"
         if d.addl:
             text += f" then {d.addl} more every {d.ii:g} {time_unit}"
         parts.append(text)
     return "; ".join(parts)
+
+
+def _describe_regimens(schedules: Mapping[str, Schedule], time_unit: str) -> str:
+    """One description when every route gets the same regimen, else one per route (an infused iv reference)."""
+    texts = {route: _describe_regimen(s, time_unit) for route, s in schedules.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{route}: {text}" for route, text in texts.items())
 
 
 def format_comparison(report: dict) -> str:
@@ -505,13 +524,23 @@ def run_fit(
     """Read the data against the model, fit, and write the run directory (SPEC §5)."""
     from itpk.dataset import read_dataset
     from itpk.inference import fit
-    from itpk.run import diagnostics, summary_table, write_run
+    from itpk.interrupts import watch_interrupts
+    from itpk.run import check_run_target, diagnostics, summary_table, write_run
 
+    check_run_target(out)  # before the fit, not after it
     spec = load_model(model)
     dataset = read_dataset(data, spec)
-    result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
-                 errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
-                 precondition=precondition, progress=progress)
+    kept = f"; {out} is unchanged" if Path(out).exists() else ""
+    stopped = Interrupted(f"interrupted (Ctrl-C) before the fit finished: nothing was written{kept}")
+    with watch_interrupts() as interrupted:
+        try:
+            result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
+                         errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
+                         precondition=precondition, progress=progress)
+        except KeyboardInterrupt:
+            raise stopped from None
+    if interrupted():  # nutpie, PyMC and ADVI return what they have on Ctrl-C: never a run directory
+        raise stopped
     run_dir = write_run(result, out, command=command)
     diag = diagnostics(result)
     table = summary_table(result)

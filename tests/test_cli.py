@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from importlib.resources import files
 
 import numpy as np
 import pandas as pd
@@ -183,3 +184,45 @@ def test_quiet_silences_library_warnings(monkeypatch, tmp_path):
         loud = run(*args)
     assert loud.exit_code == 0 and "fitted" in loud.output
     assert [str(w.message) for w in caught] == ["overflow encountered in exp"]
+
+
+# -- found by review (session 19): outputs that cannot be written, options checked before the work --------------------
+
+
+def test_an_output_path_that_cannot_be_written_is_one_message(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", "10", "--out", tmp_path / "file" / "s.csv")
+    assert result.exit_code == 1 and "error: cannot write or read" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_fit_refuses_an_unusable_out_before_fitting(tmp_path, monkeypatch):
+    from itpk import inference
+
+    monkeypatch.setattr(inference, "fit", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    theoph = str(files("itpk.data") / "theoph.csv")
+    result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "folder", "--method", "map")
+    assert result.exit_code == 1 and "exists and is a folder that is not a run directory" in result.output
+    result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "folder" / "notes.txt", "--method", "map")
+    assert result.exit_code == 1 and "exists and is a file" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["simulate", "one_cpt_iv", "--route", "iv", "--dose", "10", "--doses", "0"], "Invalid value for '--doses'"),
+    (["simulate", "one_cpt_iv", "--route", "iv", "--dose", "10", "--subjects", "3", "--seed", "-1"], "Invalid value for '--seed'"),
+])
+def test_impossible_counts_and_seeds_are_usage_errors(args, message, tmp_path):
+    result = run(*args, "--out", tmp_path / "s.csv")
+    assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--horizon", "-5"], "--horizon must be a number > 0, found -5"),
+    (["--horizon", "nan"], "--horizon must be a number > 0, found nan"),
+    (["--target", "tumor=-1"], "--target tumor=-1: a concentration must be a number > 0"),
+])
+def test_compare_checks_its_numbers(args, message):
+    result = run("compare", "it_linear", "--dose", "10", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

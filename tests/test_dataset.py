@@ -801,3 +801,11 @@ def test_cli_validate_unknown_model_exits_1(tmp_path):
 def test_cli_validate_missing_file_exits_1(tmp_path):
     result = CliRunner().invoke(cli(), ["data", "validate", str(tmp_path / "nope.csv")])
     assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_a_negative_time_is_refused_with_its_row():
+    # found by review (session 19): it passed validation and failed after the whole fit
+    frame = pd.DataFrame({"ID": [1, 1], "TIME": [-1.0, 0.0], "EVID": [0, 1], "AMT": [None, 100.0], "DV": [0.5, None],
+                          "ROUTE": ["", "iv"], "CMT": ["plasma", ""]})
+    with pytest.raises(DatasetError, match=r"row 2, TIME: found -1; allowed: a time >= 0"):
+        read_frame(frame, load_model("one_cpt_iv"))

@@ -88,6 +88,11 @@ def test_refusal_names_place_text_and_allowed():
         ("exp(a, b)", r"exp\(\) with 2 argument\(s\) \(exp takes exactly one argument\)"),
         ("min(a)", r"min\(\) with 1 argument\(s\) \(min takes two or more arguments\)"),
         ("a" * 2001, "longer than 2000 characters"),
+        ("a" + "+0" * 990, "nested deeper than 200 levels"),  # was a RecursionError
+        ("-" * 1990 + "a", "nested (deeper than 200 levels|too deeply to parse)"),
+        ("a + 0*(1/0)", r"constant part '1 / 0' \(it is inf, not a finite number\)"),  # was a ZeroDivisionError
+        ("a * 10**400", r"constant part '10 \*\* 400' \(it is inf"),  # was an OverflowError
+        ("a * ((-1)**0.5)**2", r"constant part '\(-1\) \*\* 0.5' \(it is nan"),  # was complex, silently dropped
     ],
 )
 def test_malformed_expressions(text, message):

@@ -536,3 +536,15 @@ def test_exposure_table_compares_the_lesion_the_trial_injected():
     own, *_ = table(first)
     assert set(own["route"]) == {"it vs iv"}
     assert own.set_index("metric")["median"]["abscopal"] != pytest.approx(got["abscopal"], rel=1e-3)
+
+
+def test_a_dataset_without_doses_is_refused_before_fitting():
+    # found by review (session 19): an IndexError traceback from the first log-density
+    frame = pd.DataFrame({"ID": [1, 1], "TIME": [1.0, 2.0], "EVID": [0, 0], "DV": [1.0, 0.5], "CMT": ["plasma", "plasma"]})
+    with pytest.raises(FitError, match=r"no dose rows \(EVID 1 or 4\), and model 'one_cpt_iv' starts empty"):
+        fit(load_model("one_cpt_iv"), read_frame(frame, load_model("one_cpt_iv")), method="map")
+
+
+def test_a_negative_seed_is_refused():
+    with pytest.raises(FitError, match=r"--seed must be a whole number >= 0, found -1"):
+        fit(load_model("one_cpt_iv"), tiny_dataset(), method="map", seed=-1)

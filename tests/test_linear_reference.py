@@ -411,6 +411,7 @@ def random_linear_model(rng: np.random.Generator):
     fractions = (0.3, 0.55)
     raw = {
         "name": "random_linear",
+        "time_unit": "h",
         "compartments": {c: {"amount_unit": "mg"} for c in names},
         "parameters": params or {"unused": {"value": 1.0, "unit": "1"}},
         "flows": flows,

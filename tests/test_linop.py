@@ -209,6 +209,7 @@ def cyclic_model() -> ModelSpec:
     """a -> b -> c -> a plus elimination from a: complex eigenvalues."""
     return parse_model({
         "name": "cyclic",
+        "time_unit": "h",
         "compartments": {c: {"amount_unit": "mg"} for c in "abc"},
         "parameters": {"k": {"value": 2.0, "unit": "1/h"}, "ke": {"value": 0.1, "unit": "1/h"}},
         "flows": {"a -> b": "k", "b -> c": "k", "c -> a": "k", "a -> out": "ke"},

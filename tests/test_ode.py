@@ -30,8 +30,8 @@ def test_a_solve_that_creeps_stops_at_its_evaluation_budget(monkeypatch):
 def test_a_solution_that_blows_up_is_reported_as_such():
     # dx/dt = x²: from x0 = 1 it reaches infinity at t = 1 (a finite-time blow-up); the old message
     # quoted scipy's "The solver successfully reached the end of the integration interval."
-    raw = {"name": "blowup", "compartments": {"central": {"amount_unit": "mg", "volume": "V"}},
-           "parameters": {"V": {"value": 1.0, "unit": "L"}}, "odes": {"central": "central**2"},
+    raw = {"name": "blowup", "time_unit": "h", "compartments": {"central": {"amount_unit": "mg", "volume": "V"}},
+           "parameters": {"V": {"value": 1.0, "unit": "L"}, "k": {"value": 1.0, "unit": "1/(mg*h)"}}, "odes": {"central": "k * central**2"},
            "routes": {"iv": {"into": {"central": 1}}}, "outputs": {"plasma": {"expr": "central / V", "unit": "mg/L"}}}
     schedule = Schedule((Dose(0.0, 1.0, Target("iv"), ii=12.0, ss=1),))
     with pytest.raises(ScheduleError, match=r"^the ODE solution of parameter set 0 became infinite or NaN within 12 time units "

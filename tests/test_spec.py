@@ -20,6 +20,7 @@ CLASSIC = {
 
 MINIMAL = {
     "name": "m",
+    "time_unit": "h",
     "compartments": {"central": {"amount_unit": "mg", "volume": "V"}},
     "parameters": {"CL": {"value": 2.0, "unit": "L/h"}, "V": {"value": 10.0, "unit": "L"}},
     "flows": {"central -> out": "CL / V"},
@@ -141,6 +142,21 @@ ERRORS = [
     ({"outputs": {}}, r"\[outputs\]: a model needs at least one output"),
     ({"compartments": {}, "flows": {}, "routes": {}, "outputs": {}}, r"a model needs at least one compartment"),
     ({"derived": {"V_T": "pi/6 * DIAM**3"}}, r"\[derived\] 'V_T' .*unknown name\(s\) DIAM"),
+    ({"parameters__CL__fixed": "false"}, r"\[parameters\] 'CL' fixed: must be true or false, found 'false'"),
+    ({"parameters__CL__fixed": True, "parameters__CL__iiv": 0.3}, r"a fixed parameter has no between-subject variability"),
+    ({"parameters__CL__iiv": float("inf")}, r"iiv must be a finite CV > 0, found inf"),
+    ({"parameters__F": {"value": 0.5, "unit": "1", "fraction": True, "prior": {"dist": "lognormal", "median": 0.5, "sigma": 1}}},
+     r"'F': a fraction needs a prior on \[0, 1\] \(beta, logitnormal, or uniform within \[0, 1\]\), found lognormal"),
+    ({"parameters__CL__prior": {"dist": "beta", "alpha": 2, "beta": 2}}, r"a beta prior bounds the parameter to \(0, 1\): mark it fraction"),
+    ({"parameters__CL__prior": {"dist": "normal", "mu": 2, "sigma": 1}, "parameters__CL__iiv": 0.3},
+     r"between-subject variability is log-normal, so the prior must keep the parameter positive"),
+    ({"parameters__lambda": {"value": 1.0, "unit": "1"}}, r"parameter 'lambda': names must be identifiers of ASCII letters"),
+    ({"parameters__\ufb01": {"value": 1.0, "unit": "1"}}, r"names must be identifiers of ASCII letters, digits and '_'"),
+    ({"covariates__WT": {"value": 70.0, "unit": "kg", "time_varying": "yes"}}, r"\[covariates\] 'WT' time_varying: must be true or false"),
+    ({"routes__IM": {"into": {"central": 1}}}, r"\[routes\] 'IM': route names are lower-case ASCII identifiers"),
+    ({"routes__iv__into": {"central": 1.5}}, r"\[routes\] 'iv': at the model's own values the fractions are central 1.5; each must be >= 0"),
+    ({"references": 7}, r"key 'references': must be a list of texts \(citations\), found 7"),
+    ({"time_unit": 24}, r"key 'time_unit' \(e.g. \"h\"\): must be text, found 24"),
     ({"covariates": {"DIAM": 2.0, "TVOL": "pi/6*DIAM**3"}},
      (r"\[covariates\] 'TVOL' value: found 'pi/6\*DIAM\*\*3': a covariate is a number read from the data \(this is its "
       r"default\); an expression belongs in \[derived\], e.g. TVOL = \{ expr = 'pi/6\*DIAM\*\*3' \}")),
@@ -169,7 +185,7 @@ def test_prior_describe():
 
 
 def test_nonlinear_output_makes_model_nonlinear():
-    spec = parse_model(variant(outputs__plasma__expr="central**2 / V"))
+    spec = parse_model(variant(outputs__plasma__expr="central**2 / V", outputs__plasma__unit="mg**2/L"))
     assert not spec.is_linear
 
 

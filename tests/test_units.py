@@ -233,12 +233,9 @@ def test_sidecar_problems_join_the_data_problems(tmp_path):
     assert "row 3, TIME: found 'x'" in str(info.value) and "'hourz' is not a unit" in str(info.value)
 
 
-def test_route_into_compartments_of_different_units_needs_cmt(tmp_path):
-    csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,1000000,it,,\n1,1,0,,,,5\n"
-    with pytest.raises(DatasetError, match=r"row 2, AMT: route 'it' doses compartments with different amount units \(lesion: PFU, blood: copies\); allowed: give CMT"):
-        dataset(tmp_path, None, csv, "virus_mini")
-    ok = csv.replace("it,,", "it,lesion,")
-    ds = dataset(tmp_path, 'TIME = "h"\nAMT = "PFU"\nDV = "copies/L"\n', ok, "virus_mini")
+def test_counts_convert_within_their_own_unit(tmp_path):
+    csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,1000000,it,lesion,\n1,1,0,,,,5\n"
+    ds = dataset(tmp_path, 'TIME = "h"\nAMT = "PFU"\nDV = "copies/L"\n', csv, "virus_mini")
     assert ds.data["TIME"].tolist() == pytest.approx([0, 1 / 24], rel=REL)
     assert ds.data.loc[1, "DV"] == pytest.approx(5e-3, rel=REL)
     assert ds.units.amount == {"lesion": "PFU"}

@@ -14,8 +14,9 @@ from itpk.spec import parse_model
 
 WODARZ = {
     "name": "wodarz2001",
+    "time_unit": "h",
     "compartments": {"x": {"amount_unit": "1", "initial": "x0"}, "y": {"amount_unit": "1", "initial": "y0"}},
-    "parameters": {k: {"value": v, "unit": "1"} for k, v in
+    "parameters": {k: {"value": v, "unit": "1/h" if k in ("r", "d", "beta", "a") else "1"} for k, v in
                    {"r": 0.5, "k": 17.0, "d": 0.1, "beta": 0.5, "a": 0.1, "x0": 1.0, "y0": 0.1}.items()},
     "odes": {"x": "r * x * (1 - (x + y) / k) - d * x - beta * x * y", "y": "beta * x * y - a * y"},
     "routes": {"iv": {"into": {"y": 1}}},
@@ -112,8 +113,10 @@ def test_nonlinear_compare_reports_metrics_over_horizon():
     m = cmp.metrics["it"]
     assert cmp.routes["it"].horizon == 48.0
     assert np.isfinite(m["G"][0]) and m["G"][0] > 1
-    # DSF solves AUC_tumor(iv, DSF*D) = AUC_tumor(it, D): check the solution
+    # DSF solves AUC_tumor(it, D/DSF) = AUC_tumor(iv, D) (SPEC §6: the iv dose over the it dose with the same
+    # tumour AUC); systemic sparing compares plasma at those two regimens: check both
     from itpk.exposure import route_exposure
 
-    back = route_exposure(resolve(spec), sch.retarget("iv").scaled(m["DSF"][0]), outputs=["virus_tumor"], horizon=48.0)
-    assert back.auc["virus_tumor"][0] == pytest.approx(cmp.routes["it"].auc["virus_tumor"][0], rel=1e-6)
+    back = route_exposure(resolve(spec), sch.scaled(1.0 / m["DSF"][0]), outputs=["virus_tumor", "virus_blood"], horizon=48.0)
+    assert back.auc["virus_tumor"][0] == pytest.approx(cmp.routes["iv"].auc["virus_tumor"][0], rel=1e-6)
+    assert m["systemic_sparing"][0] == pytest.approx(cmp.routes["iv"].auc["virus_blood"][0] / back.auc["virus_blood"][0], rel=1e-6)

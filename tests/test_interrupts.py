@@ -1,0 +1,73 @@
+"""Ctrl-C during a fit: noticed even when the sampler swallows it, and nothing is written (itpk.interrupts)."""
+
+import json
+import signal
+import threading
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from itpk import inference
+from itpk.cli.main import app
+from itpk.errors import Interrupted
+from itpk.interrupts import watch_interrupts
+from itpk.workflows import run_fit
+
+THEOPH = Path(str(files("itpk.data") / "theoph.csv"))
+
+
+@pytest.fixture(autouse=True)
+def python_default_sigint():
+    """Python's own SIGINT handler (an imported library, dask_jobqueue's runner, may have replaced it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_swallowed_interrupt_is_remembered():
+    with watch_interrupts() as interrupted:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+    assert interrupted()
+    with watch_interrupts() as interrupted:
+        pass
+    assert not interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    answers = []
+
+    def worker():
+        with watch_interrupts() as interrupted:
+            answers.append(interrupted())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert answers == [False]
+
+
+def test_an_interrupted_fit_keeps_the_previous_run_and_exits_130(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"previous": True}))
+
+    def partial_fit(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        return "a truncated posterior"  # what the samplers return: must never be written
+
+    monkeypatch.setattr(inference, "fit", partial_fit)
+    with pytest.raises(Interrupted, match=r"interrupted \(Ctrl-C\) before the fit finished: nothing was written; .* is unchanged"):
+        run_fit(THEOPH, model="one_cpt_oral", out=out, method="map")
+    assert json.loads((out / "run.json").read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left
+    result = CliRunner().invoke(app, ["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", str(out), "--method", "map"])
+    assert result.exit_code == 130 and "nothing was written" in result.output
