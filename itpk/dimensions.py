@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from itpk.errors import DatasetError
 from itpk.expr import CONSTANTS, Expr
 
@@ -83,9 +85,11 @@ class _Reading:
     """A subexpression's unit and its tree with conversions.
 
     ``unit`` reads every number as a pure number (None: unknown, because a name has no
-    usable unit or the numbers make the reading ambiguous); ``free`` says that a number
+    usable unit or a power's exponent is not a constant); ``free`` says that a number
     multiplies or divides somewhere below, so the numbers may carry units; ``literal``
-    marks a bare number; ``value`` is the node's value when it is a constant.
+    marks a number (or arithmetic on numbers: ``10**3``); ``value`` is the node's value when
+    it is a constant; ``factors`` are the numbers that multiply (c) or divide (1/c) the whole
+    node, where a hand conversion would stand.
     """
 
     unit: Any
@@ -93,6 +97,7 @@ class _Reading:
     free: bool = False
     literal: bool = False
     value: float | None = None
+    factors: tuple[float, ...] = ()
 
 
 def unit_problems(spec_units: Mapping[str, str], time_unit: str) -> list[str]:
@@ -119,7 +124,8 @@ def check_units(spec: ModelSpec) -> UnitAnalysis:
     """Work out the unit of every expression of ``spec``, check it against its place, convert.
 
     Names whose unit text does not parse are skipped here (:func:`unit_problems`
-    reports them), and so is everything that uses them.
+    reports them), and so is everything that uses them. A derived quantity without a
+    declared unit takes the unit of its expression when that has one reading.
 
     Returns
     -------
@@ -133,17 +139,27 @@ def check_units(spec: ModelSpec) -> UnitAnalysis:
     conversions: list[str] = []
 
     def place(expr: Expr, target: Any, where: str, why: str) -> Expr:
+        reader = _Reader(env)
         try:
-            tree, note = _fit(expr, env, target, why)
+            tree, note = reader.fit(expr, target, why)
         except _Problem as exc:
             problems.append(f"{where}: {exc}")
             return expr
-        if note:
-            conversions.append(f"{where}: {note}")
+        except Exception as exc:  # noqa: BLE001 - pint's own errors (offset units such as degC), overflow: one message
+            problems.append(f"{where}: cannot work out the unit of {expr.text!r} ({type(exc).__name__}: {exc})")
+            return expr
+        conversions.extend(f"{where}: {n}" for n in (*reader.notes, note) if n)
         return expr if tree is expr.tree else replace(expr, tree=tree)
 
-    derived = {name: replace(d, expr=place(d.expr, _parse(d.unit) if d.unit else None, f"[derived] {name!r}", f"its declared unit {d.unit}"))
-               for name, d in spec.derived.items()}
+    derived = {}
+    for name, d in spec.derived.items():
+        where = f"[derived] {name!r}"
+        if d.unit:
+            derived[name] = replace(d, expr=place(d.expr, _parse(d.unit), where, f"its declared unit {d.unit}"))
+            continue
+        reading = _safe_reading(d.expr, env, problems, where)
+        env[name] = reading.unit if reading is not None and not (reading.free or reading.literal) else None
+        derived[name] = d
     compartments = []
     for c in spec.compartments:
         initial = c.initial and place(c.initial, amount[c.name], f"[compartments] {c.name!r} initial", f"the amount unit {c.amount_unit}")
@@ -235,136 +251,202 @@ def _same_amounts(where: str, amounts: Mapping[str, Any], spec: ModelSpec) -> li
 
 def _safe_reading(expr: Expr, env: Mapping[str, Any], problems: list[str], where: str) -> _Reading | None:
     try:
-        return _read(expr.tree, env)
+        return _Reader(env).read(expr.tree)
     except _Problem as exc:
         problems.append(f"{where}: {exc}")
-        return None
+    except Exception as exc:  # noqa: BLE001 - see check_units
+        problems.append(f"{where}: cannot work out the unit of {expr.text!r} ({type(exc).__name__}: {exc})")
+    return None
 
 
-def _fit(expr: Expr, env: Mapping[str, Any], target: Any, why: str) -> tuple[ast.expr, str]:
-    """The tree of ``expr`` converted to ``target`` and a note of the conversion ('' if none)."""
-    r = _read(expr.tree, env)
-    if target is None or r.unit is None:
-        return r.tree, ""
-    free = _carries(r)
-    if _dimensionality(r.unit) != _dimensionality(target):
-        if free:  # its numbers carry the difference (70 kg): taken as written
+class _Reader:
+    """Reads the unit of an expression tree, building its tree with conversions; ``notes`` lists the inner ones."""
+
+    def __init__(self, env: Mapping[str, Any]) -> None:
+        self.env = env
+        self.notes: list[str] = []
+
+    # -- the whole expression ------------------------------------------------------------
+    def fit(self, expr: Expr, target: Any, why: str) -> tuple[ast.expr, str]:
+        """The tree of ``expr`` converted to ``target`` and a note of the conversion ('' if none)."""
+        r = self.read(expr.tree)
+        if target is None or r.unit is None:
             return r.tree, ""
-        raise _Problem(f"{expr.text!r} is in {_show(r.unit)}, but must be in {_show(target)} ({why})")
-    factor = _factor(r.unit, target)
-    if _close(factor, 1.0):
-        return r.tree, ""
-    if not free:
-        return _scaled(factor, r.tree), f"{_show(r.unit)} -> {_show(target)} (x {factor:g})"
-    if any(_close(c, factor) or _close(c * factor, 1.0) for c in _numbers(expr.tree)):
-        return r.tree, ""  # a hand conversion (/ 1000 for cm3 -> L): as written
-    raise _Problem(
-        f"{expr.text!r} reads as {_show(r.unit)} with its numbers as pure numbers: {factor:g} times the unit it must have, "
-        f"{_show(target)} ({why}). itpk converts expressions without numbers itself but cannot tell a number that converts "
-        f"or carries a unit from a pure one: remove numbers that convert units by hand, or make a number that carries a unit "
-        f"a fixed parameter with that unit"
-    )
+        free = _carries(r)
+        if _dimensionality(r.unit) != _dimensionality(target):
+            if free:  # its numbers carry the difference (70 kg): taken as written
+                return r.tree, ""
+            raise _Problem(f"{expr.text!r} is in {_show(r.unit)}, but must be in {_show(target)} ({why})")
+        factor = _factor(r.unit, target)
+        if _close(factor, 1.0):
+            return r.tree, ""
+        if not free:
+            return _scaled(factor, r.tree), f"{_show(r.unit)} -> {_show(target)} (x {factor:g})"
+        if _explained(r, factor):
+            return r.tree, ""  # a hand conversion (/ 1000 for cm3 -> L): as written
+        raise _Problem(
+            f"{expr.text!r} reads as {_show(r.unit)} with its numbers as pure numbers: {factor:g} times the unit it must have, "
+            f"{_show(target)} ({why}). itpk converts expressions without numbers itself but cannot tell a number that converts "
+            f"or carries a unit from a pure one: remove numbers that convert units by hand, or make a number that carries a unit "
+            f"a fixed parameter with that unit"
+        )
 
+    # -- nodes --------------------------------------------------------------------------
+    def read(self, node: ast.expr) -> _Reading:
+        if isinstance(node, ast.Constant):
+            value = float(node.value)
+            return _Reading(_one(), node, literal=True, value=value, factors=(abs(value),))
+        if isinstance(node, ast.Name):
+            if node.id in CONSTANTS:
+                return _Reading(_one(), node, value=CONSTANTS[node.id])
+            return _Reading(self.env.get(node.id), node)
+        if isinstance(node, ast.UnaryOp):
+            r = self.read(node.operand)
+            value = None if r.value is None else (-r.value if isinstance(node.op, ast.USub) else r.value)
+            return replace(r, tree=ast.UnaryOp(op=node.op, operand=r.tree), value=value)
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, (ast.Add, ast.Sub)):
+                return self._sum(node)
+            if isinstance(node.op, ast.Pow):
+                return self._power(node)
+            return self._product(node)
+        if isinstance(node, ast.Call):
+            return self._call(node)
+        raise AssertionError(f"unvalidated node {type(node).__name__}")  # parse_expr refuses these
 
-def _read(node: ast.expr, env: Mapping[str, Any]) -> _Reading:
-    if isinstance(node, ast.Constant):
-        return _Reading(_one(), node, literal=True, value=float(node.value))
-    if isinstance(node, ast.Name):
-        if node.id in CONSTANTS:
-            return _Reading(_one(), node, value=CONSTANTS[node.id])
-        return _Reading(env.get(node.id), node)
-    if isinstance(node, ast.UnaryOp):
-        r = _read(node.operand, env)
-        value = None if r.value is None else (-r.value if isinstance(node.op, ast.USub) else r.value)
-        return replace(r, tree=ast.UnaryOp(op=node.op, operand=r.tree), value=value)
-    if isinstance(node, ast.BinOp):
-        if isinstance(node.op, (ast.Add, ast.Sub)):
-            a, b = _read(node.left, env), _read(node.right, env)
-            unit, (ta, tb), free = _common([a, b], "+" if isinstance(node.op, ast.Add) else "-")
-            value = None if a.value is None or b.value is None else (a.value + b.value if isinstance(node.op, ast.Add) else a.value - b.value)
-            return _Reading(unit, ast.BinOp(left=ta, op=node.op, right=tb), free=free, value=value)
-        if isinstance(node.op, ast.Pow):
-            return _power(node, env)
-        a, b = _read(node.left, env), _read(node.right, env)
-        free = _carries(a) or _carries(b)
-        unit = None if a.unit is None or b.unit is None else (a.unit * b.unit if isinstance(node.op, ast.Mult) else a.unit / b.unit)
-        value = None if a.value is None or b.value is None or (isinstance(node.op, ast.Div) and b.value == 0) else \
-            (a.value * b.value if isinstance(node.op, ast.Mult) else a.value / b.value)
-        return _Reading(unit, ast.BinOp(left=a.tree, op=node.op, right=b.tree), free=free, value=value)
-    if isinstance(node, ast.Call):
-        return _call(node, env)
-    raise AssertionError(f"unvalidated node {type(node).__name__}")  # parse_expr refuses these
+    def _sum(self, node: ast.BinOp) -> _Reading:
+        a, b = self.read(node.left), self.read(node.right)
+        add = isinstance(node.op, ast.Add)
+        unit, (ta, tb), free = self._common([a, b], "+" if add else "-")
+        value = None if a.value is None or b.value is None else (a.value + b.value if add else a.value - b.value)
+        literal = a.literal and b.literal
+        return _Reading(unit, ast.BinOp(left=ta, op=node.op, right=tb), free=free, literal=literal, value=value,
+                        factors=(abs(value),) if literal and value else ())
 
+    def _product(self, node: ast.BinOp) -> _Reading:
+        a, b = self.read(node.left), self.read(node.right)
+        mult = isinstance(node.op, ast.Mult)
+        unit = None if a.unit is None or b.unit is None else (a.unit * b.unit if mult else a.unit / b.unit)
+        value = None
+        if a.value is not None and b.value is not None and (mult or b.value != 0):
+            value = a.value * b.value if mult else a.value / b.value
+        factors = a.factors + (b.factors if mult else tuple(1.0 / f for f in b.factors if f))
+        return _Reading(unit, ast.BinOp(left=a.tree, op=node.op, right=b.tree), free=_carries(a) or _carries(b),
+                        literal=a.literal and b.literal, value=value, factors=factors)
 
-def _power(node: ast.BinOp, env: Mapping[str, Any]) -> _Reading:
-    base, exponent = _read(node.left, env), _read(node.right, env)
-    if exponent.unit is not None and not (exponent.free or exponent.literal) and not _dimensionless(exponent.unit):
-        raise _Problem(f"an exponent must be a pure number, found {ast.unparse(node.right)!r} in {_show(exponent.unit)}")
-    tree = lambda b: ast.BinOp(left=b, op=ast.Pow(), right=exponent.tree)
-    if base.unit is None:
-        return _Reading(None, tree(base.tree), free=base.free)
-    if _dimensionless(base.unit):
-        if base.free or base.literal:
-            return _Reading(_one(), tree(base.tree), free=base.free)
-        return _Reading(_one(), tree(_to_pure(base)))
-    if exponent.value is None:
-        if base.free or base.literal:
+    def _power(self, node: ast.BinOp) -> _Reading:
+        base, exponent = self.read(node.left), self.read(node.right)
+        e_tree = self._pure(exponent, node.right, "an exponent")
+        tree = lambda b: ast.BinOp(left=b, op=ast.Pow(), right=e_tree)
+        literal = base.literal and exponent.value is not None
+        value = None
+        if base.value is not None and exponent.value is not None:
+            with np.errstate(all="ignore"):
+                value = float(np.power(base.value, exponent.value))
+        constant = {"literal": literal, "value": value, "factors": (abs(value),) if literal and value else ()}
+        if base.unit is None:
+            return _Reading(None, tree(base.tree), free=base.free, **constant)
+        whole = exponent.value is not None and float(exponent.value).is_integer()
+        if not whole and not _dimensionless(base.unit) and _reference(node.left, base):  # (WT / 70)**0.75: 70 is a weight
+            return _Reading(_one(), tree(base.tree), **constant)
+        if _dimensionless(base.unit):
+            return _Reading(_one(), tree(self._pure(base, node.left, "the base of a power")), free=base.free, **constant)
+        if exponent.value is None:  # a Hill term C**gam: no unit to work out, nothing to check
             return _Reading(None, tree(base.tree), free=True)
-        raise _Problem(f"{ast.unparse(node.left)!r} in {_show(base.unit)} is raised to a power that is not a constant "
-                       f"({ast.unparse(node.right)!r}); divide it by a parameter in the same unit first")
-    return _Reading(base.unit**exponent.value, tree(base.tree), free=base.free or base.literal)
+        return _Reading(base.unit**exponent.value, tree(base.tree), free=_carries(base), **constant)
 
+    def _call(self, node: ast.Call) -> _Reading:
+        name = node.func.id  # type: ignore[union-attr]
+        args = [self.read(a) for a in node.args]
+        func = ast.Name(id=name, ctx=ast.Load())
+        call = lambda trees: ast.Call(func=func, args=list(trees), keywords=[])
+        if name in ("exp", "log", "sqrt", "abs") and args[0].value is not None:
+            with np.errstate(all="ignore"):
+                value = float({"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "abs": np.abs}[name](args[0].value))
+        else:
+            value = None
+        if name in ("exp", "log"):
+            return _Reading(_one(), call([self._pure(args[0], node.args[0], f"the argument of {name}()")]), value=value)
+        a = args[0]
+        if name == "sqrt":
+            return _Reading(None if a.unit is None else a.unit**0.5, call([a.tree]), free=_carries(a), value=value)
+        if name == "abs":
+            return replace(a, tree=call([a.tree]), value=value)
+        unit, trees, free = self._common(args, f"{name}()")
+        return _Reading(unit, call(trees), free=free)
 
-def _call(node: ast.Call, env: Mapping[str, Any]) -> _Reading:
-    name = node.func.id  # type: ignore[union-attr]
-    args = [_read(a, env) for a in node.args]
-    func = ast.Name(id=name, ctx=ast.Load())
-    if name in ("exp", "log"):
-        (a,) = args
-        if a.unit is None or a.free or a.literal:
-            return _Reading(_one(), ast.Call(func=func, args=[a.tree], keywords=[]))
-        if not _dimensionless(a.unit):
-            raise _Problem(f"{name}() needs a dimensionless argument, found {ast.unparse(node.args[0])!r} in {_show(a.unit)}; "
+    # -- rules ----------------------------------------------------------------------------
+    def _common(self, args: list[_Reading], what: str) -> tuple[Any, list[ast.expr], bool]:
+        """The unit of terms that are added or compared, each term's tree converted to it, and freeness.
+
+        Numbers take the unit of the others. Terms without multiplying numbers fix the unit and are
+        converted to it; terms with them are taken as written, unless their pure-number reading has
+        that dimension at another scale that none of their numbers explains.
+        """
+        quantities = [r for r in args if not r.literal]
+        if not quantities:
+            return _one(), [r.tree for r in args], False
+        if any(r.unit is None for r in quantities):
+            return None, [r.tree for r in args], any(r.free for r in args)
+        definite = [r for r in quantities if not r.free]
+        if not definite:  # every term may carry units: one unit if they agree, else unknown
+            first = quantities[0].unit
+            same = all(_dimensionality(r.unit) == _dimensionality(first) and _close(_factor(r.unit, first), 1.0) for r in quantities)
+            return (first if same else None), [r.tree for r in args], True
+        # a ratio such as L/mL is brought to a pure number first, so that an added number (V/Vref - 1) stays pure
+        unit = _one() if _dimensionless(definite[0].unit) else definite[0].unit
+        trees = []
+        for r in args:
+            if r.literal or _dimensionality(r.unit) != _dimensionality(unit):
+                if not (r.literal or r.free):
+                    raise _Problem(f"{what} joins {ast.unparse(definite[0].tree)!r} in {_show(definite[0].unit)} and "
+                                   f"{ast.unparse(r.tree)!r} in {_show(r.unit)}, which have different dimensions")
+                trees.append(r.tree)  # a number, or a term whose numbers carry the difference
+                continue
+            factor = _factor(r.unit, unit)
+            if r.free and not _close(factor, 1.0) and not _explained(r, factor):
+                raise _Problem(f"{what} joins {ast.unparse(definite[0].tree)!r} in {_show(definite[0].unit)} and "
+                               f"{ast.unparse(r.tree)!r}, which reads as {factor:g} times that with its numbers as pure numbers; "
+                               f"make a number that carries a unit a fixed parameter with that unit")
+            if r.free or _close(factor, 1.0):
+                trees.append(r.tree)
+            else:
+                trees.append(_scaled(factor, r.tree))
+                self.notes.append(f"term {ast.unparse(r.tree)!r}: {_show(r.unit)} -> {_show(unit)} (x {factor:g})")
+        return unit, trees, False
+
+    def _pure(self, r: _Reading, node: ast.expr, what: str) -> ast.expr:
+        """The tree of ``r`` where a pure number is needed (exp, log, exponents, bases of fractional powers)."""
+        if r.unit is None or r.literal:
+            return r.tree
+        if not _dimensionless(r.unit):
+            if r.free and _reference(node, r):  # WT / 70: 70 is a weight, the ratio a pure number
+                return r.tree
+            if r.free:
+                return r.tree  # its numbers may carry the unit (exp(-0.1*WT), 0.1 per kg): taken as written
+            raise _Problem(f"{what} must be a pure number, found {ast.unparse(node)!r} in {_show(r.unit)}; "
                            f"divide it by a reference value in the same unit")
-        return _Reading(_one(), ast.Call(func=func, args=[_to_pure(a)], keywords=[]))
-    if name == "sqrt":
-        (a,) = args
-        return _Reading(None if a.unit is None else a.unit**0.5, ast.Call(func=func, args=[a.tree], keywords=[]), free=a.free or a.literal)
-    if name == "abs":
-        (a,) = args
-        return replace(a, tree=ast.Call(func=func, args=[a.tree], keywords=[]), value=None if a.value is None else abs(a.value))
-    unit, trees, free = _common(args, f"{name}()")
-    return _Reading(unit, ast.Call(func=func, args=list(trees), keywords=[]), free=free)
+        factor = _factor(r.unit, _one())
+        if _close(factor, 1.0):
+            return r.tree
+        if not r.free:
+            self.notes.append(f"{what} {ast.unparse(node)!r}: {_show(r.unit)} -> 1 (x {factor:g})")
+            return _scaled(factor, r.tree)
+        if _explained(r, factor):
+            return r.tree
+        raise _Problem(f"{what} {ast.unparse(node)!r} reads as {factor:g} (a ratio in {_show(r.unit)}) times a pure number with "
+                       f"its numbers as pure numbers; make a number that carries a unit a fixed parameter with that unit")
 
 
-def _common(args: list[_Reading], what: str) -> tuple[Any, list[ast.expr], bool]:
-    """The shared unit of terms that are added or compared, each term's tree converted to it, and freeness.
+def _reference(node: ast.expr, r: _Reading) -> bool:
+    """``X / c`` with X a quantity and c a number: c is a reference value in X's unit (WT / 70 kg)."""
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) and r.unit is not None
 
-    Bare numbers take the unit of the others; terms whose numbers may carry units
-    (free) are not converted and leave the unit unknown if they disagree.
-    """
-    quantities = [r for r in args if not r.literal]
-    if not quantities:
-        return _one(), [r.tree for r in args], False
-    if any(r.unit is None for r in quantities):
-        return None, [r.tree for r in args], any(r.free for r in args)
-    first = quantities[0]
-    if any(r.free for r in quantities):
-        same = all(_dimensionality(r.unit) == _dimensionality(first.unit) and _close(_factor(r.unit, first.unit), 1.0) for r in quantities)
-        return (first.unit if same else None), [r.tree for r in args], True
-    # a ratio such as L/mL is brought to a pure number first, so that an added number (V/Vref - 1) stays a pure number
-    unit = _one() if _dimensionless(first.unit) else first.unit
-    trees = []
-    for r in args:
-        if r.literal:
-            trees.append(r.tree)
-            continue
-        if _dimensionality(r.unit) != _dimensionality(unit):
-            raise _Problem(f"{what} joins {ast.unparse(first.tree)!r} in {_show(first.unit)} and {ast.unparse(r.tree)!r} "
-                           f"in {_show(r.unit)}, which have different dimensions")
-        factor = _factor(r.unit, unit)
-        trees.append(r.tree if _close(factor, 1.0) else _scaled(factor, r.tree))
-    return unit, trees, False
+
+def _explained(r: _Reading, factor: float) -> bool:
+    """Whether a number that multiplies (c) or divides (1/c) the expression is the conversion ``factor`` itself."""
+    product = math.prod(r.factors) if r.factors else None
+    return any(_close(f, factor) for f in r.factors) or (product is not None and _close(product, factor))
 
 
 def _carries(r: _Reading) -> bool:
@@ -372,18 +454,8 @@ def _carries(r: _Reading) -> bool:
     return r.free or (r.literal and abs(r.value or 0.0) != 1.0)
 
 
-def _to_pure(r: _Reading) -> ast.expr:
-    """The tree of a dimensionless reading as a pure number (mL/L -> x 0.001)."""
-    factor = _factor(r.unit, _one())
-    return r.tree if _close(factor, 1.0) else _scaled(factor, r.tree)
-
-
 def _scaled(factor: float, tree: ast.expr) -> ast.expr:
     return ast.BinOp(left=ast.Constant(value=float(factor)), op=ast.Mult(), right=tree)
-
-
-def _numbers(tree: ast.expr) -> list[float]:
-    return [abs(float(n.value)) for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value]
 
 
 def _dimensionless(unit: Any) -> bool:

@@ -149,13 +149,12 @@ def _check_constants(node: ast.expr, source: str, where: str) -> float | None:
     Python floats would raise or turn complex.
     """
     if isinstance(node, ast.Constant):
-        value: Any = np.float64(node.value)
+        value: Any = float(node.value) if abs(node.value) < 1e308 else math.inf  # a 400-digit integer overflows float64
     elif isinstance(node, ast.Name):
         return CONSTANTS.get(node.id)
     else:
-        children = [_check_constants(c, source, where) for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
-        if isinstance(node, ast.Call):
-            children = [_check_constants(a, source, where) for a in node.args]
+        parts = node.args if isinstance(node, ast.Call) else [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
+        children = [_check_constants(c, source, where) for c in parts]  # once each: nested calls must not multiply the walk
         if any(c is None for c in children):
             return None
         with np.errstate(all="ignore"):

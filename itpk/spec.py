@@ -480,13 +480,14 @@ class _Parser:
             source=self.source,
             text=_canonical_text(raw),
         )
-        self.problems += _fraction_problems(spec)
         if self.units:
             from itpk.dimensions import check_units
 
             analysis = check_units(spec)
             self.problems += analysis.problems
             spec = analysis.spec
+        if not self.problems:  # fractions in their converted form (Vinj / Vt with mL over L)
+            self.problems += _fraction_problems(spec)
         self._raise()
         return spec
 

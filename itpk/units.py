@@ -65,6 +65,12 @@ def registry() -> pint.UnitRegistry:
     ureg.define("PFU = [plaque_forming_units] = pfu")
     ureg.define("copies = [genome_copies] = copy")
     ureg.define("cells = [cells] = cell")
+    # biologics and vectors: international units (cytokines; MIU is mega-IU), vector genomes and
+    # TCID50 of a virus stock, each its own dimension too (an IU is defined per substance)
+    ureg.define("IU = [international_units]")
+    ureg.define("vg = [vector_genomes]")
+    ureg.define("TCID50 = [tissue_culture_infectious_dose]")
+    ureg.define("wk = week")
     return ureg
 
 
