@@ -121,13 +121,17 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
     stats = result.tree["sample_stats"]
     divergences = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
     reasons = []
-    if not max_rhat <= R_HAT_MAX:
+    chains = post.sizes["chain"]
+    if chains < 2:  # R-hat compares chains: one chain cannot show it has converged
+        reasons.append(f"R-hat needs 2 or more chains; this fit ran {chains}")
+    elif not max_rhat <= R_HAT_MAX:
         reasons.append(f"max R-hat {max_rhat:.3f} > {R_HAT_MAX}")
     if not min_ess >= ESS_BULK_MIN:
         reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
-    notes = advice(max_rhat, min_ess, slowest, post.sizes["chain"], post.sizes["draw"])
+    notes = advice(max_rhat, min_ess, slowest, chains, post.sizes["draw"]) if chains >= 2 else \
+        ["run --chains 4 (the default) to assess convergence"]
     return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
             "reasons": reasons, "advice": notes}
 

@@ -161,9 +161,6 @@ def test_bad_job_fails_alone_with_exit_4(tmp_path):
         [grid]
         dose = [1, 10, -5]
         [[jobs]]
-        dose = 3
-        set = {NOPE = 1}
-        [[jobs]]
         kind = "simulate"
         model = "it_antibody"
         route = "it"
@@ -176,16 +173,44 @@ def test_bad_job_fails_alone_with_exit_4(tmp_path):
     assert result.exit_code == 4, result.output
     record = json.loads((out / "batch.json").read_text())
     status = {j["label"]: j["status"] for j in record["jobs"]}
-    assert status == {"grid #1": "done", "grid #2": "done", "grid #3": "failed", "jobs #1": "failed", "jobs #2": "done"}
+    assert status == {"grid #1": "done", "grid #2": "done", "grid #3": "failed", "jobs #1": "done"}
     errors = {j["label"]: j["error"] for j in record["jobs"] if j["error"]}
     assert "amount must be a finite number > 0, found -5.0" in errors["grid #3"]
-    assert "no parameter or covariate 'NOPE'; known: CL, V" in errors["jobs #1"]
     assert all(j["attempts"] == 1 for j in record["jobs"])  # bad input is not retried
     assert len(job_dirs(out)) == 3  # failed jobs leave no directory
-    assert "failed" in result.output and "NOPE" in result.output
+    assert "failed" in result.output and "-5" in result.output
     sim = next(j for j in record["jobs"] if j["kind"] == "simulate")
     assert sim["headline"]["subjects"] == 5 and sim["headline"]["Cmax_plasma"] > 0
     assert pd.read_csv(out / "jobs" / sim["name"] / "profiles.csv")["ID"].nunique() == 5
+
+
+def test_options_the_model_does_not_have_stop_the_batch_before_any_job(tmp_path):
+    # found by review (session 19): a bad route, --set name or dataset was found only when its job ran
+    # (exit 4 after the whole sweep); now one message lists every problem and nothing runs (exit 1)
+    (tmp_path / "bad.csv").write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,-1,1,10,iv,,\n")
+    path = write(tmp_path, f"""
+        [defaults]
+        kind = "compare"
+        model = "it_antibody"
+        dose = 3
+        [[jobs]]
+        routes = ["it", "im"]
+        [[jobs]]
+        set = {{NOPE = 1}}
+        [[jobs]]
+        target = {{liver = 1}}
+        [[jobs]]
+        kind = "fit"
+        model = "one_cpt_iv"
+        data = "{tmp_path / 'bad.csv'}"
+    """)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["batch", str(path), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    for text in ["jobs #1: route 'im' is not a route of it_antibody", "jobs #2: set 'NOPE': it_antibody has no such parameter",
+                 "jobs #3: target 'liver' is not an output of it_antibody", "jobs #4: ", "row 2, TIME: found -1"]:
+        assert text in result.output
+    assert not (out / "jobs").exists()
 
 
 def test_sigint_leaves_no_half_written_job_directory(tmp_path):

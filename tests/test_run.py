@@ -57,3 +57,21 @@ def test_no_advice_when_the_diagnostics_pass():
     assert advice(1.005, 450.0, "ka", 4, 1000) == []  # R-hat <= 1.01 and ESS >= 400
     # failing R-hat with the ESS already at the target: more draws is not what the numbers say
     assert advice(1.02, ESS_FOR_R_HAT + 1.0, "ka", 4, 1000) == []
+
+
+def test_one_chain_is_told_that_r_hat_needs_more_not_that_a_chain_stuck():
+    # found by review (session 19): --chains 1 printed "max R-hat nan" and "a chain did not move"
+    from types import SimpleNamespace
+
+    import arviz as az
+    import numpy as np
+
+    from itpk.run import diagnostics
+
+    rng = np.random.default_rng(1)
+    tree = az.from_dict({"posterior": {"ka": rng.normal(size=(1, 2000))}, "sample_stats": {"diverging": np.zeros((1, 2000), bool)}})
+    result = SimpleNamespace(tree=tree, method="nuts", data=SimpleNamespace(estimated=("ka",), iiv=()))
+    diag = diagnostics(result)
+    assert diag["passed"] is False
+    assert diag["reasons"] == ["R-hat needs 2 or more chains; this fit ran 1"]
+    assert diag["advice"] == ["run --chains 4 (the default) to assess convergence"]

@@ -107,14 +107,17 @@ def identity(spec: JobSpec, digests: dict[tuple[str, str], str] | None = None) -
 
 
 def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
-    """Every job of ``pipeline`` with its hash; unreadable models and duplicate jobs are a PipelineError."""
+    """Every job of ``pipeline`` with its hash; unreadable models, options the model does not have, invalid
+    datasets and duplicate jobs are a PipelineError, before any job runs."""
     problems, jobs, seen, digests = [], [], {}, {}
+    checked: dict[tuple[str, str], str] = {}
     for spec in pipeline.jobs:
         try:
             ident = identity(spec, digests)
         except (ItpkError, OSError) as exc:
             problems.append(f"{spec.label}: {exc}")
             continue
+        problems += [f"{spec.label}: {p}" for p in _preflight(spec, checked)]
         job = ResolvedJob(spec, tuple(sorted(ident.items())), _sha256_json(ident))
         if job.digest in seen:
             problems.append(f"{spec.label}: same inputs as {seen[job.digest]} (one output directory); remove one")
@@ -125,6 +128,37 @@ def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise PipelineError(f"{pipeline.source}: {len(problems)} problem(s):\n{lines}")
     return tuple(jobs)
+
+
+def _preflight(spec: JobSpec, checked: dict[tuple[str, str], str]) -> list[str]:
+    """What the job's model says of its options: routes, --set names, target outputs, and the dataset of a fit.
+
+    ``checked`` caches each (data, model) validation, so a sweep over one trial reads it once.
+    """
+    from itpk.dataset import read_dataset
+    from itpk.spec import load_model
+    from itpk.system import overridable
+
+    o = dict(spec.options)
+    model = load_model(o["model"])
+    problems = []
+    routes = list(o.get("routes", ())) + ([o["route"]] if o.get("route") else [])
+    problems += [f"route {r!r} is not a route of {model.name}; routes: {', '.join(model.routes)}" for r in routes if r not in model.routes]
+    names = overridable(model)
+    problems += [f"set {n!r}: {model.name} has no such parameter or covariate; known: {', '.join(names)}"
+                 for n, _ in o.get("set", ()) if n not in names]
+    problems += [f"target {n!r} is not an output of {model.name}; outputs: {', '.join(model.outputs)}"
+                 for n, _ in o.get("target", ()) if n not in model.outputs]
+    if spec.kind == "fit" and "data" in o:
+        key = (str(o["data"]), str(o["model"]))
+        if key not in checked:
+            try:
+                read_dataset(o["data"], model)
+                checked[key] = ""
+            except (ItpkError, OSError) as exc:
+                checked[key] = str(exc)
+        problems += [checked[key]] if checked[key] else []
+    return problems
 
 
 # ---------------------------------------------------------------- verification
