@@ -172,7 +172,7 @@ def _end_below(trace: Trace, end: float, level: float) -> float:
 def _grid_exposure(
     values: Values, schedule: Schedule, outputs: Sequence[str], targets: Mapping[str, float], horizon: float | None
 ) -> RouteExposure:
-    end = _nonlinear_end(schedule, horizon)
+    end = _nonlinear_end(values.spec, schedule, horizon)
     grid = peak_grid(schedule, end)  # ends at ``end``: one solve gives the peaks and the AUC
     prof, auc = _profiles_and_auc(values, schedule, outputs, grid)
     cmax, tmax = _refined_peaks(values, schedule, outputs, grid, prof)
@@ -181,24 +181,29 @@ def _grid_exposure(
     return RouteExposure(auc, cmax, tmax, above, end)
 
 
-def _nonlinear_end(schedule: Schedule, horizon: float | None) -> float:
-    """The window of a nonlinear model's metrics: the horizon, or the last dose + 30 days."""
-    return horizon if horizon is not None else max(schedule.dose_times(), default=0.0) + 720.0
+def _nonlinear_end(spec: ModelSpec, schedule: Schedule, horizon: float | None) -> float:
+    """The window of a nonlinear model's metrics: the horizon, or the last dose + 30 days (in the model's time unit)."""
+    if horizon is not None:
+        return horizon
+    from itpk.units import conversion
+
+    return max(schedule.dose_times(), default=0.0) + 720.0 * conversion("h", spec.time_unit).factor
 
 
-PEAK_ROUNDS = 3  # zoom rounds after the grid: each solves at PEAK_POINTS more times around the best so far
-PEAK_POINTS = 25
+PEAK_ROUNDS = 3  # zoom rounds after the grid: each solves at more times around every set's best so far
+PEAK_POINTS = 25  # per window of one parameter set (neighbouring windows share theirs)
+PEAK_MAX_POINTS = 2000  # per output and round, however spread the sets' peaks are
 
 
 def _refined_peaks(values: Values, schedule: Schedule, outputs: Sequence[str], grid: np.ndarray,
                    prof: Profiles) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Cmax and Tmax (S,) of each output: the grid's best, then zoomed in by solving at more times.
 
-    Every value is a solution of the model (no interpolation): each round solves at PEAK_POINTS times
-    spread over the neighbourhood of every parameter set's best time so far (one window for all
-    sets, so one solve per round), keeping any better value. With one parameter set the window
-    shrinks ~12x a round, so the grid's spacing near the peak (hours on a weeks-long horizon) falls
-    below a minute; a peak at a bolus stays at its dose time, the value just after the dose.
+    Every value is a solution of the model (no interpolation). Each round puts PEAK_POINTS times
+    across the window around every parameter set's best time so far (its neighbours on the last
+    grid), merging overlapping windows so that all sets share one solve; a set keeps any better
+    value. A window shrinks ~12x a round, so the grid's spacing near a peak (hours on a weeks-long
+    horizon) falls below a minute; a peak at a bolus stays at its dose time, the value just after.
     """
     S = values.size
     best = {o: np.argmax(prof.outputs[o], axis=1) for o in outputs}
@@ -208,23 +213,44 @@ def _refined_peaks(values: Values, schedule: Schedule, outputs: Sequence[str], g
                          grid[best[o]] - grid[np.maximum(best[o] - 1, 0)]) for o in outputs}
     end = float(grid[-1])
     for _ in range(PEAK_ROUNDS):
-        windows = {o: (float(np.clip(tmax[o] - gap[o], 0.0, end).min()), float(np.clip(tmax[o] + gap[o], 0.0, end).max()))
-                   for o in outputs}
-        windows = {o: w for o, w in windows.items() if w[1] > w[0]}
-        if not windows:
+        times = {o: _window_times(tmax[o], gap[o], end) for o in outputs}
+        times = {o: t for o, t in times.items() if t[0].size}
+        if not times:
             break
-        times = {o: np.linspace(lo, hi, PEAK_POINTS) for o, (lo, hi) in windows.items()}
-        extra = np.unique(np.concatenate(list(times.values())))
-        sim = simulate(values.spec, schedule, values, extra, outputs=list(windows))
-        for o, (lo, hi) in windows.items():
+        extra = np.unique(np.concatenate([t for t, _ in times.values()]))
+        sim = simulate(values.spec, schedule, values, extra, outputs=list(times))
+        for o, (_, step) in times.items():
             y = sim.outputs[o]
             k = np.argmax(y, axis=1)
             found = y[np.arange(S), k]
             better = found > cmax[o]
             cmax[o] = np.where(better, found, cmax[o])
             tmax[o] = np.where(better, extra[k], tmax[o])
-            gap[o] = np.full(S, (hi - lo) / (PEAK_POINTS - 1))
+            gap[o] = np.full(S, step)
     return cmax, tmax
+
+
+def _window_times(centre: np.ndarray, gap: np.ndarray, end: float) -> tuple[np.ndarray, float]:
+    """Evenly spaced times over the union of the windows [centre − gap, centre + gap] (clipped to [0, end]).
+
+    The spacing is the narrowest window's width / (PEAK_POINTS − 1), widened when the union would
+    need more than PEAK_MAX_POINTS times. Returns the times and the spacing.
+    """
+    lo, hi = np.clip(centre - gap, 0.0, end), np.clip(centre + gap, 0.0, end)
+    keep = hi > lo
+    if not keep.any():
+        return np.empty(0), 0.0
+    order = np.argsort(lo[keep])
+    merged: list[list[float]] = []
+    for a, b in zip(lo[keep][order], hi[keep][order], strict=True):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    total = sum(b - a for a, b in merged)
+    step = max(float(np.min((hi - lo)[keep])) / (PEAK_POINTS - 1), total / PEAK_MAX_POINTS)
+    times = np.concatenate([np.append(np.arange(a, b, step), b) for a, b in merged])
+    return times, step
 
 
 def _grid_time_above(y: np.ndarray, grid: np.ndarray, level: float, jumps: np.ndarray) -> np.ndarray:
@@ -445,7 +471,7 @@ def _matched_doses(values, schedules, loc, sys_, local, ref, horizon):  # noqa: 
 
         def auc(schedule: Schedule, factor: float, name: str) -> float:
             scaled = schedule.scaled(factor)
-            return float(auc_nonlinear(one, scaled, [name], _nonlinear_end(scaled, horizon))[name][0])
+            return float(auc_nonlinear(one, scaled, [name], _nonlinear_end(values.spec, scaled, horizon))[name][0])
 
         b = _solve_factor(lambda f: auc(local_schedule, f, loc) - ref.auc[loc][s], brentq)
         if np.isfinite(b):

@@ -33,6 +33,7 @@ from itpk.dataset import DOSE_EVIDS, Dataset, check_against
 from itpk.dosecuts import cut_doses
 from itpk.errors import FitError
 from itpk.expr import pytensor_backend
+from itpk.interrupts import checkpoint
 from itpk.residuals import location_scale, observed_outputs, pointwise, sigma_names
 from itpk.spec import ELIMINATION, ERROR_MODELS, ModelSpec, Parameter
 from itpk.subjects import ExpandedDoses, Subject, expand_doses, last_reset, subjects
@@ -78,7 +79,7 @@ def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | No
     obs = _observations(subject_list, dataset)
     if obs.empty:
         raise FitError(f"{dataset.source}: no observations to fit")
-    if not dataset.data["EVID"].isin(DOSE_EVIDS).any() and not any(c.initial is not None for c in spec.compartments):
+    if not dataset.data["EVID"].isin(DOSE_EVIDS).any() and _stays_empty(spec):
         raise FitError(f"{dataset.source}: no dose rows (EVID 1 or 4), and model {spec.name!r} starts empty: every prediction "
                        f"would be 0; add the dosing history")
     outputs = tuple(o for o in spec.outputs if o in set(obs["output"]))
@@ -88,6 +89,21 @@ def prepare(spec: ModelSpec, dataset: Dataset, *, errors: Mapping[str, str] | No
     fixed = {n: p.value for n, p in spec.parameters.items() if n not in estimated}
     iiv = tuple(n for n in estimated if spec.parameters[n].iiv_cv is not None)
     return FitData(spec, dataset, subject_list, doses, obs, outputs, {o: errors[o] for o in outputs}, estimated, iiv, fixed)
+
+
+def _stays_empty(spec: ModelSpec) -> bool:
+    """Whether the model without doses stays at zero amounts: no initial amounts and no source terms."""
+    return not any(c.initial is not None for c in spec.compartments) and not _sources(spec)
+
+
+def _sources(spec: ModelSpec) -> set[str]:
+    """Compartments whose ODE term is not 0 at zero amounts, at the model's own values (a turnover
+    model's production, kin - kout·R): they fill without doses. Flows are first order, 0 at 0."""
+    from itpk.system import resolve
+
+    env = {**resolve(spec).env, **dict.fromkeys(spec.state_names, 0.0)}
+    with np.errstate(all="ignore"):
+        return {c for c, e in spec.odes.items() if np.any(np.asarray(e.evaluate(env), dtype=float) != 0.0)}
 
 
 def _check_log_dv(obs: pd.DataFrame, errors: Mapping[str, str]) -> None:
@@ -114,7 +130,7 @@ def relevant_names(spec: ModelSpec, doses: ExpandedDoses, outputs: tuple[str, ..
     """
     targets = {t for row in doses.target for t in row if t is not None}
     names: set[str] = set()
-    reached: set[str] = {c.name for c in spec.compartments if c.initial is not None}
+    reached: set[str] = {c.name for c in spec.compartments if c.initial is not None} | _sources(spec)
     for c in spec.compartments:
         if c.initial is not None:
             names |= c.initial.names
@@ -651,7 +667,7 @@ def fit(
 
     if method not in METHODS:
         raise FitError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
-    if seed is not None and not (isinstance(seed, int) and seed >= 0):
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
         raise FitError(f"--seed must be a whole number >= 0, found {seed!r}")
     if not (isinstance(target_accept, (int, float)) and 0.5 <= target_accept < 1.0):
         raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
@@ -708,6 +724,7 @@ def fit(
         approx = pm.fit(n=20000, method="advi", model=model, random_seed=seed, progressbar=progress)
         tree = approx.sample(draws, random_seed=seed)
         warnings.append("method advi: mean-field approximation; intervals are typically too narrow")
+    checkpoint()
     timings["sampling_s"] = time.perf_counter() - start - timings.get("compile_s", 0.0) - timings.get("precondition_s", 0.0)
     if method in ("nuts", "pymc") and "sample_stats" in tree.children and "diverging" in tree["sample_stats"]:
         divergent = int(np.asarray(tree["sample_stats"]["diverging"]).sum())
@@ -826,10 +843,13 @@ def _nuts(model: Any, draws: int, tune: int, chains: int, cores: int, seed: int,
                       mode_logp=round(whitening.logp, 3), dimension=int(whitening.mean.size))
         settings = {"chains": chains, "cores": cores, "progress_bar": progress, "target_accept": target_accept,
                     "adaptation": adaptation}
+        checkpoint()  # each stage returns what it has on Ctrl-C: stop here instead of starting the next
         if tune >= 2 * (PILOT_TUNE + PILOT_DRAWS):
             whitening = _pilot(compiled, whitening, seed, settings, record)
             tune -= PILOT_TUNE + PILOT_DRAWS
+            checkpoint()
         tree = nutpie.sample(_with(compiled, whitening), draws=draws, tune=tune, seed=seed, **settings)
+        checkpoint()
         return _unwhitened(tree, model, whitening)
     # Chains start at the typical subject (z = 0) with the priors' central values, jittered only in
     # the variance parameters: jittering individual effects or rate constants can start a chain in a
@@ -869,6 +889,7 @@ def _pilot(compiled: Any, whitening: Any, seed: int, settings: dict[str, Any], r
     tree = nutpie.sample(_with(compiled, whitening), draws=PILOT_DRAWS, tune=PILOT_TUNE,
                          seed=int(np.random.SeedSequence([seed, 7]).generate_state(1)[0]),
                          maxdepth=PILOT_MAXDEPTH, **settings)
+    checkpoint()  # a pilot cut short by Ctrl-C has too few draws to whiten with
     u = np.concatenate([tree["warmup_posterior"][WHITENED].values[:, PILOT_TUNE // 2:],
                         tree["posterior"][WHITENED].values], axis=1)
     x = whitening.to_x(u.reshape(-1, u.shape[-1]))

@@ -130,8 +130,11 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
         reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
-    notes = advice(max_rhat, min_ess, slowest, chains, post.sizes["draw"]) if chains >= 2 else \
-        ["run --chains 4 (the default) to assess convergence"]
+    if chains >= 2:
+        notes = advice(max_rhat, min_ess, slowest, chains, post.sizes["draw"])
+    else:  # the ESS advice still holds; R-hat (NaN here) says nothing about a stuck chain
+        notes = ["run --chains 4 (the default) to assess convergence",
+                 *advice(1.0 if math.isfinite(min_ess) else math.nan, min_ess, slowest, chains, post.sizes["draw"])]
     return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
             "reasons": reasons, "advice": notes}
 
@@ -421,6 +424,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
         raw = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ItpkError(f"{folder / 'model.toml'}: unreadable ({exc})") from None
+    raw.setdefault("time_unit", "h")  # runs made before time_unit was required (session 19): it defaulted to h then
     spec = parse_model(raw, source=str(folder / "model.toml"))
     try:
         tree = xr.open_datatree(folder / "posterior.nc")

@@ -419,6 +419,7 @@ class _Parser:
         self.raw = raw
         self.source = source
         self.units = units
+        self.dropped: set[str] = set()  # declared names refused for their own problems
         self.problems: list[str] = []
 
     def fail(self, where: str, message: str) -> None:
@@ -439,7 +440,7 @@ class _Parser:
         derived = self._derived()
         states = tuple(c.name for c in compartments)
         self._check_names(states, parameters, covariates, derived)
-        inputs = set(parameters) | set(covariates)
+        inputs = set(parameters) | set(covariates) | self.dropped
         self._check_derived(derived, inputs)
         known = inputs | set(derived)
         for c in compartments:
@@ -606,7 +607,8 @@ class _Parser:
                     name, number, unit, str(entry.get("description", "")), prior, iiv, fraction, fixed, str(entry.get("source", "")),
                 )
             except ModelSpecError as exc:
-                self.fail(where, str(exc))
+                self.fail(where, str(exc).removeprefix(f"parameter {name!r}: "))
+                self.dropped.add(name)  # reported once here, not again as unknown wherever it is used
         return out
 
     def _prior(self, value: Any, where: str) -> Prior | None:

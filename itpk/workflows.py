@@ -329,10 +329,13 @@ def run_comparison(
         overrides = posterior_values(spec, draws, overrides=overrides)
     else:
         spec = model if isinstance(model, ModelSpec) else load_model(model)
-    problems = [f"--horizon must be a number > 0, found {horizon:g}" for _ in [0] if horizon is not None and not (np.isfinite(horizon) and horizon > 0)]
-    problems += [f"--target {name}={level:g}: a concentration must be a number > 0" for name, level in (targets or {}).items()
+    problems = [f"--horizon must be a finite number > 0, found {horizon:g}" for _ in [0]
+                if horizon is not None and not (np.isfinite(horizon) and horizon > 0)]
+    problems += [f"--target {name}={level:g}: a concentration must be a finite number > 0" for name, level in (targets or {}).items()
                  if not (np.isfinite(level) and level > 0)]
     problems += [f"--threshold {x:g}: must be a finite number" for x in thresholds if not np.isfinite(x)]
+    if regimen_name is not None and infusion is not None:  # the iv reference would lose the regimen's visits
+        problems.append(f"--regimen {regimen_name} sets amounts and times for every route: do not give --infusion")
     if problems:
         raise ItpkError("; ".join(problems))
     routes = list(dict.fromkeys(routes))
@@ -539,6 +542,10 @@ def run_fit(
                          precondition=precondition, progress=progress)
         except KeyboardInterrupt:
             raise stopped from None
+        except Exception:
+            if interrupted():  # a stage that returned a partial result the next one could not use
+                raise stopped from None
+            raise
     if interrupted():  # nutpie, PyMC and ADVI return what they have on Ctrl-C: never a run directory
         raise stopped
     run_dir = write_run(result, out, command=command)

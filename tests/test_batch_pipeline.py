@@ -71,7 +71,8 @@ def test_cli_spellings_and_toml_spellings_are_one_job(tmp_path):
 
 
 def test_fit_jobs_take_the_sampler_options(tmp_path):
-    (tmp_path / "d.csv").write_text("ID,TIME,EVID,AMT,CMT,DV\n", encoding="utf-8")
+    # a valid dataset: the pre-flight validates each fit's data against its model before any job runs
+    (tmp_path / "d.csv").write_text("ID,TIME,EVID,AMT,CMT,DV\n1,0,1,100,depot,\n1,1,0,,plasma,1.5\n", encoding="utf-8")
     path = write(tmp_path, '[[jobs]]\nkind = "fit"\nmodel = "one_cpt_oral"\ndata = "d.csv"\n'
                            'target_accept = 0.95\nmass_matrix = "low-rank"\n')
     (job,) = resolve_jobs(load_pipeline(path))

@@ -219,9 +219,10 @@ def test_impossible_counts_and_seeds_are_usage_errors(args, message, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--horizon", "-5"], "--horizon must be a number > 0, found -5"),
-    (["--horizon", "nan"], "--horizon must be a number > 0, found nan"),
-    (["--target", "tumor=-1"], "--target tumor=-1: a concentration must be a number > 0"),
+    (["--horizon", "-5"], "--horizon must be a finite number > 0, found -5"),
+    (["--horizon", "nan"], "--horizon must be a finite number > 0, found nan"),
+    (["--target", "tumor=-1"], "--target tumor=-1: a concentration must be a finite number > 0"),
+    (["--regimen", "tvec", "--diam", "3", "--infusion", "1"], "--regimen tvec sets amounts and times for every route: do not give --infusion"),
 ])
 def test_compare_checks_its_numbers(args, message):
     result = run("compare", "it_linear", "--dose", "10", *args)

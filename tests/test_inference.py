@@ -548,3 +548,18 @@ def test_a_dataset_without_doses_is_refused_before_fitting():
 def test_a_negative_seed_is_refused():
     with pytest.raises(FitError, match=r"--seed must be a whole number >= 0, found -1"):
         fit(load_model("one_cpt_iv"), tiny_dataset(), method="map", seed=-1)
+
+
+def test_a_turnover_model_needs_no_doses():
+    # review (session 19): the no-dose check must not refuse a model whose ODEs produce on their own
+    from itpk.inference import prepare
+    from itpk.spec import parse_model
+
+    raw = {"name": "turnover", "time_unit": "h", "compartments": {"R": {"amount_unit": "mg", "volume": "V"}},
+           "parameters": {"kin": {"value": 1.0, "unit": "mg/h", "prior": {"dist": "lognormal", "median": 1.0, "sigma": 0.5}},
+                          "kout": {"value": 0.1, "unit": "1/h"}, "V": {"value": 1.0, "unit": "L"}},
+           "odes": {"R": "kin - kout * R"}, "routes": {"iv": {"into": {"R": 1}}},
+           "outputs": {"plasma": {"expr": "R / V", "unit": "mg/L"}}}
+    spec = parse_model(raw)
+    frame = pd.DataFrame({"ID": [1, 1], "TIME": [1.0, 5.0], "EVID": [0, 0], "DV": [1.0, 4.0], "CMT": ["plasma", "plasma"]})
+    assert prepare(spec, read_frame(frame, spec)).estimated == ("kin",)

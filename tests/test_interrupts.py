@@ -71,3 +71,19 @@ def test_an_interrupted_fit_keeps_the_previous_run_and_exits_130(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left
     result = CliRunner().invoke(app, ["fit", str(THEOPH), "--model", "one_cpt_oral", "--out", str(out), "--method", "map"])
     assert result.exit_code == 130 and "nothing was written" in result.output
+
+
+def test_a_checkpoint_stops_the_next_stage_after_a_swallowed_interrupt():
+    from itpk.interrupts import checkpoint
+
+    checkpoint()  # outside a watch: nothing
+    with watch_interrupts() as interrupted:
+        checkpoint()  # nothing yet
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # a stage (nutpie's pilot) returned its partial draws
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint()  # the next stage does not start
+    assert interrupted()
+    checkpoint()  # the watch is over: nothing

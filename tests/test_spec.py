@@ -171,6 +171,14 @@ def test_model_spec_errors(changes, message):
     assert str(info.value).startswith("mem.toml: invalid model file")
 
 
+def test_a_refused_parameter_is_not_reported_again_as_unknown_where_it_is_used():
+    raw = variant(parameters__CL__prior={"dist": "normal", "mu": 2, "sigma": 1}, parameters__CL__iiv=0.3)
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(raw, source="mem.toml")
+    assert "between-subject variability is log-normal" in str(info.value)
+    assert "unknown name" not in str(info.value)
+
+
 def test_every_problem_is_reported_at_once():
     raw = variant(agent="robot", flows={"blood -> out": "CLR"}, outputs__plasma__error="gaussian")
     with pytest.raises(ModelSpecError) as info:

@@ -110,7 +110,7 @@ def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
     """Every job of ``pipeline`` with its hash; unreadable models, options the model does not have, invalid
     datasets and duplicate jobs are a PipelineError, before any job runs."""
     problems, jobs, seen, digests = [], [], {}, {}
-    checked: dict[tuple[str, str], str] = {}
+    checked: dict[Any, Any] = {}
     for spec in pipeline.jobs:
         try:
             ident = identity(spec, digests)
@@ -130,19 +130,22 @@ def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
     return tuple(jobs)
 
 
-def _preflight(spec: JobSpec, checked: dict[tuple[str, str], str]) -> list[str]:
+def _preflight(spec: JobSpec, checked: dict[Any, Any]) -> list[str]:
     """What the job's model says of its options: routes, --set names, target outputs, and the dataset of a fit.
 
-    ``checked`` caches each (data, model) validation, so a sweep over one trial reads it once.
+    ``checked`` caches each model and each (data, model) validation for one pre-flight, so a sweep
+    over one trial loads and reads them once.
     """
     from itpk.dataset import read_dataset
     from itpk.spec import load_model
     from itpk.system import overridable
 
     o = dict(spec.options)
-    model = load_model(o["model"])
+    if ("model", o["model"]) not in checked:
+        checked["model", o["model"]] = load_model(o["model"])
+    model = checked["model", o["model"]]
     problems = []
-    routes = list(o.get("routes", ())) + ([o["route"]] if o.get("route") else [])
+    routes = list(o.get("routes", ("it", "iv") if spec.kind == "compare" else ())) + ([o["route"]] if o.get("route") else [])
     problems += [f"route {r!r} is not a route of {model.name}; routes: {', '.join(model.routes)}" for r in routes if r not in model.routes]
     names = overridable(model)
     problems += [f"set {n!r}: {model.name} has no such parameter or covariate; known: {', '.join(names)}"
