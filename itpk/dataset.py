@@ -222,14 +222,19 @@ def _build(
     sidecar = None
     if path is not None:
         try:
-            sidecar = read_sidecar(path, reader.covariate_columns)
+            sidecar = read_sidecar(path, reader.covariate_columns, collect=reader.extra)
         except DatasetError as exc:
             reader.extra += _listed(exc)
-    reader.raise_if_problems()
+    # the units' conversions are checked with the units file's own problems, so one message lists them
+    # all (a time key that is not a time used to hide the rest); they need the rows, so rows with
+    # problems are reported first
+    if frame is None:
+        reader.raise_if_problems()
     try:
         frame, units = convert_units(frame, sidecar, spec)
     except DatasetError as exc:
-        raise DatasetError(_message(source, [], _listed(exc))) from None
+        reader.extra += _listed(exc)
+    reader.raise_if_problems()
     return Dataset(_censor(frame), source, units, spec.name if spec else None, tuple(blank))
 
 

@@ -190,7 +190,8 @@ def sidecar_path(csv_path: str | Path) -> Path:
     return path.with_name(f"{stem}.units.toml")
 
 
-def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = ()) -> UnitsSidecar | None:
+def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = (), *,
+                 collect: list[str] | None = None) -> UnitsSidecar | None:
     """Read the units sidecar of a dataset, or None if there is none.
 
     Parameters
@@ -200,6 +201,10 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = ()) -> Unit
     covariates
         The dataset's covariate columns (upper case): a sidecar may also give
         their units.
+    collect
+        If given, the problems of its entries are appended here instead of raised, and the
+        sidecar keeps its valid entries, so that their conversions can be checked in the same
+        pass (one message for every problem). Unreadable TOML still raises.
 
     Raises
     ------
@@ -236,8 +241,10 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = ()) -> Unit
                 problems.append(f"{where}: found {value!r}, which is not a time; allowed: a time unit such as h, min or day")
             else:
                 parsed[upper] = value
-    if problems:
+    if problems and collect is None:
         raise DatasetError(f"units file {path}: invalid\n  - " + "\n  - ".join(problems))
+    if collect is not None:
+        collect += problems
     return UnitsSidecar(str(path), parsed)
 
 

@@ -245,3 +245,14 @@ def test_pfu_dose_into_a_copies_compartment_is_refused(tmp_path):
     csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,1000000,iv,,\n1,1,0,,,,5\n"
     with pytest.raises(DatasetError, match=r"AMT\[iv\]: 'PFU' cannot be converted to 'copies'"):
         dataset(tmp_path, 'AMT = "PFU"\n', csv, "virus_mini")
+
+
+def test_every_units_problem_in_one_message(tmp_path):
+    # found by review (session 19): a time key that is not a time hid the other units' problems, so a user
+    # fixed them one round at a time (rows with problems still stop the conversions: they need the rows)
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, 'TIME = "mg"\nAMT = "h"\nDV = "mg"\n')
+    text = str(info.value)
+    for line in ["TIME: found 'mg', which is not a time", "AMT[iv]: 'h' cannot be converted to 'mg'",
+                 "DV[plasma]: 'mg' cannot be converted to 'mg/L'"]:
+        assert line in text
