@@ -9,28 +9,31 @@ a route's fraction is dimensionless, an initial amount is its compartment's
 amount unit. :func:`check_units` compares the two for every expression.
 
 Numbers need a rule, because ``CL / V`` has one reading but
-``pi/6 * DIAM**3 / 1000`` (cm³ to L by hand) and ``TVCL * (WT / 70)**0.75``
-(70 kg) do not:
+``pi/6 * DIAM**3 / 1000`` (cm³ to L by hand) and ``TVV * WT / 70`` (70 kg) do not:
 
 - A number added to a quantity takes that quantity's unit (``1 - f_leak``,
-  ``WT + 70``); an exponent is a pure number.
-- An expression with no number that multiplies or divides is *definite*. Its
-  dimension must be the place's; at another scale it is **converted** (a
-  clearance in L/min in a model timed in h is multiplied by 60; ``central / V``
-  with V in mL and the output in mg/L by 1000), and the conversion is listed
-  (:attr:`UnitAnalysis.conversions`, shown by ``itpk models show``).
-- An expression with such numbers is taken as written in the place's unit (its
-  numbers may carry units, as 70 kg does), with one check: if reading its
-  numbers as pure numbers gives the place's dimension at another scale, one of
-  the numbers must be that very factor (``/ 1000`` for cm³ → L, a hand
-  conversion); otherwise the expression is refused, since it is then either that
-  many times off or relies on numbers that carry units unsaid.
-- ``exp`` and ``log`` take dimensionless arguments (a scaled ratio such as
-  mL/L is converted inside them) and give dimensionless results.
+  ``WT + 70``); so does one that divides a quantity raised to a fractional power
+  (``(WT / 70)**0.75``: a reference weight, the power a pure number); an exponent is
+  a pure number, and ``1`` and functions of numbers (``log(2)``) are pure numbers.
+- An expression (or a term of a sum, or the argument of ``exp``/``log``) with no
+  number that multiplies or divides is *definite*. Its dimension must be the
+  place's; at another scale it is **converted** (a clearance in L/min in a model
+  timed in h is multiplied by 60; ``central / V`` with V in mL and the output in
+  mg/L by 1000), and the conversion is listed (:attr:`UnitAnalysis.conversions`,
+  shown by ``itpk models show``).
+- One with such numbers (``10**3`` counts as one) is taken as written (its numbers
+  may carry units, as 70 kg does) when its pure-number reading has another
+  dimension. When that reading has the right dimension at another scale, a number
+  multiplying (c) or dividing (1/c) it must be exactly that factor, in that
+  direction (``/ 1000`` for cm³ → L, a hand conversion); otherwise it is refused,
+  since it is then either that many times off or relies on numbers that carry units
+  unsaid.
+- A quantity raised to a non-constant power (a Hill term ``C**gam``) has no unit
+  to work out: what uses it is not checked.
 
 Conversions are multiplications by a constant put into the expression's tree;
 the text stays as written, for messages. Units are parsed by
-:mod:`itpk.units` (pint, with PFU, copies and cells as counts of their own).
+:mod:`itpk.units` (pint, with PFU, copies, cells, vg, TCID50 and IU as counts of their own).
 """
 
 from __future__ import annotations
