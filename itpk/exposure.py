@@ -187,7 +187,8 @@ def _nonlinear_end(spec: ModelSpec, schedule: Schedule, horizon: float | None) -
         return horizon
     from itpk.units import conversion
 
-    return max(schedule.dose_times(), default=0.0) + 720.0 * conversion("h", spec.time_unit).factor
+    hours = 1.0 if spec.time_unit == "h" else conversion("h", spec.time_unit).factor  # pint loads in ~1 s: not for h
+    return max(schedule.dose_times(), default=0.0) + 720.0 * hours
 
 
 PEAK_ROUNDS = 3  # zoom rounds after the grid: each solves at more times around every set's best so far
@@ -290,20 +291,25 @@ def _profiles_and_auc(values: Values, schedule: Schedule, outputs: Sequence[str]
     """The outputs at ``times`` and their AUC over [0, times[-1]], from one solve with AUC states."""
     if schedule.resets or any(d.reset or d.ss for d in schedule.doses):
         raise ScheduleError("the AUC of a nonlinear model is computed for regimens without resets or steady-state doses")
-    augmented, names = _with_auc_states(values.spec.text_toml, tuple(outputs))
+    augmented, names = _with_auc_states(values.spec.text_toml, tuple(outputs), bool(values.spec.conversions))
     prof = simulate(augmented, schedule, Values(augmented, values.env, values.size), times, outputs=list(outputs))
     return prof, {o: prof.amounts[:, -1, augmented.state_names.index(names[o])] for o in outputs}
 
 
 @functools.lru_cache(maxsize=16)
-def _with_auc_states(text: str, outputs: tuple[str, ...]) -> tuple[ModelSpec, dict[str, str]]:
-    """The model (its ``model.toml`` text) with a state per output whose derivative is the output."""
+def _with_auc_states(text: str, outputs: tuple[str, ...], units: bool) -> tuple[ModelSpec, dict[str, str]]:
+    """The model (its ``model.toml`` text) with a state per output whose derivative is the output.
+
+    ``units``: the model's expressions carry unit conversions (:attr:`ModelSpec.conversions`), which
+    the text does not: the augmented model is analysed again, and each AUC state, declared in its
+    output's unit × time, gets its output's conversion. Without any, pint is not loaded.
+    """
     import tomllib
 
     from itpk.spec import parse_model
 
     raw = tomllib.loads(text)
-    spec = parse_model(raw)
+    spec = parse_model(raw, units=False)  # names, units and expression texts only
     used = {*spec.state_names, *spec.parameters, *spec.covariates, *spec.derived, *spec.outputs}
     names = {}
     for o in outputs:
@@ -315,7 +321,7 @@ def _with_auc_states(text: str, outputs: tuple[str, ...]) -> tuple[ModelSpec, di
         unit = f"({spec.outputs[o].unit})*({spec.time_unit})"
         raw["compartments"][name] = {"amount_unit": unit, "description": f"integral of output {o} (exposure metrics)"}
         raw.setdefault("odes", {})[name] = str(spec.outputs[o].expr)
-    return parse_model(raw, source=f"{spec.name} with AUC states"), names
+    return parse_model(raw, source=f"{spec.name} with AUC states", units=units), names
 
 
 @dataclass(frozen=True)
@@ -372,8 +378,7 @@ def compare_routes(
     metrics: dict[str, dict[str, np.ndarray]] = {}
     if reference and "systemic" in roles and "local" in roles:
         for route in (r for r in LOCAL_ROUTES if r in schedules):
-            pair = (schedules[route], schedules[reference])
-            metrics[route] = _metrics(values, exposures[route], exposures[reference], roles, pair, horizon)
+            metrics[route] = _metrics(values, exposures[route], exposures[reference], roles, schedules[route], horizon)
     return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site)
 
 
@@ -430,7 +435,7 @@ def _metrics(
     local: RouteExposure,
     ref: RouteExposure,
     roles: Mapping[str, str],
-    schedules: tuple[Schedule, Schedule],
+    local_schedule: Schedule,
     horizon: float | None,
 ) -> dict[str, np.ndarray]:
     sys_, loc = roles["systemic"], roles["local"]
@@ -445,13 +450,13 @@ def _metrics(
             out["DSF"] = G
             out["systemic_sparing"] = G / S
         else:
-            out["DSF"], out["systemic_sparing"] = _matched_doses(values, schedules, loc, sys_, local, ref, horizon)
+            out["DSF"], out["systemic_sparing"] = _matched_doses(values, local_schedule, loc, sys_, ref, horizon)
         if "abscopal" in roles:
             out["abscopal"] = local.auc[roles["abscopal"]] / ref.auc[roles["abscopal"]]
     return out
 
 
-def _matched_doses(values, schedules, loc, sys_, local, ref, horizon):  # noqa: ANN001, ANN202
+def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: ANN001, ANN202
     """DSF and systemic sparing of a nonlinear model by solving for the matched tumour AUC.
 
     Both start from the reference (iv) regimen at dose D, as SPEC §6 words them: the local
@@ -464,7 +469,6 @@ def _matched_doses(values, schedules, loc, sys_, local, ref, horizon):  # noqa: 
     """
     from scipy.optimize import brentq
 
-    local_schedule = schedules[0]
     dsf, sparing = np.full(values.size, np.nan), np.full(values.size, np.nan)
     for s in range(values.size):
         one = values.take([s])

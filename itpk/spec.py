@@ -785,23 +785,21 @@ class _Parser:
 
 
 def _fraction_problems(spec: ModelSpec) -> list[str]:
-    """Route fractions at the model's own values: each finite and >= 0, summing to <= 1 (checked again per simulation)."""
-    import numpy as np
-
-    from itpk.system import resolve
+    """Route fractions at the model's own values, checked as every simulation checks them
+    (:func:`itpk.system.input_fractions`): here, when the model loads."""
+    from itpk.events import Target
+    from itpk.system import input_fractions, resolve
 
     try:
-        env = resolve(spec).env
+        values = resolve(spec)
     except ModelSpecError as exc:
         return [f"the model's own parameter values: {exc}"]
     problems = []
-    for route in spec.routes.values():
-        with np.errstate(all="ignore"):
-            shares = {c: float(np.ravel(e.evaluate(env))[0]) for c, e in route.into.items()}
-        if not all(math.isfinite(v) and v >= 0 for v in shares.values()) or sum(shares.values()) > 1 + 1e-12:
-            listed = ", ".join(f"{c} {v:g}" for c, v in shares.items())
-            problems.append(f"[routes] {route.name!r}: at the model's own values the fractions are {listed}; "
-                            f"each must be >= 0 and together <= 1")
+    for name in spec.routes:
+        try:
+            input_fractions(values, Target(name))
+        except ModelSpecError as exc:
+            problems.append(f"[routes] {name!r}: at the model's own values: {exc}")
     return problems
 
 

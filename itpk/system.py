@@ -7,7 +7,7 @@ draws): a value is an array of shape (S,), a rate matrix (S, n, n), amounts
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,15 @@ def overridable(spec: ModelSpec) -> list[str]:
     return [*spec.parameters, *spec.covariates]
 
 
+def unknown_names(spec: ModelSpec, names: Iterable[str]) -> str | None:
+    """The message for the ``names`` that are not parameters or covariates of ``spec`` (None if all are)."""
+    known = overridable(spec)
+    unknown = sorted(set(names) - set(known))
+    if not unknown:
+        return None
+    return f"model {spec.name!r} has no parameter or covariate {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+
+
 def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
     """Parameters and covariates (defaults overridden by ``values``) plus derived quantities.
 
@@ -58,12 +67,9 @@ def resolve(spec: ModelSpec, values: Mapping[str, Any] | None = None) -> Values:
         different lengths, or values that are not finite.
     """
     values = dict(values or {})
-    known = overridable(spec)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ModelSpecError(
-            f"model {spec.name!r} has no parameter or covariate {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
-        )
+    problem = unknown_names(spec, values)
+    if problem:
+        raise ModelSpecError(problem)
     arrays = {k: np.atleast_1d(np.asarray(v, dtype=float)) for k, v in values.items()}
     sizes = {a.shape[0] for a in arrays.values() if a.ndim == 1 and a.shape[0] != 1}
     if len(sizes) > 1 or any(a.ndim != 1 for a in arrays.values()):

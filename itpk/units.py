@@ -440,9 +440,7 @@ class _Converter:
         for i in doses:
             route, cmt = frame.at[i, "ROUTE"], frame.at[i, "CMT"]
             names = tuple(n for n in (cmt, route) if isinstance(n, str))
-            target = self._dose_target(route, cmt, int(frame.at[i, "ROW"]))
-            if target is None:
-                continue
+            target = self._dose_target(route, cmt)
             key = names[0]
             self.amount.setdefault(key, target)
             source = self._lookup("AMT", names, target)
@@ -466,18 +464,12 @@ class _Converter:
             cache[(source, target, label)] = self._convert(source, target, label)
         return cache[(source, target, label)]
 
-    def _dose_target(self, route: Any, cmt: Any, row: int) -> str | None:
-        """Amount unit of the compartment(s) a dose row goes into."""
+    def _dose_target(self, route: Any, cmt: Any) -> str:
+        """Amount unit of the compartment(s) a dose row goes into (a model's route doses compartments of one
+        amount unit: :mod:`itpk.dimensions` refuses others when the model loads)."""
         spec = self.spec
-        if isinstance(cmt, str):
-            return next(c.amount_unit for c in spec.compartments if c.name == cmt)
-        into = spec.routes[route].into
-        units = {c.amount_unit for c in spec.compartments if c.name in into}
-        if len(units) == 1:
-            return units.pop()
-        detail = ", ".join(f"{c.name}: {c.amount_unit}" for c in spec.compartments if c.name in into)
-        self.problems.append(f"row {row}, AMT: route {route!r} doses compartments with different amount units ({detail}); allowed: give CMT to name one")
-        return None
+        name = cmt if isinstance(cmt, str) else spec.routes[route].site
+        return next(c.amount_unit for c in spec.compartments if c.name == name)
 
     def _observations(self) -> None:
         frame = self.frame

@@ -22,7 +22,7 @@ from itpk.population import sample_population
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
-from itpk.system import Values, check_volumes, inputs_of, resolve
+from itpk.system import Values, check_volumes, inputs_of, resolve, unknown_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,6 +122,21 @@ def lesion_size(spec: ModelSpec, compartment: str | None) -> str | None:
     return covariates[0] if len(covariates) == 1 else None
 
 
+def option_problems(spec: ModelSpec, *, routes: Sequence[str] = (), overrides: Mapping[str, object] | None = None,
+                    targets: Mapping[str, float] | None = None) -> list[str]:
+    """What a command's options name that ``spec`` does not have (routes, ``--set`` names, ``--target``
+    outputs), one line each: the commands and a batch's pre-flight check the same way."""
+    problems = []
+    unknown = [r for r in routes if r not in spec.routes]
+    if unknown:
+        problems.append(f"model {spec.name!r} has no route(s) {', '.join(unknown)}; routes: {', '.join(spec.routes)}")
+    problems += [p for p in [unknown_names(spec, overrides or {})] if p]
+    bad_targets = sorted(set(targets or {}) - set(spec.outputs))
+    if bad_targets:
+        problems.append(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
+    return problems
+
+
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
     """``site`` (``--cmt``) if every route in ``routes`` can inject it, None for their own site.
 
@@ -182,9 +197,10 @@ def run_simulation(
     overrides = dict(overrides or {})
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
-    if route not in spec.routes:
-        raise ItpkError(f"model {spec.name!r} has no route {route!r}; routes: {', '.join(spec.routes)}")
-    resolve(spec, overrides)  # unknown names fail here, before any work
+    problems = option_problems(spec, routes=[route], overrides=overrides)
+    if problems:  # before any work
+        raise ItpkError("; ".join(problems))
+    resolve(spec, overrides)  # and the values themselves (finite, one length)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
         raise ItpkError(f"--subjects must be >= 1, found {subjects}")
@@ -336,15 +352,12 @@ def run_comparison(
     problems += [f"--threshold {x:g}: must be a finite number" for x in thresholds if not np.isfinite(x)]
     if regimen_name is not None and infusion is not None:  # the iv reference would lose the regimen's visits
         problems.append(f"--regimen {regimen_name} sets amounts and times for every route: do not give --infusion")
+    routes = list(dict.fromkeys(routes))
+    if not routes:
+        problems.append(f"model {spec.name!r}: give the routes to compare; routes: {', '.join(spec.routes)}")
+    problems += option_problems(spec, routes=routes, overrides=overrides, targets=targets)
     if problems:
         raise ItpkError("; ".join(problems))
-    routes = list(dict.fromkeys(routes))
-    unknown = [r for r in routes if r not in spec.routes]
-    if unknown or not routes:
-        raise ItpkError(f"model {spec.name!r} has no route(s) {', '.join(unknown) or '(none given)'}; routes: {', '.join(spec.routes)}")
-    bad_targets = sorted(set(targets or {}) - set(spec.outputs))
-    if bad_targets:
-        raise ItpkError(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
     overrides = dict(overrides or {})
     local = [r for r in routes if r in LOCAL_ROUTES]
     if site is not None and not local:

@@ -209,9 +209,10 @@ def test_options_the_model_does_not_have_stop_the_batch_before_any_job(tmp_path)
     out = tmp_path / "out"
     result = runner.invoke(app, ["batch", str(path), "--out", str(out)])
     assert result.exit_code == 1, result.output
-    for text in ["jobs #1: route 'im' is not a route of it_antibody", "jobs #2: set 'NOPE': it_antibody has no such parameter",
-                 "jobs #3: target 'liver' is not an output of it_antibody", "jobs #4: ", "row 2, TIME: found -1",
-                 "jobs #5: route 'it' is not a route of one_cpt_iv"]:  # compare's default routes are it and iv
+    for text in ["jobs #1: model 'it_antibody' has no route(s) im; routes: it, ia, iv, sc",
+                 "jobs #2: model 'it_antibody' has no parameter or covariate 'NOPE'; known: ",
+                 "jobs #3: --target: unknown output(s) liver; outputs: ", "jobs #4: ", "row 2, TIME: found -1",
+                 "jobs #5: model 'one_cpt_iv' has no route(s) it; routes: iv"]:  # compare's default routes are it and iv
         assert text in result.output
     assert not (out / "jobs").exists()
 

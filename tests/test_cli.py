@@ -114,7 +114,7 @@ BAD = [
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", -5], "amount must be a finite number > 0, found -5.0"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "1,x"], "--at '1,x': expected comma-separated numbers"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "-1,2"], "output times must be finite and >= 0"),
-    (["simulate", "two_cpt_iv", "--route", "it", "--dose", 1], "no route 'it'; routes: iv"),
+    (["simulate", "two_cpt_iv", "--route", "it", "--dose", 1], "model 'two_cpt_iv' has no route(s) it; routes: iv"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 3], "3 doses need an interval > 0"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be > 0"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "subjects must be >= 1"),

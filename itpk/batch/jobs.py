@@ -138,20 +138,14 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any]) -> list[str]:
     """
     from itpk.dataset import read_dataset
     from itpk.spec import load_model
-    from itpk.system import overridable
+    from itpk.workflows import option_problems
 
     o = dict(spec.options)
     if ("model", o["model"]) not in checked:
         checked["model", o["model"]] = load_model(o["model"])
     model = checked["model", o["model"]]
-    problems = []
     routes = list(o.get("routes", ("it", "iv") if spec.kind == "compare" else ())) + ([o["route"]] if o.get("route") else [])
-    problems += [f"route {r!r} is not a route of {model.name}; routes: {', '.join(model.routes)}" for r in routes if r not in model.routes]
-    names = overridable(model)
-    problems += [f"set {n!r}: {model.name} has no such parameter or covariate; known: {', '.join(names)}"
-                 for n, _ in o.get("set", ()) if n not in names]
-    problems += [f"target {n!r} is not an output of {model.name}; outputs: {', '.join(model.outputs)}"
-                 for n, _ in o.get("target", ()) if n not in model.outputs]
+    problems = option_problems(model, routes=routes, overrides=dict(o.get("set", ())), targets=dict(o.get("target", ())))
     if spec.kind == "fit" and "data" in o:
         key = (str(o["data"]), str(o["model"]))
         if key not in checked:
