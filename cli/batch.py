@@ -47,13 +47,27 @@ def batch_command(
 ) -> None:
     """Run many compare/simulate/fit jobs on Dask; one directory per job plus batch.json and batch.csv."""
     from itpk.batch import load_pipeline, run_batch
+    from itpk.batch.runner import default_out, option_problems
     from itpk.errors import ItpkError
+    from itpk.workflows import problems_error
 
+    # every problem at once, before anything is created: the batch's own options, then the pipeline's
+    problems = option_problems(out if out is not None else default_out(pipeline), resume=resume, log=log,
+                               scheduler=scheduler, workers=workers, retries=retries)
     try:
-        result = run_batch(load_pipeline(pipeline), out=out, scheduler=scheduler, workers=workers, resume=resume,
+        loaded = load_pipeline(pipeline, preflight=True)
+    except ItpkError as exc:
+        problems.append(str(exc))
+    try:
+        if problems:
+            raise problems_error(problems)
+        result = run_batch(loaded, out=out, scheduler=scheduler, workers=workers, resume=resume,
                            retries=retries, log=log, progress=not quiet and sys.stderr.isatty())
-    except (ItpkError, OSError) as exc:  # OSError: the batch directory or --log cannot be written
+    except ItpkError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the batch directory or --log could not be written after all (a race, a full disk)
+        typer.echo(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         typer.echo(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", err=True)

@@ -77,7 +77,7 @@ def summary(dataset: Dataset) -> list[str]:
 
 def nca_command(
     data: DataArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output CSV: ID,OUTPUT,Cmax,Tmax,AUClast,AUCinf,lambda_z,half_life,lambda_z_points,adj_r2.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output CSV: ID,OUTPUT,Cmax,Tmax,AUClast,AUCinf,lambda_z,half_life,lambda_z_points,adj_r2 (AUC_end with --end), then unit columns.", show_default=False)],
     model: ModelOpt = None,
     end: Annotated[float | None, typer.Option("--end", help="Also report AUC_end: AUClast over samples at or before this time (dataset time unit).", show_default=False)] = None,
 ) -> None:
@@ -85,8 +85,14 @@ def nca_command(
     from itpk.io import atomic_write  # temp file beside the target, then os.replace
     from itpk.nca import nca
 
+    from itpk.errors import ItpkError
+
     dataset = _read(data, model)
-    table = nca(dataset, end=end)
+    try:
+        table = nca(dataset, end=end)
+    except ItpkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     try:
         atomic_write(out, lambda temp: table.to_csv(temp, index=False))
     except OSError as exc:

@@ -60,10 +60,11 @@ def silenced(quiet: bool) -> Iterator[None]:
         yield
 
 
-def _parse_sets(pairs: list[str], *, option: str = "--set", example: str = "--set CL=2.5") -> dict[str, float]:
-    """``NAME=VALUE`` pairs to a dict; every malformed pair is reported."""
+def _parse_sets(pairs: list[str], problems: list[str], *, option: str = "--set",
+                example: str = "--set CL=2.5") -> dict[str, float]:
+    """``NAME=VALUE`` pairs to a dict; every malformed pair is added to ``problems`` (reported with the
+    command's other problems)."""
     out: dict[str, float] = {}
-    problems = []
     for pair in pairs:
         name, sep, value = pair.partition("=")
         try:
@@ -72,19 +73,33 @@ def _parse_sets(pairs: list[str], *, option: str = "--set", example: str = "--se
             out[name.strip()] = float(value)
         except ValueError:
             problems.append(f"{option} {pair!r}: expected NAME=NUMBER (e.g. {example})")
-    if problems:
-        raise ItpkError("; ".join(problems))
     return out
 
 
-def _parse_times(text: str) -> list[float]:
+def _parse_times(text: str | None, problems: list[str]) -> list[float] | None:
+    if text is None:
+        return None
     try:
         times = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ItpkError(f"--at {text!r}: expected comma-separated numbers, e.g. --at 0,0.5,1,2,4") from None
+        problems.append(f"--at {text!r}: expected comma-separated numbers, e.g. --at 0,0.5,1,2,4")
+        return None
     if not times:
-        raise ItpkError(f"--at {text!r}: no times given")
+        problems.append(f"--at {text!r}: no times given")
+        return None
     return times
+
+
+def _parse_errors(items: list[str], problems: list[str]) -> dict[str, str]:
+    """``OUTPUT=MODEL`` pairs of ``--error``; every malformed one is added to ``problems``."""
+    errors = {}
+    for item in items:
+        name, sep, kind = item.partition("=")
+        if not sep or not name.strip():
+            problems.append(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
+        else:
+            errors[name.strip()] = kind.strip()
+    return errors
 
 
 @models_app.command("list")
@@ -92,15 +107,11 @@ def models_list() -> None:
     """The model library, one row per model: name, agent, routes, outputs, description."""
     from itpk.spec import builtin_models, load_model
 
+    from itpk.describe import describe_library
+
     with user_errors():
         rows = [load_model(name) for name in builtin_models()]
-    width = max(len(s.name) for s in rows)
-    typer.echo(f"{'model':<{width}}  {'agent':<14} {'routes':<12} {'outputs':<22} description")
-    for s in rows:
-        kind = "" if s.is_linear else " [nonlinear]"
-        typer.echo(
-            f"{s.name:<{width}}  {s.agent:<14} {','.join(s.routes):<12} {','.join(s.outputs):<22} {s.description}{kind}"
-        )
+    typer.echo(describe_library(rows))
 
 
 @models_app.command("show")
@@ -138,6 +149,9 @@ def simulate(
     """Concentration-time profiles of a regimen (a virtual population with --subjects)."""
     from itpk.workflows import run_simulation
 
+    problems: list[str] = []  # every problem of the options, reported together by run_simulation
+    overrides = _parse_sets(set_ or [], problems)
+    times = _parse_times(at, problems)
     with user_errors(), silenced(quiet):
         result = run_simulation(
             model,
@@ -151,14 +165,15 @@ def simulate(
             infusion=infusion,
             horizon=horizon,
             step=step,
-            at=_parse_times(at) if at is not None else None,
-            overrides=_parse_sets(set_ or []),
+            at=times,
+            overrides=overrides,
             subjects=subjects,
             seed=seed,
             posterior=posterior,
             out=out,
             plot=plot,
             progress=not quiet,
+            problems=problems,
         )
     if not quiet:
         typer.echo(result.message)
@@ -189,6 +204,9 @@ def compare(
 
     from itpk.workflows import run_comparison
 
+    problems: list[str] = []  # every problem of the options, reported together by run_comparison
+    overrides = _parse_sets(set_ or [], problems)
+    targets = _parse_sets(target or [], problems, option="--target", example="--target tumor=0.5")
     with user_errors(), silenced(quiet):
         result = run_comparison(
             model,
@@ -200,13 +218,14 @@ def compare(
             every=every,
             doses=doses,
             infusion=infusion,
-            overrides=_parse_sets(set_ or []),
-            targets=_parse_sets(target or [], option="--target", example="--target tumor=0.5"),
+            overrides=overrides,
+            targets=targets,
             thresholds=threshold or (),
             horizon=horizon,
             posterior=posterior,
             out=out,
             plot=plot,
+            problems=problems,
         )
     if json_:
         typer.echo(jsontext.dumps(result.report, indent=2))
@@ -236,18 +255,13 @@ def fit(
     """Hierarchical Bayesian fit of a model to trial data; writes the run directory."""
     from itpk.workflows import run_fit
 
-    errors = {}
-    for item in error or []:
-        name, sep, kind = item.partition("=")
-        if not sep:
-            with user_errors():
-                raise ItpkError(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
-        errors[name.strip()] = kind.strip()
+    problems: list[str] = []  # every problem of the options, reported together by run_fit
+    errors = _parse_errors(error or [], problems)
     with user_errors(), silenced(quiet):
         result = run_fit(data, model=model, out=out, method=method, draws=draws, tune=tune, chains=chains,
                          cores=cores, seed=seed, errors=errors, target_accept=target_accept,
                          mass_matrix=mass_matrix, iiv=iiv, precondition=precondition, progress=not quiet and sys.stderr.isatty(),
-                         command=sys.argv)
+                         command=sys.argv, problems=problems)
     if not quiet:
         typer.echo(result.message)
     if strict and result.diagnostics["passed"] is False:

@@ -8,7 +8,11 @@ row number (the header is row 1, as in a spreadsheet), column, what was found
 and what is allowed. Rows are never reordered or dropped; fully blank rows are
 skipped and listed in :attr:`Dataset.ignored_rows`.
 
-Missing cells are blank, ``.`` (NONMEM), ``NA``, ``N/A`` or ``NaN``.
+Missing cells are blank, ``.`` (NONMEM), ``NA``, ``N/A`` or ``NaN``; where a value is
+needed, a message quotes such a marker (``found 'nan'``) rather than calling it blank.
+A number that is not finite (``inf``, or ``1e400``: beyond the largest float) is refused.
+Units-file problems are listed in the same message as the rows' problems; the
+conversions are then checked on the rows that have none.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ MAX_LISTED = 50
 
 _FLOATS = ("TIME", "AMT", "DV", "RATE", "DUR", "II", "LLOQ")
 _INTEGERS = {"EVID": tuple(EVIDS), "ADDL": None, "SS": (0, 1, 2), "MDV": (0, 1), "BLQ": (0, 1)}
-_NUMBER = "a number (with a decimal point, e.g. 1.5)"
+_NUMBER = "a finite number (with a decimal point, e.g. 1.5)"
 _EVID_TEXT = ", ".join(f"{k} ({v})" for k, v in EVIDS.items())
 
 
@@ -226,15 +230,18 @@ def _build(
         except DatasetError as exc:
             reader.extra += _listed(exc)
     # the units' conversions are checked with the units file's own problems, so one message lists them
-    # all (a time key that is not a time used to hide the rest); they need the rows, so rows with
-    # problems are reported first
-    if frame is None:
-        reader.raise_if_problems()
-    try:
-        frame, units = convert_units(frame, sidecar, spec)
-    except DatasetError as exc:
-        reader.extra += _listed(exc)
+    # all (a time key that is not a time used to hide the rest); with rows that have problems, they are
+    # checked on the other rows (what a bad row needs is known once the row is mended)
+    checked = frame if frame is not None else reader.partial
+    converted = None
+    if checked is not None:
+        try:
+            converted = convert_units(checked, sidecar, spec)
+        except DatasetError as exc:
+            reader.extra += _listed(exc)
     reader.raise_if_problems()
+    assert frame is not None and converted is not None  # no problems: the whole frame was converted
+    frame, units = converted
     return Dataset(_censor(frame), source, units, spec.name if spec else None, tuple(blank))
 
 
@@ -330,6 +337,12 @@ def _message(source: str, problems: list[Problem], extra: list[str]) -> str:
     return text + (f"\n  ... and {more} more" if more else "")
 
 
+def _not_a_number(text: str, value: float) -> str:
+    """What a numeric cell holds when it is not a finite number: 'abc' is not a number, 'inf'
+    and '1e400' (beyond the largest float) are numbers that are not finite."""
+    return f"found {text!r}: not a finite number" if np.isinf(value) else f"found {text!r}, not a number"
+
+
 def _fmt(value: Any) -> str:
     """A cell value as a person would type it: 2 not 2.0."""
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -350,6 +363,7 @@ class _Reader:
         self.present: set[str] = set()
         self.covariate_columns: tuple[str, ...] = ()
         self._blank_cells: dict[str, pd.Series] = {}
+        self.partial: pd.DataFrame | None = None  # the rows without problems, in normal form, when some have them
 
     def add(self, row: int | None, column: str | None, found: str, allowed: str) -> None:
         self.problems.append(Problem(row, column, found, allowed))
@@ -450,7 +464,7 @@ class _Reader:
         missing = self._missing(column)
         values = pd.to_numeric(text.where(~missing), errors="coerce").astype(float)
         bad = ~missing & ~np.isfinite(values)
-        self.add_rows(bad, column, lambda i: f"found {text.iat[i]!r}, not a number", allowed)
+        self.add_rows(bad, column, lambda i: _not_a_number(text.iat[i], values.iat[i]), allowed)
         return values.where(~bad)
 
     def _integers(self, column: str, allowed: tuple[int, ...] | None) -> pd.Series:
@@ -481,7 +495,15 @@ class _Reader:
             listed = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
             self.add(None, column, f"missing, needed on {len(rows)} rows ({listed})", allowed)
         else:
-            self.add_rows(mask, column, found, allowed)
+            self.add_rows(mask, column, self._as_found(column, found), allowed)
+
+    def _as_found(self, column: str, found: str) -> Any:
+        """``found`` for a blank cell; for a missing-value marker (NaN, NA, .) what the cell holds instead
+        ("found 'nan' ..." rather than "blank ..."), so that the user can find it."""
+        text = self.text[column]
+        if not found.startswith("blank"):
+            return found
+        return lambda i: found if not text.iat[i] else f"found {text.iat[i]!r} (read as a missing value){found[len('blank'):]}"
 
     def _check_columns(self, values: dict[str, pd.Series]) -> None:
         everywhere = pd.Series(True, index=values["ID"].index)
@@ -549,7 +571,8 @@ class _Reader:
         evid, mdv, dv, blq, lloq = (values[c] for c in ("EVID", "MDV", "DV", "BLQ", "LLOQ"))
         counted = (evid == 0) & (mdv.fillna(0) == 0)
         with_limit = (blq == 1) & lloq.notna()  # BLQ=1 and LLOQ given: DV may be blank
-        self._blank(values, "DV", counted & ~with_limit, "blank on an observation row (EVID=0)", "a measured value, or MDV=1 to ignore the row")
+        self._blank(values, "DV", counted & ~with_limit, "blank on an observation row (EVID=0)",
+                    "a measured value (a finite number), or MDV=1 to ignore the row")
         self.add_rows(lloq <= 0, "LLOQ", lambda i: f"found {_fmt(lloq.iat[i])}", "a limit > 0 or blank")
 
     def _check_routes_and_cmt(self, values: dict[str, pd.Series]) -> None:
@@ -602,8 +625,9 @@ class _Reader:
                 name = _resolve_name(cmt.iat[i], names)
                 if name is None:
                     row_kind = "dose" if kind == "a compartment" else "observation"
+                    numbers = "1" if len(names) == 1 else f"1-{len(names)}"
                     self.add(int(self.row[i]), "CMT", f"found {cmt.iat[i]!r} on a{'n' if row_kind[0] == 'o' else ''} {row_kind} row",
-                             f"{kind} of model {spec.name}: {', '.join(names)} (or its number 1-{len(names)})")
+                             f"{kind} of model {spec.name}: {', '.join(names)} (or its number {numbers})")
                 resolved.iat[i] = name
         if len(spec.outputs) == 1:
             resolved = resolved.where(~(obs & cmt.isna()), next(iter(spec.outputs)))
@@ -622,9 +646,9 @@ class _Reader:
             name = cov.name if cov else column
             renamed.append(name)
             if cov is not None:
-                allowed = f"a number (covariate {cov.name} of model {self.spec.name}, {cov.unit or 'no unit'}; drop the column to use the default {cov.value:g})"
-                self.add_rows(~missing & ~np.isfinite(numbers), column, lambda i, t=text: f"found {t.iat[i]!r}, not a number", allowed)
-                self.add_rows(missing, column, "blank", allowed)
+                allowed = f"a finite number (covariate {cov.name} of model {self.spec.name}, {cov.unit or 'no unit'}; drop the column to use the default {cov.value:g})"
+                self.add_rows(~missing & ~np.isfinite(numbers), column, lambda i, t=text, n=numbers: _not_a_number(t.iat[i], n.iat[i]), allowed)
+                self.add_rows(missing, column, self._as_found(column, "blank"), allowed)
             values[name] = numbers if numeric or cov is not None else text.where(~missing)
             if not (cov is not None and cov.time_varying):
                 why = f"{name} is not time-varying in model {self.spec.name}" if self.spec else "without a model, covariates are constant; a model may declare them time-varying"
@@ -664,10 +688,22 @@ class _Reader:
 
     # -- normal form -----------------------------------------------------------------
     def _normalise(self, values: dict[str, pd.Series]) -> pd.DataFrame | None:
-        if self.problems:
-            return None
+        """The normal form, or None if there are problems; then :attr:`partial` holds the normal form of the
+        rows without any (their units' conversions are checked in the same message)."""
+        if not self.problems:
+            return self._frame(values)
+        bad = {p.row for p in self.problems if p.row is not None}
+        keep = ~np.isin(self.row, list(bad)) & values["EVID"].notna().to_numpy()
+        # a dose row needs its receiving compartment (a missing ROUTE column is a problem without a row)
+        dose = values["EVID"].isin(DOSE_EVIDS).to_numpy()
+        keep &= ~dose | (values["ROUTE"].notna() | values["CMT"].notna()).to_numpy()
+        self.partial = self._frame({k: v[keep] for k, v in values.items()}, self.row[keep]).reset_index(drop=True)
+        return None
+
+    def _frame(self, values: dict[str, pd.Series], row: np.ndarray | None = None) -> pd.DataFrame:
+        row = self.row if row is None else row
         evid = values["EVID"].astype("int64")
-        out = pd.DataFrame({"ROW": self.row.astype("int64"), "ID": values["ID"], "TIME": values["TIME"], "EVID": evid})
+        out = pd.DataFrame({"ROW": row.astype("int64"), "ID": values["ID"], "TIME": values["TIME"], "EVID": evid})
         for column in ("AMT", "DV", "RATE", "DUR", "II", "LLOQ"):
             out[column] = values[column]
         for column in ("AMT", "RATE", "DUR", "II"):

@@ -28,7 +28,7 @@ from pytensor.tensor import as_tensor_variable, tensor
 from itpk.linop import LinearPredict
 from itpk.odeop import OdePredict
 
-__all__ = ["DrawLoop", "add_deterministics", "data_array", "evaluate", "prior_draws"]
+__all__ = ["DrawLoop", "add_deterministics", "data_array", "evaluate", "log_density", "prior_draws"]
 
 
 class DrawLoop(Op):
@@ -130,6 +130,36 @@ def add_deterministics(tree: Any, model: Any) -> Any:
         post[var.name] = data_array(model, var.name, value.reshape(*shape, *value.shape[1:]))
     tree["posterior"] = xr.DataTree(post)
     return tree
+
+
+def log_density(model: Any, posterior: Any) -> np.ndarray:
+    """The model's log posterior density (up to a constant) at each draw, shape ``(chain, draw)``.
+
+    The density of the parameters as the model states them (rates, SDs, fractions), without the
+    Jacobian of the sampler's log/logit transforms: the ``lp`` of ArviZ's ``sample_stats``.
+
+    Parameters
+    ----------
+    posterior
+        ``xarray.Dataset`` holding every free random variable (constrained scale) with leading
+        ``chain`` and ``draw`` dimensions.
+    """
+    from pytensor.graph.replace import graph_replace
+
+    rvs = list(model.free_RVs)
+    # the density reads the value variables (the transforms' unconstrained scale): each is
+    # the forward transform of its random variable, so the graph's roots are the free variables
+    forward = {}
+    for rv in rvs:
+        value = model.rvs_to_values[rv]
+        transform = model.rvs_to_transforms.get(rv)
+        forward[value] = rv if transform is None else transform.forward(rv, *rv.owner.inputs)
+    lp = graph_replace(model.logp(jacobian=False), forward, strict=False)
+    lead = ("chain", "draw")
+    shape = tuple(posterior.sizes[d] for d in lead)
+    values = [posterior[rv.name].transpose(*lead, ...).values.reshape(-1, *posterior[rv.name].shape[2:]) for rv in rvs]
+    (result,) = evaluate(rvs, [lp], values)
+    return result.reshape(shape)
 
 
 def prior_draws(model: Any, draws: int, seed: int) -> Any:

@@ -103,7 +103,7 @@ class _Reading:
     factors: tuple[float, ...] = ()
 
 
-def unit_problems(spec_units: Mapping[str, str], time_unit: str) -> list[str]:
+def unit_problems(spec_units: Mapping[str, str], time_unit: str | None) -> list[str]:
     """Problems with the unit texts themselves: each must parse; ``time_unit`` must be a time.
 
     Parameters
@@ -111,12 +111,14 @@ def unit_problems(spec_units: Mapping[str, str], time_unit: str) -> list[str]:
     spec_units
         Where (e.g. ``[parameters] 'CL' unit``) → unit text.
     time_unit
-        The model's time unit.
+        The model's time unit; None when it is missing (reported elsewhere).
     """
     problems = []
     for where, text in spec_units.items():
         if _parse(text) is None:
             problems.append(f"{where}: {text!r} is not a unit itpk knows (e.g. h, mg, L, mL/h, ng/mL, 1/h, PFU, copies/mL, cells, 1)")
+    if time_unit is None:
+        return problems
     unit = _parse(time_unit)
     if unit is None or _dimensionality(unit) != _dimensionality(_parse("h")):
         problems.append(f"key 'time_unit': {time_unit!r} is not a unit of time (e.g. h, min, d)")
@@ -136,8 +138,9 @@ def check_units(spec: ModelSpec) -> UnitAnalysis:
         The converted model, the problems and the conversions made.
     """
     env = _environment(spec)
-    per_time = _parse(f"1/({spec.time_unit})")
-    amount = {c.name: _parse(c.amount_unit) for c in spec.compartments}
+    time = _parse(spec.time_unit) if spec.time_unit else None
+    per_time = None if time is None or _dimensionality(time) != _dimensionality(_parse("h")) else _parse(f"1/({spec.time_unit})")
+    amount = {c.name: _parse(c.amount_unit) if c.amount_unit else None for c in spec.compartments}
     problems: list[str] = []
     conversions: list[str] = []
 
@@ -176,7 +179,7 @@ def check_units(spec: ModelSpec) -> UnitAnalysis:
     flows = []
     for f in spec.flows:
         where = f"[flows] {f.key!r}"
-        if f.target in amount:
+        if f.target in amount and f.source in amount:
             problems.extend(_same_amounts(where, {f.source: amount[f.source], f.target: amount[f.target]}, spec))
         flows.append(replace(f, rate=place(f.rate, per_time, where, f"a first-order rate constant, per {spec.time_unit}")))
     odes = {}
@@ -228,11 +231,22 @@ def _show(unit: Any) -> str:
 
 
 def _environment(spec: ModelSpec) -> dict[str, Any]:
-    """Name → pint unit (None: unknown) of everything an expression may use."""
-    env: dict[str, Any] = {c.name: _parse(c.amount_unit) for c in spec.compartments}
-    env.update({p.name: _parse(p.unit) for p in spec.parameters.values()})
-    env.update({c.name: _parse(c.unit) if c.unit else None for c in spec.covariates.values()})
-    env.update({d.name: _parse(d.unit) if d.unit else None for d in spec.derived.values()})
+    """Name → pint unit (None: unknown) of everything an expression may use.
+
+    A name declared twice (reported by the model's reader) has no unit: which one is meant is unknown.
+    """
+    groups = [
+        {c.name: _parse(c.amount_unit) if c.amount_unit else None for c in spec.compartments},
+        {p.name: _parse(p.unit) for p in spec.parameters.values()},
+        {c.name: _parse(c.unit) if c.unit else None for c in spec.covariates.values()},
+        {d.name: _parse(d.unit) if d.unit else None for d in spec.derived.values()},
+    ]
+    env: dict[str, Any] = {}
+    twice: set[str] = set()
+    for group in groups:
+        twice |= set(group) & set(env)
+        env.update(group)
+    env.update(dict.fromkeys(twice))
     return env
 
 

@@ -13,6 +13,7 @@ dense grid that holds every dose time.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -496,19 +497,34 @@ def _solve_factor(fn, brentq) -> float:  # noqa: ANN001
 def summarize(values: np.ndarray, thresholds: Sequence[float] = ()) -> float | dict[str, float]:
     """One number for a single parameter set; else median, 95% interval and P(> x).
 
-    The interval is equal-tailed (2.5% and 97.5% quantiles).
+    The interval is equal-tailed (2.5% and 97.5% quantiles). Draws where the metric is
+    undefined (NaN: 0/0, or no matching dose factor) are left out of every number alike, and
+    ``undefined_fraction`` says how many there were (only when there were some); infinite
+    values (x/0) are ordered and count. All undefined: every number is NaN.
     """
     values = np.asarray(values, dtype=float)
     if values.size == 1:
         return float(values[0])
+    undefined = np.isnan(values)
+    defined = values[~undefined]
+    some = defined.size > 0
     out = {
-        "median": float(np.median(values)),
-        "ci_low": float(np.quantile(values, 0.025)),
-        "ci_high": float(np.quantile(values, 0.975)),
+        "median": _quantile(defined, 0.5) if some else math.nan,
+        "ci_low": _quantile(defined, 0.025) if some else math.nan,
+        "ci_high": _quantile(defined, 0.975) if some else math.nan,
     }
     for x in thresholds:
-        out[f"P(>{x:g})"] = float(np.mean(values > x))
+        out[f"P(>{x:g})"] = float(np.mean(defined > x)) if some else math.nan
+    if undefined.any():
+        out["undefined_fraction"] = float(undefined.mean())
     return out
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """np.quantile, except between two infinite values (inf − inf): the nearest draw then."""
+    with np.errstate(invalid="ignore"):
+        value = float(np.quantile(values, q))
+    return float(np.quantile(values, q, method="nearest")) if math.isnan(value) else value
 
 
 def quantity_units(spec: ModelSpec) -> dict[str, str]:

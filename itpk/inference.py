@@ -590,6 +590,80 @@ class FitResult:
     warnings: tuple[str, ...]
 
 
+def argument_problems(
+    spec: ModelSpec | None,
+    *,
+    method: Any = "nuts",
+    draws: Any = 1000,
+    tune: Any = 1000,
+    chains: Any = 4,
+    cores: Any = None,
+    seed: Any = None,
+    errors: Mapping[str, str] | None = None,
+    target_accept: Any = 0.9,
+    mass_matrix: Any = "auto",
+    iiv: Any = "auto",
+    precondition: Any = "auto",
+) -> list[str]:
+    """Every problem of :func:`fit`'s arguments (``itpk fit``'s options, a batch's fit job), one line each.
+
+    Choices must be known, counts whole numbers (``draws``, ``chains``, ``cores`` >= 1; ``tune``,
+    ``seed`` >= 0), ``target_accept`` in [0.5, 1); with ``spec``, ``errors`` must name its outputs and
+    known error models, and ``iiv`` mappings its parameters with IIV.
+    """
+    problems = []
+    if method not in METHODS:
+        problems.append(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
+    whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)
+    for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
+        if not whole(value) or value < low:
+            problems.append(f"--{label} must be a whole number >= {low}, found {value!r}")
+    if cores is not None and not (whole(cores) and cores >= 1):
+        problems.append(f"--cores must be a whole number >= 1, found {cores!r}")
+    if seed is not None and not (whole(seed) and seed >= 0):
+        problems.append(f"--seed must be a whole number >= 0, found {seed!r}")
+    if not (isinstance(target_accept, int | float) and not isinstance(target_accept, bool) and 0.5 <= target_accept < 1.0):
+        problems.append(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
+    if mass_matrix not in MASS_MATRICES:
+        problems.append(f"--mass-matrix {mass_matrix!r} is unknown; choices: {', '.join(MASS_MATRICES)}")
+    if precondition not in PRECONDITIONS:
+        problems.append(f"--precondition {precondition!r} is unknown; choices: {', '.join(PRECONDITIONS)}")
+    for output, kind in (errors or {}).items():
+        if spec is not None and output not in spec.outputs:
+            problems.append(f"--error {output}={kind}: model {spec.name!r} has no output {output!r}; outputs: {', '.join(spec.outputs)}")
+        if kind not in ERROR_MODELS:
+            problems.append(f"--error {output}={kind}: error model {kind!r} is unknown; error models: {', '.join(ERROR_MODELS)}")
+    problems += _iiv_problems(spec, iiv)
+    return problems
+
+
+def _iiv_problems(spec: ModelSpec | None, iiv: Any) -> list[str]:
+    """What is wrong with an ``iiv`` argument (``auto``, a parametrisation, ``PARAM=KIND,...`` or a mapping)."""
+    choices = f"choices: auto, {', '.join(IIV_PARAMETRISATIONS)}, or PARAM=centred|non-centred[,...]"
+    if isinstance(iiv, str) and "=" not in iiv:
+        return [] if iiv == "auto" or iiv in IIV_PARAMETRISATIONS else [f"--iiv {iiv!r} is unknown; {choices}"]
+    problems, table = [], {}
+    if isinstance(iiv, str):
+        for item in (i.strip() for i in iiv.split(",") if i.strip()):
+            name, sep, kind = item.partition("=")
+            if not sep or not name.strip():
+                problems.append(f"--iiv {item!r}: expected PARAM=centred|non-centred")
+            else:
+                table[name.strip()] = kind.strip()
+    elif isinstance(iiv, Mapping):
+        table = dict(iiv)
+    else:
+        return [f"--iiv {iiv!r} is unknown; {choices}"]
+    problems += [f"--iiv {kind!r} is unknown; {choices}" for kind in dict.fromkeys(table.values())
+                 if kind not in IIV_PARAMETRISATIONS]
+    if spec is not None:
+        with_iiv = [n for n, p in spec.parameters.items() if p.iiv_cv is not None and p.prior is not None and not p.fixed]
+        unknown = [n for n in table if n not in with_iiv]
+        if unknown:
+            problems.append(f"--iiv: {', '.join(unknown)} has no estimated IIV; parameters with IIV: {', '.join(with_iiv) or 'none'}")
+    return problems
+
+
 def fit(
     spec: ModelSpec,
     dataset: Dataset,
@@ -665,21 +739,15 @@ def fit(
 
     import pymc as pm
 
-    if method not in METHODS:
-        raise FitError(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
-        raise FitError(f"--seed must be a whole number >= 0, found {seed!r}")
-    if not (isinstance(target_accept, (int, float)) and 0.5 <= target_accept < 1.0):
-        raise FitError(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
-    if precondition not in PRECONDITIONS:
-        raise FitError(f"--precondition {precondition!r} is unknown; choices: {', '.join(PRECONDITIONS)}")
-    if mass_matrix not in MASS_MATRICES:
-        raise FitError(f"--mass-matrix {mass_matrix!r} is unknown; choices: {', '.join(MASS_MATRICES)}")
+    problems = argument_problems(spec, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
+                                 errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
+                                 precondition=precondition)
+    if problems:  # every one at once, before any work
+        from itpk.workflows import problems_error
+
+        raise problems_error(problems, FitError)
     # laplace integrates out the z_* values, so it always uses the non-centred model
     iiv = "non-centred" if method == "laplace" else ("auto" if iiv == "auto" else _parse_iiv(iiv))
-    for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
-        if not isinstance(value, int) or value < low:
-            raise FitError(f"--{label} must be a whole number >= {low}, found {value!r}")
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -718,7 +786,8 @@ def fit(
                         "IIV (omega) and shrinkage collapse toward 0 and intervals are not computed" + note)
     elif method == "laplace":
         tree, note = _laplace(model, data, draws, seed, progress)
-        warnings.append("method laplace: random effects integrated out by the Laplace approximation (FOCE-style); "
+        warnings.append("method laplace: random effects integrated out by the Laplace approximation (as NONMEM's "
+                        "LAPLACIAN, priors included: a posterior mode); "
                         "intervals are Gaussian on the log/logit scale and there are no MCMC diagnostics" + note)
     else:
         approx = pm.fit(n=20000, method="advi", model=model, random_seed=seed, progressbar=progress)
@@ -1049,7 +1118,9 @@ def _laplace(model: Any, data: FitData, draws: int, seed: int, progress: bool) -
 
 def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
     """Add the deterministics (when the sampler left them out), log_likelihood, posterior_predictive,
-    observed_data, prior and prior_predictive groups.
+    observed_data, prior and prior_predictive groups, ``predictions`` (new subjects, for the VPC:
+    :func:`new_subjects`), and for methods without sampler statistics (map, laplace, advi) a
+    ``sample_stats`` group with each draw's log density ``lp``.
 
     All come from the draws in numpy: the deterministics vectorised over draws
     (:mod:`itpk.deterministics`), likelihood and predictive draws from IPRED
@@ -1058,10 +1129,14 @@ def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
     """
     import xarray as xr
 
-    from itpk.deterministics import add_deterministics, prior_draws
+    from itpk.deterministics import add_deterministics, log_density, prior_draws
 
     tree = add_deterministics(tree, model)
     post = tree["posterior"].to_dataset()
+    if "sample_stats" not in tree.children or not tree["sample_stats"].data_vars:
+        # map, laplace, advi (PyMC's ADVI leaves the group empty): SPEC §5 lists it for every method
+        tree["sample_stats"] = xr.DataTree(xr.Dataset({"lp": (("chain", "draw"), log_density(model, post))},
+                                                      coords={"chain": post["chain"], "draw": post["draw"]}))
     if "IPRED" not in post:
         raise FitError("the sampler returned no IPRED draws; cannot compute the log-likelihood")
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the sampler used ``seed``
@@ -1073,7 +1148,48 @@ def _complete(tree: Any, model: Any, data: FitData, seed: int) -> Any:
     prior = prior_draws(model, PRIOR_DRAWS, seed)
     tree["prior"] = xr.DataTree(prior)
     tree["prior_predictive"] = xr.DataTree(_pointwise_groups(prior, data, rng)[1])
+    if data.iiv:  # without IIV, new subjects are the fitted ones: posterior_predictive serves the VPC
+        tree["predictions"] = xr.DataTree(new_subjects(post, model, data, np.random.default_rng([seed, 2])))
     return tree
+
+
+NEW_SUBJECT_DRAWS = 200  # replicates of the trial with new subjects (evenly thinned posterior draws)
+
+
+def new_subjects(post: Any, model: Any, data: FitData, rng: np.random.Generator) -> Any:
+    """Replicates of the trial with new subjects: ArviZ's ``predictions`` group, for the VPC.
+
+    At each of :data:`NEW_SUBJECT_DRAWS` evenly thinned posterior draws of the population
+    parameters (θ, ω, σ), every subject gets a fresh η ~ N(0, ω²) (the fitted subjects' η are not
+    used), keeps its own design (doses, times, covariates), and a residual error is drawn, as a
+    VPC simulates (Bergstrand et al. 2011). The ``posterior_predictive`` group, conditioned on each
+    subject's own η, cannot show a misspecified IIV. Values on the likelihood's scale, censored at
+    the LLOQ like ``posterior_predictive``; one chain.
+    """
+    import xarray as xr
+
+    from itpk.deterministics import evaluate
+
+    free = {rv.name for rv in model.free_RVs}
+    if not all(f"z_{p}" in free for p in data.iiv):  # a centred fit: new η come from the non-centred form
+        model, _ = build_model(data.spec, data.dataset, errors=data.errors, iiv="non-centred")
+    lead = ("chain", "draw")
+    n = post.sizes["chain"] * post.sizes["draw"]
+    pick = np.round(np.linspace(0, n - 1, NEW_SUBJECT_DRAWS)).astype(int)  # one draw (map): the same θ throughout
+    values = []
+    for rv in model.free_RVs:
+        if rv.name.startswith("z_") and rv.name[2:] in data.iiv:
+            values.append(rng.standard_normal((NEW_SUBJECT_DRAWS, len(data.subjects))))
+        else:
+            draws = post[rv.name].transpose(*lead, ...).values
+            values.append(draws.reshape(n, *draws.shape[2:])[pick])
+    (ipred,) = evaluate(model.free_RVs, [model["IPRED"]], values)
+    draws = xr.Dataset(
+        {"IPRED": (("chain", "draw", "observation"), ipred[None]),
+         **{name: (lead, np.asarray(post[name].transpose(*lead).values).reshape(n)[pick][None])
+            for name in post.data_vars if str(name).startswith("sigma_")}},
+        coords={"chain": [0], "draw": np.arange(NEW_SUBJECT_DRAWS)})
+    return _pointwise_groups(draws, data, rng)[1]
 
 
 def constant_data(data: FitData) -> Any:

@@ -1,11 +1,28 @@
-"""Atomic file output: an interrupted run leaves the previous file intact or nothing."""
+"""Atomic output: an interrupted run leaves the previous file or run directory intact, or nothing.
+
+Every output is written to a hidden temporary sibling, ``.NAME.HOST-PID.XXXX.tmp``, and renamed
+over its target. A process killed outright (SIGKILL, a lost node) cannot remove its sibling, so
+the next write to the same target removes the siblings of processes of this host that no longer
+run: the name says whose they are. A run directory is swapped in with one atomic exchange where
+the system has one (Linux ``renameat2``); elsewhere the previous directory is set aside as
+``.NAME.HOST-PID.old`` for the instant between two renames, and a later write puts it back if
+the writer died in that instant.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -15,10 +32,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     the complete new one. The temporary file is removed if ``write`` fails.
     """
     target = Path(path)
+    if target.is_dir():  # os.replace would fail only after the work, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_sibling(target, directory=False)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
@@ -31,12 +48,114 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically (UTF-8)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def temporary_sibling(target: Path, *, directory: bool) -> Path:
+    """A new, empty hidden sibling of ``target`` owned by this process (a folder or a file).
+
+    Siblings left by dead processes of this host are removed first (:func:`remove_stale`).
+    """
+    remove_stale(target)
+    prefix = f".{target.name}.{_owner()}."
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``, replacing the folder there (if any) in one step.
+
+    Readers see the previous folder or the new one, never neither, where the file system can
+    exchange two names atomically; elsewhere the previous folder is renamed aside for the instant
+    between two renames (and restored by the next write if this process dies there).
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now names the previous folder
+        return
+    old = target.with_name(f".{target.name}.{_owner()}{OLD_SUFFIX}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(target: Path) -> None:
+    """Remove the temporary siblings of ``target`` left by processes of this host that have ended.
+
+    A set-aside previous folder (``.NAME.HOST-PID.old``) whose writer died before the new one
+    was in place is put back at ``target`` instead. Siblings of live processes, of other hosts
+    (a shared cluster file system) or named another way are left alone.
+    """
+    if not target.parent.is_dir():
+        return
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        owner = _sibling_owner(sibling.name, target.name)
+        if owner is None or _alive(owner):
+            continue
+        if sibling.name.endswith(OLD_SUFFIX) and not target.exists():
+            os.replace(sibling, target)
+        elif sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _sibling_owner(name: str, target_name: str) -> int | None:
+    """The PID in ``.TARGET.HOST-PID.XXXX.tmp`` or ``.TARGET.HOST-PID.old`` when HOST is this host."""
+    middle = name[len(target_name) + 2:]
+    if middle.endswith(TMP_SUFFIX):
+        middle = middle[: -len(TMP_SUFFIX)].rpartition(".")[0]  # drop tempfile's random part
+    elif middle.endswith(OLD_SUFFIX):
+        middle = middle[: -len(OLD_SUFFIX)]
+    else:
+        return None
+    host, _, pid = middle.rpartition("-")
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl, Windows)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # kernel or file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write text atomically (UTF-8)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

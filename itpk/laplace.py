@@ -1,4 +1,10 @@
-"""Fast fits that marginalise the random effects: the Laplace approximation (FOCE-style).
+"""Fast fits that marginalise the random effects: the Laplace approximation (NONMEM's LAPLACIAN).
+
+The Hessian in z is the exact one (central differences of the exact gradient), as LAPLACIAN
+has it, not FOCE's first-order approximation; and the objective is a *posterior*: priors and
+the log-Jacobians of PyMC's transforms included, so the estimate is the posterior mode of the
+approximate marginal on the unconstrained scale, not NONMEM's maximum-likelihood estimate (the
+two are close with weak priors).
 
 A plain MAP maximises the joint density over the population parameters θ *and*
 every subject's random effects z, which drives the IIV standard deviations to 0
@@ -81,7 +87,8 @@ class _Problem:
             pos += size
         self.order = [v.name for v in fn._grad_vars]
         self.offsets = offsets
-        self.z_index = np.array([[offsets[n][0] + i for i in range(n_subjects)] for n in z_names], dtype=np.int64)  # (k, N)
+        self.z_index = np.array([[offsets[n][0] + i for i in range(n_subjects)] for n in z_names],
+                                dtype=np.int64).reshape(len(z_names), n_subjects)  # (k, N); k = 0 without IIV
         mask = np.ones(pos, bool)
         mask[self.z_index.ravel()] = False
         self.theta_index = np.flatnonzero(mask)
@@ -116,6 +123,8 @@ class _Problem:
     def conditional_mode(self, theta: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, bool]:
         """ẑ(θ) by damped Newton per subject; returns ẑ, H blocks, log p at ẑ, converged."""
         logp, g = self.z_grad(theta, z)
+        if self.k == 0:  # no random effects: nothing to integrate, the approximation is exact in z
+            return z, np.zeros((self.N, 0, 0)), logp if np.isfinite(logp) else -math.inf, True
         for _ in range(NEWTON_ITER):
             H = self.z_hessian(theta, z)
             if not (np.isfinite(logp) and np.all(np.isfinite(H)) and np.all(np.isfinite(g))):

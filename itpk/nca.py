@@ -21,8 +21,11 @@ Conventions (those of PKNCA's defaults, so results can be checked against it):
 - Profiles are treated as single-dose profiles from the first dose; doses after
   the first are not separated into dosing intervals.
 
-Units: times in the dataset's time unit, concentrations in the output's unit,
-AUC in concentration × time, lambda_z in 1/time.
+Units: the values are in the units the dataset holds after reading: with a
+model, the model's units (a units file's values converted); without one, the
+units file's (or unknown). Times are in the time unit, concentrations in the
+output's unit, AUC in time × concentration, lambda_z in 1/time; the columns
+:data:`UNIT_COLUMNS` say which, row by row (blank where unknown).
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ import numpy as np
 import pandas as pd
 
 from itpk.dataset import Dataset
+from itpk.errors import ItpkError
 
 COLUMNS = ("ID", "OUTPUT", "Cmax", "Tmax", "AUClast", "AUCinf", "lambda_z", "half_life", "lambda_z_points", "adj_r2")
+UNIT_COLUMNS = ("Cmax_unit", "Tmax_unit", "AUC_unit", "lambda_z_unit", "half_life_unit")
+"""Units of each row's values, after the values (and ``AUC_end``): ``Cmax_unit`` (the output's unit),
+``Tmax_unit`` and ``half_life_unit`` (the time unit), ``AUC_unit`` (AUClast, AUCinf and AUC_end: time ×
+concentration, e.g. ``h*mg/L``), ``lambda_z_unit`` (``1/h``). Blank where the dataset's units are unknown
+(no model and no units file)."""
 MIN_POINTS = 3
 ADJ_R2_TOLERANCE = 1e-4
 BLQ_RULE = "BLQ before the first measurable concentration = 0; BLQ after it dropped (PKNCA default)"
@@ -194,7 +203,13 @@ def nca(dataset: Dataset, *, end: float | None = None) -> pd.DataFrame:
     >>> table = nca(read_dataset(files("itpk.data") / "theoph.csv"), end=24)
     >>> round(float(table.loc[0, "AUC_end"]), 3)
     92.365
+
+    Raises
+    ------
+    ItpkError
+        An option out of range (one message listing every problem).
     """
+    check_options(end=end)
     data = dataset.data
     first_dose = dataset.doses.groupby("ID", sort=False)["TIME"].min()
     obs = data[(data["EVID"] == 0) & (data["MDV"] == 0)]
@@ -205,12 +220,40 @@ def nca(dataset: Dataset, *, end: float | None = None) -> pd.DataFrame:
         time, conc = _clean(group[group["TIME"] >= start])
         if len(time) == 0:
             continue
-        rows.append({"ID": subject, "OUTPUT": output} | profile_nca(time, conc, end=end))
-    columns = list(COLUMNS) + (["AUC_end"] if end is not None else [])
+        rows.append({"ID": subject, "OUTPUT": output} | profile_nca(time, conc, end=end) | _units(dataset, output))
+    columns = list(COLUMNS) + (["AUC_end"] if end is not None else []) + list(UNIT_COLUMNS)
     table = pd.DataFrame(rows, columns=columns)
     table["lambda_z_points"] = table["lambda_z_points"].astype("int64")
     table.attrs["blq"] = BLQ_RULE
     return table
+
+
+def option_problems(*, end: float | None = None) -> list[str]:
+    """Every problem of the NCA options, one line each (CLI option names); empty if none."""
+    problems = []
+    if end is not None and not (math.isfinite(end) and end > 0):
+        problems.append(f"--end: found {end:g}; allowed: a time > 0 (in the dataset's time unit; the end of the AUC_end interval)")
+    return problems
+
+
+def check_options(*, end: float | None = None) -> None:
+    """Raise one :class:`~itpk.errors.ItpkError` listing every problem of the NCA options."""
+    problems = option_problems(end=end)
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        raise ItpkError(f"nca: invalid options, {count}:\n  - " + "\n  - ".join(problems))
+
+
+def _units(dataset: Dataset, output: str) -> dict[str, str | None]:
+    """The unit columns of one output's row (None where unknown)."""
+    units = dataset.units
+    time = units.time
+    conc = units.outputs.get(output) or units.outputs.get("all outputs")  # the latter: a units file without a model
+    wrap = lambda u: u if u.replace("_", "").isalnum() else f"({u})"
+    simple = conc is not None and conc.count("/") <= 1 and not any(c in conc for c in " *()^")
+    auc = None if time is None or conc is None else f"{wrap(time)}*{conc if simple else f'({conc})'}"
+    return {"Cmax_unit": conc, "Tmax_unit": time, "AUC_unit": auc,
+            "lambda_z_unit": None if time is None else f"1/{wrap(time)}", "half_life_unit": time}
 
 
 def _clean(group: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -126,8 +126,10 @@ def pointwise(posterior: Mapping[str, Any], obs: ObservedOutput, rng: np.random.
     Returns
     -------
     loglik, predictive : ndarray (..., m)
-        log p(observed | draw) with the M3 term for censored values (nats); predictive
-        values on the likelihood's scale (log under the ``log`` model), clipped at the LLOQ.
+        log p(DV | draw) with the M3 term for censored values (nats), always the density of DV
+        on its own scale: under the ``log`` model that of log DV minus log DV (the Jacobian), so
+        the pointwise log-likelihoods of fits with different error models are comparable (LOO);
+        predictive values on the likelihood's scale (log under the ``log`` model), clipped at the LLOQ.
     """
     from scipy.special import log_ndtr
 
@@ -138,6 +140,8 @@ def pointwise(posterior: Mapping[str, Any], obs: ObservedOutput, rng: np.random.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # prior draws reach extreme predictions
         z = (obs.observed - mu) / sd
         density = -0.5 * z**2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
+        if obs.kind == "log":  # the density of DV itself (Jacobian 1/DV), so LOO compares error models fairly
+            density = density - obs.observed
         loglik = np.where(censored, log_ndtr(np.where(censored, z, 0.0)), density)
     predictive = np.maximum(rng.normal(mu, sd), obs.lower)
     return loglik, predictive

@@ -12,8 +12,8 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +32,9 @@ ESS_BULK_MIN = 400
 # Bulk ESS of the slowest variable at which max R-hat <= 1.01 becomes likely with 4 chains: AR(1)
 # chains, 4 x 500, 24 scalars, give P(max R-hat <= 1.01) = 0.81 with the worst at 700 and the rest
 # at 800, 0.14 with the worst at 450 (benchmarks/posterior_geometry.py --ess; benchmarks/README.md,
-# session 14). The diagnostics take R-hat over fewer scalars (population parameters and omegas), so
-# this errs towards more draws. R-hat's noise grows with the number of split chains M roughly as
+# session 14). The diagnostics take R-hat over every sampled scalar (population parameters, omegas,
+# sigmas and each subject's eta): 24 on the virus example, more on larger trials, where the same
+# worst ESS gives a somewhat lower probability. R-hat's noise grows with the number of split chains M roughly as
 # sqrt(2/(M - 1))·M/ESS, i.e. the ESS needed as sqrt(chains): scaled from 4 chains.
 ESS_FOR_R_HAT = 700
 R_HAT_STUCK = 1.05  # at least this far above 1, and beyond sampling noise at the fit's ESS: chains disagree
@@ -45,15 +46,24 @@ SUMMARY_COLUMNS = ["parameter", "unit", "median", "mean", "sd", "ci_low", "ci_hi
 def summary_table(result: FitResult) -> pd.DataFrame:
     """Population parameters, then ``omega_*`` (with CV% and η-shrinkage), then residual errors.
 
-    Intervals are 95% equal-tailed; ``cv_percent`` = 100·sqrt(exp(ω²) − 1);
-    ``shrinkage_percent`` = 100·(1 − SD(posterior-mean η_i)/ω̂) with ω̂ the posterior median.
+    Intervals are 95% equal-tailed. ``cv_percent``: the CV of the individual values at ω̂, the
+    posterior median of ω (:func:`itpk.population.cv_percent`: 100·sqrt(exp(ω̂²) − 1) for
+    log-normal IIV; for a fraction's logit-normal IIV, the CV of its individual values around the
+    posterior-median typical value). ``shrinkage_percent`` = 100·(1 − SD(posterior-mean η_i)/ω̂)
+    (SD over subjects, ddof 1): NONMEM's η-shrinkage with each subject's posterior mean in place of
+    its conditional mode at the population estimates. Methods without MCMC (map, laplace, advi) get
+    no ``r_hat``/``ess_*`` (their draws are not a Markov chain; the ESS of independent draws would
+    read as mixing quality); ``map`` (one draw) no interval either.
     """
     import arviz as az
+
+    from itpk.population import cv_percent
 
     data, post = result.data, result.tree["posterior"]
     names = [*data.estimated, *(f"omega_{p}" for p in data.iiv), *(v for v in post.data_vars if str(v).startswith("sigma_"))]
     stats = None
-    if _has_chains(post):  # az.summary rounds its output; the diagnostics are computed unrounded here
+    single = np.asarray(post[names[0]]).reshape(-1).size < 2 if names else True
+    if _has_chains(post) and result.method in ("nuts", "pymc"):  # az.summary rounds; computed unrounded here
         stats = pd.DataFrame({
             "r_hat": _per_variable(az.rhat(result.tree, var_names=names), names),
             "ess_bulk": _per_variable(az.ess(result.tree, var_names=names, method="bulk"), names),
@@ -68,14 +78,15 @@ def summary_table(result: FitResult) -> pd.DataFrame:
             "median": float(np.median(draws)),
             "mean": float(np.mean(draws)),
             "sd": float(np.std(draws, ddof=1)) if draws.size > 1 else float("nan"),
-            "ci_low": float(np.quantile(draws, 0.025)),
-            "ci_high": float(np.quantile(draws, 0.975)),
+            "ci_low": float(np.quantile(draws, 0.025)) if not single else float("nan"),
+            "ci_high": float(np.quantile(draws, 0.975)) if not single else float("nan"),
         }
         for key, col in (("r_hat", "r_hat"), ("ess_bulk", "ess_bulk"), ("ess_tail", "ess_tail")):
             row[key] = float(stats.loc[name, col]) if stats is not None else float("nan")
         if name.startswith("omega_"):
-            omega = row["median"]
-            row["cv_percent"] = 100 * float(np.sqrt(np.expm1(omega**2)))
+            omega, target = row["median"], data.spec.parameters[name[6:]]
+            typical = float(np.median(np.asarray(post[name[6:]]))) if name[6:] in post else None
+            row["cv_percent"] = cv_percent(omega, target.iiv_scale, typical)
             eta = np.asarray(post[f"eta_{name[6:]}"]).reshape(-1, len(data.subjects)).mean(axis=0)
             row["shrinkage_percent"] = 100 * (1 - float(np.std(eta, ddof=1)) / omega) if omega > 0 else float("nan")
         rows.append(row)
@@ -103,21 +114,26 @@ def _unit(result: FitResult, name: str) -> str:
 
 
 def diagnostics(result: FitResult) -> dict[str, Any]:
-    """max R-hat, min bulk ESS, divergences and the pass/fail verdict with its reasons."""
+    """max R-hat, min bulk and tail ESS, divergences and the pass/fail verdict with its reasons.
+
+    Over every sampled quantity (:func:`checked_variables`): population parameters, ``omega_*``,
+    ``sigma_*`` and each subject's η, every element counted. A non-finite R-hat or ESS (a variable
+    that did not move) fails the verdict and is the one named. Tail ESS is reported, and advised on,
+    but not part of the verdict (SPEC §4: R-hat, bulk ESS, divergences).
+    """
     import arviz as az
 
     post = result.tree["posterior"]
     if not _has_chains(post) or result.method not in ("nuts", "pymc"):
-        return {"max_r_hat": None, "min_ess_bulk": None, "divergences": None, "passed": None,
+        return {"max_r_hat": None, "min_ess_bulk": None, "min_ess_tail": None, "divergences": None, "passed": None,
                 "reasons": [f"method {result.method}: no MCMC diagnostics"], "advice": []}
-    names = [*result.data.estimated, *(f"omega_{p}" for p in result.data.iiv)]
-    rhat = az.rhat(result.tree, var_names=names)
-    ess = az.ess(result.tree, var_names=names, method="bulk")
-    max_rhat = float(max(float(np.max(rhat[v])) for v in rhat.data_vars))
-    per_variable = {str(v): float(np.min(ess[v])) for v in ess.data_vars}
-    min_ess = min(per_variable.values())
-    # a non-finite ESS (a variable that did not move) is the one to name
-    slowest = min(per_variable, key=lambda v: per_variable[v] if math.isfinite(per_variable[v]) else -math.inf)
+    names = checked_variables(result)
+    with warnings.catch_warnings():  # a variable that did not move: 0/0 inside ArviZ, reported below as such
+        warnings.simplefilter("ignore", RuntimeWarning)
+        max_rhat, worst = _extreme(az.rhat(result.tree, var_names=names), largest=True)
+        min_ess, slowest = _extreme(az.ess(result.tree, var_names=names, method="bulk"), largest=False)
+        min_tail, _ = _extreme(az.ess(result.tree, var_names=names, method="tail"), largest=False)
+    named = slowest if math.isfinite(max_rhat) else worst  # the advice names the variable that did not move
     stats = result.tree["sample_stats"]
     divergences = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
     reasons = []
@@ -125,18 +141,57 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
     if chains < 2:  # R-hat compares chains: one chain cannot show it has converged
         reasons.append(f"R-hat needs 2 or more chains; this fit ran {chains}")
     elif not max_rhat <= R_HAT_MAX:
-        reasons.append(f"max R-hat {max_rhat:.3f} > {R_HAT_MAX}")
+        reasons.append(f"max R-hat {max_rhat:.3f} > {R_HAT_MAX} ({worst})" if math.isfinite(max_rhat)
+                       else f"R-hat is not finite for {worst}")
     if not min_ess >= ESS_BULK_MIN:
-        reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN}")
+        reasons.append(f"min bulk ESS {min_ess:.0f} < {ESS_BULK_MIN} ({slowest})")
     if divergences:
         reasons.append(f"{divergences} divergent transitions")
     if chains >= 2:
-        notes = advice(max_rhat, min_ess, slowest, chains, post.sizes["draw"])
+        notes = advice(max_rhat, min_ess, named, chains, post.sizes["draw"])
     else:  # the ESS advice still holds; R-hat (NaN here) says nothing about a stuck chain
         notes = ["run --chains 4 (the default) to assess convergence",
                  *advice(1.0 if math.isfinite(min_ess) else math.nan, min_ess, slowest, chains, post.sizes["draw"])]
-    return {"max_r_hat": max_rhat, "min_ess_bulk": min_ess, "divergences": divergences, "passed": not reasons,
-            "reasons": reasons, "advice": notes}
+    return {"max_r_hat": max_rhat, "worst_r_hat": worst, "min_ess_bulk": min_ess, "slowest": slowest,
+            "min_ess_tail": min_tail, "divergences": divergences, "passed": not reasons, "reasons": reasons,
+            "advice": notes, "checked": names}
+
+
+def checked_variables(result: FitResult) -> list[str]:
+    """The posterior variables the diagnostics cover: every sampled quantity, on the scale users read.
+
+    Population parameters (not their logs: rank-normalised R-hat and bulk ESS do not change under
+    a monotone transform), ``omega_*``, ``sigma_*`` and the subjects' ``eta_*`` (the η of either
+    parametrisation, so the checked set does not depend on ``--iiv``).
+    """
+    post, data = result.tree["posterior"], result.data
+    names = [*data.estimated, *(f"omega_{p}" for p in data.iiv),
+             *sorted(str(v) for v in post.data_vars if str(v).startswith("sigma_")), *(f"eta_{p}" for p in data.iiv)]
+    return [n for n in names if n in post.data_vars]
+
+
+def _extreme(dataset: Any, *, largest: bool) -> tuple[float, str]:
+    """The largest (or smallest) value over every element of every variable, and where it is
+    (``name`` or ``name[coordinate]``); NaN and its place when any element is not finite."""
+    best, where = (-math.inf if largest else math.inf), ""
+    for name, array in dataset.data_vars.items():
+        flat = np.asarray(array, dtype=float).reshape(-1)
+        labels = _element_labels(str(name), array)
+        bad = np.flatnonzero(~np.isfinite(flat))
+        if bad.size:
+            return math.nan, labels[bad[0]]
+        k = int(np.argmax(flat) if largest else np.argmin(flat))
+        if (flat[k] > best) if largest else (flat[k] < best):
+            best, where = float(flat[k]), labels[k]
+    return best, where
+
+
+def _element_labels(name: str, array: Any) -> list[str]:
+    if array.ndim == 0:
+        return [name]
+    index = array.stack(element=array.dims).indexes["element"] if array.ndim > 1 else array.indexes.get(array.dims[0])
+    values = list(index) if index is not None else list(range(array.size))
+    return [f"{name}[{v if not isinstance(v, tuple) else ','.join(map(str, v))}]" for v in values]
 
 
 def rhat_noise(min_ess: float, chains: int) -> float:
@@ -189,17 +244,20 @@ def advice(max_rhat: float, min_ess: float, slowest: str, chains: int, draws: in
     elif (max_rhat > R_HAT_MAX or min_ess < ESS_BULK_MIN) and min_ess < target:
         needed = math.ceil(draws * target / min_ess / 100.0) * 100
         out.append(f"rerun with --draws {needed}: the slowest-mixing variable ({slowest}) has a bulk ESS of {min_ess:.0f} "
-                   f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {target:.0f}")
+                   f"from {chains} x {draws} draws, and max R-hat <= {R_HAT_MAX} becomes likely from a bulk ESS of about {target:.0f}")
     return out
 
 
 def predictions_table(result: FitResult) -> pd.DataFrame:
-    """``ID,TIME,CMT,DV,BLQ,PRED,IPRED,IRES,PIT`` for every observation.
+    """``ID,TIME,CMT,DV,BLQ,PRED,IPRED,IRES,PIT,LLOQ`` for every observation.
 
     PRED: the typical subject (posterior-median population parameters, η = 0,
     the subject's own covariates and doses); IPRED: posterior median of the
-    individual prediction; IRES = DV − IPRED; PIT: fraction of posterior
-    predictive draws at or below DV (empty for censored values).
+    individual prediction; IRES = DV − IPRED (empty for censored values, whose DV is
+    not a measurement); PIT: fraction of posterior predictive draws at or below DV, in
+    sample (the draws saw DV, which pulls PIT towards 0.5; empty for censored values and
+    for single-draw methods); LLOQ: the censoring limit of censored values (beyond SPEC §5,
+    which has no column for it).
     """
     obs = result.data.observations
     post = result.tree["posterior"]
@@ -213,11 +271,15 @@ def predictions_table(result: FitResult) -> pd.DataFrame:
             if result.data.errors[output] == "log":
                 draws = np.exp(draws)
             pit[rows] = (draws <= obs["DV"].to_numpy()[rows]).mean(axis=0)
-    pit[obs["censored"].to_numpy()] = np.nan
+    censored = obs["censored"].to_numpy()
+    pit[censored] = np.nan
+    if np.asarray(post["IPRED"]).reshape(-1, len(obs)).shape[0] < 2:  # map: a fraction of one draw is 0 or 1
+        pit[:] = np.nan
     return pd.DataFrame({
         "ID": obs["ID"], "TIME": obs["TIME"], "CMT": obs["output"], "DV": obs["DV"],
         "BLQ": obs["censored"].astype(int), "PRED": typical_predictions(result), "IPRED": ipred,
-        "IRES": obs["DV"].to_numpy() - ipred, "PIT": pit,
+        "IRES": np.where(censored, np.nan, obs["DV"].to_numpy() - ipred), "PIT": pit,
+        "LLOQ": np.where(censored, obs["LLOQ"].to_numpy(dtype=float), np.nan),
     })
 
 
@@ -265,11 +327,11 @@ def write_run(result: FitResult, out: str | Path, *, command: Sequence[str] = ()
     """Write the run directory of SPEC §5 atomically and return its path."""
     target = check_run_target(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    from itpk.io import _umask, temporary_sibling
+
+    tmp = temporary_sibling(target, directory=True)
     try:
         _write_files(result, tmp, command)
-        from itpk.io import _umask
-
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~_umask())
@@ -281,15 +343,11 @@ def write_run(result: FitResult, out: str | Path, *, command: Sequence[str] = ()
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        if not (target / "run.json").is_file():
-            raise ItpkError(f"{target} exists and is not a run directory; refusing to replace it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from itpk.io import replace_directory
+
+    if target.exists() and not (target / "run.json").is_file():
+        raise ItpkError(f"{target} exists and is not a run directory; refusing to replace it")
+    replace_directory(tmp, target)
 
 
 def _write_files(result: FitResult, folder: Path, command: Sequence[str]) -> None:
@@ -363,7 +421,11 @@ def _versions() -> dict[str, str]:
 def exposure_table(result: FitResult) -> pd.DataFrame | None:
     """SPEC §6 metrics over the posterior of the population (typical) parameters, or None.
 
-    Written when the model has an ``it`` route and a systemic one; the dose is
+    The typical subject (η = 0) at the median covariates of the fitted subjects
+    (:func:`typical_covariates`, listed in the ``covariates`` column), at up to
+    :data:`EXPOSURE_DRAWS` (nonlinear models: :data:`EXPOSURE_DRAWS_NONLINEAR`) evenly
+    thinned draws (``draws`` column); AUCs over ``auc_interval``. Written when the model has an ``it``
+    route and a systemic one; the dose is
     the dataset's first dose amount, given once by each route, the ``it`` dose
     into the lesion the dataset's first ``it`` dose injected (``CMT=lesion2``:
     that lesion is the metrics' tumour, :func:`itpk.exposure.roles_at`).
@@ -379,20 +441,39 @@ def exposure_table(result: FitResult) -> pd.DataFrame | None:
         return None
     post = result.tree["posterior"]
     draws = {name: np.asarray(post[name]).reshape(-1) for name in data.estimated}
-    thin = max(1, len(next(iter(draws.values()))) // 1000)
-    values = resolve(spec, {k: v[::thin] for k, v in draws.items()})
+    # ceiling: at most EXPOSURE_DRAWS draws; nonlinear models solve ODEs per draw and search a matching
+    # dose for DSF (virus example: 159 s for 1000 draws), so they take fewer
+    limit = EXPOSURE_DRAWS if spec.is_linear else EXPOSURE_DRAWS_NONLINEAR
+    thin = -(-len(next(iter(draws.values()))) // limit)
+    # the typical subject of *this* trial: the model file's covariate defaults may be far from it
+    # (a lesion's volume goes with DIAM**3, and G with it)
+    covariates = typical_covariates(result)
+    values = resolve(spec, {**{k: v[::thin] for k, v in draws.items()}, **covariates})
     dose = float(data.doses.amount[data.doses.valid][0])
     injected = next((t for row in data.doses.target for t in row if t is not None and not t.compartment and t.name == local),
                     Target(local))
     injected = Target(local) if injected.site == spec.routes[local].site else injected
     cmp = compare_routes(spec, values, {local: regimen(injected, dose), ref: regimen(ref, dose)}, dose=dose)
+    horizon = next((ex.horizon for ex in cmp.routes.values()), None)
+    interval = "[0, inf)" if spec.is_linear or horizon is None else f"[0, {horizon:g}] {spec.time_unit}"
     rows = []
     for name, arr in cmp.metrics[local].items():
         s = summarize(arr, thresholds=(1.0,))
         s = s if isinstance(s, dict) else {"median": s, "ci_low": s, "ci_high": s}
-        rows.append({"metric": name, "route": f"{injected} vs {ref}", "dose": dose, **s, "unit": "1"})
+        rows.append({"metric": name, "route": f"{injected} vs {ref}", "dose": dose, **s, "unit": "1",
+                     "covariates": "; ".join(f"{k}={v:.6g} {spec.covariates[k].unit}" for k, v in covariates.items()),
+                     "auc_interval": interval, "draws": values.size})
     return pd.DataFrame(rows)
 
+
+def typical_covariates(result: FitResult) -> dict[str, float]:
+    """Each model covariate's median over the fitted subjects (their first-row values), model units."""
+    data = result.data
+    return {name: float(np.median([s.covariates[name] for s in data.subjects])) for name in data.spec.covariates}
+
+
+EXPOSURE_DRAWS = 1000  # posterior draws (evenly thinned) behind exposure.csv
+EXPOSURE_DRAWS_NONLINEAR = 200  # the same for nonlinear models (ODE solves and a dose search per draw)
 
 REQUIRED_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "run.json", "model.toml")
 
@@ -409,6 +490,8 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
     from itpk.spec import parse_model
 
     folder = Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ItpkError(f"{str(folder)!r} is a file, not a run directory (give the folder `itpk fit --out` wrote)")
     if not folder.is_dir():
         raise ItpkError(f"run directory {str(folder)!r} does not exist")
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]

@@ -11,8 +11,8 @@ import hashlib
 import keyword
 import math
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -108,33 +108,58 @@ class Parameter:
         return "logit" if self.fraction or dist == "beta" else "log"
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.value):
-            raise ModelSpecError(f"parameter {self.name!r}: value {self.value} is not a finite number")
-        if self.fraction and not 0 <= self.value <= 1:
-            raise ModelSpecError(f"parameter {self.name!r}: a fraction must be in [0, 1], found {self.value}")
-        if self.iiv_cv is not None and not (self.iiv_cv > 0 and math.isfinite(self.iiv_cv)):
-            raise ModelSpecError(f"parameter {self.name!r}: iiv must be a finite CV > 0, found {self.iiv_cv}")
-        if self.fixed and self.iiv_cv is not None:
-            raise ModelSpecError(f"parameter {self.name!r}: a fixed parameter has no between-subject variability (drop iiv or fixed)")
-        problem = self.prior and _prior_problem(self)
-        if problem:
-            raise ModelSpecError(f"parameter {self.name!r}: {problem}")
+        problems = _parameter_problems(self.value, prior=self.prior, iiv_cv=self.iiv_cv, fraction=self.fraction, fixed=self.fixed)
+        if problems:
+            raise ModelSpecError(f"parameter {self.name!r}: " + "; ".join(problems))
 
 
-def _prior_problem(p: Parameter) -> str:
-    """Why ``p``'s prior cannot describe it ('' if it can): its support must be the parameter's domain."""
-    assert p.prior is not None
-    dist, args = p.prior.dist, p.prior.args
+def _parameter_problems(value: float, *, prior: Prior | None = None, iiv_cv: float | None = None,
+                       fraction: bool = False, fixed: bool = False) -> list[str]:
+    """Every reason a parameter with these fields is invalid (empty if none), one text each."""
+    if not math.isfinite(value):
+        return [f"value {value} is not a finite number"]
+    problems = []
+    if fraction and not 0 <= value <= 1:
+        problems.append(f"a fraction must be in [0, 1], found {value}")
+    if iiv_cv is not None and not (iiv_cv > 0 and math.isfinite(iiv_cv)):
+        problems.append(f"iiv must be a finite CV > 0, found {iiv_cv}")
+    if fixed and iiv_cv is not None:
+        problems.append("a fixed parameter has no between-subject variability (drop iiv or fixed)")
+    if prior is not None:
+        support = "" if fraction and not 0 <= value <= 1 else _support_problem(prior, value)  # a fraction out of [0, 1]: said once
+        problems += [p for p in (_prior_problem(prior, fraction, iiv_cv), support) if p]
+    return problems
+
+
+def _prior_problem(prior: Prior, fraction: bool, iiv_cv: float | None) -> str:
+    """Why ``prior`` cannot describe the parameter ('' if it can): its support must be the parameter's domain."""
+    dist, args = prior.dist, prior.args
     lower = {"normal": -math.inf, "uniform": args.get("lower", 0.0)}.get(dist, 0.0)
     upper = {"beta": 1.0, "logitnormal": 1.0, "uniform": args.get("upper", math.inf)}.get(dist, math.inf)
-    if p.fraction and not (lower >= 0.0 and upper <= 1.0):
-        return f"a fraction needs a prior on [0, 1] (beta, logitnormal, or uniform within [0, 1]), found {p.prior.describe()}"
-    if not p.fraction and dist in ("beta", "logitnormal"):
+    if fraction and not (lower >= 0.0 and upper <= 1.0):
+        return f"a fraction needs a prior on [0, 1] (beta, logitnormal, or uniform within [0, 1]), found {prior.describe()}"
+    if not fraction and dist in ("beta", "logitnormal"):
         return f"a {dist} prior bounds the parameter to (0, 1): mark it fraction = true, or use a prior on (0, inf)"
-    if p.iiv_cv is not None and lower < 0.0:
+    if iiv_cv is not None and lower < 0.0:
         return (f"between-subject variability is log-normal, so the prior must keep the parameter positive "
-                f"(lognormal, halfnormal, or uniform with lower >= 0), found {p.prior.describe()}")
+                f"(lognormal, halfnormal, or uniform with lower >= 0), found {prior.describe()}")
     return ""
+
+
+def _support_problem(prior: Prior, value: float) -> str:
+    """Why ``value`` lies outside the support of ``prior`` ('' if inside): a fit could never return it."""
+    dist, args = prior.dist, prior.args
+    inside, support = {
+        "lognormal": (value > 0, "> 0"),
+        "halfnormal": (value >= 0, ">= 0"),
+        "beta": (0 < value < 1, "in (0, 1)"),
+        "logitnormal": (0 < value < 1, "in (0, 1)"),
+        "uniform": (args.get("lower", -math.inf) <= value <= args.get("upper", math.inf),
+                    f"in [{args.get('lower', -math.inf):g}, {args.get('upper', math.inf):g}]"),
+    }.get(dist, (True, ""))
+    if inside:
+        return ""
+    return f"value {value:g} is outside its prior {prior.describe()}, whose values are {support}"
 
 
 @dataclass(frozen=True)
@@ -257,6 +282,7 @@ class ModelSpec:
     source: str = "<memory>"
     text: str = field(default="", repr=False)
     conversions: tuple[str, ...] = ()  # unit conversions put into expressions (itpk.dimensions)
+    path: str = field(default="", compare=False)  # absolute path of the file load_model read ('' for a model built in memory)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -346,12 +372,29 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
     >>> sorted(spec.parameters)
     ['CL', 'V']
     """
-    raw, source = _read_resolved(str(name_or_path), seen=())
-    return parse_model(raw, source=source, units=source != f"models/{name_or_path}.toml")
+    raw, source, inherited = _read_resolved(str(name_or_path), seen=())
+    spec = parse_model(raw, source=source, units=source != f"models/{name_or_path}.toml", inherited=inherited)
+    return replace(spec, path=_file_path(str(name_or_path)))
 
 
-def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
-    """Read a model file and merge the chain of ``extends`` it names."""
+def _file_path(name_or_path: str) -> str:
+    """The absolute path of the file ``_read_text`` reads for ``name_or_path``."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        return str(path.resolve())
+    resource = resources.files("itpk.models") / f"{name_or_path}.toml"
+    try:
+        return str(Path(str(resource)).resolve())
+    except (OSError, ValueError):
+        return str(resource)
+
+
+def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str, list[str]]:
+    """Read a model file and merge the chain of ``extends`` it names.
+
+    Also returns the problems of the merge itself (a child that changes a parameter's unit but keeps
+    the parent's prior), so that they are listed with the rest of the file's problems.
+    """
     text, source = _read_text(name_or_path)
     if source in seen:
         raise ModelSpecError(f"{source}: 'extends' forms a cycle: {' -> '.join((*seen, source))}")
@@ -361,13 +404,55 @@ def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, 
         raise ModelSpecError(f"{source}: not valid TOML ({exc})") from None
     parent = raw.pop("extends", None)
     if parent is None:
-        return raw, source
+        return raw, source, []
     if not isinstance(parent, str):
         raise ModelSpecError(f"{source}: 'extends' must be a model name or path, found {parent!r}")
     if not parent.endswith(".toml") and (Path(source).parent / f"{parent}.toml").is_file():
         parent = str(Path(source).parent / f"{parent}.toml")
-    base, _ = _read_resolved(parent, seen=(*seen, source))
-    return _merge(base, raw), source
+    base, base_source, problems = _read_resolved(parent, seen=(*seen, source))
+    return _merge(base, raw), source, problems + _prior_unit_problems(base, raw, base_source)
+
+
+def _prior_unit_problems(base: Mapping[str, Any], child: Mapping[str, Any], parent: str) -> list[str]:
+    """Parameters whose unit ``child`` changes while it keeps the prior of ``base``, meant in the old unit.
+
+    Such a prior is refused rather than converted: a lognormal median or a uniform bound would scale
+    with the unit, but the child may well mean another prior anyway; it must say so in its own unit.
+    """
+    params, inherited = child.get("parameters"), base.get("parameters")
+    if not isinstance(params, dict) or not isinstance(inherited, dict):
+        return []
+    problems = []
+    for name, entry in params.items():
+        old = inherited.get(name)
+        if not (isinstance(entry, dict) and isinstance(old, dict)) or "unit" not in entry or "prior" in entry:
+            continue
+        prior = old.get("prior")
+        if prior is None or not _unit_changed(old.get("unit"), entry["unit"]):
+            continue
+        shown = ", ".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v!r}"
+                          for k, v in prior.items()) if isinstance(prior, dict) else repr(prior)
+        problems.append(
+            f"[parameters] {name!r}: unit changed from {old.get('unit')!r} (in {parent}, which this file extends) to "
+            f"{entry['unit']!r}, but the inherited prior {{ {shown} }} is in {old.get('unit')}; give the prior in {entry['unit']} "
+            f"next to the new unit (prior = {{ dist = ..., ... }})"
+        )
+    return problems
+
+
+def _unit_changed(old: Any, new: Any) -> bool:
+    """Whether two unit texts differ in meaning (``L/h`` and ``L / h`` do not; ``mL/min`` and ``L/h`` do)."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return old != new
+    if old.replace(" ", "") == new.replace(" ", ""):
+        return False
+    from itpk.units import parse_unit
+
+    try:
+        a, b = parse_unit(old), parse_unit(new)
+        return (1 * a).dimensionality != (1 * b).dimensionality or not math.isclose((1 * a).to(b).magnitude, 1.0, rel_tol=1e-12)
+    except Exception:  # noqa: BLE001 - DatasetError or pint's own errors: taken as a change (the unit is reported anyway)
+        return True
 
 
 def _read_text(name_or_path: str) -> tuple[str, str]:
@@ -395,8 +480,12 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>", units: bool = True) -> ModelSpec:
+def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>", units: bool = True, inherited: Sequence[str] = ()) -> ModelSpec:
     """Validate a model given as a parsed TOML mapping; every problem is reported at once.
+
+    Checks that do not depend on a broken part still run when other parts are broken (the units of
+    the expressions that parsed, the route fractions and rates that can be evaluated), so one message
+    lists every problem the file has.
 
     Parameters
     ----------
@@ -408,19 +497,23 @@ def parse_model(raw: Mapping[str, Any], *, source: str = "<memory>", units: bool
         Work out, check and convert the units of every expression
         (:func:`itpk.dimensions.check_units`). Only the built-in models skip it
         (a test checks that it changes nothing there), since pint takes ~1 s to load.
+    inherited
+        Problems found while merging the ``extends`` chain, listed with the others.
     """
-    return _Parser(raw, source, units).parse()
+    return _Parser(raw, source, units, inherited).parse()
 
 
 class _Parser:
     """Collects every problem in a model file, then raises one ModelSpecError."""
 
-    def __init__(self, raw: Mapping[str, Any], source: str, units: bool = True) -> None:
+    def __init__(self, raw: Mapping[str, Any], source: str, units: bool = True, inherited: Sequence[str] = ()) -> None:
         self.raw = raw
         self.source = source
         self.units = units
         self.dropped: set[str] = set()  # declared names refused for their own problems
-        self.problems: list[str] = []
+        self.standins: dict[str, Parameter] = {}  # refused parameters with a usable unit: their units are still checked
+        self.declared_outputs = 0
+        self.problems: list[str] = list(inherited)
 
     def fail(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
@@ -439,7 +532,7 @@ class _Parser:
         covariates = self._covariates()
         derived = self._derived()
         states = tuple(c.name for c in compartments)
-        self._check_names(states, parameters, covariates, derived)
+        self._check_names(states, {**parameters, **self.standins}, covariates, derived)
         inputs = set(parameters) | set(covariates) | self.dropped
         self._check_derived(derived, inputs)
         known = inputs | set(derived)
@@ -452,24 +545,22 @@ class _Parser:
         outputs = self._outputs(states, known)
         if not compartments:
             self.fail("[compartments]", "a model needs at least one compartment")
-        if not outputs:
+        if not self.declared_outputs:
             self.fail("[outputs]", "a model needs at least one output")
         exposure = self._exposure(outputs)
         description = self._string(raw, "description", where="key 'description'")
         time_unit = self._string(raw, "time_unit", required=True, where="key 'time_unit' (e.g. \"h\")")
         references = self._references(raw.get("references", []))
-        if self.units and not self.problems:
-            from itpk.dimensions import unit_problems
-
-            self.problems += unit_problems(self._unit_texts(compartments, parameters, covariates, derived, outputs), time_unit)
-        self._raise()
+        self._check_positive(parameters, compartments, flows)
+        # From here on the checks also run on what parsed of a broken file (refused parameters stand in
+        # with their units only), so that one message lists every problem; a broken file is never returned.
         spec = ModelSpec(
             name=name,
             description=description,
             agent=agent,
             time_unit=time_unit,
             compartments=compartments,
-            parameters=parameters,
+            parameters={**parameters, **self.standins},
             covariates=covariates,
             derived=derived,
             flows=flows,
@@ -481,20 +572,60 @@ class _Parser:
             source=self.source,
             text=_canonical_text(raw),
         )
+        skip_names, skip_wheres = set(self.dropped), set()  # not evaluated: refused, or maybe off by a unit factor
         if self.units:
-            from itpk.dimensions import check_units
-
-            analysis = check_units(spec)
-            self.problems += analysis.problems
-            spec = analysis.spec
-        if not self.problems:  # fractions in their converted form (Vinj / Vt with mL over L)
-            self.problems += _fraction_problems(spec)
+            spec, names, wheres = self._check_units(spec, time_unit)
+            skip_names |= names
+            skip_wheres |= wheres
+        if "*" not in skip_wheres:
+            self.problems += _value_problems(spec, skip_names, skip_wheres)
         self._raise()
         return spec
 
     def _raise(self) -> None:
         if self.problems:
             raise ModelSpecError(f"{self.source}: invalid model file\n  - " + "\n  - ".join(self.problems))
+
+    def _check_units(self, spec: ModelSpec, time_unit: str) -> tuple[ModelSpec, set[str], set[str]]:
+        """Unit texts and the units of every expression that parsed.
+
+        Also returns the names whose unit does not parse and the places whose units are wrong: their
+        values may be off by a unit factor, so they are not evaluated.
+        """
+        from itpk.dimensions import check_units, unit_problems
+
+        texts = self._unit_texts(spec.compartments, spec.parameters, spec.covariates, spec.derived, spec.outputs)
+        time_ok = bool(time_unit) and isinstance(self.raw.get("time_unit"), str)
+        problems = unit_problems(texts, time_unit if time_ok else None)
+        names = {where.split("'")[1] for where in texts if where.startswith(("[parameters]", "[covariates]", "[derived]"))
+                 and any(p.startswith(f"{where}:") for p in problems)}
+        self.problems += problems
+        broken = bool(self.problems)
+        try:
+            analysis = check_units(spec)
+        except Exception:  # a broken part in a way not foreseen: say what was not checked
+            if not broken:
+                raise
+            self.problems.append("the units of expressions, route fractions, rates and volumes are checked once these are fixed")
+            return spec, names, {"*"}
+        self.problems += analysis.problems
+        return analysis.spec, names, {p.split(": ", 1)[0] for p in analysis.problems}
+
+    def _check_positive(self, parameters: Mapping[str, Parameter], compartments: tuple[Compartment, ...],
+                        flows: tuple[Flow, ...]) -> None:
+        """A parameter that is by itself a compartment's volume (> 0) or a first-order rate constant (>= 0)."""
+        uses: dict[str, list[str]] = {}
+        for c in compartments:
+            if c.volume is not None and c.volume.text.strip() in parameters:
+                uses.setdefault(c.volume.text.strip(), []).append(f"the volume of compartment {c.name!r}")
+        for f in flows:
+            if f.rate.text.strip() in parameters:
+                uses.setdefault(f.rate.text.strip(), []).append(f"the first-order rate constant of [flows] {f.key!r}")
+        for name, roles in uses.items():
+            value, volume = parameters[name].value, any(r.startswith("the volume") for r in roles)
+            if value <= 0 if volume else value < 0:
+                self.fail(f"[parameters] {name!r}", f"value {value:g} must be {'> 0' if volume else '>= 0'}: it is {' and '.join(roles)}")
+                self.dropped.add(name)
 
     def _references(self, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
@@ -508,7 +639,7 @@ class _Parser:
     def _unit_texts(compartments: tuple[Compartment, ...], parameters: Mapping[str, Parameter], covariates: Mapping[str, Covariate],
                     derived: Mapping[str, Derived], outputs: Mapping[str, Output]) -> dict[str, str]:
         """Where → unit text of every declared unit (an empty covariate or derived unit means 'not given')."""
-        texts = {f"[compartments] {c.name!r} amount_unit": c.amount_unit for c in compartments}
+        texts = {f"[compartments] {c.name!r} amount_unit": c.amount_unit for c in compartments if c.amount_unit}
         texts.update({f"[parameters] {p.name!r} unit": p.unit for p in parameters.values()})
         texts.update({f"[covariates] {c.name!r} unit": c.unit for c in covariates.values() if c.unit})
         texts.update({f"[derived] {d.name!r} unit": d.unit for d in derived.values() if d.unit})
@@ -599,16 +730,18 @@ class _Parser:
                 self.fail(where, f"needs a unit (text; \"1\" for dimensionless), found {unit!r}")
             prior = self._prior(entry.get("prior"), where)
             iiv = self._iiv(entry.get("iiv"), where)
-            if number is None or not isinstance(unit, str):
-                continue
             fraction, fixed = self._flag(entry, "fraction", where), self._flag(entry, "fixed", where)
-            try:
-                out[name] = Parameter(
-                    name, number, unit, str(entry.get("description", "")), prior, iiv, fraction, fixed, str(entry.get("source", "")),
-                )
-            except ModelSpecError as exc:
-                self.fail(where, str(exc).removeprefix(f"parameter {name!r}: "))
+            problems = [] if number is None else _parameter_problems(number, prior=prior, iiv_cv=iiv, fraction=fraction, fixed=fixed)
+            for problem in problems:
+                self.fail(where, problem)
+            if number is None or problems or not isinstance(unit, str):
                 self.dropped.add(name)  # reported once here, not again as unknown wherever it is used
+                if isinstance(unit, str):  # its unit is still checked wherever it is used
+                    self.standins[name] = Parameter(name, 1.0, unit)
+                continue
+            out[name] = Parameter(
+                name, number, unit, str(entry.get("description", "")), prior, iiv, fraction, fixed, str(entry.get("source", "")),
+            )
         return out
 
     def _prior(self, value: Any, where: str) -> Prior | None:
@@ -699,8 +832,14 @@ class _Parser:
             if source == target:
                 self.fail(where, "a flow cannot go from a compartment to itself")
             rate = self._expr(value, where)
-            self._unknown_names(rate, known, f"{where} (a first-order rate constant may not use amounts; use [odes])")
-            if rate is not None:
+            amounts = sorted(rate.names & set(states)) if rate is not None else []
+            if amounts:
+                self.fail(where, f"a first-order rate constant may not use amounts ({', '.join(amounts)} in {rate.text!r}); "
+                                 f"write such a term in [odes]")
+            unknown = sorted(rate.names - known - set(states)) if rate is not None else []
+            if unknown:  # amounts are not known here either, but are reported above as what they are
+                self.fail(where, f"unknown name(s) {', '.join(unknown)} in {rate.text!r}; known here: {', '.join(sorted(known)) or 'none'}")
+            if rate is not None and not amounts:
                 out.append(Flow(source, target, rate))
         return tuple(out)
 
@@ -767,7 +906,9 @@ class _Parser:
 
     def _outputs(self, states: tuple[str, ...], known: set[str]) -> dict[str, Output]:
         out = {}
-        for name, value in self._table("outputs").items():
+        table = self._table("outputs")
+        self.declared_outputs = len(table)
+        for name, value in table.items():
             entry = self._entry("outputs", name, value, _OUT_KEYS, "expr")
             where = f"[outputs] {name!r}"
             expr = self._expr(entry.get("expr"), where)
@@ -775,31 +916,80 @@ class _Parser:
             unit = entry.get("unit")
             if not isinstance(unit, str) or not unit:
                 self.fail(where, f"needs a unit, found {unit!r}")
+            error = str(entry.get("error", "proportional"))
+            if error not in ERROR_MODELS:
+                self.fail(where, f"error {error!r} is unknown; allowed: {', '.join(ERROR_MODELS)}")
+                error = "proportional"  # reported: the output still counts, and its unit is still checked
             if expr is None or not isinstance(unit, str):
                 continue
-            try:
-                out[name] = Output(name, expr, unit, str(entry.get("error", "proportional")), str(entry.get("description", "")))
-            except ModelSpecError as exc:
-                self.fail(where, str(exc))
+            out[name] = Output(name, expr, unit, error, str(entry.get("description", "")))
         return out
 
 
-def _fraction_problems(spec: ModelSpec) -> list[str]:
-    """Route fractions at the model's own values, checked as every simulation checks them
-    (:func:`itpk.system.input_fractions`): here, when the model loads."""
-    from itpk.events import Target
-    from itpk.system import input_fractions, resolve
+def _value_problems(spec: ModelSpec, skip_names: set[str], skip_wheres: set[str]) -> list[str]:
+    """Route fractions, first-order rates and volumes at the model's own values, checked as every
+    simulation checks them (:mod:`itpk.system`): here, when the model loads.
 
-    try:
-        values = resolve(spec)
-    except ModelSpecError as exc:
-        return [f"the model's own parameter values: {exc}"]
+    Only what can be evaluated is checked: expressions of valid parameters, covariates (fractions
+    only: a rate or volume may rely on the data's covariates) and the derived quantities made of them,
+    none of it in ``skip_names`` (refused names, units that do not parse) or at ``skip_wheres``
+    (places whose units are wrong, so that a value may be off by a factor).
+    """
+    import numpy as np
+
+    from itpk.events import Target
+    from itpk.system import Values, input_fractions
+
+    params = {n: np.array([p.value]) for n, p in spec.parameters.items() if n not in skip_names}
+    covariates = {n: np.array([c.value]) for n, c in spec.covariates.items() if n not in skip_names}
+    envs = []
+    for env in (params, {**params, **covariates}):
+        with np.errstate(all="ignore"):
+            for name, d in spec.derived.items():
+                if name not in skip_names and f"[derived] {name!r}" not in skip_wheres and d.expr.names <= set(env):
+                    env[name] = np.broadcast_to(np.asarray(d.expr.evaluate(env), dtype=float), (1,))
+        envs.append(env)
+    own, full = envs
+
+    def value(expr: Expr, env: Mapping[str, np.ndarray]) -> float:
+        with np.errstate(all="ignore"):
+            return float(np.asarray(expr.evaluate(env), dtype=float).reshape(-1)[0])
+
+    def inputs(expr: Expr) -> str:
+        from itpk.system import inputs_of
+
+        shown = ", ".join(f"{n}={spec.parameters[n].value if n in spec.parameters else spec.covariates[n].value:g}"
+                          for n in inputs_of(spec, expr.names))
+        return f" ({shown})" if shown and expr.text.strip() not in spec.parameters else ""
+
     problems = []
-    for name in spec.routes:
+    for c in spec.compartments:
+        where = f"[compartments] {c.name!r} volume"
+        if c.volume is None or where in skip_wheres or not c.volume.names <= set(own):
+            continue
+        v = value(c.volume, own)
+        if not (math.isfinite(v) and v > 0):
+            problems.append(f"{where}: {c.volume.text} = {v:g} at the model's own values{inputs(c.volume)}; a volume must be > 0")
+    for f in spec.flows:
+        where = f"[flows] {f.key!r}"
+        if where in skip_wheres or not f.rate.names <= set(own):
+            continue
+        k = value(f.rate, own)
+        if not (math.isfinite(k) and k >= 0):
+            problems.append(f"{where}: the rate {f.rate.text} = {k:g} at the model's own values{inputs(f.rate)}; "
+                            f"a first-order rate constant must be finite and >= 0")
+    states = set(spec.state_names)
+    values = Values(spec, full, 1)
+    for name, route in spec.routes.items():
+        where = f"[routes] {name!r}"
+        if not set(route.into) <= states or any(w.startswith(f"{where} ") for w in skip_wheres) \
+                or not all(e.names <= set(full) for e in route.into.values()):
+            continue
         try:
-            input_fractions(values, Target(name))
+            with np.errstate(all="ignore"):
+                input_fractions(values, Target(name))
         except ModelSpecError as exc:
-            problems.append(f"[routes] {name!r}: at the model's own values: {exc}")
+            problems.append(f"{where}: at the model's own values: {exc}")
     return problems
 
 

@@ -11,7 +11,12 @@ A dataset ``trial.csv`` may have a sidecar ``trial.units.toml`` beside it::
     plasma = "ng/mL"
     tumor = "ng/g"        # tissue: converted with a density of 1 g/mL
 
-``LLOQ`` takes the unit of ``DV`` unless it is given. With a model, every column
+``LLOQ`` takes the unit of ``DV`` unless it is given (a ``[LLOQ]`` table without an
+output too); ``RATE`` takes AMT's unit per TIME's unless it is given (a ``[RATE]``
+table without the dose's route or compartment too). With a model, every name in a
+table must be one the model has (``[AMT]``/``[RATE]``: its routes and compartments;
+``[DV]``/``[LLOQ]``: its outputs), and every entry must convert to the model's unit,
+whether or not a row uses it. With a model, every column
 is converted to the model's units: time to ``spec.time_unit``; ``AMT`` to the
 amount unit of the receiving compartment; ``RATE`` to that amount unit per model
 time; ``DV``/``LLOQ`` to the output's unit. A column the sidecar does not name
@@ -49,6 +54,8 @@ TISSUE_DENSITY = "1 g/mL"
 """Density used to turn a concentration per tissue mass into one per volume."""
 
 TIME_COLUMNS = ("TIME", "II", "DUR")
+REPORTED = "<an invalid unit, already reported>"
+"""What :meth:`_Converter._lookup` returns for a sidecar entry whose unit was refused."""
 UNIT_KEYS = ("TIME", "II", "DUR", "AMT", "RATE", "DV", "LLOQ")
 _TABLE_KEYS = ("AMT", "RATE", "DV", "LLOQ")  # keys that may be a table by name
 _TIME_KEYS = ("TIME", "II", "DUR")
@@ -174,6 +181,9 @@ class UnitsSidecar:
 
     path: str
     columns: Mapping[str, str | Mapping[str, str]]
+    rejected: frozenset[str] = frozenset()
+    """Entries given with an invalid unit (already reported): ``KEY`` or ``KEY.name``. Their conversions
+    are skipped without a second, misleading "no unit for ..." problem."""
 
     def __post_init__(self) -> None:
         for key, value in self.columns.items():
@@ -222,6 +232,7 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = (), *,
     problems: list[str] = []
     allowed = (*UNIT_KEYS, *(c.upper() for c in covariates))
     parsed: dict[str, str | dict[str, str]] = {}
+    rejected: set[str] = set()
     for key, value in raw.items():
         where = f"units file {path.name}, {key}"
         upper = key.upper()
@@ -234,18 +245,23 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = (), *,
             for name, unit in value.items():
                 if _check_unit_text(unit, f"{where}.{name}", problems):
                     table[str(name)] = unit
+                else:
+                    rejected.add(f"{upper}.{name}")
             parsed[upper] = table
         elif _check_unit_text(value, where, problems):
             if upper in _TIME_KEYS and parse_unit(value).dimensionality != registry().hour.dimensionality:
                 # checked here too, so that `data validate` without a model catches it
                 problems.append(f"{where}: found {value!r}, which is not a time; allowed: a time unit such as h, min or day")
+                rejected.add(upper)
             else:
                 parsed[upper] = value
+        else:
+            rejected.add(upper)
     if problems and collect is None:
         raise DatasetError(f"units file {path}: invalid\n  - " + "\n  - ".join(problems))
     if collect is not None:
         collect += problems
-    return UnitsSidecar(str(path), parsed)
+    return UnitsSidecar(str(path), parsed, frozenset(rejected))
 
 
 def _check_unit_text(value: Any, where: str, problems: list[str]) -> bool:
@@ -380,12 +396,15 @@ class _Converter:
         self.amount: dict[str, str] = {}
         self.outputs: dict[str, str] = {}
         self.covariates: dict[str, str] = {}
+        self.used: set[tuple[str, str]] = set()  # (column, table name) looked up for some row
 
     def run(self) -> tuple[pd.DataFrame, DatasetUnits]:
+        self._table_keys()
         self._time()
         self._doses()
         self._observations()
         self._covariates()
+        self._unused_entries()
         if self.problems:
             unique = list(dict.fromkeys(self.problems))  # one line per distinct problem
             raise DatasetError("cannot convert the dataset to the model's units\n  - " + "\n  - ".join(unique))
@@ -418,15 +437,37 @@ class _Converter:
             if factor is not None and factor != 1 and column in self.frame:
                 self.frame[column] = self.frame[column] * factor
 
+    def _table_keys(self) -> None:
+        """Every name in a table ([AMT], [RATE]: receiving compartments or routes; [DV], [LLOQ]: outputs)
+        is one the model has: a misspelt key would otherwise be ignored and its column left unconverted."""
+        spec = self.spec
+        doses = (*spec.routes, *(n for n in spec.state_names if n not in spec.routes))
+        known = {"AMT": (doses, "routes and compartments"), "RATE": (doses, "routes and compartments"),
+                 "DV": (tuple(spec.outputs), "outputs"), "LLOQ": (tuple(spec.outputs), "outputs")}
+        for key, (names, kind) in known.items():
+            table = self.cols.get(key)
+            if not isinstance(table, Mapping):
+                continue
+            for name in table:
+                if name not in names:
+                    self.problems.append(f"{self.where}, {key}.{name}: not one of the {kind} of model {spec.name}; "
+                                         f"allowed: {', '.join(names)} (names as in the model, case-sensitive)")
+
     def _lookup(self, key: str, names: tuple[str, ...], default: str) -> str | None:
         """The sidecar unit of a column: ``default`` if the key is absent, None if
-        its table has none of ``names`` (the first found wins)."""
+        its table has none of ``names`` (the first found wins), ``REPORTED`` if the
+        entry was given with an invalid unit (a problem already listed)."""
         value = self.cols.get(key)
+        rejected = self.sidecar.rejected if self.sidecar else frozenset()
         if value is None:
-            return default
+            return REPORTED if key in rejected else default
         if isinstance(value, str):
             return value
-        return next((value[name] for name in names if name in value), None)
+        name = next((name for name in names if name in value), None)
+        if name is None:
+            return REPORTED if any(f"{key}.{n}" in rejected for n in names) else None
+        self.used.add((key, name))
+        return value[name]
 
     def _doses(self) -> None:
         import numpy as np
@@ -444,13 +485,20 @@ class _Converter:
             key = names[0]
             self.amount.setdefault(key, target)
             source = self._lookup("AMT", names, target)
+            if source is REPORTED:
+                continue
             if source is None:
                 self.problems.append(f"{self.where}, AMT: no unit for {' or '.join(repr(n) for n in names)} (row {frame.at[i, 'ROW']}); allowed: a key for each receiving compartment or route, or one AMT unit")
                 continue
             amt_factor = self._cached(cache, source, target, f"AMT[{key}]")
-            rate_source = self._lookup("RATE", names, _per(source, time_source))
             rate_factor = None
-            if rate_source is not None and rate[i] > 0:
+            # a RATE table without this dose's route or compartment falls back to AMT's unit per TIME's
+            derived = _per(source, time_source)
+            rate_source = (self._lookup("RATE", names, derived) or derived) if rate[i] > 0 else None
+            # a RATE unit derived from an AMT unit that does not convert would repeat its problem
+            if rate_source == derived and amt_factor is None:
+                rate_source = None
+            if rate_source not in (None, REPORTED):
                 rate_factor = self._cached(cache, rate_source, _per(target, self.spec.time_unit), f"RATE[{key}]")
             if amt_factor is not None:
                 amt[i] *= amt_factor
@@ -480,21 +528,44 @@ class _Converter:
             if not rows.any():
                 continue
             dv_source = self._lookup("DV", (name,), output.unit)
-            # LLOQ is in DV's unit unless the units file gives its own.
-            lloq_source = self._lookup("LLOQ", (name,), dv_source or output.unit)
-            for column, source in (("DV", dv_source), ("LLOQ", lloq_source)):
-                if source is None:
-                    self.problems.append(
-                        f"{self.where}, {column}: no unit for output {name!r}; allowed: {column} = \"unit\" "
-                        f"or a [{column}] table with a key for each output measured ({', '.join(self.spec.outputs)})"
-                    )
-            if dv_source is None or lloq_source is None:
+            # LLOQ is in DV's unit unless the units file gives its own (a [LLOQ] table without this output too)
+            lloq_source = self._lookup("LLOQ", (name,), dv_source or output.unit) or dv_source
+            if REPORTED in (dv_source, lloq_source):  # an invalid unit, already listed
+                continue
+            if dv_source is None or lloq_source is None:  # LLOQ falls back to DV: only DV can lack a unit
+                self.problems.append(
+                    f"{self.where}, DV: no unit for output {name!r}; allowed: DV = \"unit\" "
+                    f"or a [DV] table with a key for each output measured ({', '.join(self.spec.outputs)})"
+                )
                 continue
             dv_factor = self._convert(dv_source, output.unit, f"DV[{name}]")
             lloq_factor = dv_factor if lloq_source == dv_source else self._convert(lloq_source, output.unit, f"LLOQ[{name}]")
             for column, factor in (("DV", dv_factor), ("LLOQ", lloq_factor)):
                 if factor is not None and factor != 1:
                     frame.loc[rows, column] = frame.loc[rows, column] * factor
+
+    def _unused_entries(self) -> None:
+        """Entries of the unit tables that no row used (an output not measured, a route not given, or rows
+        with problems of their own) are still checked against the model: their conversion needs no row."""
+        spec = self.spec
+        for key in _TABLE_KEYS:
+            table = self.cols.get(key)
+            if not isinstance(table, Mapping):
+                continue
+            for name, source in table.items():
+                if (key, name) in self.used:
+                    continue
+                if key in ("DV", "LLOQ") and name in spec.outputs:
+                    target = spec.outputs[name].unit
+                elif key in ("AMT", "RATE") and (name in spec.routes or name in spec.state_names):
+                    amount = self._dose_target(name if name in spec.routes else None, name if name not in spec.routes else None)
+                    target = amount if key == "AMT" else _per(amount, spec.time_unit)
+                else:
+                    continue  # not a name of the model: reported by _table_keys
+                try:
+                    conversion(source, target)
+                except DatasetError as exc:
+                    self.problems.append(f"{self.where}, {key}[{name}]: {exc}")
 
     def _covariates(self) -> None:
         declared = {name.upper(): cov for name, cov in self.spec.covariates.items()}

@@ -7,6 +7,8 @@ functions, so a job and a command always do the same thing.
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,184 @@ def option_problems(spec: ModelSpec, *, routes: Sequence[str] = (), overrides: M
     return problems
 
 
+def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> ItpkError:
+    """One error for every problem found: the problem itself when there is one, else one per line.
+
+    A problem of several lines (a dataset's) keeps them, indented under its own item.
+    """
+    if len(problems) == 1:
+        return error(problems[0])
+    lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
+    return error(f"{len(problems)} problems with the options:\n{lines}")
+
+
+def raise_problems(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> None:
+    """Raise :func:`problems_error` when there is any problem."""
+    if problems:
+        raise problems_error(problems, error)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float | np.floating) else repr(value)
+
+
+def value_problems(*, dose: float | None = None, diam: float | None = None, every: float | None = None,
+                   doses: int | None = None, infusion: float | None = None, horizon: float | None = None,
+                   step: float | None = None, at: Sequence[float] | None = None, subjects: int | None = None,
+                   seed: int | None = None, overrides: Mapping[str, object] | None = None) -> list[str]:
+    """What is wrong with the numbers of a simulate/compare command, whatever the model: one line each.
+
+    Amounts, durations and windows must be finite and > 0, counts whole numbers >= 1 (``seed`` >= 0),
+    output times finite and >= 0, ``--set`` values finite.
+    """
+    problems = []
+    if dose is not None and not (_is_number(dose) and dose > 0):
+        problems.append(f"--dose: amount must be a finite number > 0, found {_shown(dose)}")
+    if diam is not None and not (_is_number(diam) and diam > 0):
+        problems.append(f"--diam must be a lesion diameter > 0 cm, found {_shown(diam)}")
+    for name, value in (("every", every), ("infusion", infusion), ("horizon", horizon), ("step", step)):
+        if value is not None and not (_is_number(value) and value > 0):
+            problems.append(f"--{name} must be a finite number > 0, found {_shown(value)}")
+    for name, value, low in (("doses", doses, 1), ("subjects", subjects, 1), ("seed", seed, 0)):
+        if value is not None and not (_is_whole(value) and value >= low):
+            problems.append(f"--{name} must be a whole number >= {low}, found {_shown(value)}")
+    if at is not None:
+        bad = [t for t in at if not (_is_number(t) and t >= 0)]
+        if bad or not len(at):
+            problems.append(f"--at: output times must be finite and >= 0, found {', '.join(map(_shown, bad[:3])) or 'none'}")
+    problems += [f"--set {name}={_shown(value)}: must be a finite number" for name, value in (overrides or {}).items()
+                 if not (_is_number(value) or (isinstance(value, np.ndarray) and np.all(np.isfinite(value))))]
+    return problems
+
+
+def _schedule_problems(spec: ModelSpec, *, route: str | None, dose: float | None, every: float | None,
+                       doses: int | None, infusion: float | None, regimen_name: str | None, diam: float | None,
+                       required: bool, need: str) -> list[str]:
+    """What :func:`build_schedule` would refuse, without building anything."""
+    problems = []
+    if regimen_name is not None:
+        from itpk.regimens import REGIMENS
+
+        if regimen_name not in REGIMENS:
+            problems.append(f"--regimen {regimen_name!r} is unknown; regimens: {', '.join(REGIMENS)}")
+        if dose is not None or every is not None or infusion is not None:
+            problems.append(f"--regimen {regimen_name} sets amounts and times: do not give --dose, --every or --infusion")
+        if diam is None and required:
+            problems.append(f"--regimen {regimen_name} needs the lesion's longest diameter: --diam CM")
+    elif required and (route is None or dose is None):
+        problems.append(f"give {need} (or --regimen tvec --diam CM)")
+    elif required and doses is not None and _is_whole(doses) and doses > 1 and every is None:
+        problems.append(f"{doses} doses need an interval > 0 (--every), found None")
+    return problems
+
+
+def _site_problems(spec: ModelSpec, routes: Sequence[str], site: str | None) -> list[str]:
+    try:
+        check_sites(spec, routes, site)
+    except ItpkError as exc:
+        return [str(exc)]
+    return []
+
+
+def simulation_problems(spec: ModelSpec | None, *, route: str | None = None, dose: float | None = None,
+                        site: str | None = None, regimen_name: str | None = None, diam: float | None = None,
+                        every: float | None = None, doses: int | None = None, infusion: float | None = None,
+                        horizon: float | None = None, step: float | None = None, at: Sequence[float] | None = None,
+                        overrides: Mapping[str, float] | None = None, subjects: int | None = 1,
+                        seed: int | None = None, required: bool = True) -> list[str]:
+    """Every problem of the options of :func:`run_simulation` (``itpk simulate``, a batch's simulate job), one line
+    each, before any work: numbers (:func:`value_problems`), the regimen, and what the model lacks (routes,
+    ``--set`` names, ``--cmt`` sites). ``spec`` None (a model that did not load): the numbers only.
+    ``required=False`` skips the check that the options a run needs (route and dose, or a regimen's ``--diam``)
+    are given (a batch job whose other keys were unreadable)."""
+    problems = value_problems(dose=dose, diam=diam, every=every, doses=doses, infusion=infusion, horizon=horizon,
+                              step=step, at=at, subjects=subjects, seed=seed, overrides=overrides)
+    if spec is None:
+        return problems
+    problems += _schedule_problems(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
+                                   regimen_name=regimen_name, diam=diam, required=required,
+                                   need="the route and --dose")
+    if route is None and regimen_name is not None:
+        route = "it"  # what build_schedule does
+    problems += option_problems(spec, routes=[route] if route else [], overrides=overrides)
+    return problems + _site_problems(spec, [route] if route else [], site)
+
+
+def comparison_problems(spec: ModelSpec | None, *, dose: float | None = None, routes: Sequence[str] = ("it", "iv"),
+                        site: str | None = None, regimen_name: str | None = None, diam: float | None = None,
+                        every: float | None = None, doses: int | None = None, infusion: float | None = None,
+                        overrides: Mapping[str, float] | None = None, targets: Mapping[str, float] | None = None,
+                        thresholds: Sequence[float] = (), horizon: float | None = None,
+                        required: bool = True) -> list[str]:
+    """Every problem of the options of :func:`run_comparison` (``itpk compare``, a batch's compare job), one line
+    each, before any work: as :func:`simulation_problems`, plus targets, thresholds and the routes compared."""
+    problems = value_problems(dose=dose, diam=diam, every=every, doses=doses, infusion=infusion, horizon=horizon,
+                              overrides=overrides)
+    problems += [f"--target {name}={_shown(level)}: a concentration must be a finite number > 0"
+                 for name, level in (targets or {}).items() if not (_is_number(level) and level > 0)]
+    problems += [f"--threshold {_shown(x)}: must be a finite number" for x in thresholds if not _is_number(x)]
+    if regimen_name is not None and infusion is not None:  # the iv reference would lose the regimen's visits
+        problems.append(f"--regimen {regimen_name} sets amounts and times for every route: do not give --infusion")
+    if spec is None:
+        return problems
+    routes = list(dict.fromkeys(routes))
+    if not routes:
+        problems.append(f"model {spec.name!r}: give the routes to compare; routes: {', '.join(spec.routes)}")
+    problems += _schedule_problems(spec, route=(routes or [None])[0], dose=dose, every=every, doses=doses,
+                                   infusion=None, regimen_name=regimen_name, diam=diam,
+                                   required=required and bool(routes), need="--dose")
+    problems += option_problems(spec, routes=routes, overrides=overrides, targets=targets)
+    local = [r for r in routes if r in LOCAL_ROUTES]
+    if site is not None and routes and not local:
+        problems.append(f"--cmt {site}: names the lesion a local route ({', '.join(LOCAL_ROUTES)}) injects; none is compared")
+    elif site is not None:
+        problems += _site_problems(spec, local, site)
+    return problems
+
+
+def output_problems(**paths: str | Path | None) -> list[str]:
+    """What keeps a command from writing its files, before any work: ``--out``/``--plot`` (by keyword) that is
+    a folder, or whose folder is a file or cannot be written. Names the option and the path as given."""
+    problems = []
+    for option, path in paths.items():
+        if path is None or str(path) == "":
+            continue
+        target = Path(path)
+        if target.is_dir():
+            problems.append(f"--{option} {path}: is a folder; give a file name")
+            continue
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            problems.append(f"--{option} {path}: {parent} is a file, not a folder")
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"--{option} {path}: cannot write in {parent} (not a writable folder)")
+        elif target.exists() and not os.access(target, os.W_OK):
+            problems.append(f"--{option} {path}: the file exists and is read-only")
+    return problems
+
+
+def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
+               problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None]:
+    """The model (and a posterior's draws), or None after recording why it could not be read."""
+    try:
+        if posterior is not None:
+            return fitted_model(model, posterior)
+        return (model if isinstance(model, ModelSpec) else load_model(model)), None
+    except ItpkError as exc:
+        problems.append(str(exc))
+        return None, None
+
+
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
     """``site`` (``--cmt``) if every route in ``routes`` can inject it, None for their own site.
 
@@ -174,6 +354,7 @@ def run_simulation(
     out: str | Path | None = None,
     plot: str | Path | None = None,
     progress: bool = False,
+    problems: Sequence[str] = (),
 ) -> SimulationResult:
     """Simulate a regular regimen and write the long CSV (and a PNG).
 
@@ -188,18 +369,22 @@ def run_simulation(
     with ``subjects == 1``, one typical-subject profile per posterior draw (at
     most :data:`POSTERIOR_PROFILES`, evenly thinned; ``ID`` is the profile).
     ``progress`` shows a bar on a terminal while the profiles are computed.
+
+    Every problem of the options (:func:`simulation_problems`, unwritable ``out``/``plot``, and
+    ``problems`` a caller found already, e.g. the CLI's unparsable ``--set``) is raised at once in
+    one :class:`ItpkError`, before any work.
     """
-    draws = None
-    if posterior is not None:
-        spec, draws = fitted_model(model, posterior)
-    else:
-        spec = model if isinstance(model, ModelSpec) else load_model(model)
+    problems = list(problems)
+    spec, draws = _load_spec(model, posterior, problems)
     overrides = dict(overrides or {})
+    problems += simulation_problems(spec, route=route, dose=dose, site=site, regimen_name=regimen_name, diam=diam,
+                                    every=every, doses=doses, infusion=infusion, horizon=horizon, step=step, at=at,
+                                    overrides=overrides, subjects=subjects, seed=seed)
+    problems += output_problems(out=out, plot=plot)
+    raise_problems(problems)
+    assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
-    problems = option_problems(spec, routes=[route], overrides=overrides)
-    if problems:  # before any work
-        raise ItpkError("; ".join(problems))
     resolve(spec, overrides)  # and the values themselves (finite, one length)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
@@ -327,6 +512,7 @@ def run_comparison(
     posterior: str | Path | None = None,
     out: str | Path | None = None,
     plot: str | Path | None = None,
+    problems: Sequence[str] = (),
 ) -> ComparisonResult:
     """Exposure of the same dose and schedule by each route, and the SPEC §6 metrics.
 
@@ -337,31 +523,25 @@ def run_comparison(
     which then is the "tumor" of the metrics; ``targets`` maps an
     output to a concentration for time above target; ``thresholds`` adds
     P(metric > x) when several parameter sets are compared.
+
+    Every problem of the options (:func:`comparison_problems`, unwritable ``out``/``plot``, and
+    ``problems`` a caller found already) is raised at once in one :class:`ItpkError`, before any work.
     """
-    if posterior is not None:
+    problems = list(problems)
+    spec, draws = _load_spec(model, posterior, problems)
+    overrides = dict(overrides or {})
+    routes = list(dict.fromkeys(routes))
+    problems += comparison_problems(spec, dose=dose, routes=routes, site=site, regimen_name=regimen_name, diam=diam,
+                                    every=every, doses=doses, infusion=infusion, overrides=overrides, targets=targets,
+                                    thresholds=thresholds, horizon=horizon)
+    problems += output_problems(out=out, plot=plot)
+    raise_problems(problems)
+    assert spec is not None  # a model that did not load is a problem
+    if draws is not None:
         from itpk.run import posterior_values
 
-        spec, draws = fitted_model(model, posterior)
         overrides = posterior_values(spec, draws, overrides=overrides)
-    else:
-        spec = model if isinstance(model, ModelSpec) else load_model(model)
-    problems = [f"--horizon must be a finite number > 0, found {horizon:g}" for _ in [0]
-                if horizon is not None and not (np.isfinite(horizon) and horizon > 0)]
-    problems += [f"--target {name}={level:g}: a concentration must be a finite number > 0" for name, level in (targets or {}).items()
-                 if not (np.isfinite(level) and level > 0)]
-    problems += [f"--threshold {x:g}: must be a finite number" for x in thresholds if not np.isfinite(x)]
-    if regimen_name is not None and infusion is not None:  # the iv reference would lose the regimen's visits
-        problems.append(f"--regimen {regimen_name} sets amounts and times for every route: do not give --infusion")
-    routes = list(dict.fromkeys(routes))
-    if not routes:
-        problems.append(f"model {spec.name!r}: give the routes to compare; routes: {', '.join(spec.routes)}")
-    problems += option_problems(spec, routes=routes, overrides=overrides, targets=targets)
-    if problems:
-        raise ItpkError("; ".join(problems))
-    overrides = dict(overrides or {})
     local = [r for r in routes if r in LOCAL_ROUTES]
-    if site is not None and not local:
-        raise ItpkError(f"--cmt {site}: names the lesion a local route ({', '.join(LOCAL_ROUTES)}) injects; none is compared")
     site = check_sites(spec, local, site)
     # built for a local route when there is one, so that --regimen's --diam sizes the lesion it injects
     base, _ = build_schedule(spec, route=(local or routes)[0], dose=dose, every=every, doses=doses, infusion=None,
@@ -384,7 +564,7 @@ def run_comparison(
 
         png = plot_routes(spec, values, schedules, plot, roles=roles, title=f"{spec.name}: {regimen_name or f'{dose:g} {_dose_unit(spec, routes[0])}'} by route")
     written = ", ".join(str(p) for p in (csv, png) if p)
-    return ComparisonResult(comparison, report, csv, png, format_comparison(report) + (f"\nwrote {written}" if written else ""))
+    return ComparisonResult(comparison, report, csv, png, format_comparison(report, thresholds) + (f"\nwrote {written}" if written else ""))
 
 
 def comparison_report(comparison: Comparison, schedules: Mapping[str, Schedule], *, thresholds: Sequence[float] = ()) -> dict:
@@ -487,18 +667,31 @@ def _describe_regimens(schedules: Mapping[str, Schedule], time_unit: str) -> str
     return "; ".join(f"{route}: {text}" for route, text in texts.items())
 
 
-def format_comparison(report: dict) -> str:
-    """Plain-text summary for the terminal."""
+def format_comparison(report: dict, thresholds: Sequence[float] = ()) -> str:
+    """Plain-text summary for the terminal: the tumour and plasma exposure per route, times above
+    target, every local route's metrics, and P(metric > x) for ``thresholds``."""
     lines = [f"{report['model']}: {report['regimen']} ({report['dose_unit']}); AUC over {report['auc_interval']}"]
+    if report.get("parameter_sets", 1) > 1:
+        lines.append(f"  numbers: median [95% CrI lo, hi] over {report['parameter_sets']} parameter sets")
     if report.get("site") and report["exposure_outputs"].get("local"):
         lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs']['local']})")
     units = report["units"]
     shown = tuple(f"_{name}" for role, name in report["exposure_outputs"].items() if role in ("local", "systemic"))
     for route, q in report["routes"].items():
-        parts = [f"{k} {_fmt(v)} {units.get(k, '')}" for k, v in q.items() if k.endswith(shown)]
+        parts = [f"{k} {_fmt(v)} {units.get(k, '')}".rstrip() for k, v in q.items()
+                 if k.endswith(shown) or k.startswith("T_above_")]  # every --target, whichever lesion is injected
         lines.append(f"  {route:>3}: " + "; ".join(parts))
-    if report["metrics"]:
-        lines.append(f"  metrics ({_local_route(report)} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))
+    metrics = report.get("metrics_by_route") or ({_local_route(report): report["metrics"]} if report["metrics"] else {})
+    for route, values in metrics.items():
+        lines.append(f"  metrics ({route} vs {report['reference_route']}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
+    for route, values in metrics.items():
+        chances = [f"{k} " + ", ".join(f"{p} {v[p]:.3g}" for p in v if p.startswith("P(>"))
+                   for k, v in values.items() if isinstance(v, dict) and any(p.startswith("P(>") for p in v)]
+        if chances:
+            lines.append(f"  P(metric > x) ({route} vs {report['reference_route']}): " + "; ".join(chances))
+    if thresholds and report.get("parameter_sets", 1) <= 1:
+        lines.append(f"  note: --threshold {', '.join(f'{x:g}' for x in thresholds)}: one parameter set has no "
+                     "probabilities; give --posterior RUN_DIR")
     lines += [f"  note: {note}" for note in report.get("notes", ())]
     return "\n".join(lines)
 
@@ -507,6 +700,19 @@ def _fmt(value: float | dict) -> str:
     if isinstance(value, dict):
         return f"{value['median']:.4g} [{value['ci_low']:.4g}, {value['ci_high']:.4g}]"
     return f"{value:.4g}"
+
+
+def format_parameters(table: pd.DataFrame) -> list[str]:
+    """The terminal lines of a fit's ``summary.csv``: a header, then each parameter's median, unit,
+    95% credible interval (none for map: one draw) and an omega's CV."""
+    rows = list(table.itertuples(index=False))
+    intervals = any(math.isfinite(row.ci_low) for row in rows)
+    lines = [f"  {'parameter':<16} {'median':>10} {'unit':<8}" + (" [95% CrI lo, hi]" if intervals else "")]
+    for row in rows:
+        extra = f", CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") and math.isfinite(row.cv_percent) else ""
+        interval = f" [{row.ci_low:.4g}, {row.ci_high:.4g}]" if math.isfinite(row.ci_low) else ""  # map: one draw, no interval
+        lines.append(f"  {row.parameter:<16} {row.median:>10.4g} {row.unit:<8}{interval}{extra}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -536,16 +742,36 @@ def run_fit(
     precondition: str = "auto",
     progress: bool = False,
     command: Sequence[str] = (),
+    problems: Sequence[str] = (),
 ) -> FitRunResult:
-    """Read the data against the model, fit, and write the run directory (SPEC §5)."""
-    from itpk.dataset import read_dataset
-    from itpk.inference import fit
-    from itpk.interrupts import watch_interrupts
-    from itpk.run import check_run_target, diagnostics, summary_table, write_run
+    """Read the data against the model, fit, and write the run directory (SPEC §5).
 
-    check_run_target(out)  # before the fit, not after it
-    spec = load_model(model)
-    dataset = read_dataset(data, spec)
+    Every problem of the options (``out``, the model, the fit's arguments:
+    :func:`itpk.inference.argument_problems`, the dataset, and ``problems`` a caller found already,
+    e.g. the CLI's unparsable ``--error``) is raised at once in one :class:`ItpkError`, before the fit.
+    """
+    from itpk.dataset import read_dataset
+    from itpk.inference import argument_problems, fit
+    from itpk.interrupts import watch_interrupts
+    from itpk.run import check_run_target, summary_table, write_run
+
+    problems = list(problems)
+    try:
+        check_run_target(out)  # before the fit, not after it
+    except ItpkError as exc:
+        problems.append(str(exc))
+    spec, _ = _load_spec(model, None, problems)
+    problems += argument_problems(spec, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
+                                  errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
+                                  precondition=precondition)
+    dataset = None
+    if spec is not None:
+        try:
+            dataset = read_dataset(data, spec)
+        except ItpkError as exc:
+            problems.append(str(exc))
+    raise_problems(problems)
+    assert spec is not None and dataset is not None
     kept = f"; {out} is unchanged" if Path(out).exists() else ""
     stopped = Interrupted(f"interrupted (Ctrl-C) before the fit finished: nothing was written{kept}")
     with watch_interrupts() as interrupted:
@@ -562,16 +788,14 @@ def run_fit(
     if interrupted():  # nutpie, PyMC and ADVI return what they have on Ctrl-C: never a run directory
         raise stopped
     run_dir = write_run(result, out, command=command)
-    diag = diagnostics(result)
+    recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))  # diagnostics and warnings, as written
+    diag = recorded["diagnostics"]
     table = summary_table(result)
     lines = [f"fitted {spec.name} to {dataset.source} ({len(result.data.subjects)} subjects, "
              f"{len(result.data.observations)} observations) with {method}; wrote {run_dir}"]
-    for row in table.itertuples(index=False):
-        extra = f", CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") else ""
-        lines.append(f"  {row.parameter:<16} {row.median:>10.4g} {row.unit:<8} [{row.ci_low:.4g}, {row.ci_high:.4g}]{extra}")
+    lines += format_parameters(table)
     verdict = diag["passed"]
     lines.append("diagnostics: " + ("passed" if verdict else ("not applicable" if verdict is None else "FAILED: " + "; ".join(diag["reasons"]))))
     lines += [f"advice: {a}" for a in diag.get("advice", [])]
-    recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["warnings"]  # the fit's and the writer's
-    lines += [f"warning: {w}" for w in recorded]
+    lines += [f"warning: {w}" for w in recorded["warnings"]]  # the fit's and the writer's
     return FitRunResult(run_dir, diag, "\n".join(lines))

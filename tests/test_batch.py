@@ -154,12 +154,15 @@ def test_worker_killed_mid_job_is_retried_and_every_output_written_once(tmp_path
 
 
 def test_bad_job_fails_alone_with_exit_4(tmp_path):
+    # a problem only the run finds (a lesion of volume 0); the options' own checks stop a batch before
+    # it starts (test_option_values_stop_the_batch_before_any_job)
     path = write(tmp_path, """
         [defaults]
         kind = "compare"
         model = "it_antibody"
+        dose = 10
         [grid]
-        dose = [1, 10, -5]
+        set.DIAM = [1, 2, 0]
         [[jobs]]
         kind = "simulate"
         model = "it_antibody"
@@ -175,10 +178,10 @@ def test_bad_job_fails_alone_with_exit_4(tmp_path):
     status = {j["label"]: j["status"] for j in record["jobs"]}
     assert status == {"grid #1": "done", "grid #2": "done", "grid #3": "failed", "jobs #1": "done"}
     errors = {j["label"]: j["error"] for j in record["jobs"] if j["error"]}
-    assert "amount must be a finite number > 0, found -5.0" in errors["grid #3"]
+    assert "volume V_T = 0 with DIAM=0; a volume must be > 0" in errors["grid #3"]
     assert all(j["attempts"] == 1 for j in record["jobs"])  # bad input is not retried
     assert len(job_dirs(out)) == 3  # failed jobs leave no directory
-    assert "failed" in result.output and "-5" in result.output
+    assert "failed" in result.output and "DIAM=0" in result.output
     sim = next(j for j in record["jobs"] if j["kind"] == "simulate")
     assert sim["headline"]["subjects"] == 5 and sim["headline"]["Cmax_plasma"] > 0
     assert pd.read_csv(out / "jobs" / sim["name"] / "profiles.csv")["ID"].nunique() == 5
@@ -215,6 +218,43 @@ def test_options_the_model_does_not_have_stop_the_batch_before_any_job(tmp_path)
                  "jobs #5: model 'one_cpt_iv' has no route(s) it; routes: iv"]:  # compare's default routes are it and iv
         assert text in result.output
     assert not (out / "jobs").exists()
+
+
+def test_option_values_stop_the_batch_before_any_job(tmp_path):
+    # found by a user walkthrough: dose = -10, draws = 0, every = -3 with doses = 2 and subjects = 0 were
+    # found only when their jobs ran ("1 done, 3 failed", exit 4); now the pre-flight lists them (exit 1)
+    path = write(tmp_path, f"""
+        [[jobs]]
+        kind = "compare"
+        model = "it_antibody"
+        dose = -10
+        [[jobs]]
+        kind = "compare"
+        model = "it_antibody"
+        dose = 1
+        every = -3
+        doses = 2
+        [[jobs]]
+        kind = "simulate"
+        model = "it_antibody"
+        route = "it"
+        dose = 1
+        subjects = 0
+        [[jobs]]
+        kind = "fit"
+        model = "one_cpt_oral"
+        data = "{DATA / 'theoph.csv'}"
+        method = "map"
+        draws = 0
+    """)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["batch", str(path), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    for text in ["4 problem(s)", "jobs #1: --dose: amount must be a finite number > 0, found -10",
+                 "jobs #2: --every must be a finite number > 0, found -3", "jobs #3: --subjects must be a whole number >= 1, found 0",
+                 "jobs #4: --draws must be a whole number >= 1, found 0"]:
+        assert text in result.output, text
+    assert not out.exists()
 
 
 def test_sigint_leaves_no_half_written_job_directory(tmp_path):

@@ -221,3 +221,98 @@ def test_progress_line_counts_and_eta():
     quiet = io.StringIO()
     Progress(3, enabled=False, stream=quiet).count("done")
     assert quiet.getvalue() == ""
+
+
+BAD_VALUES = """
+    [defaults]
+    kind = "compare"
+    model = "it_antibody"
+    dose = 10
+    bogus = 3
+    [grid]
+    routes = [["it", "xx"], ["it", "iv"]]
+    [[jobs]]
+    dose = -10
+    set = {FOO = 1}
+    every = -3
+    doses = 2
+    [[jobs]]
+    kind = "simulate"
+    route = "it"
+    dose = "x"
+    subjects = 0
+    [[jobs]]
+    kind = "fit"
+    data = "bad.csv"
+    draws = 0
+    error = {plasma = "quad"}
+"""
+
+
+def test_preflight_reports_form_and_option_problems_together(tmp_path):
+    # found by a user walkthrough: form problems hid bad routes, --set names and datasets, and values
+    # (dose = -10, draws = 0, every = -3, subjects = 0) were never checked: the batch ran and exited 4
+    (tmp_path / "bad.csv").write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,-1,1,10,iv,,\n")
+    path = write(tmp_path, BAD_VALUES)
+    with pytest.raises(PipelineError, match=r"2 problem\(s\)"):
+        load_pipeline(path)  # without preflight: the file's form only (run_batch checks the jobs)
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, preflight=True)
+    message = str(caught.value)
+    for text in ["[defaults] bogus: unknown key", "[[jobs]] #2 dose: found 'x'; allowed: a finite number",
+                 "grid #1: model 'it_antibody' has no route(s) xx", "jobs #1: --dose: amount must be a finite number > 0, found -10",
+                 "jobs #1: --every must be a finite number > 0, found -3", "jobs #1: model 'it_antibody' has no parameter or covariate 'FOO'",
+                 "jobs #2: --subjects must be a whole number >= 1, found 0", "jobs #3: --draws must be a whole number >= 1, found 0",
+                 "jobs #3: --error plasma=quad: error model 'quad' is unknown", "row 2, TIME: found -1"]:
+        assert text in message, text
+    assert "jobs #2: --dose" not in message  # its unreadable dose is reported once, not replaced by a default
+    assert "give --dose" not in message and "missing" not in message
+    assert message.startswith(f"{path}: 10 problem(s):\n")
+
+
+def test_batch_command_reports_every_problem_and_creates_nothing(tmp_path):
+    from itpk.cli.main import app
+    from typer.testing import CliRunner
+
+    (tmp_path / "bad.csv").write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,-1,1,10,iv,,\n")
+    path = write(tmp_path, BAD_VALUES)
+    (tmp_path / "runs").mkdir()
+    result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out"), "--log", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--log {tmp_path / 'runs'}: is a folder; give a file" in result.output
+    assert "jobs #2: --subjects must be a whole number >= 1, found 0" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_log_or_out_that_cannot_be_written_is_refused_before_anything_is_created(tmp_path):
+    # found by a user walkthrough: "[Errno 21] Is a directory: 'runs'" without naming --log, and jobs/ left behind
+    from itpk.cli.main import app
+    from typer.testing import CliRunner
+
+    path = write(tmp_path, "[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\ndose = 1\n", "okp.toml")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "file").write_text("x")
+    runner = CliRunner()
+    result = runner.invoke(app, ["batch", str(path), "--log", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and result.output.startswith(f"error: --log {tmp_path / 'runs'}: is a folder")
+    assert not (tmp_path / "okp").exists()
+    result = runner.invoke(app, ["batch", str(path), "--out", str(tmp_path / "file" / "b"), "--log", str(tmp_path / "file" / "l")])
+    assert result.exit_code == 1 and "2 problems with the options" in result.output
+    assert f"--out {tmp_path / 'file' / 'b'}: {tmp_path / 'file'} is a file, not a folder" in result.output
+    assert f"--log {tmp_path / 'file' / 'l'}: {tmp_path / 'file'} is a file, not a folder" in result.output
+
+
+def test_batch_csv_keeps_whole_numbers_whole(tmp_path):
+    # found by a user walkthrough: seed, subjects and times printed as 1.0, 200.0, 241.0
+    import pandas as pd
+
+    from itpk.batch.records import JobRecord, write_batch_csv
+
+    records = [JobRecord("simulate-a", "jobs #1", "simulate", {"model": "m", "seed": 1, "subjects": 200, "dose": 10.0},
+                         "done", 1, 0.5, "jobs/simulate-a", headline={"times": 241, "Cmax_plasma": 1.5}),
+               JobRecord("compare-b", "jobs #2", "compare", {"model": "m", "dose": 10.0}, "done", 1, 0.25, "jobs/compare-b")]
+    write_batch_csv(tmp_path, records)
+    text = (tmp_path / "batch.csv").read_text()
+    row = dict(zip(text.splitlines()[0].split(","), text.splitlines()[1].split(","), strict=True))
+    assert (row["seed"], row["subjects"], row["times"], row["dose"], row["Cmax_plasma"]) == ("1", "200", "241", "10.0", "1.5")
+    assert pd.read_csv(tmp_path / "batch.csv")["seed"].isna().tolist() == [False, True]

@@ -111,13 +111,13 @@ BAD = [
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CLX=3"], "no parameter or covariate 'CLX'; known: CL, V1, Q, V2"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL"], "--set 'CL': expected NAME=NUMBER"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL=abc"], "--set 'CL=abc': expected NAME=NUMBER"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", -5], "amount must be a finite number > 0, found -5.0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", -5], "--dose: amount must be a finite number > 0, found -5"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "1,x"], "--at '1,x': expected comma-separated numbers"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "-1,2"], "output times must be finite and >= 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "-1,2"], "--at: output times must be finite and >= 0, found -1"),
     (["simulate", "two_cpt_iv", "--route", "it", "--dose", 1], "model 'two_cpt_iv' has no route(s) it; routes: iv"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 3], "3 doses need an interval > 0"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be > 0"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "subjects must be >= 1"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be a finite number > 0, found 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "--subjects must be a whole number >= 1, found 0"),
     (["simulate", "it_linear", "--route", "iv", "--dose", 1, "--cmt", "lesion2"], "--cmt: route 'iv' cannot inject 'lesion2' (sites: central)"),
     (["simulate", "it_linear", "--route", "it", "--dose", 1, "--cmt", "lymph"], "--cmt: route 'it' cannot inject 'lymph' (sites: tumor, lesion2)"),
     (["models", "show", "nope"], "unknown model 'nope'"),
@@ -192,7 +192,7 @@ def test_quiet_silences_library_warnings(monkeypatch, tmp_path):
 def test_an_output_path_that_cannot_be_written_is_one_message(tmp_path):
     (tmp_path / "file").write_text("x")
     result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", "10", "--out", tmp_path / "file" / "s.csv")
-    assert result.exit_code == 1 and "error: cannot write or read" in result.output
+    assert result.exit_code == 1 and f"error: --out {tmp_path / 'file' / 's.csv'}: {tmp_path / 'file'} is a file, not a folder" in result.output
     assert "Traceback" not in result.output
 
 
@@ -227,3 +227,133 @@ def test_impossible_counts_and_seeds_are_usage_errors(args, message, tmp_path):
 def test_compare_checks_its_numbers(args, message):
     result = run("compare", "it_linear", "--dose", "10", *args)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def problem_lines(output):
+    return [ln.strip()[2:] for ln in output.splitlines() if ln.strip().startswith("- ")]
+
+
+def test_compare_reports_every_option_problem_at_once(tmp_path):
+    # found by a user walkthrough: one stage at a time (the --target parse error, then 4 on one line, then --every)
+    result = run("compare", "it_antibody", "--dose", 1, "--set", "FOO=1", "--set", "DIAMX=2", "--target", "bogus=1",
+                 "--target", "tumor=x", "--routes", "it,iv,xx", "--every", -1, "--doses", 2, "--horizon", -3,
+                 "--out", tmp_path / "c.csv")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: 6 problems with the options:\n")
+    lines = problem_lines(result.output)
+    assert len(lines) == 6
+    for text in ["--target 'tumor=x': expected NAME=NUMBER", "--every must be a finite number > 0, found -1",
+                 "--horizon must be a finite number > 0, found -3", "model 'it_antibody' has no route(s) xx",
+                 "no parameter or covariate 'DIAMX', 'FOO'", "--target: unknown output(s) bogus"]:
+        assert sum(text in line for line in lines) == 1, text
+    assert not (tmp_path / "c.csv").exists()
+    both = run("compare", "it_antibody", "--dose", -1, "--set", "FOO=1")
+    assert both.exit_code == 1 and len(problem_lines(both.output)) == 2
+    assert "--dose: amount must be a finite number > 0, found -1" in both.output and "'FOO'" in both.output
+
+
+def test_simulate_reports_every_option_problem_at_once(tmp_path):
+    # found by a user walkthrough: only "dose ... into xx: amount must be..." (the unknown route taken as valid)
+    result = run("simulate", "it_antibody", "--route", "xx", "--dose", -1, "--set", "FOO=1", "--set", "BAR",
+                 "--subjects", 0, "--at", "1,-2", "--out", tmp_path / "x.csv")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = problem_lines(result.output)
+    assert len(lines) == 6, result.output
+    for text in ["--set 'BAR': expected NAME=NUMBER", "--dose: amount must be a finite number > 0, found -1",
+                 "--subjects must be a whole number >= 1, found 0", "--at: output times must be finite and >= 0, found -2",
+                 "model 'it_antibody' has no route(s) xx", "no parameter or covariate 'FOO'"]:
+        assert sum(text in line for line in lines) == 1, text
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_fit_reports_every_option_problem_at_once(tmp_path, monkeypatch):
+    # found by a user walkthrough: one problem per run (6 runs), and --error shown as a Python dict
+    from itpk import inference
+
+    monkeypatch.setattr(inference, "fit", lambda *a, **k: pytest.fail("fitted with bad options"))
+    theoph = str(files("itpk.data") / "theoph.csv")
+    result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "run", "--draws", -5, "--tune", -1,
+                 "--chains", 0, "--target-accept", 1.5, "--error", "plasma=quad", "--error", "foo=additive",
+                 "--error", "lymph", "--iiv", "XX=centred", "--mass-matrix", "weird", "--precondition", "bad")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = problem_lines(result.output)
+    for text in ["--error 'lymph': expected OUTPUT=MODEL", "--draws must be a whole number >= 1, found -5",
+                 "--tune must be a whole number >= 0, found -1", "--chains must be a whole number >= 1, found 0",
+                 "--target-accept must be in [0.5, 1), found 1.5", "--mass-matrix 'weird' is unknown",
+                 "--precondition 'bad' is unknown", "--error plasma=quad: error model 'quad' is unknown; error models: additive",
+                 "--error foo=additive: model 'one_cpt_oral' has no output 'foo'; outputs: plasma",
+                 "--iiv: XX has no estimated IIV; parameters with IIV: "]:
+        assert sum(text in line for line in lines) == 1, text
+    assert len(lines) == 10 and "{'" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_library_raises_one_error_listing_every_argument_problem():
+    from itpk.dataset import read_dataset
+    from itpk.errors import FitError
+    from itpk.inference import argument_problems, fit
+    from itpk.spec import load_model
+
+    spec = load_model("one_cpt_oral")
+    assert argument_problems(spec) == []
+    data = read_dataset(files("itpk.data") / "theoph.csv", spec)
+    with pytest.raises(FitError) as caught:
+        fit(spec, data, draws=0, chains=0, seed=-1, errors={"plasma": "quad"}, iiv="centred,ka=wobbly")
+    message = str(caught.value)
+    assert message.startswith("6 problems with the options:\n") and "--iiv 'wobbly' is unknown" in message
+    for text in ["--draws must be a whole number >= 1, found 0", "--chains must be a whole number >= 1, found 0",
+                 "--seed must be a whole number >= 0, found -1", "--error plasma=quad: error model 'quad' is unknown",
+                 "--iiv 'centred': expected PARAM=centred|non-centred"]:
+        assert text in message
+    with pytest.raises(FitError, match="^--iiv 'wobbly' is unknown"):
+        fit(spec, data, iiv="ka=wobbly")
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    # found by a user walkthrough: a folder as --out named a hidden temporary file; an unwritable --plot
+    # failed after the CSV was written
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "nca.csv").write_text("x")
+    base = ["it_antibody", "--dose", 1]
+    for command, extra in (("simulate", ["--route", "it"]), ("compare", [])):
+        result = run(command, *base, *extra, "--out", tmp_path / "runs")
+        assert result.exit_code == 1, result.output
+        assert f"error: --out {tmp_path / 'runs'}: is a folder; give a file name" in result.output
+        assert ".tmp" not in result.output
+        out, plot = tmp_path / f"{command}.csv", tmp_path / "nca.csv" / "p.png"
+        result = run(command, *base, *extra, "--out", out, "--plot", plot)
+        assert result.exit_code == 1 and f"--plot {plot}: {tmp_path / 'nca.csv'} is a file, not a folder" in result.output
+        assert not out.exists()  # nothing written
+
+
+def test_compare_prints_every_local_route_targets_and_thresholds():
+    # found by a user walkthrough: ia vs iv metrics, T_above_tumor with --cmt lesion2, and P(>x) only in CSV/JSON
+    text = run("compare", "it_linear", "--dose", 10, "--routes", "it,ia,iv").output
+    assert "metrics (it vs iv): G " in text and "metrics (ia vs iv): G " in text
+    text = run("compare", "it_linear", "--dose", 10, "--cmt", "lesion2", "--target", "tumor=1").output
+    assert text.count("T_above_tumor ") == 2 and "AUC_lesion2" in text
+    text = run("compare", "it_linear", "--dose", 10, "--threshold", 2).output
+    assert "note: --threshold 2: one parameter set has no probabilities" in text
+
+
+def test_compare_over_parameter_sets_labels_intervals_and_prints_probabilities():
+    from itpk.workflows import run_comparison
+
+    result = run_comparison("it_linear", dose=10, overrides={"CL": np.array([0.5, 1.0, 2.0, 4.0])}, thresholds=[1000.0],
+                            routes=["it", "ia", "iv"])
+    lines = result.message.splitlines()
+    assert lines[1] == "  numbers: median [95% CrI lo, hi] over 4 parameter sets"
+    probability = [ln for ln in lines if ln.startswith("  P(metric > x)")]
+    assert len(probability) == 2 and "(it vs iv): G P(>1000) " in probability[0] and "(ia vs iv)" in probability[1]
+
+
+def test_fit_parameter_lines_have_a_header_naming_the_interval():
+    from itpk.workflows import format_parameters
+
+    table = pd.DataFrame({"parameter": ["CL", "omega_CL"], "unit": ["L/h", "1"], "median": [2.0, 0.3],
+                          "ci_low": [1.5, 0.2], "ci_high": [2.5, 0.4], "cv_percent": [np.nan, 30.0]})
+    lines = format_parameters(table)
+    assert lines[0].split() == ["parameter", "median", "unit", "[95%", "CrI", "lo,", "hi]"]
+    assert lines[1].split() == ["CL", "2", "L/h", "[1.5,", "2.5]"]
+    one_draw = format_parameters(table.assign(ci_low=np.nan, ci_high=np.nan))
+    assert "CrI" not in one_draw[0]

@@ -429,11 +429,11 @@ def test_short_rows_are_padded(tmp_path):
     ("row", "column", "value", "match"),
     [
         (2, "ID", "", r"row 2, ID: blank; allowed: a subject identifier"),
-        (3, "TIME", "", r"row 3, TIME: blank; allowed: a number"),
+        (3, "TIME", "", r"row 3, TIME: blank; allowed: a finite number"),
         (3, "EVID", "", r"row 3, EVID: blank; allowed: 0 \(observation\), 1 \(dose\), 2 \(other\), 3 \(reset\), 4 \(reset and dose\)"),
-        (3, "TIME", "abc", r"row 3, TIME: found 'abc', not a number; allowed: a number \(with a decimal point, e.g. 1.5\)"),
+        (3, "TIME", "abc", r"row 3, TIME: found 'abc', not a number; allowed: a finite number \(with a decimal point, e.g. 1.5\)"),
         (3, "DV", "1,5", r"row 3, DV: found '1,5', not a number"),
-        (3, "DV", "inf", r"row 3, DV: found 'inf', not a number"),
+        (3, "DV", "inf", r"row 3, DV: found 'inf': not a finite number; allowed: a finite number"),
         (3, "EVID", "5", r"row 3, EVID: found '5'; allowed: 0 \(observation\), 1 \(dose\)"),
         (3, "EVID", "0.5", r"row 3, EVID: found '0.5'; allowed: 0 \(observation\)"),
         (3, "EVID", "x", r"row 3, EVID: found 'x', not a number; allowed: 0 \(observation\)"),
@@ -442,6 +442,32 @@ def test_short_rows_are_padded(tmp_path):
 def test_cell_types(tmp_path, row, column, value, match):
     with pytest.raises(DatasetError, match=match):
         read_dataset(write(tmp_path, edited((row, column, value))))
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "NA", "."])
+def test_missing_value_marker_where_a_value_is_needed_says_what_was_found(tmp_path, value):
+    # found by a user walkthrough: a DV of 'nan' was reported as "blank"
+    message = problem(tmp_path, edited((3, "DV", value), (4, "TIME", value)))
+    assert (f"row 3, DV: found {value!r} (read as a missing value) on an observation row (EVID=0); "
+            "allowed: a measured value (a finite number), or MDV=1 to ignore the row") in message
+    assert f"row 4, TIME: found {value!r} (read as a missing value); allowed: a finite number" in message
+    assert "blank" not in message
+
+
+def test_missing_value_marker_is_still_missing_where_blank_is_allowed(tmp_path):
+    header, rows = with_column("MDV", {})
+    ds = read_dataset(write(tmp_path, edited((2, "DV", "nan"), (5, "DV", "NaN"), (5, "MDV", "1"), rows=rows, header=header), header))
+    assert np.isnan(ds.data.loc[0, "DV"]) and np.isnan(ds.data.loc[3, "DV"])  # a dose row, an observation with MDV=1
+
+
+@pytest.mark.parametrize("column", ["TIME", "DV", "AMT", "LLOQ", "RATE", "DUR", "II"])
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "inf", "-Infinity"])
+def test_overflowing_numbers_are_not_finite_not_non_numbers(tmp_path, column, value):
+    # found by a user walkthrough: 1e400 (beyond the largest float) was reported as "not a number"
+    header, rows = with_column(column, {2: value}) if column not in HEADER else (HEADER, edited((2, column, value)))
+    message = problem(tmp_path, rows, header)
+    assert f"row 2, {column}: found {value!r}: not a finite number; allowed: a finite number" in message
+    assert "not a number" not in message
 
 
 @pytest.mark.parametrize(
@@ -557,7 +583,7 @@ def test_amount_on_observation_row(tmp_path):
 
 
 def test_dv_blank_on_observation_row(tmp_path):
-    with pytest.raises(DatasetError, match=r"row 3, DV: blank on an observation row \(EVID=0\); allowed: a measured value, or MDV=1 to ignore the row"):
+    with pytest.raises(DatasetError, match=r"row 3, DV: blank on an observation row \(EVID=0\); allowed: a measured value \(a finite number\), or MDV=1 to ignore the row"):
         read_dataset(write(tmp_path, edited((3, "DV", ""))))
 
 
@@ -637,8 +663,16 @@ def test_covariate_not_constant_and_not_time_varying_in_model(tmp_path, it_mini)
 def test_model_covariate_must_be_a_number(tmp_path, it_mini):
     header, rows = with_column("diam", {2: "2", 3: "big", 4: "2", 5: "2", 6: "3", 7: "3", 8: ""})
     message = problem(tmp_path, rows, header, it_mini)
-    assert "row 3, DIAM: found 'big', not a number; allowed: a number (covariate DIAM of model it_mini, cm; drop the column to use the default 2)" in message
-    assert "row 8, DIAM: blank; allowed: a number (covariate DIAM" in message
+    assert "row 3, DIAM: found 'big', not a number; allowed: a finite number (covariate DIAM of model it_mini, cm; drop the column to use the default 2)" in message
+    assert "row 8, DIAM: blank; allowed: a finite number (covariate DIAM" in message
+
+
+def test_model_covariate_overflow_and_nan_say_what_was_found(tmp_path, it_mini):
+    # found by a user walkthrough: 'nan' was reported as "blank", 1e400 as "not a number"
+    header, rows = with_column("DIAM", {2: "2", 3: "2", 4: "2", 5: "2", 6: "1e400", 7: "NaN", 8: "3"})
+    message = problem(tmp_path, rows, header, it_mini)
+    assert "row 6, DIAM: found '1e400': not a finite number; allowed: a finite number (covariate DIAM" in message
+    assert "row 7, DIAM: found 'NaN' (read as a missing value); allowed: a finite number (covariate DIAM" in message
 
 
 def test_text_covariate_without_model_is_kept(tmp_path):
@@ -808,4 +842,12 @@ def test_a_negative_time_is_refused_with_its_row():
     frame = pd.DataFrame({"ID": [1, 1], "TIME": [-1.0, 0.0], "EVID": [0, 1], "AMT": [None, 100.0], "DV": [0.5, None],
                           "ROUTE": ["", "iv"], "CMT": ["plasma", ""]})
     with pytest.raises(DatasetError, match=r"row 2, TIME: found -1; allowed: a time >= 0"):
+        read_frame(frame, load_model("one_cpt_iv"))
+
+
+def test_a_model_with_one_output_offers_number_1_not_a_range():
+    # walkthrough (session 20): "(or its number 1-1)"
+    frame = pd.DataFrame({"ID": [1, 1], "TIME": [0.0, 1.0], "EVID": [1, 0], "AMT": [10.0, None], "ROUTE": ["iv", ""],
+                          "CMT": ["", "blood"], "DV": [None, 1.0]})
+    with pytest.raises(DatasetError, match=r"an output of model one_cpt_iv: plasma \(or its number 1\)"):
         read_frame(frame, load_model("one_cpt_iv"))

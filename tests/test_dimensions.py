@@ -58,7 +58,8 @@ def problems(raw):
 @pytest.mark.parametrize("name", builtin_models())
 def test_builtin_models_need_no_conversion(name):
     # load_model skips the analysis for built-in models (pint costs ~1 s at start-up): it must change nothing there
-    raw, source = _read_resolved(name, ())
+    raw, source, inherited = _read_resolved(name, ())
+    assert inherited == []
     plain = parse_model(raw, source=source, units=False)
     analysis = check_units(plain)
     assert analysis.problems == () and analysis.conversions == ()

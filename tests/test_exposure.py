@@ -116,6 +116,19 @@ def test_summarize():
     s = summarize(np.arange(1, 1001, dtype=float), thresholds=[500])
     assert s["median"] == 500.5 and s["P(>500)"] == 0.5
     assert s["ci_low"] == pytest.approx(np.quantile(np.arange(1, 1001), 0.025))
+    assert "undefined_fraction" not in s
+
+
+def test_summarize_leaves_undefined_draws_out_of_every_number():
+    # review (session 20): the median and interval were NaN while P(>x) counted NaN as "not > x"
+    s = summarize(np.array([2.0, 3.0, 4.0, np.nan, 5.0]), thresholds=[1])
+    assert s == {"median": 3.5, "ci_low": pytest.approx(np.quantile([2, 3, 4, 5], 0.025)),
+                 "ci_high": pytest.approx(np.quantile([2, 3, 4, 5], 0.975)), "P(>1)": 1.0, "undefined_fraction": 0.2}
+    # an infinite ratio (x/0) is a value: it counts, above every threshold
+    infinite = summarize(np.array([1.0, np.inf, np.inf]), thresholds=[2])
+    assert infinite["P(>2)"] == pytest.approx(2 / 3) and infinite["median"] == np.inf and infinite["ci_high"] == np.inf
+    nothing = summarize(np.array([np.nan, np.nan]), thresholds=[1])
+    assert all(np.isnan(nothing[k]) for k in ("median", "ci_low", "ci_high", "P(>1)")) and nothing["undefined_fraction"] == 1.0
 
 
 runner = CliRunner()

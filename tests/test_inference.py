@@ -96,6 +96,9 @@ def test_numpy_log_likelihood_equals_pymc(kind):
     theirs = pm.compute_log_likelihood(tree.copy(), model=model, progressbar=False,
                                        compile_kwargs=fast)["log_likelihood"]["DV_plasma"].values
     assert ours.shape == theirs.shape == (1, 50, 5)
+    if kind == "log":  # PyMC's is the density of log DV; ours of DV (review, session 20): minus log DV, uncensored rows
+        dv = np.array([1.7, 1.1, np.nan, 0.8, 0.35])
+        theirs = theirs - np.where(np.isnan(dv), 0.0, np.log(np.where(np.isnan(dv), 1.0, dv)))
     finite = np.isfinite(theirs)
     assert finite.mean() > 0.9 and np.array_equal(finite, np.isfinite(ours))
     censored = np.zeros_like(finite)
@@ -227,7 +230,7 @@ def test_smoke_nuts_run_directory(theoph_nuts):
     omegas = summary[summary["parameter"].str.startswith("omega_")]
     assert omegas["cv_percent"].notna().all() and omegas["shrinkage_percent"].notna().all()
     pred = pd.read_csv(out / "predictions.csv")
-    assert list(pred.columns) == ["ID", "TIME", "CMT", "DV", "BLQ", "PRED", "IPRED", "IRES", "PIT"]
+    assert list(pred.columns) == ["ID", "TIME", "CMT", "DV", "BLQ", "PRED", "IPRED", "IRES", "PIT", "LLOQ"]
     assert len(pred) == 132 and pred["IPRED"].notna().all() and pred["PRED"].notna().all()
     record = json.loads((out / "run.json").read_text())
     assert record["model"] == "one_cpt_oral" and len(record["data_sha256"]) == 64
@@ -310,12 +313,17 @@ def test_fast_modes(method, tmp_path):
     assert result.warnings  # says which numbers not to trust
     out = write_run(result, tmp_path / method)
     assert (out / "summary.csv").is_file()
+    # SPEC §5's groups for every method; lp is the log density of each draw (tests/test_deterministics.py)
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data", "constant_data", "sample_stats", "prior"):
+        assert group in result.tree.children, group
+    lp = result.tree["sample_stats"]["lp"]
+    assert lp.dims == ("chain", "draw") and lp.shape == result.tree["posterior"]["CL"].shape and np.isfinite(lp).all()
     cl = pd.read_csv(out / "summary.csv").set_index("parameter").loc["CL", "median"]
     assert 1.5 < cl < 5.0
 
 
 def test_laplace_marginalises_the_random_effects_on_theoph():
-    # Laplace (FOCE-style) on Theoph with additive error: within 5% of nlmixr2 FOCEi's published
+    # Laplace on Theoph with additive error: within 5% of nlmixr2 FOCEi's published
     # ka 1.593 /h, CL 2.752 L/h, V 31.81 L; unlike MAP the IIV does not collapse: omega_CL and
     # omega_V within a factor 1.5 of this model's NUTS posterior medians (0.30, 0.16: 4 x 1000 draws, seed 1)
     # and every omega's 95% interval away from 0
@@ -524,14 +532,20 @@ def test_exposure_table_compares_the_lesion_the_trial_injected():
         return exposure_table(FitResult({"posterior": post}, data, "nuts", {}, {}, ())), post, data
 
     frame = two_lesion_frame()
-    frame["DIAM"] = 2.0
+    frame["DIAM"] = frame["ID"].map({1: 2.0, 2: 3.0, 3: 3.5})
     into2, post, data = table(frame)
     assert set(into2["route"]) == {"it@lesion2 vs iv"}
-    values = resolve(spec, {n: np.asarray(post[n]).reshape(-1) for n in data.estimated})
+    # the trial's typical subject: median DIAM 3 cm and DIAM2 2.5 cm, not the model file's 2 and 2 cm
+    # (review, session 20: G was computed for a lesion of another size)
+    assert set(into2["covariates"]) == {"DIAM=3 cm; DIAM2=2.5 cm"}
+    values = resolve(spec, {**{n: np.asarray(post[n]).reshape(-1) for n in data.estimated}, "DIAM": 3.0, "DIAM2": 2.5})
     ref = compare_routes(spec, values, {"it": regimen(Target("it", site="lesion2"), 10.0), "iv": regimen("iv", 10.0)}, dose=10.0)
     got = into2.set_index("metric")["median"]
     for name in ("G", "S", "TI", "abscopal"):
         assert got[name] == pytest.approx(np.median(ref.metrics["it"][name]), rel=1e-12), name
+    at_defaults = compare_routes(spec, resolve(spec, {n: np.asarray(post[n]).reshape(-1) for n in data.estimated}),
+                                 {"it": regimen(Target("it", site="lesion2"), 10.0), "iv": regimen("iv", 10.0)}, dose=10.0)
+    assert got["G"] != pytest.approx(np.median(at_defaults.metrics["it"]["G"]), rel=0.1)
     first = frame[~((frame["ID"] == 1) & (frame["TIME"] == 0.0) & (frame["EVID"] == 1))]  # subject 1 starts at 24 h
     own, *_ = table(first)
     assert set(own["route"]) == {"it vs iv"}
@@ -563,3 +577,62 @@ def test_a_turnover_model_needs_no_doses():
     spec = parse_model(raw)
     frame = pd.DataFrame({"ID": [1, 1], "TIME": [1.0, 5.0], "EVID": [0, 0], "DV": [1.0, 4.0], "CMT": ["plasma", "plasma"]})
     assert prepare(spec, read_frame(frame, spec)).estimated == ("kin",)
+
+
+def test_censored_rows_carry_their_limit_and_no_residual():
+    # review (session 20): a BLQ row with its limit in LLOQ and DV blank gave the report NaN VPC bands,
+    # and IRES = DV - IPRED on censored rows was not a residual. predictions.csv now has the limit
+    # (LLOQ column) and a blank IRES there; a single-draw method has no PIT
+    from itpk.report import _lloq
+    from itpk.run import predictions_table
+
+    rows = [(1, 0.0, 1, 100.0, "iv", "", None, 0, None), (1, 1.0, 0, None, "", "plasma", 1.7, 0, None),
+            (1, 6.0, 0, None, "", "plasma", 1.1, 0, None), (1, 24.0, 0, None, "", "plasma", None, 1, 0.2),
+            (2, 0.0, 1, 50.0, "iv", "", None, 0, None), (2, 2.0, 0, None, "", "plasma", 0.8, 0, None),
+            (2, 12.0, 0, None, "", "plasma", 0.05, 0, 0.1)]  # DV below its LLOQ: censored at 0.1
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "EVID", "AMT", "ROUTE", "CMT", "DV", "BLQ", "LLOQ"])
+    spec = load_model("one_cpt_iv")
+    result = fit(spec, read_frame(frame, spec), method="map", seed=1)
+    table = predictions_table(result)
+    censored = table["BLQ"] == 1
+    assert censored.tolist() == [False, False, True, False, True]
+    assert table.loc[censored, "LLOQ"].tolist() == [0.2, 0.1] and table.loc[~censored, "LLOQ"].isna().all()
+    assert table.loc[censored, "IRES"].isna().all() and table.loc[~censored, "IRES"].notna().all()
+    assert table["PIT"].isna().all()  # one draw
+    np.testing.assert_allclose(_lloq(table), [0.15, 0.15, 0.2, 0.15, 0.1], rtol=1e-12)  # uncensored rows: the median limit
+
+
+def test_new_subjects_draw_fresh_random_effects_for_the_vpc():
+    # review (session 20): the VPC simulated the fitted subjects with their own eta, blind to a wrong
+    # IIV. itpk.inference.new_subjects keeps each subject's design and the posterior's population
+    # values, draws eta ~ N(0, omega^2) afresh: here against the one-compartment closed form with the
+    # same random numbers (sigma 1e-9: the values are the predictions, rtol 1e-7), censored rows
+    # clipped at their LLOQ; the fitted subjects' z (3.0 here) play no part
+    import xarray as xr
+
+    from itpk.inference import NEW_SUBJECT_DRAWS, new_subjects
+
+    spec = load_model("one_cpt_iv")
+    model, data = build_model(spec, tiny_dataset(), errors={"plasma": "additive"})
+    population = {"log_CL": np.log(2.0), "log_V": np.log(30.0), "omega_CL": 0.5, "omega_V": 0.2, "sigma_plasma": 1e-9}
+    post = xr.Dataset({**{k: (("chain", "draw"), [[v]]) for k, v in population.items()},
+                       **{f"z_{p}": (("chain", "draw", "subject"), np.full((1, 1, 2), 3.0)) for p in data.iiv}})
+    got = new_subjects(post, model, data, np.random.default_rng(7))["DV_plasma"].values[0]
+    rng = np.random.default_rng(7)
+    z = {rv.name[2:]: rng.standard_normal((NEW_SUBJECT_DRAWS, 2)) for rv in model.free_RVs if rv.name.startswith("z_")}
+    assert set(z) == {"CL", "V"}
+    cl = 2.0 * np.exp(0.5 * z["CL"])
+    v = 30.0 * np.exp(0.2 * z["V"])
+    obs = data.observations
+    subject = obs["subject"].to_numpy()
+    dose = np.array([100.0, 50.0])[subject]
+    expected = dose / v[:, subject] * np.exp(-cl[:, subject] / v[:, subject] * obs["TIME"].to_numpy())
+    expected = np.where(obs["censored"].to_numpy(), np.maximum(expected, obs["LLOQ"].to_numpy()), expected)
+    assert got.shape == (NEW_SUBJECT_DRAWS, 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
+    # a centred fit (log_CL_i free) gets the same replicates: new eta come from the non-centred form
+    centred, _ = build_model(spec, tiny_dataset(), errors={"plasma": "additive"}, iiv="centred")
+    post_c = xr.Dataset({**{k: (("chain", "draw"), [[v]]) for k, v in population.items()},
+                         **{f"log_{p}_i": (("chain", "draw", "subject"), np.full((1, 1, 2), 1.0)) for p in data.iiv}})
+    again = new_subjects(post_c, centred, data, np.random.default_rng(7))["DV_plasma"].values[0]
+    np.testing.assert_array_equal(again, got)

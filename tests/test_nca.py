@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from importlib.resources import files
 
 import numpy as np
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 
 from itpk.cli.data import data_app, nca_command
 from itpk.dataset import read_dataset, read_frame
-from itpk.nca import COLUMNS, auc_linear_up_log_down, nca, profile_nca, terminal_fit
+from itpk.errors import ItpkError
+from itpk.nca import COLUMNS, UNIT_COLUMNS, auc_linear_up_log_down, nca, profile_nca, terminal_fit
 
 THEOPH = files("itpk.data") / "theoph.csv"
 
@@ -35,7 +37,7 @@ def geocv_percent(x: pd.Series) -> float:
 
 
 def test_columns(theoph):
-    assert list(theoph.reset_index().columns) == [*COLUMNS, "AUC_end"]
+    assert list(theoph.reset_index().columns) == [*COLUMNS, "AUC_end", *UNIT_COLUMNS]
     assert len(theoph) == 12 and set(theoph["OUTPUT"]) == {"plasma"}
 
 
@@ -202,7 +204,7 @@ def test_cli_nca_writes_csv(tmp_path):
     result = CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(out), "--model", "one_cpt_oral", "--end", "24"])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
-    assert list(table.columns) == [*COLUMNS, "AUC_end"]
+    assert list(table.columns) == [*COLUMNS, "AUC_end", *UNIT_COLUMNS]
     assert round(table.loc[0, "AUC_end"], 3) == 92.365
     assert [p.name for p in tmp_path.iterdir()] == ["nca.csv"]  # no temporary file left
     assert "wrote 12 rows" in result.stdout and "BLQ" in result.stdout and "model's units" in result.stdout
@@ -212,7 +214,7 @@ def test_cli_nca_default_columns_follow_the_spec(tmp_path):
     out = tmp_path / "nca.csv"
     result = CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert out.read_text().splitlines()[0] == ",".join([*COLUMNS, *UNIT_COLUMNS])
 
 
 def test_cli_nca_unwritable_output_exits_1(tmp_path):
@@ -227,3 +229,71 @@ def test_cli_nca_bad_data_exits_1(tmp_path):
     result = CliRunner().invoke(cli(), ["nca", str(path), "--out", str(tmp_path / "nca.csv")])
     assert result.exit_code == 1 and "row 2, TIME: found 'x'" in result.stderr
     assert not (tmp_path / "nca.csv").exists()
+
+
+# -- options and units (found by a user walkthrough) ------------------------------------------------
+
+
+@pytest.mark.parametrize("end", [-3.0, 0.0, math.nan, math.inf])
+def test_end_must_be_a_finite_positive_time(end):
+    with pytest.raises(ItpkError, match=r"nca: invalid options, 1 problem:\n  - --end: found .*; allowed: a time > 0"):
+        nca(read_dataset(THEOPH), end=end)
+
+
+def test_cli_nca_refuses_a_negative_end(tmp_path):
+    out = tmp_path / "nca.csv"
+    result = CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(out), "--end", "-3"])
+    assert result.exit_code == 1 and "--end: found -3; allowed: a time > 0" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+
+
+def test_unit_columns_with_a_model_are_the_models_units(tmp_path):
+    data = tmp_path / "theoph.csv"
+    data.write_text(THEOPH.read_text())
+    (tmp_path / "theoph.units.toml").write_text('TIME = "h"\nAMT = "mg"\nDV = "ng/mL"\n')
+    from itpk.spec import load_model
+
+    table = nca(read_dataset(data, load_model("one_cpt_oral")), end=24)
+    row = table.iloc[0]
+    assert row["Cmax"] == pytest.approx(10.5e-3)  # converted: 10.5 ng/mL = 0.0105 mg/L
+    assert (row["Cmax_unit"], row["Tmax_unit"], row["AUC_unit"], row["lambda_z_unit"], row["half_life_unit"]) == (
+        "mg/L", "h", "h*mg/L", "1/h", "h")
+
+
+def test_unit_columns_without_a_model_are_the_units_files(tmp_path):
+    data = tmp_path / "theoph.csv"
+    data.write_text(THEOPH.read_text())
+    (tmp_path / "theoph.units.toml").write_text('TIME = "min"\nDV = "ng/mL"\n')
+    row = nca(read_dataset(data)).iloc[0]
+    assert row["Cmax"] == 10.5  # not converted
+    assert (row["Cmax_unit"], row["Tmax_unit"], row["AUC_unit"], row["lambda_z_unit"]) == ("ng/mL", "min", "min*ng/mL", "1/min")
+
+
+def test_unit_columns_blank_when_units_are_unknown(tmp_path):
+    out = tmp_path / "nca.csv"
+    assert CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(out)]).exit_code == 0
+    assert pd.read_csv(out)[list(UNIT_COLUMNS)].isna().all().all()  # no model, no units file
+
+
+def test_unit_columns_per_output(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,2,it,,\n1,1,0,,,plasma,100\n1,1,0,,,tumor,800\n"
+                    "1,2,0,,,plasma,50\n1,2,0,,,tumor,400\n")
+    (tmp_path / "d.units.toml").write_text('TIME = "day"\n[DV]\nplasma = "ng/mL"\ntumor = "ng/g"\n')
+    from itpk.spec import load_model
+
+    table = nca(read_dataset(data, load_model(Path(__file__).parent / "data" / "it_mini.toml"))).set_index("OUTPUT")
+    assert table.loc["plasma", "Tmax"] == 24 and table.loc["plasma", "Tmax_unit"] == "h"
+    assert table["Cmax_unit"].tolist() == ["mg/L", "mg/L"] and table["AUC_unit"].tolist() == ["h*mg/L", "h*mg/L"]
+
+
+def test_cli_nca_with_a_model_writes_units(tmp_path):
+    data = tmp_path / "theoph.csv"
+    data.write_text(THEOPH.read_text())
+    (tmp_path / "theoph.units.toml").write_text('DV = "ng/mL"\n')
+    out = tmp_path / "nca.csv"
+    result = CliRunner().invoke(cli(), ["nca", str(data), "--out", str(out), "--model", "one_cpt_oral"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert table.loc[0, "Cmax"] == pytest.approx(0.0105) and table.loc[0, "Cmax_unit"] == "mg/L"

@@ -406,3 +406,38 @@ def test_exposure_profiles_follow_the_lesion_the_trial_injected(runs, tmp_path, 
     section = report.exposure_section(report.read_run(folder))
     assert section["route"] == "it@lesion2 vs iv" and section["dose"] == "10 mg" and section["profiles"]
     assert calls == [(Target("it", site="lesion2"), ["lesion2", "plasma"]), (Target("iv"), ["lesion2", "plasma"])]
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_rendering(runs, tmp_path, monkeypatch):
+    # review (session 20): --out an existing folder gave a traceback (IsADirectoryError naming the
+    # hidden temporary file) after the whole report had been rendered
+    import itpk.report
+    from itpk.report import write_report
+
+    rendered = []
+    monkeypatch.setattr(itpk.report, "render_report", lambda run, bar=None: rendered.append(1) or "<html></html>")
+    with pytest.raises(ItpkError, match=r"--out .*: is a folder; give a file name, e\.g\. .*report\.html"):
+        write_report(runs["nuts"], tmp_path, progress=False)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ItpkError, match=r"a_file is a file, not a folder"):
+        write_report(runs["nuts"], tmp_path / "a_file" / "r.html", progress=False)
+    assert rendered == []
+    with pytest.raises(ItpkError, match=r"is a file, not a run directory"):
+        write_report(tmp_path / "a_file", progress=False)
+
+
+def test_exposure_csv_states_its_window_draws_and_the_report_says_them(runs, nuts_html):
+    exposure = pd.read_csv(runs["nuts"] / "exposure.csv")
+    assert set(exposure["auc_interval"]) == {"[0, inf)"} and set(exposure["draws"]) == {80}  # 2 chains x 40
+    section = nuts_html[nuts_html.find("7. Intratumoral"):nuts_html.find("8. Sampler")]
+    assert "(80 evenly thinned draws); AUC over [0, inf)" in section
+    # a targeting index below 1 is not called "higher" (review, session 20)
+    assert "higher with intratumoral" not in section
+    assert "The tumour-to-plasma exposure ratio with intratumoral injection is " in section
+
+
+def test_map_report_says_point_estimate_and_shows_no_sampler_traces(runs, tmp_path):
+    from itpk.report import write_report
+
+    text = write_report(runs["map"], tmp_path / "m.html", progress=False).read_text(encoding="utf-8")
+    assert "Joint posterior mode (a point estimate: no interval)" in text

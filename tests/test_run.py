@@ -11,7 +11,7 @@ def test_slow_mixing_chains_get_the_draws_that_reach_the_target_ess():
     # the virus fit of seed 1: 4 x 500 draws, R-hat 1.043, slowest ESS 155 -> 500 * 700 / 155 = 2258 -> 2300
     out = advice(1.043, 155.0, "log_burst", 4, 500)
     assert out == [(f"rerun with --draws 2300: the slowest-mixing variable (log_burst) has a bulk ESS of 155 from "
-                    f"4 x 500 draws, and max R-hat <= {R_HAT_MAX} becomes likely from about {ESS_FOR_R_HAT}")]
+                    f"4 x 500 draws, and max R-hat <= {R_HAT_MAX} becomes likely from a bulk ESS of about {ESS_FOR_R_HAT}")]
 
 
 def test_low_ess_alone_also_gets_draws_and_the_target_scales_with_the_chains():
@@ -75,3 +75,53 @@ def test_one_chain_is_told_that_r_hat_needs_more_not_that_a_chain_stuck():
     assert diag["passed"] is False
     assert diag["reasons"] == ["R-hat needs 2 or more chains; this fit ran 1"]
     assert diag["advice"] == ["run --chains 4 (the default) to assess convergence"]
+
+
+def _diagnosed(posterior: dict, iiv=("CL",), subjects=(101, 102, 103)):
+    from types import SimpleNamespace
+
+    import arviz as az
+    import numpy as np
+
+    from itpk.run import diagnostics
+
+    chains, draws = np.asarray(posterior["CL"]).shape
+    tree = az.from_dict({"posterior": posterior, "sample_stats": {"diverging": np.zeros((chains, draws), bool)}},
+                        dims={f"eta_{p}": ["subject"] for p in iiv}, coords={"subject": list(subjects)})
+    return diagnostics(SimpleNamespace(tree=tree, method="nuts", data=SimpleNamespace(estimated=("CL",), iiv=iiv)))
+
+
+def _good(rng, shape=(4, 1000)):
+    return rng.normal(size=shape)
+
+
+def test_the_verdict_counts_residual_errors_and_each_subjects_effect():
+    # review (session 20): R-hat and ESS were taken over population parameters and omegas only, so a
+    # sigma or a subject's eta whose chains disagree passed unseen
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    healthy = {"CL": _good(rng), "omega_CL": np.abs(_good(rng)), "sigma_plasma": np.abs(_good(rng)) + 1,
+               "eta_CL": rng.normal(size=(4, 1000, 3))}
+    diag = _diagnosed(healthy)
+    assert diag["passed"] is True and diag["checked"] == ["CL", "omega_CL", "sigma_plasma", "eta_CL"]
+    assert np.isfinite(diag["min_ess_tail"]) and diag["min_ess_tail"] > 400
+    stuck_eta = {**healthy, "eta_CL": healthy["eta_CL"] + np.array([0, 0, 0, 3.0])[:, None, None] * np.array([0, 1, 0])}
+    diag = _diagnosed(stuck_eta)
+    assert diag["passed"] is False and diag["worst_r_hat"] == "eta_CL[102]"  # the subject, by its ID
+    assert diag["reasons"][0].startswith("max R-hat") and diag["reasons"][0].endswith("(eta_CL[102])")
+    stuck_sigma = {**healthy, "sigma_plasma": healthy["sigma_plasma"] + np.array([0, 0, 0, 2.0])[:, None]}
+    assert _diagnosed(stuck_sigma)["worst_r_hat"] == "sigma_plasma"
+
+
+def test_a_variable_that_did_not_move_fails_wherever_it_is_listed():
+    # review (session 20): Python's max() skips a NaN that is not first, so a frozen variable listed
+    # after a healthy one passed
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    frozen = {"CL": _good(rng), "omega_CL": np.full((4, 1000), 0.3), "eta_CL": rng.normal(size=(4, 1000, 3))}
+    diag = _diagnosed(frozen)
+    assert diag["passed"] is False and diag["worst_r_hat"] == "omega_CL"
+    assert "R-hat is not finite for omega_CL" in diag["reasons"]
+    assert diag["advice"][0].startswith("R-hat or ESS is not finite for omega_CL")

@@ -254,3 +254,114 @@ def test_every_sites_problem_is_listed_and_repeated_sites_count_once():
     assert "site 'nowhere' is not a compartment" in str(err.value) and "sites central already receive" in str(err.value)
     raw["routes"]["it"]["sites"] = ["lesion2", "lesion2", "tumor"]
     assert parse_model(raw).routes["it"].sites == ("tumor", "lesion2")
+
+
+# -- one message for every problem (checks that do not depend on broken parts still run) ---------
+
+
+def test_units_and_route_fractions_are_checked_even_when_other_parts_are_broken():
+    raw = variant(agent="robot", colour="red", flows={"central -> out": "CL / V", "blood -> out": "CL / V"},
+                  routes__iv__into={"central": 1.5}, outputs__plasma__unit="mg")
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(raw, source="mem.toml")
+    text = str(info.value)
+    for part in ("'robot' is unknown", "key 'colour'", "source 'blood'",
+                 "[outputs] 'plasma': 'central / V' is in mg/L, but must be in mg",
+                 "[routes] 'iv': at the model's own values: model 'm', route 'iv': fractions must be finite, >= 0 and sum to <= 1"):
+        assert part in text, part
+
+
+def test_a_refused_fraction_parameter_does_not_hide_unit_errors():
+    raw = variant(parameters__f={"value": 1.5, "unit": "1", "fraction": True}, parameters__CL__unit="L",
+                  outputs__plasma__unit="mg", routes__iv__into={"central": "f"})
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(raw, source="mem.toml")
+    text = str(info.value)
+    assert "[parameters] 'f': a fraction must be in [0, 1], found 1.5" in text
+    assert "[flows] 'central -> out': 'CL / V' is in 1, but must be in 1/h" in text
+    assert "[outputs] 'plasma': 'central / V' is in mg/L, but must be in mg" in text
+    assert "unknown name" not in text and "route 'iv'" not in text  # f is reported once, where it is declared
+
+
+def test_the_only_output_with_an_invalid_error_model_is_reported_once():
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(variant(outputs__plasma__error="gaussian"), source="mem.toml")
+    text = str(info.value)
+    assert "[outputs] 'plasma': error 'gaussian' is unknown" in text
+    assert "at least one output" not in text
+    assert len(text.splitlines()) == 2
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"value": -50.0, "unit": "L", "prior": {"dist": "lognormal", "median": 50, "sigma": 1}},
+     r"\[parameters\] 'V': value -50 is outside its prior lognormal\(median=50, sigma=1\), whose values are > 0"),
+    ({"value": -1.0, "unit": "L", "prior": {"dist": "halfnormal", "sigma": 10}}, r"whose values are >= 0"),
+    ({"value": 80.0, "unit": "L", "prior": {"dist": "uniform", "lower": 1, "upper": 60}}, r"whose values are in \[1, 60\]"),
+])
+def test_a_value_outside_its_priors_support_is_refused_at_load(entry, message):
+    with pytest.raises(ModelSpecError, match=message) as info:
+        parse_model(variant(parameters__V=entry), source="mem.toml")
+    assert "unknown name" not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "prior"), [
+    (0.0, {"dist": "beta", "alpha": 2, "beta": 2}), (1.0, {"dist": "logitnormal", "median": 0.5, "sigma": 1}),
+])
+def test_a_fraction_on_the_edge_of_an_open_prior_is_refused(value, prior):
+    raw = variant(parameters__f={"value": value, "unit": "1", "fraction": True, "prior": prior})
+    with pytest.raises(ModelSpecError, match=r"\[parameters\] 'f': value .* is outside its prior .*whose values are in \(0, 1\)"):
+        parse_model(raw, source="mem.toml")
+
+
+def test_values_inside_their_priors_support_load():
+    raw = variant(parameters__V={"value": 0.0 + 10, "unit": "L", "prior": {"dist": "uniform", "lower": 10, "upper": 60}},
+                  parameters__CL__prior={"dist": "halfnormal", "sigma": 3})
+    assert parse_model(raw).parameters["V"].value == 10
+
+
+def test_a_volume_or_rate_constant_must_be_positive_at_load():
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(variant(parameters__V__value=-50.0), source="mem.toml")
+    text = str(info.value)
+    assert "[parameters] 'V': value -50 must be > 0: it is the volume of compartment 'central'" in text
+    assert "[flows]" not in text  # CL / V is not blamed as well
+    raw = variant(parameters__k={"value": -0.1, "unit": "1/h"}, flows={"central -> out": "CL / V", "central -> periph": "k"},
+                  compartments__periph={"amount_unit": "mg"})
+    with pytest.raises(ModelSpecError, match=r"\[parameters\] 'k': value -0.1 must be >= 0: it is the first-order rate constant "
+                                             r"of \[flows\] 'central -> periph'"):
+        parse_model(raw, source="mem.toml")
+    with pytest.raises(ModelSpecError, match=r"\[flows\] 'central -> out': the rate CL / V = -0.5 at the model's own values "
+                                             r"\(CL=-5, V=10\); a first-order rate constant must be finite and >= 0"):
+        parse_model(variant(parameters__CL__value=-5.0), source="mem.toml")
+    raw["parameters"]["k"]["value"] = 0.0  # a pathway switched off
+    assert parse_model(raw).parameters["k"].value == 0
+
+
+def test_an_unknown_name_in_a_flow_is_not_blamed_on_amounts():
+    with pytest.raises(ModelSpecError) as info:
+        parse_model(variant(flows={"central -> out": "Q / V"}), source="mem.toml")
+    text = str(info.value)
+    assert "[flows] 'central -> out': unknown name(s) Q in 'Q / V'; known here: CL, V" in text
+    assert "amounts" not in text
+    with pytest.raises(ModelSpecError, match=r"may not use amounts \(central in 'Q \* central'\); write such a term in \[odes\]"):
+        parse_model(variant(flows={"central -> out": "Q * central"}), source="mem.toml")
+
+
+CHILD_CL = '''extends = "{parent}"
+name = "child"
+[parameters]
+CL = {{ value = 0.1, unit = "{unit}"{prior} }}
+'''
+
+
+def test_extends_refuses_a_new_unit_with_the_inherited_prior(tmp_path):
+    path = tmp_path / "child.toml"
+    path.write_text(CHILD_CL.format(parent="one_cpt_iv", unit="mL/min", prior=""))
+    with pytest.raises(ModelSpecError) as info:
+        load_model(path)
+    assert ("[parameters] 'CL': unit changed from 'L/h' (in models/one_cpt_iv.toml, which this file extends) to 'mL/min', "
+            "but the inherited prior { dist = \"lognormal\", median = 5, sigma = 1 } is in L/h; give the prior in mL/min") in str(info.value)
+    path.write_text(CHILD_CL.format(parent="one_cpt_iv", unit="mL/min", prior=', prior = { dist = "lognormal", median = 0.1, sigma = 1 }'))
+    assert load_model(path).parameters["CL"].prior.args["median"] == 0.1
+    path.write_text(CHILD_CL.format(parent="one_cpt_iv", unit="L / h", prior=""))  # the same unit, written otherwise
+    assert load_model(path).parameters["CL"].prior.args["median"] == 5

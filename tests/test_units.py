@@ -249,10 +249,93 @@ def test_pfu_dose_into_a_copies_compartment_is_refused(tmp_path):
 
 def test_every_units_problem_in_one_message(tmp_path):
     # found by review (session 19): a time key that is not a time hid the other units' problems, so a user
-    # fixed them one round at a time (rows with problems still stop the conversions: they need the rows)
+    # fixed them one round at a time
     with pytest.raises(DatasetError) as info:
         dataset(tmp_path, 'TIME = "mg"\nAMT = "h"\nDV = "mg"\n')
     text = str(info.value)
     for line in ["TIME: found 'mg', which is not a time", "AMT[iv]: 'h' cannot be converted to 'mg'",
                  "DV[plasma]: 'mg' cannot be converted to 'mg/L'"]:
         assert line in text
+
+
+def test_unparseable_output_unit_is_reported_once(tmp_path):
+    # found by a user walkthrough: 'bananas' also gave a misleading "no unit for output 'tumor'"
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, 'AMT = { it = "ug" }\n[DV]\nplasma = "ng/mL"\ntumor = "bananas"\n', IT_CSV, "it_mini")
+    text = str(info.value)
+    assert "invalid dataset, 1 problem:" in text
+    assert "units file trial.units.toml, DV.tumor: 'bananas' is not a unit itpk knows" in text
+    assert "no unit for" not in text
+
+
+@pytest.mark.parametrize(("units", "line"), [
+    ('AMT = "bananas"\n', "units file trial.units.toml, AMT: 'bananas' is not a unit"),
+    ('AMT = { it = "bananas" }\n', "units file trial.units.toml, AMT.it: 'bananas' is not a unit"),
+    ('DV = "bananas"\n', "units file trial.units.toml, DV: 'bananas' is not a unit"),
+    ('AMT = "ug"\nRATE = { it = "bananas" }\n', "units file trial.units.toml, RATE.it: 'bananas' is not a unit"),
+])
+def test_every_unparseable_unit_is_reported_once(tmp_path, units, line):
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, units, IT_CSV, "it_mini")
+    text = str(info.value)
+    assert line in text and "invalid dataset, 1 problem:" in text, text
+
+
+def test_table_keys_the_model_does_not_have_are_reported(tmp_path):
+    # found by a user walkthrough: [DV] foo = "mg/L" (an output the model does not have) was silently ignored
+    units = ('TIME = "mg"\n[AMT]\nit = "ug"\nIT = "ug"\n[RATE]\nA_X = "ug/h"\n'
+             '[DV]\nplasma = "ng/mL"\ntumor = "ng/g"\nfoo = "mg/L"\n[LLOQ]\nTumor = "ng/g"\n')
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, units, IT_CSV, "it_mini")
+    text = str(info.value)
+    assert "invalid dataset, 5 problems:" in text, text  # with the other problems, in one message
+    assert "TIME: found 'mg', which is not a time" in text
+    assert ("units file trial.units.toml, DV.foo: not one of the outputs of model it_mini; allowed: plasma, tumor "
+            "(names as in the model, case-sensitive)") in text
+    assert "LLOQ.Tumor: not one of the outputs of model it_mini; allowed: plasma, tumor" in text
+    assert "AMT.IT: not one of the routes and compartments of model it_mini; allowed: it, iv, A_T, A_P" in text
+    assert "RATE.A_X: not one of the routes and compartments of model it_mini; allowed: it, iv, A_T, A_P" in text
+
+
+def test_table_keys_of_model_names_not_in_the_data_are_fine(tmp_path):
+    ds = dataset(tmp_path, '[AMT]\nit = "ug"\niv = "mg"\nA_P = "mg"\n[DV]\nplasma = "ng/mL"\ntumor = "ng/g"\n', IT_CSV, "it_mini")
+    assert ds.data.loc[0, "AMT"] == pytest.approx(2.0, rel=REL)
+
+
+def test_table_entries_no_row_uses_are_still_checked(tmp_path):
+    # an entry for a route the data do not give still has to convert to the model's unit
+    with pytest.raises(DatasetError, match=r"units file trial.units.toml, AMT\[iv\]: 'h' cannot be converted to 'mg'"):
+        dataset(tmp_path, '[AMT]\nit = "ug"\niv = "h"\n', IT_CSV, "it_mini")
+
+
+def test_rate_table_without_the_dose_falls_back_to_amount_per_time(tmp_path):
+    csv = "ID,TIME,EVID,AMT,RATE,ROUTE,CMT,DV\n1,0,1,600,10,iv,,\n1,1,0,,,,plasma,5\n"
+    ds = dataset(tmp_path, 'TIME = "min"\nAMT = "ug"\nRATE = { it = "mg/h" }\n', csv, "it_mini")
+    assert ds.data.loc[0, "RATE"] == pytest.approx(0.6, rel=REL)  # 10 ug/min = 0.6 mg/h
+
+
+def test_units_problems_are_listed_with_the_rows_problems(tmp_path):
+    # known limit until the user walkthrough: a row with a problem hid every conversion problem
+    bad_rows = CSV.replace("1,30,0,,,plasma,1200", "1,x,0,,,plasma,1200").replace("1,60,0,,,plasma,30", "1,60,0,,,plasma,nan")
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, 'TIME = "min"\nAMT = "h"\nDV = "mg"\n', bad_rows)
+    text = str(info.value)
+    for line in ["row 3, TIME: found 'x', not a number", "row 4, DV: found 'nan' (read as a missing value)",
+                 "AMT[iv]: 'h' cannot be converted to 'mg'", "DV[plasma]: 'mg' cannot be converted to 'mg/L'"]:
+        assert line in text, text
+    assert "invalid dataset, 4 problems:" in text, text  # not also RATE[iv]: 'h/min' (derived from AMT)
+
+
+def test_units_problems_listed_even_when_every_row_has_a_problem(tmp_path):
+    csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,x,1,1,iv,,\n1,y,0,,,plasma,1\n"
+    with pytest.raises(DatasetError) as info:
+        dataset(tmp_path, 'TIME = "min"\n[DV]\nplasma = "mg"\n', csv)
+    text = str(info.value)
+    assert "row 2, TIME: found 'x'" in text and "row 3, TIME: found 'y'" in text
+    assert "DV[plasma]: 'mg' cannot be converted to 'mg/L'" in text
+
+
+def test_lloq_table_without_an_output_takes_dv_unit(tmp_path):
+    csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV,LLOQ\n1,0,1,2,it,,,\n1,1,0,,,plasma,100,50\n1,1,0,,,tumor,800,20\n"
+    ds = dataset(tmp_path, '[DV]\nplasma = "ng/mL"\ntumor = "ng/g"\n[LLOQ]\ntumor = "ug/g"\n', csv, "it_mini")
+    assert ds.data["LLOQ"].tolist()[1:] == pytest.approx([0.05, 20.0], rel=REL)  # plasma: DV's ng/mL

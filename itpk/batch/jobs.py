@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,46 +107,101 @@ def identity(spec: JobSpec, digests: dict[tuple[str, str], str] | None = None) -
 
 
 def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
-    """Every job of ``pipeline`` with its hash; unreadable models, options the model does not have, invalid
-    datasets and duplicate jobs are a PipelineError, before any job runs."""
-    problems, jobs, seen, digests = [], [], {}, {}
+    """Every job of ``pipeline`` with its hash (as :func:`check_jobs`; the jobs
+    :func:`~itpk.batch.pipeline.load_pipeline` checked already are not checked again).
+
+    Raises
+    ------
+    PipelineError
+        Listing every problem of every job, before any job runs.
+    """
+    if pipeline.resolved is not None:
+        return pipeline.resolved
+    jobs, problems = check_jobs([(spec, False) for spec in pipeline.jobs])
+    if problems:
+        lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
+        raise PipelineError(f"{pipeline.source}: {len(problems)} problem(s):\n{lines}")
+    return jobs
+
+
+def check_jobs(specs: Sequence[tuple[JobSpec, bool]]) -> tuple[tuple[ResolvedJob, ...], list[str]]:
+    """The jobs with their hashes, and every problem a command would refuse them for (one line per problem,
+    prefixed by the jobs that have it): an unreadable model, what :func:`_preflight` finds, duplicates.
+
+    A job marked partial (``True``: some of its keys were unreadable, reported already) is checked for the
+    options it has, without the checks that need the missing ones or its hash.
+    """
+    found: dict[str, list[str]] = {}  # problem -> labels of the jobs that have it, in pipeline order
+    jobs, seen, digests = [], {}, {}
     checked: dict[Any, Any] = {}
-    for spec in pipeline.jobs:
+    for spec, partial in specs:
+        problems = _preflight(spec, checked, required=not partial)
+        if partial:
+            for p in problems:
+                found.setdefault(p, []).append(spec.label)
+            continue
         try:
             ident = identity(spec, digests)
         except (ItpkError, OSError) as exc:
-            problems.append(f"{spec.label}: {exc}")
+            problems = [str(exc), *(p for p in problems if p != str(exc))]
+            for p in problems:
+                found.setdefault(p, []).append(spec.label)
             continue
-        problems += [f"{spec.label}: {p}" for p in _preflight(spec, checked)]
+        for p in problems:
+            found.setdefault(p, []).append(spec.label)
         job = ResolvedJob(spec, tuple(sorted(ident.items())), _sha256_json(ident))
         if job.digest in seen:
-            problems.append(f"{spec.label}: same inputs as {seen[job.digest]} (one output directory); remove one")
+            found.setdefault(f"same inputs as {seen[job.digest]} (one output directory); remove one", []).append(spec.label)
             continue
         seen[job.digest] = spec.label
         jobs.append(job)
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise PipelineError(f"{pipeline.source}: {len(problems)} problem(s):\n{lines}")
-    return tuple(jobs)
+    return tuple(jobs), [f"{_labels(labels)}: {p}" for p, labels in found.items()]
 
 
-def _preflight(spec: JobSpec, checked: dict[Any, Any]) -> list[str]:
-    """What the job's model says of its options: routes, --set names, target outputs, and the dataset of a fit.
+def _labels(labels: Sequence[str]) -> str:
+    """``grid #1``, ``grid #1, grid #2``, or ``grid #1, grid #2, … (12 jobs)``."""
+    shown = ", ".join(labels[:3])
+    return shown if len(labels) <= 3 else f"{shown}, … ({len(labels)} jobs)"
+
+
+def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True) -> list[str]:
+    """What the job's command would refuse before any work: the same checks as ``itpk compare``,
+    ``itpk simulate`` and ``itpk fit`` (:func:`itpk.workflows.comparison_problems`,
+    :func:`itpk.workflows.simulation_problems`, :func:`itpk.inference.argument_problems`: numbers, choices,
+    routes, --set names, target outputs), and the dataset of a fit.
 
     ``checked`` caches each model and each (data, model) validation for one pre-flight, so a sweep
-    over one trial loads and reads them once.
+    over one trial loads and reads them once. ``required=False``: only the options the job has.
     """
     from itpk.dataset import read_dataset
+    from itpk.inference import argument_problems
     from itpk.spec import load_model
-    from itpk.workflows import option_problems
+    from itpk.workflows import comparison_problems, simulation_problems
 
     o = dict(spec.options)
     if ("model", o["model"]) not in checked:
-        checked["model", o["model"]] = load_model(o["model"])
+        try:
+            checked["model", o["model"]] = load_model(o["model"])
+        except (ItpkError, OSError) as exc:
+            checked["model", o["model"]] = str(exc)
     model = checked["model", o["model"]]
-    routes = list(o.get("routes", ("it", "iv") if spec.kind == "compare" else ())) + ([o["route"]] if o.get("route") else [])
-    problems = option_problems(model, routes=routes, overrides=dict(o.get("set", ())), targets=dict(o.get("target", ())))
-    if spec.kind == "fit" and "data" in o:
+    if isinstance(model, str):
+        return [model]
+    common = {"dose": o.get("dose"), "site": o.get("cmt"), "regimen_name": o.get("regimen"), "diam": o.get("diam"),
+              "every": o.get("every"), "doses": o.get("doses"), "infusion": o.get("infusion"), "horizon": o.get("horizon"),
+              "overrides": dict(o.get("set", ())), "required": required}
+    if spec.kind == "compare":
+        return comparison_problems(model, routes=o.get("routes", ("it", "iv")), targets=dict(o.get("target", ())),
+                                   thresholds=o.get("threshold", ()), **common)
+    if spec.kind == "simulate":
+        return simulation_problems(model, route=o.get("route"), step=o.get("step"), at=o.get("at"),
+                                   subjects=o.get("subjects", 1), seed=o.get("seed"), **common)
+    problems = argument_problems(model, method=o.get("method", "nuts"), draws=o.get("draws", 1000),
+                                 tune=o.get("tune", 1000), chains=o.get("chains", 4), cores=1, seed=o.get("seed"),
+                                 errors=dict(o.get("error", ())), target_accept=o.get("target_accept", 0.9),
+                                 mass_matrix=o.get("mass_matrix", "auto"), iiv=o.get("iiv", "auto"),
+                                 precondition=o.get("precondition", "auto"))
+    if "data" in o:
         key = (str(o["data"]), str(o["model"]))
         if key not in checked:
             try:

@@ -72,6 +72,8 @@ class Pipeline:
     source: Path
     jobs: tuple[JobSpec, ...]
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # the jobs with their hashes, as checked by load_pipeline (None: resolve_jobs checks them)
+    resolved: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.jobs:
@@ -114,15 +116,23 @@ class _Problems(list[str]):
         return resolved
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def load_pipeline(path: str | Path, *, preflight: bool = False) -> Pipeline:
     """Read and check a pipeline file.
+
+    With ``preflight`` (``itpk batch``), also check its jobs as their commands would before any work
+    (:func:`itpk.batch.jobs.check_jobs`: numbers and choices, what the model lacks, the dataset of a fit,
+    duplicates), reported with the file's problems in one message; without it, :func:`run_batch` does that
+    before any job runs. A job with unreadable keys is still checked with the keys it has, so a wrong value
+    elsewhere in the file never hides its other problems.
 
     Raises
     ------
     PipelineError
         With one line per problem (table or job, key, what was found, what is
-        allowed) when anything in the file is wrong.
+        allowed) when anything in the file or its jobs is wrong.
     """
+    from itpk.batch.jobs import check_jobs
+
     source = Path(path)
     raw = _read_toml(source)
     problems = _Problems(source.parent)
@@ -130,18 +140,25 @@ def load_pipeline(path: str | Path) -> Pipeline:
         if key not in TABLES:
             problems.append(f"{key}: unknown top-level key; allowed: [defaults], [grid], [[jobs]], [cluster]")
     defaults = _defaults(raw.get("defaults", {}), problems)
+    table = raw.get("defaults", {})
+    unread = frozenset(k for k in table if k != "kind" and k not in defaults) if isinstance(table, Mapping) else frozenset()
     jobs = [*_grid_jobs(raw.get("grid"), defaults, problems), *_explicit_jobs(raw.get("jobs"), defaults, problems)]
     cluster, cluster_problems = read_cluster(raw.get("cluster"))
     problems.extend(cluster_problems)
     if "grid" not in raw and "jobs" not in raw:
         problems.append("no jobs: give a [grid] table and/or [[jobs]] entries")
-    specs = [_job_spec(kind, options, label, problems) for kind, options, label in jobs]
+    specs = [(_job_spec(kind, options, label, problems, unread | bad), bool(unread | bad))
+             for kind, options, label, bad in jobs]
     if not specs and not problems:  # e.g. `jobs = []`
         problems.append("no jobs: give a [grid] table and/or [[jobs]] entries")
+    resolved = None
+    if preflight:
+        resolved, job_problems = check_jobs([(s, partial) for s, partial in specs if s is not None])
+        problems.extend(job_problems)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
+        lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
         raise PipelineError(f"{source}: {len(problems)} problem(s):\n{lines}")
-    return Pipeline(source.resolve(), tuple(s for s in specs if s is not None), cluster)
+    return Pipeline(source.resolve(), tuple(s for s, _ in specs if s is not None), cluster, resolved)
 
 
 def _read_toml(source: Path) -> dict[str, Any]:
@@ -183,8 +200,9 @@ def _for_kind(defaults: Mapping[str, Any], kind: str) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k in KIND_OPTIONS[kind]}
 
 
-def _grid_jobs(table: Any, defaults: Mapping[str, Any], problems: _Problems) -> list[tuple[str, dict, str]]:
-    """One job per combination of the ``[grid]`` values, in file order (last key fastest)."""
+def _grid_jobs(table: Any, defaults: Mapping[str, Any], problems: _Problems) -> list[tuple[str, dict, str, frozenset]]:
+    """One job per combination of the ``[grid]`` values, in file order (last key fastest), and the keys
+    that could not be read (the job is built without them)."""
     if table is None:
         return []
     if not isinstance(table, Mapping) or not table:
@@ -195,14 +213,16 @@ def _grid_jobs(table: Any, defaults: Mapping[str, Any], problems: _Problems) -> 
         problems.append("[grid] kind: missing; allowed: kind = \"compare\" (or simulate, fit) here or in [defaults]")
         return []
     kinds_raw = kinds_raw if isinstance(kinds_raw, list) else [kinds_raw]
-    kinds = tuple(k for k in (_kind(v, "[grid]", problems) for v in kinds_raw) if k)
     before = len(problems)
+    kinds = tuple(k for k in (_kind(v, "[grid]", problems) for v in kinds_raw) if k)
     axes = [("kind", list(kinds))]
     for key, values in table.items():
         if key != "kind":
             axes.extend(_grid_axes(key, values, kinds, problems))
-    if len(problems) > before or not kinds:  # already reported; building jobs would only add echoes
+    if not kinds:  # already reported
         return []
+    # jobs built from the readable axes only (bad: the keys left out) are checked for what they hold
+    bad = frozenset(key for key in table if key != "kind") - {key for key, _ in axes} if len(problems) > before else frozenset()
     size = math.prod(len(values) for _, values in axes)
     if size > MAX_GRID_JOBS:
         problems.append(f"[grid]: {size} combinations; allowed: at most {MAX_GRID_JOBS} (split the pipeline)")
@@ -212,7 +232,8 @@ def _grid_jobs(table: Any, defaults: Mapping[str, Any], problems: _Problems) -> 
         options: dict[str, Any] = {}
         for (key, _), value in zip(axes[1:], combo[1:], strict=True):
             options = merge(options, {key: value})
-        jobs.append((combo[0], merge(_for_kind(defaults, combo[0]), options), f"grid #{number}"))
+        base = {k: v for k, v in _for_kind(defaults, combo[0]).items() if k not in bad}  # not a default in its place
+        jobs.append((combo[0], merge(base, options), f"grid #{number}", bad))
     return jobs
 
 
@@ -234,8 +255,9 @@ def _per_name(name: str, values: Any) -> Any:
     return [{name: v} for v in values] if isinstance(values, list) and values else values
 
 
-def _explicit_jobs(entries: Any, defaults: Mapping[str, Any], problems: _Problems) -> list[tuple[str, dict, str]]:
-    """``[[jobs]]``: each entry on top of the defaults its kind accepts."""
+def _explicit_jobs(entries: Any, defaults: Mapping[str, Any], problems: _Problems) -> list[tuple[str, dict, str, frozenset]]:
+    """``[[jobs]]``: each entry on top of the defaults its kind accepts, and the keys that could not be
+    read (the job is built without them)."""
     if entries is None:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
@@ -255,18 +277,21 @@ def _explicit_jobs(entries: Any, defaults: Mapping[str, Any], problems: _Problem
             known = key != "kind" and problems.known(where, key, (kind,))
             if known and (coerced := problems.read(where, key, value)) is not None:
                 options[key] = coerced
-        if len(problems) > before:
-            continue
-        jobs.append((kind, merge(_for_kind(defaults, kind), options), f"jobs #{number}"))
+        bad = frozenset(k for k in entry if k != "kind" and k not in options) if len(problems) > before else frozenset()
+        base = {k: v for k, v in _for_kind(defaults, kind).items() if k not in bad}  # not a default in its place
+        jobs.append((kind, merge(base, options), f"jobs #{number}", bad))
     return jobs
 
 
-def _job_spec(kind: str, options: dict[str, Any], label: str, problems: _Problems) -> JobSpec | None:
-    """The job, or None after recording the required keys it lacks."""
+def _job_spec(kind: str, options: dict[str, Any], label: str, problems: _Problems,
+              unread: frozenset[str] = frozenset()) -> JobSpec | None:
+    """The job, or None after recording the required keys it lacks (not those given but unreadable:
+    ``unread``, already reported)."""
     where = f"[[jobs]] #{label.split('#')[1]}" if label.startswith("jobs") else f"[grid] job {label.split('#')[1]}"
     missing = [key for key in REQUIRED[kind] if key not in options]
     for key in missing:
-        problems.append(f"{where} {key}: missing; a {kind} job needs {', '.join(REQUIRED[kind])}")
+        if key not in unread:
+            problems.append(f"{where} {key}: missing; a {kind} job needs {', '.join(REQUIRED[kind])}")
     return None if missing else JobSpec(kind, tuple(sorted(options.items())), label)
 
 

@@ -77,7 +77,12 @@ def batch_table(records: Sequence[JobRecord]) -> Any:
         numbers.update(dict.fromkeys(k for k in r.headline if k not in row and k not in inputs))
         rows.append({**{k: _cell(v) for k, v in r.inputs.items()}, **r.headline, **row})
     head = ["name", "label", "kind", "status", "attempts", "wall_s"]
-    return pd.DataFrame(rows, columns=[*head, *inputs, *numbers, "output", "error"])
+    table = pd.DataFrame(rows, columns=[*head, *inputs, *numbers, "output", "error"])
+    for column in table.columns:  # whole-number options (seed, subjects, doses...) stay whole where some jobs lack them
+        given = [row[column] for row in rows if row.get(column) is not None]
+        if given and all(isinstance(v, int) and not isinstance(v, bool) for v in given):
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def write_batch_csv(out: Path, records: Sequence[JobRecord]) -> Path:

@@ -9,6 +9,7 @@ other than bad input), and what ends up in ``batch.json``/``batch.csv``.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sys
 import time
@@ -65,6 +66,55 @@ class BatchResult:
 def default_out(pipeline_path: Path) -> Path:
     """The batch directory when ``--out`` is not given: a folder named after the pipeline, beside it."""
     return pipeline_path.with_suffix("")
+
+
+def _writable_folder(option: str, path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (its nearest existing folder is a file or not writable), or None."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: cannot write in {parent} (not a writable folder)"
+    return None
+
+
+def option_problems(out: Path, *, resume: bool = False, log: str | Path | None = None, scheduler: str | None = None,
+                    workers: int | None = None, retries: int = 2) -> list[str]:
+    """Every problem of ``itpk batch``'s own options, one line each, checked before anything is created:
+    the batch directory ``out`` (a file, in a folder that cannot be written, or holding an earlier batch
+    without ``resume``), the ``log`` file (a folder, read-only, in a folder that cannot be written), the
+    scheduler, the counts."""
+    problems = []
+    if retries is None or isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        problems.append(f"--retries must be >= 0, found {retries}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        problems.append(f"--workers must be >= 1, found {workers}")
+    if scheduler is not None:
+        try:
+            check_scheduler(scheduler)
+        except ItpkError as exc:
+            problems.append(str(exc))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file; give a directory")
+    elif not out.exists():
+        problems += [p for p in [_writable_folder("--out", out)] if p]
+    elif not os.access(out, os.W_OK | os.X_OK):
+        problems.append(f"--out {out}: cannot write in it (not a writable folder)")
+    elif not resume and ((out / "batch.json").exists() or ((out / "jobs").is_dir() and any((out / "jobs").iterdir()))):
+        problems.append(f"{out} already holds a batch: pass --resume to keep its finished jobs and run the rest, "
+                        "or choose another --out")
+    if log is not None:
+        log = Path(log)
+        if log.is_dir():
+            problems.append(f"--log {log}: is a folder; give a file to append the JSON-lines log to")
+        elif log.exists() and not os.access(log, os.W_OK):
+            problems.append(f"--log {log}: the file is read-only")
+        elif not log.exists():
+            problems += [p for p in [_writable_folder("--log", log)] if p]
+    return problems
 
 
 def prepare_out(out: Path, *, resume: bool) -> Path:
@@ -128,13 +178,14 @@ def run_batch(
     removes partial directories, records unfinished jobs as ``cancelled``
     and is re-raised.
     """
-    if retries < 0:
-        raise ItpkError(f"--retries must be >= 0, found {retries}")
-    if workers is not None and workers < 1:
-        raise ItpkError(f"--workers must be >= 1, found {workers}")
     started = time.monotonic()
     out = Path(out) if out is not None else default_out(pipeline.source)
-    scheduler = check_scheduler(scheduler or pipeline.cluster.scheduler or "local")
+    scheduler = scheduler or pipeline.cluster.scheduler or "local"
+    problems = option_problems(out, resume=resume, log=log, scheduler=scheduler, workers=workers, retries=retries)
+    if problems:  # before anything is created
+        from itpk.workflows import problems_error
+
+        raise problems_error(problems)
     workers = workers or pipeline.cluster.workers
     jobs = resolve_jobs(pipeline)
     jobs_dir = prepare_out(out, resume=resume)
