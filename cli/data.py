@@ -86,7 +86,13 @@ def nca_command(
     from itpk.nca import nca
 
     from itpk.errors import ItpkError
+    from itpk.nca import option_problems
+    from itpk.workflows import output_problems, problems_error
 
+    problems = [*option_problems(end=end), *output_problems(out=out)]  # before reading or computing anything
+    if problems:
+        typer.echo(f"error: {problems_error(problems)}", err=True)
+        raise typer.Exit(1)
     dataset = _read(data, model)
     try:
         table = nca(dataset, end=end)

@@ -82,7 +82,11 @@ def replace_directory(new: Path, target: Path) -> None:
         return
     old = target.with_name(f".{target.name}.{_owner()}{OLD_SUFFIX}")
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:  # the previous folder goes back (a kill here is repaired by the next write)
+        os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

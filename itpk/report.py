@@ -1097,8 +1097,9 @@ ROUTE_COLORS = ("#9467bd", "#2ca02c")  # local route, systemic route (not the ou
 def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | None:
     """Tumour and plasma profiles of the typical subject after the same single dose by each route.
 
-    The population parameters' posterior (thinned, covariates at the model's defaults, the same
-    bolus regimens as ``exposure.csv``; ``local`` may name a site, ``it@lesion2``) is simulated to
+    The population parameters' posterior (thinned, covariates at the fitted trial's medians as in
+    ``exposure.csv`` — ``run.json`` ``typical_covariates``; runs written before session 20: the
+    model's defaults —, the same bolus regimens; ``local`` may name a site, ``it@lesion2``) is simulated to
     5% past the last observation; lines are posterior medians and bands 90% credible bands. None
     when the model names no local and systemic outputs.
     """
@@ -1113,7 +1114,8 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
     if not outputs or not any(k in run.spec.parameters for k in run.draws):
         return None
     limit = CURVE_DRAWS_LINEAR if run.spec.is_linear else CURVE_DRAWS_NONLINEAR
-    values = posterior_values(run.spec, run.draws, max_draws=limit)
+    covariates = {k: float(v) for k, v in (run.record.get("typical_covariates") or {}).items() if k in run.spec.covariates}
+    values = posterior_values(run.spec, run.draws, max_draws=limit, overrides=covariates)
     last = float(run.predictions["TIME"].max())
     times = curve_grid(regimen(injected, dose), np.array([last]), CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)
     bands = {route: {o: np.quantile(v, BAND, axis=0) for o, v in

@@ -398,6 +398,7 @@ def run_record(result: FitResult, command: Sequence[str], timings: Mapping[str, 
         "censored": {o: int(((obs["output"] == o) & obs["censored"]).sum()) for o in data.outputs},
         "censoring_method": CENSORING_METHOD,
         "units_assumed": bool(data.dataset.units_assumed),
+        "typical_covariates": typical_covariates(result),  # exposure.csv's typical subject (model units)
         "units": data.dataset.units.describe(),
         "settings": dict(result.settings),
         "timings_s": dict(timings),

@@ -147,7 +147,7 @@ def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError) 
     if len(problems) == 1:
         return error(problems[0])
     lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
-    return error(f"{len(problems)} problems with the options:\n{lines}")
+    return error(f"{len(problems)} problems:\n{lines}")
 
 
 def raise_problems(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> None:

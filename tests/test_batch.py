@@ -214,7 +214,7 @@ def test_options_the_model_does_not_have_stop_the_batch_before_any_job(tmp_path)
     assert result.exit_code == 1, result.output
     for text in ["jobs #1: model 'it_antibody' has no route(s) im; routes: it, ia, iv, sc",
                  "jobs #2: model 'it_antibody' has no parameter or covariate 'NOPE'; known: ",
-                 "jobs #3: --target: unknown output(s) liver; outputs: ", "jobs #4: ", "row 2, TIME: found -1",
+                 "jobs #3: target: unknown output(s) liver; outputs: ", "jobs #4: ", "row 2, TIME: found -1",
                  "jobs #5: model 'one_cpt_iv' has no route(s) it; routes: iv"]:  # compare's default routes are it and iv
         assert text in result.output
     assert not (out / "jobs").exists()
@@ -250,9 +250,9 @@ def test_option_values_stop_the_batch_before_any_job(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["batch", str(path), "--out", str(out)])
     assert result.exit_code == 1, result.output
-    for text in ["4 problem(s)", "jobs #1: --dose: amount must be a finite number > 0, found -10",
-                 "jobs #2: --every must be a finite number > 0, found -3", "jobs #3: --subjects must be a whole number >= 1, found 0",
-                 "jobs #4: --draws must be a whole number >= 1, found 0"]:
+    for text in ["4 problem(s)", "jobs #1: dose: amount must be a finite number > 0, found -10",
+                 "jobs #2: every must be a finite number > 0, found -3", "jobs #3: subjects must be a whole number >= 1, found 0",
+                 "jobs #4: draws must be a whole number >= 1, found 0"]:
         assert text in result.output, text
     assert not out.exists()
 

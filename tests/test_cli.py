@@ -239,7 +239,7 @@ def test_compare_reports_every_option_problem_at_once(tmp_path):
                  "--target", "tumor=x", "--routes", "it,iv,xx", "--every", -1, "--doses", 2, "--horizon", -3,
                  "--out", tmp_path / "c.csv")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.startswith("error: 6 problems with the options:\n")
+    assert result.output.startswith("error: 6 problems:\n")
     lines = problem_lines(result.output)
     assert len(lines) == 6
     for text in ["--target 'tumor=x': expected NAME=NUMBER", "--every must be a finite number > 0, found -1",
@@ -300,7 +300,7 @@ def test_fit_library_raises_one_error_listing_every_argument_problem():
     with pytest.raises(FitError) as caught:
         fit(spec, data, draws=0, chains=0, seed=-1, errors={"plasma": "quad"}, iiv="centred,ka=wobbly")
     message = str(caught.value)
-    assert message.startswith("6 problems with the options:\n") and "--iiv 'wobbly' is unknown" in message
+    assert message.startswith("6 problems:\n") and "--iiv 'wobbly' is unknown" in message
     for text in ["--draws must be a whole number >= 1, found 0", "--chains must be a whole number >= 1, found 0",
                  "--seed must be a whole number >= 0, found -1", "--error plasma=quad: error model 'quad' is unknown",
                  "--iiv 'centred': expected PARAM=centred|non-centred"]:

@@ -103,3 +103,29 @@ def test_exchange_swaps_two_folders_or_says_it_cannot(tmp_path):
         assert ((a / "x").read_text(), (b / "x").read_text()) == ("B", "A")
     else:  # no renameat2 here: nothing moved
         assert ((a / "x").read_text(), (b / "x").read_text()) == ("A", "B")
+
+
+def test_a_failed_second_rename_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    # review (session 20): without the atomic exchange, an error between the two renames left the
+    # previous run hidden as .NAME.HOST-PID.old until another process wrote there
+    import os
+
+    from itpk import io
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new = io.temporary_sibling(target, directory=True)
+    real = os.replace
+
+    def fail_second(src, dst):
+        if str(src) == str(new):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_directory(new, target)
+    assert (target / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", new.name])

@@ -220,7 +220,7 @@ def test_cli_nca_default_columns_follow_the_spec(tmp_path):
 def test_cli_nca_unwritable_output_exits_1(tmp_path):
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(tmp_path / "file" / "nca.csv")])
-    assert result.exit_code == 1 and "cannot write" in result.stderr
+    assert result.exit_code == 1 and "is a file, not a folder" in result.stderr
 
 
 def test_cli_nca_bad_data_exits_1(tmp_path):
@@ -297,3 +297,11 @@ def test_cli_nca_with_a_model_writes_units(tmp_path):
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     assert table.loc[0, "Cmax"] == pytest.approx(0.0105) and table.loc[0, "Cmax_unit"] == "mg/L"
+
+
+def test_cli_nca_lists_option_and_output_problems_together_before_any_work(tmp_path):
+    # review (session 20): --end was refused alone, and --out (a folder) only after the NCA was computed
+    result = CliRunner().invoke(cli(), ["nca", str(THEOPH), "--out", str(tmp_path), "--end", "-1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "2 problems:" in result.output and "--end: found -1" in result.output
+    assert f"--out {tmp_path}: is a folder" in result.output

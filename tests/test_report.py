@@ -441,3 +441,24 @@ def test_map_report_says_point_estimate_and_shows_no_sampler_traces(runs, tmp_pa
 
     text = write_report(runs["map"], tmp_path / "m.html", progress=False).read_text(encoding="utf-8")
     assert "Joint posterior mode (a point estimate: no interval)" in text
+
+
+def test_exposure_profiles_use_the_covariates_of_exposure_csv(runs, monkeypatch):
+    # review (session 20): the table took the trial's median covariates and the profiles beside it the
+    # model file's defaults, i.e. another lesion size
+    import xarray as xr
+
+    import itpk.run
+    from itpk.report import exposure_profiles, read_run
+
+    run = read_run(runs["nuts"])
+    const = xr.open_datatree(runs["nuts"] / "posterior.nc")["constant_data"].to_dataset()
+    expected = {name: float(np.median(const[f"covariate_{name}"].values)) for name in ("DIAM", "DIAM2")}
+    assert run.record["typical_covariates"] == pytest.approx(expected, rel=1e-12)
+    exposure = pd.read_csv(runs["nuts"] / "exposure.csv")
+    assert set(exposure["covariates"]) == {"; ".join(f"{k}={v:.6g} cm" for k, v in expected.items())}
+    seen = []
+    real = itpk.run.posterior_values
+    monkeypatch.setattr(itpk.run, "posterior_values", lambda *a, **k: seen.append(k.get("overrides")) or real(*a, **k))
+    exposure_profiles(run, "it", "iv", 10.0)
+    assert seen == [pytest.approx(expected, rel=1e-12)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -155,7 +156,12 @@ def check_jobs(specs: Sequence[tuple[JobSpec, bool]]) -> tuple[tuple[ResolvedJob
             continue
         seen[job.digest] = spec.label
         jobs.append(job)
-    return tuple(jobs), [f"{_labels(labels)}: {p}" for p, labels in found.items()]
+    return tuple(jobs), [f"{_labels(labels)}: {_as_keys(p)}" for p, labels in found.items()]
+
+
+def _as_keys(problem: str) -> str:
+    """The commands' messages name CLI options (``--dose``, ``--target-accept``); a pipeline names keys."""
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), problem)
 
 
 def _labels(labels: Sequence[str]) -> str:
