@@ -49,7 +49,7 @@ def batch_command(
     from itpk.batch import load_pipeline, run_batch
     from itpk.batch.runner import default_out, option_problems
     from itpk.errors import ItpkError
-    from itpk.workflows import problems_error
+    from itpk.errors import problems_error
 
     # every problem at once, before anything is created: the batch's own options, then the pipeline's
     problems = option_problems(out if out is not None else default_out(pipeline), resume=resume, log=log,

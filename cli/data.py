@@ -86,10 +86,11 @@ def nca_command(
     from itpk.nca import nca
 
     from itpk.errors import ItpkError
+    from itpk.errors import problems_error
+    from itpk.io import file_problem
     from itpk.nca import option_problems
-    from itpk.workflows import output_problems, problems_error
 
-    problems = [*option_problems(end=end), *output_problems(out=out)]  # before reading or computing anything
+    problems = [*option_problems(end=end), *[p for p in [file_problem("--out", out)] if p]]  # before any work
     if problems:
         typer.echo(f"error: {problems_error(problems)}", err=True)
         raise typer.Exit(1)

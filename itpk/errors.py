@@ -7,6 +7,8 @@ allowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ItpkError(Exception):
     """Base class of all errors itpk raises on purpose (bad input, not bugs)."""
@@ -36,3 +38,20 @@ class Interrupted(ItpkError):
     """The user interrupted (Ctrl-C) a command before it finished; nothing was written. Exit code 130."""
 
     exit_code = 130
+
+
+def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> ItpkError:
+    """One error for every problem found: the problem itself when there is one, else one per line.
+
+    A problem of several lines (a dataset's) keeps them, indented under its own item.
+    """
+    if len(problems) == 1:
+        return error(problems[0])
+    lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
+    return error(f"{len(problems)} problems:\n{lines}")
+
+
+def raise_problems(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> None:
+    """Raise :func:`problems_error` when there is any problem."""
+    if problems:
+        raise problems_error(problems, error)

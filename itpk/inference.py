@@ -31,7 +31,7 @@ import pandas as pd
 from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
 from itpk.dataset import DOSE_EVIDS, Dataset, check_against
 from itpk.dosecuts import cut_doses
-from itpk.errors import FitError
+from itpk.errors import FitError, problems_error
 from itpk.expr import pytensor_backend
 from itpk.interrupts import checkpoint
 from itpk.residuals import location_scale, observed_outputs, pointwise, sigma_names
@@ -743,8 +743,6 @@ def fit(
                                  errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
                                  precondition=precondition)
     if problems:  # every one at once, before any work
-        from itpk.workflows import problems_error
-
         raise problems_error(problems, FitError)
     # laplace integrates out the z_* values, so it always uses the non-centred model
     iiv = "non-centred" if method == "laplace" else ("auto" if iiv == "auto" else _parse_iiv(iiv))

@@ -53,6 +53,30 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def folder_problem(option: str, path: str | Path) -> str | None:
+    """Why nothing can be created at ``path``: its nearest existing folder is a file or cannot be
+    written (None when it can). ``option`` names the command-line option in the message."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{option} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: cannot write in {parent} (not a writable folder)"
+    return None
+
+
+def file_problem(option: str, path: str | Path) -> str | None:
+    """Why the file ``path`` cannot be written (a folder, in an unwritable folder, read-only), or None."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{option} {path}: is a folder; give a file name"
+    problem = folder_problem(option, path)
+    if problem is None and target.exists() and not os.access(target, os.W_OK):
+        return f"{option} {path}: the file exists and is read-only"
+    return problem
+
+
 def temporary_sibling(target: Path, *, directory: bool) -> Path:
     """A new, empty hidden sibling of ``target`` owned by this process (a folder or a file).
 

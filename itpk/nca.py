@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.dataset import Dataset
-from itpk.errors import ItpkError
+from itpk.errors import raise_problems
 
 COLUMNS = ("ID", "OUTPUT", "Cmax", "Tmax", "AUClast", "AUCinf", "lambda_z", "half_life", "lambda_z_points", "adj_r2")
 UNIT_COLUMNS = ("Cmax_unit", "Tmax_unit", "AUC_unit", "lambda_z_unit", "half_life_unit")
@@ -238,10 +238,7 @@ def option_problems(*, end: float | None = None) -> list[str]:
 
 def check_options(*, end: float | None = None) -> None:
     """Raise one :class:`~itpk.errors.ItpkError` listing every problem of the NCA options."""
-    problems = option_problems(end=end)
-    if problems:
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        raise ItpkError(f"nca: invalid options, {count}:\n  - " + "\n  - ".join(problems))
+    raise_problems(option_problems(end=end))
 
 
 def _units(dataset: Dataset, output: str) -> dict[str, str | None]:

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +98,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, progress
 
 
 def _check_target(target: Path) -> None:
-    if target.is_dir():
-        raise ItpkError(f"--out {target}: is a folder; give a file name, e.g. {target / 'report.html'}")
-    parent = next((p for p in target.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ItpkError(f"--out {target}: {parent} is a file, not a folder")
-    if parent is not None and not os.access(parent, os.W_OK):
-        raise ItpkError(f"--out {target}: cannot write in {parent}")
+    from itpk.io import file_problem
+
+    problem = file_problem("--out", target)
+    if problem:
+        raise ItpkError(problem + (f", e.g. {target / 'report.html'}" if target.is_dir() else ""))
 
 
 def read_run(run_dir: str | Path) -> RunData:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from itpk.errors import Interrupted, ItpkError
+from itpk.errors import Interrupted, ItpkError, problems_error, raise_problems  # noqa: F401 - re-exported
 from itpk.events import Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
@@ -137,23 +136,6 @@ def option_problems(spec: ModelSpec, *, routes: Sequence[str] = (), overrides: M
     if bad_targets:
         problems.append(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
     return problems
-
-
-def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> ItpkError:
-    """One error for every problem found: the problem itself when there is one, else one per line.
-
-    A problem of several lines (a dataset's) keeps them, indented under its own item.
-    """
-    if len(problems) == 1:
-        return error(problems[0])
-    lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
-    return error(f"{len(problems)} problems:\n{lines}")
-
-
-def raise_problems(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> None:
-    """Raise :func:`problems_error` when there is any problem."""
-    if problems:
-        raise problems_error(problems, error)
 
 
 def _is_number(value: object) -> bool:
@@ -285,24 +267,10 @@ def comparison_problems(spec: ModelSpec | None, *, dose: float | None = None, ro
 def output_problems(**paths: str | Path | None) -> list[str]:
     """What keeps a command from writing its files, before any work: ``--out``/``--plot`` (by keyword) that is
     a folder, or whose folder is a file or cannot be written. Names the option and the path as given."""
-    problems = []
-    for option, path in paths.items():
-        if path is None or str(path) == "":
-            continue
-        target = Path(path)
-        if target.is_dir():
-            problems.append(f"--{option} {path}: is a folder; give a file name")
-            continue
-        parent = target.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            problems.append(f"--{option} {path}: {parent} is a file, not a folder")
-        elif not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(f"--{option} {path}: cannot write in {parent} (not a writable folder)")
-        elif target.exists() and not os.access(target, os.W_OK):
-            problems.append(f"--{option} {path}: the file exists and is read-only")
-    return problems
+    from itpk.io import file_problem
+
+    return [problem for option, path in paths.items() if path is not None and str(path) != ""
+            for problem in [file_problem(f"--{option}", path)] if problem]
 
 
 def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,

@@ -30,7 +30,8 @@ from itpk.batch.jobs import (
 from itpk.batch.pipeline import Pipeline
 from itpk.batch.progress import EventLog, Progress
 from itpk.batch.records import JobRecord, counts, write_batch_csv, write_batch_json
-from itpk.errors import ItpkError
+from itpk.errors import ItpkError, problems_error
+from itpk.io import folder_problem
 
 EXIT_OK, EXIT_FAILED = 0, 4
 
@@ -68,18 +69,6 @@ def default_out(pipeline_path: Path) -> Path:
     return pipeline_path.with_suffix("")
 
 
-def _writable_folder(option: str, path: Path) -> str | None:
-    """Why nothing can be created at ``path`` (its nearest existing folder is a file or not writable), or None."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{option} {path}: {parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{option} {path}: cannot write in {parent} (not a writable folder)"
-    return None
-
-
 def option_problems(out: Path, *, resume: bool = False, log: str | Path | None = None, scheduler: str | None = None,
                     workers: int | None = None, retries: int = 2) -> list[str]:
     """Every problem of ``itpk batch``'s own options, one line each, checked before anything is created:
@@ -100,7 +89,7 @@ def option_problems(out: Path, *, resume: bool = False, log: str | Path | None =
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out} is a file; give a directory")
     elif not out.exists():
-        problems += [p for p in [_writable_folder("--out", out)] if p]
+        problems += [p for p in [folder_problem("--out", out)] if p]
     elif not os.access(out, os.W_OK | os.X_OK):
         problems.append(f"--out {out}: cannot write in it (not a writable folder)")
     elif not resume and ((out / "batch.json").exists() or ((out / "jobs").is_dir() and any((out / "jobs").iterdir()))):
@@ -113,7 +102,7 @@ def option_problems(out: Path, *, resume: bool = False, log: str | Path | None =
         elif log.exists() and not os.access(log, os.W_OK):
             problems.append(f"--log {log}: the file is read-only")
         elif not log.exists():
-            problems += [p for p in [_writable_folder("--log", log)] if p]
+            problems += [p for p in [folder_problem("--log", log)] if p]
     return problems
 
 
@@ -183,8 +172,6 @@ def run_batch(
     scheduler = scheduler or pipeline.cluster.scheduler or "local"
     problems = option_problems(out, resume=resume, log=log, scheduler=scheduler, workers=workers, retries=retries)
     if problems:  # before anything is created
-        from itpk.workflows import problems_error
-
         raise problems_error(problems)
     workers = workers or pipeline.cluster.workers
     jobs = resolve_jobs(pipeline)
