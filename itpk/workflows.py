@@ -274,15 +274,29 @@ def output_problems(**paths: str | Path | None) -> list[str]:
 
 
 def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
-               problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None]:
-    """The model (and a posterior's draws), or None after recording why it could not be read."""
+               problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None, dict[str, float]]:
+    """The model (and a posterior's draws and its trial's covariates), or None after recording why
+    it could not be read."""
     try:
         if posterior is not None:
             return fitted_model(model, posterior)
-        return (model if isinstance(model, ModelSpec) else load_model(model)), None
+        return (model if isinstance(model, ModelSpec) else load_model(model)), None, {}
     except ItpkError as exc:
         problems.append(str(exc))
-        return None, None
+        return None, None, {}
+
+
+def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float]) -> dict[str, float]:
+    """Add the fitted trial's covariates (``run.json`` ``typical_covariates``) that the user did not
+    set (``--set``, or a regimen's ``--diam``) to ``overrides``; return those added.
+
+    A posterior describes the trial's patients: its typical subject is at their median covariates,
+    as in ``exposure.csv`` and the report, not at the model file's defaults (a 2 cm lesion where the
+    trial's was 2.7 cm changes G by 2.5x in ``it_antibody``).
+    """
+    added = {name: float(value) for name, value in trial.items() if name not in overrides}
+    overrides.update(added)
+    return added
 
 
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
@@ -343,7 +357,7 @@ def run_simulation(
     one :class:`ItpkError`, before any work.
     """
     problems = list(problems)
-    spec, draws = _load_spec(model, posterior, problems)
+    spec, draws, trial = _load_spec(model, posterior, problems)
     overrides = dict(overrides or {})
     problems += simulation_problems(spec, route=route, dose=dose, site=site, regimen_name=regimen_name, diam=diam,
                                     every=every, doses=doses, infusion=infusion, horizon=horizon, step=step, at=at,
@@ -353,6 +367,7 @@ def run_simulation(
     assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
+    added = _trial_covariates(overrides, trial)
     resolve(spec, overrides)  # and the values themselves (finite, one length)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
@@ -381,7 +396,8 @@ def run_simulation(
     written = ", ".join(str(p) for p in (csv, png) if p)
     message = f"simulated {spec.name}: {who} × {times.size} times × {len(profiles.outputs)} output(s)" + (
         f"; wrote {written}" if written else ""
-    )
+    ) + (f"\n  covariates of the fitted trial (median): {_listed(spec, added)}; --set NAME=VALUE for another patient"
+         if added else "")
     return SimulationResult(profiles, schedule, csv, png, message)
 
 
@@ -411,20 +427,26 @@ def simulate_population(spec: ModelSpec, schedule: Schedule, values: Values, tim
                     {name: np.concatenate([p.outputs[name] for p in parts]) for name in parts[0].outputs})
 
 
-def fitted_model(model: str | Path | ModelSpec | None, posterior: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """The model and posterior draws of a run directory, checked against the model the user named.
+def fitted_model(model: str | Path | ModelSpec | None,
+                 posterior: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray], dict[str, float]]:
+    """The model, posterior draws and the trial's typical covariates of a run directory, checked
+    against the model the user named.
 
     ``model`` may be a built-in name, a path to a model file or a spec (or empty: the run's own);
     it must name the fitted model (the run directory keeps its own copy, which is the one used).
+    The covariates are each covariate's median over the fitted subjects (``run.json``
+    ``typical_covariates``, in the model's units; empty for runs written before session 20).
     """
     from itpk.run import load_run
 
-    spec, draws, _ = load_run(posterior)
+    spec, draws, record = load_run(posterior)
     if model not in (None, ""):
         asked = model.name if isinstance(model, ModelSpec) else load_model(model).name
         if asked != spec.name:
             raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {asked!r}")
-    return spec, draws
+    trial = {name: float(value) for name, value in (record.get("typical_covariates") or {}).items()
+             if name in spec.covariates}
+    return spec, draws, trial
 
 
 POSTERIOR_PROFILES = 500  # typical-subject profiles drawn from a posterior (simulate --posterior, one subject)
@@ -496,7 +518,7 @@ def run_comparison(
     ``problems`` a caller found already) is raised at once in one :class:`ItpkError`, before any work.
     """
     problems = list(problems)
-    spec, draws = _load_spec(model, posterior, problems)
+    spec, draws, trial = _load_spec(model, posterior, problems)
     overrides = dict(overrides or {})
     routes = list(dict.fromkeys(routes))
     problems += comparison_problems(spec, dose=dose, routes=routes, site=site, regimen_name=regimen_name, diam=diam,
@@ -505,15 +527,16 @@ def run_comparison(
     problems += output_problems(out=out, plot=plot)
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
-    if draws is not None:
-        from itpk.run import posterior_values
-
-        overrides = posterior_values(spec, draws, overrides=overrides)
     local = [r for r in routes if r in LOCAL_ROUTES]
     site = check_sites(spec, local, site)
     # built for a local route when there is one, so that --regimen's --diam sizes the lesion it injects
     base, _ = build_schedule(spec, route=(local or routes)[0], dose=dose, every=every, doses=doses, infusion=None,
                              regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
+    added = _trial_covariates(overrides, trial)
+    if draws is not None:
+        from itpk.run import posterior_values
+
+        overrides = posterior_values(spec, draws, overrides=overrides)
     values = resolve(spec, overrides)
     # the lesion and plasma concentrations the metrics divide by (not the abscopal lesion's: a
     # patient without one, DIAM2 = 0, still gets every other metric)
@@ -525,6 +548,9 @@ def run_comparison(
     dose = base.doses[0].amount if dose is None else dose
     comparison = compare_routes(spec, values, schedules, dose=dose, targets=targets, horizon=horizon)
     report = comparison_report(comparison, schedules, thresholds=thresholds)
+    if added:
+        report["trial_covariates"] = added  # the fitted trial's medians, used where --set gave none
+        report["units"].update({name: spec.covariates[name].unit for name in added})
     csv = atomic_write(out, lambda tmp: comparison_table(report).to_csv(tmp, index=False)) if out else None
     png = None
     if plot:
@@ -641,6 +667,9 @@ def format_comparison(report: dict, thresholds: Sequence[float] = ()) -> str:
     lines = [f"{report['model']}: {report['regimen']} ({report['dose_unit']}); AUC over {report['auc_interval']}"]
     if report.get("parameter_sets", 1) > 1:
         lines.append(f"  numbers: median [95% CrI lo, hi] over {report['parameter_sets']} parameter sets")
+    if report.get("trial_covariates"):
+        listed = ", ".join(f"{k} {v:.4g} {report['units'].get(k, '')}".rstrip() for k, v in report["trial_covariates"].items())
+        lines.append(f"  covariates of the fitted trial (median): {listed}; --set NAME=VALUE for another patient")
     if report.get("site") and report["exposure_outputs"].get("local"):
         lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs']['local']})")
     units = report["units"]
@@ -662,6 +691,10 @@ def format_comparison(report: dict, thresholds: Sequence[float] = ()) -> str:
                      "probabilities; give --posterior RUN_DIR")
     lines += [f"  note: {note}" for note in report.get("notes", ())]
     return "\n".join(lines)
+
+
+def _listed(spec: ModelSpec, values: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g} {spec.covariates[name].unit}".rstrip() for name, value in values.items())
 
 
 def _fmt(value: float | dict) -> str:
@@ -728,7 +761,7 @@ def run_fit(
         check_run_target(out)  # before the fit, not after it
     except ItpkError as exc:
         problems.append(str(exc))
-    spec, _ = _load_spec(model, None, problems)
+    spec, _, _ = _load_spec(model, None, problems)
     problems += argument_problems(spec, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                                   errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
                                   precondition=precondition)

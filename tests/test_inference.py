@@ -392,6 +392,18 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output)
     assert doc["metrics"]["G"] > 1  # one MAP draw: a single number
+    # without --set, the typical subject of the fitted trial (its median covariates), as in
+    # exposure.csv: G is dose-free in this linear model, so the same number to rounding
+    trial = {k: v for k, v in record["typical_covariates"].items() if k in spec.covariates}
+    assert doc["trial_covariates"] == pytest.approx(trial, rel=1e-12) and trial["DIAM"] != spec.covariates["DIAM"].value
+    exposure = pd.read_csv(run_dir / "exposure.csv").set_index("metric")
+    assert doc["metrics"]["G"] == pytest.approx(exposure.loc["G", "median"], rel=1e-9)
+    assert "covariates of the fitted trial (median): DIAM" in runner.invoke(
+        app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir)]).output
+    # --set wins over the trial's value, and is no longer listed as the trial's
+    given = json.loads(runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir),
+                                           "--set", "DIAM=2.0", "--json"]).output)
+    assert "DIAM" not in given.get("trial_covariates", {}) and given["metrics"]["G"] != pytest.approx(doc["metrics"]["G"], rel=1e-3)
 
 
 def test_compare_posterior_bad_run_dir(tmp_path):
