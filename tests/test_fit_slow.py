@@ -37,9 +37,12 @@ TRUE_ANTIBODY = {"CL": 0.0168, "V": 4.0, "k_out": 0.005, "f_leak": 0.2, "Kp": 0.
 def test_example_it_vs_iv_recovers_true_values():
     spec = load_model("it_antibody")
     data = read_dataset(Path(str(files("itpk.data") / "example_it_vs_iv.csv")), spec)
-    # target_accept 0.95: at the default 0.9 this funnel (omega_k_out, informed by sparse biopsies
-    # only) gave 3, 1 and 1 divergent transitions with seeds 7, 8, 9 (and the fit says so); 0 at 0.95
-    result = fit(spec, data, draws=1000, tune=1000, chains=4, seed=7, target_accept=0.95)
+    # Whitened at the mode, target_accept 0.97 (what the failed verdict advises, itpk.run.WHITEN_ADVICE).
+    # In the model's own coordinates k_out mixes slowly (bulk ESS 480-620 of 4 000 at 0.95, seeds 1, 2,
+    # 7-10) and max R-hat was 1.0129 (seed 7) and 1.0116 (seed 10): a coin toss at that ESS. Whitened:
+    # ESS 800-1 160; the funnel (omega_k_out, sparse biopsies only) then needs 0.97 (0.95: 0-2 divergent
+    # transitions per 4 000 draws; 0.9 in own coordinates: 3, 1, 1 with seeds 7, 8, 9).
+    result = fit(spec, data, draws=1000, tune=1000, chains=4, seed=7, target_accept=0.97, precondition="mode")
     post = result.tree["posterior"]
     for name, value in TRUE_ANTIBODY.items():
         draws = np.asarray(post[name]).reshape(-1)
