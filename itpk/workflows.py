@@ -708,11 +708,13 @@ def format_parameters(table: pd.DataFrame) -> list[str]:
     95% credible interval (none for map: one draw) and an omega's CV."""
     rows = list(table.itertuples(index=False))
     intervals = any(math.isfinite(row.ci_low) for row in rows)
-    lines = [f"  {'parameter':<16} {'median':>10} {'unit':<8}" + (" [95% CrI lo, hi]" if intervals else "")]
+    name, unit = (max([w, *(len(str(v)) for v in values)]) for w, values in ((16, table["parameter"]), (8, table["unit"])))
+    unit = min(unit, 12)  # a long unit (mL/(PFU*h)) shifts its own row only
+    lines = [f"  {'parameter':<{name}} {'median':>10} {'unit':<{unit}}" + (" [95% CrI lo, hi]" if intervals else "")]
     for row in rows:
         extra = f", CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") and math.isfinite(row.cv_percent) else ""
         interval = f" [{row.ci_low:.4g}, {row.ci_high:.4g}]" if math.isfinite(row.ci_low) else ""  # map: one draw, no interval
-        lines.append(f"  {row.parameter:<16} {row.median:>10.4g} {row.unit:<8}{interval}{extra}")
+        lines.append(f"  {row.parameter:<{name}} {row.median:>10.4g} {row.unit:<{unit}}{interval}{extra}")
     return lines
 
 

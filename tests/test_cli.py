@@ -357,3 +357,6 @@ def test_fit_parameter_lines_have_a_header_naming_the_interval():
     assert lines[1].split() == ["CL", "2", "L/h", "[1.5,", "2.5]"]
     one_draw = format_parameters(table.assign(ci_low=np.nan, ci_high=np.nan))
     assert "CrI" not in one_draw[0]
+    # a name longer than 16 characters widens the column instead of shifting its own row
+    wide = format_parameters(pd.concat([table, table.iloc[[0]].assign(parameter="sigma_prop_plasma", unit="1")]))
+    assert len({line.index("[") for line in wide}) == 1 and len({line.index(" L/h") for line in wide if "L/h" in line}) == 1
