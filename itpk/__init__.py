@@ -27,7 +27,7 @@ def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'itpk' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     *_LAZY,

@@ -152,18 +152,21 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
     else:  # the ESS advice still holds; R-hat (NaN here) says nothing about a stuck chain
         notes = ["run --chains 4 (the default) to assess convergence",
                  *advice(1.0 if math.isfinite(min_ess) else math.nan, min_ess, slowest, chains, post.sizes["draw"])]
-    if notes and _precondition(result) == "none" and math.isfinite(min_ess) and result.method == "nuts":
+    # only beside the advice for more draws: slow mixing, which a dense metric can cure; not for
+    # chains in different modes, nor for a one-chain fit whose ESS is fine
+    if any(n.startswith("rerun with --draws") for n in notes) and _precondition(result) == "none" and result.method == "nuts":
         notes.append(WHITEN_ADVICE)
     return {"max_r_hat": max_rhat, "worst_r_hat": worst, "min_ess_bulk": min_ess, "slowest": slowest,
             "min_ess_tail": min_tail, "divergences": divergences, "passed": not reasons, "reasons": reasons,
             "advice": notes, "checked": names}
 
 
-# Measured on the it_antibody example, 4 x (1000 + 1000) at target_accept 0.95: min bulk ESS 480-620
-# in the model's own coordinates (seeds 1, 2, 7, 8, 9, 10; R-hat above 1.01 for 7 and 10), 800-1 100
-# whitened; whitened at 0.97, seeds 2, 7, 8: ESS 800-1 160, R-hat <= 1.0074, no divergences
-WHITEN_ADVICE = ("or rerun with --precondition mode: sampling in coordinates whitened at the posterior mode (a dense "
-                 "metric) gave correlated posteriors 1.5-2x the bulk ESS for the same draws (it_antibody example); "
+# Measured on the it_antibody example, 4 x (1000 + 1000) at target_accept 0.95, seeds 1, 2, 7, 8, 9, 10:
+# min bulk ESS 478-622 in the model's own coordinates (R-hat above 1.01 for seeds 7 and 10), 806-1 091
+# whitened (1.3-2.2x per seed, median ~1.5x; 0-2 divergences); whitened at 0.97, seeds 2, 7, 8: ESS
+# 804-1 159, R-hat <= 1.0074, no divergences (benchmarks/README.md, session 21)
+WHITEN_ADVICE = ("alternatively rerun with --precondition mode: sampling in coordinates whitened at the posterior mode "
+                 "(a dense metric) gave 1.3-2.2x the bulk ESS from the same draws on the it_antibody example; "
                  "add --target-accept 0.97 if it then diverges")
 
 
@@ -477,15 +480,25 @@ def exposure_table(result: FitResult) -> pd.DataFrame | None:
         s = summarize(arr, thresholds=(1.0,))
         s = s if isinstance(s, dict) else {"median": s, "ci_low": s, "ci_high": s}
         rows.append({"metric": name, "route": f"{injected} vs {ref}", "dose": dose, **s, "unit": "1",
-                     "covariates": "; ".join(f"{k}={v:.6g} {spec.covariates[k].unit}" for k, v in covariates.items()),
+                     "covariates": _covariates_used(spec, covariates),
                      "auc_interval": interval, "draws": values.size})
     return pd.DataFrame(rows)
 
 
+def _covariates_used(spec: Any, trial: Mapping[str, float]) -> str:
+    """``DIAM=2.7 cm; DIAM2=2 cm (model file)``: the trial's medians, then the model's defaults."""
+    shown = [f"{k}={v:.6g} {spec.covariates[k].unit}" for k, v in trial.items()]
+    shown += [f"{k}={c.value:.6g} {c.unit} (model file)" for k, c in spec.covariates.items() if k not in trial]
+    return "; ".join(shown)
+
+
 def typical_covariates(result: FitResult) -> dict[str, float]:
-    """Each model covariate's median over the fitted subjects (their first-row values), model units."""
+    """The median over the fitted subjects (their first-row values, model units) of each model
+    covariate the dataset gives; those it lacks keep the model file's value and are left out."""
     data = result.data
-    return {name: float(np.median([s.covariates[name] for s in data.subjects])) for name in data.spec.covariates}
+    frame = data.dataset.data
+    given = [name for name in data.spec.covariates if name in frame.columns and frame[name].notna().any()]
+    return {name: float(np.median([s.covariates[name] for s in data.subjects])) for name in given}
 
 
 EXPOSURE_DRAWS = 1000  # posterior draws (evenly thinned) behind exposure.csv

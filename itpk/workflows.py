@@ -274,9 +274,9 @@ def output_problems(**paths: str | Path | None) -> list[str]:
 
 
 def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
-               problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None, dict[str, float]]:
-    """The model (and a posterior's draws and its trial's covariates), or None after recording why
-    it could not be read."""
+               problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None, dict[str, float] | None]:
+    """The model (and a posterior's draws and its trial's covariates, None for a run that did not
+    record them), or None after recording why it could not be read."""
     try:
         if posterior is not None:
             return fitted_model(model, posterior)
@@ -286,7 +286,7 @@ def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
         return None, None, {}
 
 
-def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float]) -> dict[str, float]:
+def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float] | None) -> dict[str, float]:
     """Add the fitted trial's covariates (``run.json`` ``typical_covariates``) that the user did not
     set (``--set``, or a regimen's ``--diam``) to ``overrides``; return those added.
 
@@ -294,9 +294,18 @@ def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float]) -
     as in ``exposure.csv`` and the report, not at the model file's defaults (a 2 cm lesion where the
     trial's was 2.7 cm changes G by 2.5x in ``it_antibody``).
     """
-    added = {name: float(value) for name, value in trial.items() if name not in overrides}
+    added = {name: float(value) for name, value in (trial or {}).items() if name not in overrides}
     overrides.update(added)
     return added
+
+
+def _unrecorded_note(spec: ModelSpec, trial: Mapping[str, float] | None, overrides: Mapping[str, float]) -> str:
+    """For a run written before fits recorded their trial's covariates: which ones fall back to the model file."""
+    missing = [name for name in spec.covariates if name not in overrides]
+    if trial is not None or not missing:
+        return ""
+    return (f"the run does not record its trial's covariates (written by an itpk before session 20): "
+            f"{', '.join(missing)} at the model file's values; give the trial's with --set NAME=VALUE")
 
 
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
@@ -368,6 +377,7 @@ def run_simulation(
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
     added = _trial_covariates(overrides, trial)
+    unrecorded = _unrecorded_note(spec, trial, overrides) if draws is not None else ""
     resolve(spec, overrides)  # and the values themselves (finite, one length)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
@@ -397,7 +407,7 @@ def run_simulation(
     message = f"simulated {spec.name}: {who} × {times.size} times × {len(profiles.outputs)} output(s)" + (
         f"; wrote {written}" if written else ""
     ) + (f"\n  covariates of the fitted trial (median): {_listed(spec, added)}; --set NAME=VALUE for another patient"
-         if added else "")
+         if added else "") + (f"\n  note: {unrecorded}" if unrecorded else "")
     return SimulationResult(profiles, schedule, csv, png, message)
 
 
@@ -428,14 +438,15 @@ def simulate_population(spec: ModelSpec, schedule: Schedule, values: Values, tim
 
 
 def fitted_model(model: str | Path | ModelSpec | None,
-                 posterior: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray], dict[str, float]]:
+                 posterior: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray], dict[str, float] | None]:
     """The model, posterior draws and the trial's typical covariates of a run directory, checked
     against the model the user named.
 
     ``model`` may be a built-in name, a path to a model file or a spec (or empty: the run's own);
     it must name the fitted model (the run directory keeps its own copy, which is the one used).
     The covariates are each covariate's median over the fitted subjects (``run.json``
-    ``typical_covariates``, in the model's units; empty for runs written before session 20).
+    ``typical_covariates``, in the model's units: those the dataset gave; None for runs written
+    before session 20, which did not record them).
     """
     from itpk.run import load_run
 
@@ -444,9 +455,10 @@ def fitted_model(model: str | Path | ModelSpec | None,
         asked = model.name if isinstance(model, ModelSpec) else load_model(model).name
         if asked != spec.name:
             raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {asked!r}")
-    trial = {name: float(value) for name, value in (record.get("typical_covariates") or {}).items()
-             if name in spec.covariates}
-    return spec, draws, trial
+    recorded = record.get("typical_covariates")
+    if not isinstance(recorded, Mapping):
+        return spec, draws, None
+    return spec, draws, {name: float(value) for name, value in recorded.items() if name in spec.covariates}
 
 
 POSTERIOR_PROFILES = 500  # typical-subject profiles drawn from a posterior (simulate --posterior, one subject)
@@ -533,6 +545,7 @@ def run_comparison(
     base, _ = build_schedule(spec, route=(local or routes)[0], dose=dose, every=every, doses=doses, infusion=None,
                              regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
     added = _trial_covariates(overrides, trial)
+    unrecorded = _unrecorded_note(spec, trial, overrides) if draws is not None else ""
     if draws is not None:
         from itpk.run import posterior_values
 
@@ -551,6 +564,8 @@ def run_comparison(
     if added:
         report["trial_covariates"] = added  # the fitted trial's medians, used where --set gave none
         report["units"].update({name: spec.covariates[name].unit for name in added})
+    if unrecorded:
+        report["notes"] = [*report.get("notes", []), unrecorded]
     csv = atomic_write(out, lambda tmp: comparison_table(report).to_csv(tmp, index=False)) if out else None
     png = None
     if plot:

@@ -394,8 +394,9 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     assert doc["metrics"]["G"] > 1  # one MAP draw: a single number
     # without --set, the typical subject of the fitted trial (its median covariates), as in
     # exposure.csv: G is dose-free in this linear model, so the same number to rounding
-    trial = {k: v for k, v in record["typical_covariates"].items() if k in spec.covariates}
-    assert doc["trial_covariates"] == pytest.approx(trial, rel=1e-12) and trial["DIAM"] != spec.covariates["DIAM"].value
+    trial = record["typical_covariates"]  # DIAM only: the file has no DIAM2 column (that keeps the model's 2 cm)
+    assert list(trial) == ["DIAM"] and trial["DIAM"] != spec.covariates["DIAM"].value
+    assert doc["trial_covariates"] == pytest.approx(trial, rel=1e-12)
     exposure = pd.read_csv(run_dir / "exposure.csv").set_index("metric")
     assert doc["metrics"]["G"] == pytest.approx(exposure.loc["G", "median"], rel=1e-9)
     assert "covariates of the fitted trial (median): DIAM" in runner.invoke(
@@ -404,6 +405,21 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     given = json.loads(runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir),
                                            "--set", "DIAM=2.0", "--json"]).output)
     assert "DIAM" not in given.get("trial_covariates", {}) and given["metrics"]["G"] != pytest.approx(doc["metrics"]["G"], rel=1e-3)
+    # a regimen's --diam sizes the lesion it injects, over the trial's median
+    at_diam = json.loads(runner.invoke(app, ["compare", "it_antibody", "--regimen", "tvec", "--diam", "2.0", "--doses", "1",
+                                             "--posterior", str(run_dir), "--json"]).output)
+    assert "trial_covariates" not in at_diam and at_diam["metrics"]["G"] == pytest.approx(given["metrics"]["G"], rel=1e-9)
+    # simulate takes the trial's covariates too: the same lesion profile as --set DIAM=<median>
+    median = f"DIAM={trial['DIAM']!r}"
+    sims = [runner.invoke(app, ["simulate", "it_antibody", "--route", "it", "--dose", "10", "--at", "1,24", "--posterior", str(run_dir),
+                                *extra, "--out", str(tmp_path / f"s{k}.csv")]) for k, extra in enumerate([[], ["--set", median]])]
+    assert "covariates of the fitted trial (median): DIAM" in sims[0].output and "covariates of the fitted" not in sims[1].output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "s0.csv"), pd.read_csv(tmp_path / "s1.csv"))
+    # a run written before fits recorded them: the model file's values, and a note saying so
+    del record["typical_covariates"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+    old = json.loads(runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir), "--json"]).output)
+    assert "trial_covariates" not in old and any("does not record its trial's covariates" in n for n in old["notes"])
 
 
 def test_compare_posterior_bad_run_dir(tmp_path):

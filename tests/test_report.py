@@ -453,10 +453,11 @@ def test_exposure_profiles_use_the_covariates_of_exposure_csv(runs, monkeypatch)
 
     run = read_run(runs["nuts"])
     const = xr.open_datatree(runs["nuts"] / "posterior.nc")["constant_data"].to_dataset()
-    expected = {name: float(np.median(const[f"covariate_{name}"].values)) for name in ("DIAM", "DIAM2")}
+    # DIAM2 is not in the example's file: it keeps the model file's 2 cm and is not called the trial's
+    expected = {"DIAM": float(np.median(const["covariate_DIAM"].values))}
     assert run.record["typical_covariates"] == pytest.approx(expected, rel=1e-12)
     exposure = pd.read_csv(runs["nuts"] / "exposure.csv")
-    assert set(exposure["covariates"]) == {"; ".join(f"{k}={v:.6g} cm" for k, v in expected.items())}
+    assert set(exposure["covariates"]) == {f"DIAM={expected['DIAM']:.6g} cm; DIAM2=2 cm (model file)"}
     seen = []
     real = itpk.run.posterior_values
     monkeypatch.setattr(itpk.run, "posterior_values", lambda *a, **k: seen.append(k.get("overrides")) or real(*a, **k))

@@ -145,3 +145,10 @@ def test_slow_mixing_in_the_models_own_coordinates_is_also_told_to_whiten():
     assert WHITEN_ADVICE not in _diagnosed(slow, settings={"precondition": {"method": "mode"}})["advice"]
     assert _diagnosed({"CL": _good(rng), "eta_CL": rng.normal(size=(4, 1000, 3))},
                       settings={"precondition": {"method": "none"}})["advice"] == []
+    # review (session 21): not for one healthy chain (its advice is to run 4), nor for disagreeing chains
+    one = _diagnosed({"CL": rng.normal(size=(1, 4000)), "eta_CL": rng.normal(size=(1, 4000, 3))},
+                     settings={"precondition": {"method": "none"}})
+    assert one["advice"] == ["run --chains 4 (the default) to assess convergence"]
+    apart = _good(rng) + np.array([0, 0, 0, 3.0])[:, None]
+    split = _diagnosed({"CL": apart, "eta_CL": rng.normal(size=(4, 1000, 3))}, settings={"precondition": {"method": "none"}})
+    assert "disagree" in split["advice"][0] and WHITEN_ADVICE not in split["advice"]
