@@ -1177,8 +1177,9 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         profiles = exposure_profiles(run, local, reference, float(e["dose"].iloc[0]))
     window = str(e["auc_interval"].iloc[0]) if "auc_interval" in e else None
     draws = int(e["draws"].iloc[0]) if "draws" in e and pd.notna(e["draws"].iloc[0]) else None
+    covariates = str(e["covariates"].iloc[0]) if "covariates" in e and pd.notna(e["covariates"].iloc[0]) else None
     return {"rows": rows, "sentences": sentences, "route": route, "dose": dose, "pcol": pcol or "P(>1)",
-            "profiles": profiles, "auc_interval": window, "draws": draws}
+            "profiles": profiles, "auc_interval": window, "draws": draws, "covariates": covariates}
 
 
 # --------------------------------------------------------------------------------------------- 8 sampler

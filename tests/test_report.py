@@ -463,3 +463,7 @@ def test_exposure_profiles_use_the_covariates_of_exposure_csv(runs, monkeypatch)
     monkeypatch.setattr(itpk.run, "posterior_values", lambda *a, **k: seen.append(k.get("overrides")) or real(*a, **k))
     exposure_profiles(run, "it", "iv", 10.0)
     assert seen == [pytest.approx(expected, rel=1e-12)]
+    # and the figure's caption names them (it said "the model's defaults" until session 21)
+    from itpk.report import exposure_section
+
+    assert exposure_section(run)["covariates"] == exposure["covariates"].iloc[0]
