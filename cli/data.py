@@ -85,8 +85,7 @@ def nca_command(
     from itpk.io import atomic_write  # temp file beside the target, then os.replace
     from itpk.nca import nca
 
-    from itpk.errors import ItpkError
-    from itpk.errors import problems_error
+    from itpk.errors import ItpkError, problems_error
     from itpk.io import file_problem
     from itpk.nca import option_problems
 

@@ -1102,7 +1102,7 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
     """
     from itpk.events import regimen
     from itpk.exposure import ROLE_TITLES, roles_at
-    from itpk.run import posterior_values
+    from itpk.run import posterior_values, recorded_covariates
     from itpk.simulate import simulate
 
     injected = Target.parse(local)
@@ -1111,7 +1111,7 @@ def exposure_profiles(run: RunData, local: str, ref: str, dose: float) -> str | 
     if not outputs or not any(k in run.spec.parameters for k in run.draws):
         return None
     limit = CURVE_DRAWS_LINEAR if run.spec.is_linear else CURVE_DRAWS_NONLINEAR
-    covariates = {k: float(v) for k, v in (run.record.get("typical_covariates") or {}).items() if k in run.spec.covariates}
+    covariates = recorded_covariates(run.spec, run.record) or {}
     values = posterior_values(run.spec, run.draws, max_draws=limit, overrides=covariates)
     last = float(run.predictions["TIME"].max())
     times = curve_grid(regimen(injected, dose), np.array([last]), CURVE_POINTS if run.spec.is_linear else CURVE_POINTS_NONLINEAR)

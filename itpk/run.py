@@ -154,7 +154,8 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
                  *advice(1.0 if math.isfinite(min_ess) else math.nan, min_ess, slowest, chains, post.sizes["draw"])]
     # only beside the advice for more draws: slow mixing, which a dense metric can cure; not for
     # chains in different modes, nor for a one-chain fit whose ESS is fine
-    if any(n.startswith("rerun with --draws") for n in notes) and _precondition(result) == "none" and result.method == "nuts":
+    slow = any(n.startswith("rerun with --draws") for n in notes)
+    if slow and result.method == "nuts" and result.settings.get("precondition", {}).get("method") == "none":
         notes.append(WHITEN_ADVICE)
     return {"max_r_hat": max_rhat, "worst_r_hat": worst, "min_ess_bulk": min_ess, "slowest": slowest,
             "min_ess_tail": min_tail, "divergences": divergences, "passed": not reasons, "reasons": reasons,
@@ -169,10 +170,6 @@ WHITEN_ADVICE = ("alternatively rerun with --precondition mode: sampling in coor
                  "(a dense metric) gave 1.3-2.2x the bulk ESS from the same draws on the it_antibody example; "
                  "add --target-accept 0.97 if it then diverges")
 
-
-def _precondition(result: FitResult) -> str | None:
-    setting = (getattr(result, "settings", None) or {}).get("precondition")
-    return setting.get("method") if isinstance(setting, Mapping) else setting
 
 
 def checked_variables(result: FitResult) -> list[str]:
@@ -490,6 +487,15 @@ def _covariates_used(spec: Any, trial: Mapping[str, float]) -> str:
     shown = [f"{k}={v:.6g} {spec.covariates[k].unit}" for k, v in trial.items()]
     shown += [f"{k}={c.value:.6g} {c.unit} (model file)" for k, c in spec.covariates.items() if k not in trial]
     return "; ".join(shown)
+
+
+def recorded_covariates(spec: Any, record: Mapping[str, Any]) -> dict[str, float] | None:
+    """A run's ``typical_covariates`` (``run.json``) that ``spec`` declares, or None for a run
+    written before session 20, which did not record them."""
+    recorded = record.get("typical_covariates")
+    if not isinstance(recorded, Mapping):
+        return None
+    return {name: float(value) for name, value in recorded.items() if name in spec.covariates}
 
 
 def typical_covariates(result: FitResult) -> dict[str, float]:

@@ -286,9 +286,11 @@ def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
         return None, None, {}
 
 
-def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float] | None) -> dict[str, float]:
+def _trial_covariates(spec: ModelSpec, overrides: dict[str, float], trial: Mapping[str, float] | None,
+                      posterior: bool) -> tuple[dict[str, float], str]:
     """Add the fitted trial's covariates (``run.json`` ``typical_covariates``) that the user did not
-    set (``--set``, or a regimen's ``--diam``) to ``overrides``; return those added.
+    set (``--set``, or a regimen's ``--diam``) to ``overrides``; return those added, and a note when
+    a posterior's run did not record them ("" otherwise).
 
     A posterior describes the trial's patients: its typical subject is at their median covariates,
     as in ``exposure.csv`` and the report, not at the model file's defaults (a 2 cm lesion where the
@@ -296,16 +298,14 @@ def _trial_covariates(overrides: dict[str, float], trial: Mapping[str, float] | 
     """
     added = {name: float(value) for name, value in (trial or {}).items() if name not in overrides}
     overrides.update(added)
-    return added
-
-
-def _unrecorded_note(spec: ModelSpec, trial: Mapping[str, float] | None, overrides: Mapping[str, float]) -> str:
-    """For a run written before fits recorded their trial's covariates: which ones fall back to the model file."""
     missing = [name for name in spec.covariates if name not in overrides]
-    if trial is not None or not missing:
-        return ""
-    return (f"the run does not record its trial's covariates (written by an itpk before session 20): "
-            f"{', '.join(missing)} at the model file's values; give the trial's with --set NAME=VALUE")
+    if not posterior or trial is not None or not missing:
+        return added, ""
+    return added, (f"the run does not record its trial's covariates (written by an itpk before session 20): "
+                   f"{', '.join(missing)} at the model file's values; give the trial's with --set NAME=VALUE")
+
+
+TRIAL_LINE = "  covariates of the fitted trial (median): {}; --set NAME=VALUE for another patient"
 
 
 def check_sites(spec: ModelSpec, routes: Sequence[str], site: str | None) -> str | None:
@@ -376,8 +376,7 @@ def run_simulation(
     assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
-    added = _trial_covariates(overrides, trial)
-    unrecorded = _unrecorded_note(spec, trial, overrides) if draws is not None else ""
+    added, unrecorded = _trial_covariates(spec, overrides, trial, posterior=draws is not None)
     resolve(spec, overrides)  # and the values themselves (finite, one length)
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
@@ -406,8 +405,8 @@ def run_simulation(
     written = ", ".join(str(p) for p in (csv, png) if p)
     message = f"simulated {spec.name}: {who} × {times.size} times × {len(profiles.outputs)} output(s)" + (
         f"; wrote {written}" if written else ""
-    ) + (f"\n  covariates of the fitted trial (median): {_listed(spec, added)}; --set NAME=VALUE for another patient"
-         if added else "") + (f"\n  note: {unrecorded}" if unrecorded else "")
+    ) + ("\n" + TRIAL_LINE.format(_listed(added, {k: spec.covariates[k].unit for k in added})) if added else "") + (
+        f"\n  note: {unrecorded}" if unrecorded else "")
     return SimulationResult(profiles, schedule, csv, png, message)
 
 
@@ -448,17 +447,14 @@ def fitted_model(model: str | Path | ModelSpec | None,
     ``typical_covariates``, in the model's units: those the dataset gave; None for runs written
     before session 20, which did not record them).
     """
-    from itpk.run import load_run
+    from itpk.run import load_run, recorded_covariates
 
     spec, draws, record = load_run(posterior)
     if model not in (None, ""):
         asked = model.name if isinstance(model, ModelSpec) else load_model(model).name
         if asked != spec.name:
             raise ItpkError(f"--posterior {posterior} holds a fit of model {spec.name!r}, not {asked!r}")
-    recorded = record.get("typical_covariates")
-    if not isinstance(recorded, Mapping):
-        return spec, draws, None
-    return spec, draws, {name: float(value) for name, value in recorded.items() if name in spec.covariates}
+    return spec, draws, recorded_covariates(spec, record)
 
 
 POSTERIOR_PROFILES = 500  # typical-subject profiles drawn from a posterior (simulate --posterior, one subject)
@@ -544,8 +540,7 @@ def run_comparison(
     # built for a local route when there is one, so that --regimen's --diam sizes the lesion it injects
     base, _ = build_schedule(spec, route=(local or routes)[0], dose=dose, every=every, doses=doses, infusion=None,
                              regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
-    added = _trial_covariates(overrides, trial)
-    unrecorded = _unrecorded_note(spec, trial, overrides) if draws is not None else ""
+    added, unrecorded = _trial_covariates(spec, overrides, trial, posterior=draws is not None)
     if draws is not None:
         from itpk.run import posterior_values
 
@@ -683,8 +678,7 @@ def format_comparison(report: dict, thresholds: Sequence[float] = ()) -> str:
     if report.get("parameter_sets", 1) > 1:
         lines.append(f"  numbers: median [95% CrI lo, hi] over {report['parameter_sets']} parameter sets")
     if report.get("trial_covariates"):
-        listed = ", ".join(f"{k} {v:.4g} {report['units'].get(k, '')}".rstrip() for k, v in report["trial_covariates"].items())
-        lines.append(f"  covariates of the fitted trial (median): {listed}; --set NAME=VALUE for another patient")
+        lines.append(TRIAL_LINE.format(_listed(report["trial_covariates"], report["units"])))
     if report.get("site") and report["exposure_outputs"].get("local"):
         lines.append(f"  injected lesion: {report['site']} (local output {report['exposure_outputs']['local']})")
     units = report["units"]
@@ -708,8 +702,8 @@ def format_comparison(report: dict, thresholds: Sequence[float] = ()) -> str:
     return "\n".join(lines)
 
 
-def _listed(spec: ModelSpec, values: Mapping[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4g} {spec.covariates[name].unit}".rstrip() for name, value in values.items())
+def _listed(values: Mapping[str, float], units: Mapping[str, str]) -> str:
+    return ", ".join(f"{name} {value:.4g} {units.get(name, '')}".rstrip() for name, value in values.items())
 
 
 def _fmt(value: float | dict) -> str:
