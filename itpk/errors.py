@@ -40,15 +40,17 @@ class Interrupted(ItpkError):
     exit_code = 130
 
 
-def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> ItpkError:
+def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError, *, where: str | None = None) -> ItpkError:
     """One error for every problem found: the problem itself when there is one, else one per line.
 
-    A problem of several lines (a dataset's) keeps them, indented under its own item.
+    A problem of several lines (a dataset's) keeps them, indented under its own item. With
+    ``where`` (a file the problems are in) the message starts with it and always lists them.
     """
-    if len(problems) == 1:
+    if len(problems) == 1 and where is None:
         return error(problems[0])
     lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
-    return error(f"{len(problems)} problems:\n{lines}")
+    count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+    return error(f"{where}: {count}:\n{lines}" if where is not None else f"{count}:\n{lines}")
 
 
 def raise_problems(problems: Sequence[str], error: type[ItpkError] = ItpkError) -> None:

@@ -638,6 +638,9 @@ def comparison_table(report: dict) -> pd.DataFrame:
     metrics = report.get("metrics_by_route") or ({_local_route(report): report["metrics"]} if report["metrics"] else {})
     for route, values in metrics.items():
         rows += [_row("metric", f"{route} vs {report['reference_route']}", k, v, "1") for k, v in values.items()]
+    # which patient the numbers describe when a posterior supplied the covariates (the JSON's
+    # trial_covariates), so that the CSV alone says so
+    rows += [_row("covariate", "", k, v, units.get(k, "")) for k, v in report.get("trial_covariates", {}).items()]
     return pd.DataFrame(rows)
 
 

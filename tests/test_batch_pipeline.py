@@ -134,7 +134,7 @@ def test_every_problem_is_listed_once_with_where_key_found_allowed(tmp_path):
     ]
     for line in expected:
         assert line in message, line
-    assert f"{len(expected)} problem(s)" in message  # nothing reported twice, no echo of a reported problem
+    assert f"{len(expected)} problems:" in message  # nothing reported twice, no echo of a reported problem
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -254,7 +254,7 @@ def test_preflight_reports_form_and_option_problems_together(tmp_path):
     # (dose = -10, draws = 0, every = -3, subjects = 0) were never checked: the batch ran and exited 4
     (tmp_path / "bad.csv").write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,-1,1,10,iv,,\n")
     path = write(tmp_path, BAD_VALUES)
-    with pytest.raises(PipelineError, match=r"2 problem\(s\)"):
+    with pytest.raises(PipelineError, match=r"2 problems:"):
         load_pipeline(path)  # without preflight: the file's form only (run_batch checks the jobs)
     with pytest.raises(PipelineError) as caught:
         load_pipeline(path, preflight=True)
@@ -267,7 +267,7 @@ def test_preflight_reports_form_and_option_problems_together(tmp_path):
         assert text in message, text
     assert "jobs #2: dose" not in message  # its unreadable dose is reported once, not replaced by a default
     assert "give --dose" not in message and "missing" not in message
-    assert message.startswith(f"{path}: 10 problem(s):\n")
+    assert message.startswith(f"{path}: 10 problems:\n")
 
 
 def test_batch_command_reports_every_problem_and_creates_nothing(tmp_path):

@@ -400,7 +400,12 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     exposure = pd.read_csv(run_dir / "exposure.csv").set_index("metric")
     assert doc["metrics"]["G"] == pytest.approx(exposure.loc["G", "median"], rel=1e-9)
     assert "covariates of the fitted trial (median): DIAM" in runner.invoke(
-        app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir)]).output
+        app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir), "--out", str(tmp_path / "c.csv")]).output
+    # the CSV says which patient too: one covariate row, in the model's unit
+    rows = pd.read_csv(tmp_path / "c.csv")
+    covariate = rows[rows["kind"] == "covariate"]
+    assert list(covariate["quantity"]) == ["DIAM"] and list(covariate["unit"]) == ["cm"]
+    assert covariate["value"].item() == pytest.approx(trial["DIAM"], rel=1e-12)
     # --set wins over the trial's value, and is no longer listed as the trial's
     given = json.loads(runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir),
                                            "--set", "DIAM=2.0", "--json"]).output)

@@ -26,7 +26,7 @@ from typing import Any
 from itpk import jsontext
 from itpk.batch.headline import compare_headline, fit_headline, simulate_headline
 from itpk.batch.pipeline import JobSpec, Pipeline
-from itpk.errors import ItpkError, PipelineError
+from itpk.errors import ItpkError, PipelineError, problems_error
 
 JOB_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -120,8 +120,7 @@ def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
         return pipeline.resolved
     jobs, problems = check_jobs([(spec, False) for spec in pipeline.jobs])
     if problems:
-        lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
-        raise PipelineError(f"{pipeline.source}: {len(problems)} problem(s):\n{lines}")
+        raise problems_error(problems, PipelineError, where=str(pipeline.source))
     return jobs
 
 

@@ -29,7 +29,7 @@ from itpk.batch.schema import (
     display,
     merge,
 )
-from itpk.errors import PipelineError
+from itpk.errors import PipelineError, problems_error
 
 TABLES = ("defaults", "grid", "jobs", "cluster")
 MAX_GRID_JOBS = 100_000  # a typo (an extra zero in a range) should not queue millions of jobs
@@ -156,8 +156,7 @@ def load_pipeline(path: str | Path, *, preflight: bool = False) -> Pipeline:
         resolved, job_problems = check_jobs([(s, partial) for s, partial in specs if s is not None])
         problems.extend(job_problems)
     if problems:
-        lines = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
-        raise PipelineError(f"{source}: {len(problems)} problem(s):\n{lines}")
+        raise problems_error(problems, PipelineError, where=str(source))
     return Pipeline(source.resolve(), tuple(s for s, _ in specs if s is not None), cluster, resolved)
 
 
