@@ -24,10 +24,10 @@ SchedulerOpt = Annotated[str | None, typer.Option(help="local (a local cluster o
                                                        "pipeline's cluster table); default: the cluster table's "
                                                        "scheduler, else local.",
                                                   show_default=False)]
-WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Workers (one core each); default: the available cores "
+WorkersOpt = Annotated[int | None, typer.Option(help="Workers (one core each); default: the available cores "
                                                             "(local) or one SLURM job's processes.", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep jobs whose outputs are complete and verified; run only the rest.")]
-RetriesOpt = Annotated[int, typer.Option(min=0, help="Further attempts for a job whose worker died.")]
+RetriesOpt = Annotated[int, typer.Option(help="Further attempts for a job whose worker died.")]
 LogOpt = Annotated[Path | None, typer.Option(help="Append a JSON-lines event log (one object per job event).",
                                              show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line and no summary (errors still print).")]

@@ -1163,10 +1163,12 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         name = str(row["metric"])
         med, lo, hi = row["median"], row.get("ci_low", np.nan), row.get("ci_high", np.nan)
         p = row.get(pcol) if pcol else None
+        interval = pd.notna(lo) and pd.notna(hi)  # none from a single parameter set (map)
         rows.append({"metric": METRIC_NAMES.get(name, name), "key": name, "median": fmt(med),
-                     "ci": f"{fmt(lo)} – {fmt(hi)}", "p": f"{float(p):.2f}" if p is not None and pd.notna(p) else "—"})
+                     "ci": f"{fmt(lo)} – {fmt(hi)}" if interval else "—",
+                     "p": f"{float(p):.2f}" if p is not None and pd.notna(p) else "—"})
         if name in METRIC_TEXT and pd.notna(med):
-            value = f"{fmt(med, 2)}× (95% CrI {fmt(lo, 2)}–{fmt(hi, 2)})"
+            value = f"{fmt(med, 2)}× (95% CrI {fmt(lo, 2)}–{fmt(hi, 2)})" if interval else f"{fmt(med, 2)}× (a point estimate)"
             text = METRIC_TEXT[name].format(v=value, ref=ref)
             if p is not None and pd.notna(p):
                 text += f"; P(>1) = {float(p):.2f}"

@@ -475,7 +475,8 @@ def exposure_table(result: FitResult) -> pd.DataFrame | None:
     rows = []
     for name, arr in cmp.metrics[local].items():
         s = summarize(arr, thresholds=(1.0,))
-        s = s if isinstance(s, dict) else {"median": s, "ci_low": s, "ci_high": s}
+        # one parameter set (map): no interval and no probability, as in summary.csv, not a zero-width one
+        s = s if isinstance(s, dict) else {"median": s, "ci_low": math.nan, "ci_high": math.nan, "P(>1)": math.nan}
         rows.append({"metric": name, "route": f"{injected} vs {ref}", "dose": dose, **s, "unit": "1",
                      "covariates": _covariates_used(spec, covariates),
                      "auc_interval": interval, "draws": values.size})

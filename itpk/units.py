@@ -312,6 +312,19 @@ class DatasetUnits:
         """True when some column's unit was taken, not declared."""
         return bool(self.assumed)
 
+    def assumption(self) -> str | None:
+        """One line for a command's output when units were taken rather than declared (SPEC §2:
+        every output says so), or None when the units file declared them all."""
+        if not self.assumed:
+            return None
+        units = {"TIME": [f"TIME {self.time}"] if self.time else [],
+                 "AMT": [f"AMT[{k}] {u}" for k, u in self.amount.items()],
+                 "DV": [f"DV[{k}] {u}" for k, u in self.outputs.items()]}
+        taken = ", ".join(line for column in self.assumed for line in (units.get(column) or [column]))
+        if self.sidecar is None:
+            return f"units: no units file beside the data; taken to be the model's ({taken})"
+        return f"units: not in {self.sidecar}, taken to be the model's: {taken}"
+
     def describe(self) -> list[str]:
         """Lines for summaries: what the units are and where they came from."""
         lines = []

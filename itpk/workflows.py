@@ -722,11 +722,12 @@ def format_parameters(table: pd.DataFrame) -> list[str]:
     intervals = any(math.isfinite(row.ci_low) for row in rows)
     name, unit = (max([w, *(len(str(v)) for v in values)]) for w, values in ((16, table["parameter"]), (8, table["unit"])))
     unit = min(unit, 12)  # a long unit (mL/(PFU*h)) shifts its own row only
-    lines = [f"  {'parameter':<{name}} {'median':>10} {'unit':<{unit}}" + (" [95% CrI lo, hi]" if intervals else "")]
+    lines = [(f"  {'parameter':<{name}} {'median':>10} {'unit':<{unit}}" + (" [95% CrI lo, hi]" if intervals else "")).rstrip()]
     for row in rows:
-        extra = f", CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") and math.isfinite(row.cv_percent) else ""
+        cv = f"CV {row.cv_percent:.0f}%" if row.parameter.startswith("omega_") and math.isfinite(row.cv_percent) else ""
         interval = f" [{row.ci_low:.4g}, {row.ci_high:.4g}]" if math.isfinite(row.ci_low) else ""  # map: one draw, no interval
-        lines.append(f"  {row.parameter:<{name}} {row.median:>10.4g} {row.unit:<{unit}}{interval}{extra}")
+        extra = f"{interval}, {cv}" if interval and cv else f"{interval} {cv}" if cv else interval
+        lines.append(f"  {row.parameter:<{name}} {row.median:>10.4g} {row.unit:<{unit}}{extra}".rstrip())
     return lines
 
 
@@ -808,6 +809,8 @@ def run_fit(
     table = summary_table(result)
     lines = [f"fitted {spec.name} to {dataset.source} ({len(result.data.subjects)} subjects, "
              f"{len(result.data.observations)} observations) with {method}; wrote {run_dir}"]
+    assumed = dataset.units.assumption()
+    lines += [assumed] if assumed else []
     lines += format_parameters(table)
     verdict = diag["passed"]
     lines.append("diagnostics: " + ("passed" if verdict else ("not applicable" if verdict is None else "FAILED: " + "; ".join(diag["reasons"]))))

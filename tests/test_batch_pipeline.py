@@ -316,3 +316,32 @@ def test_batch_csv_keeps_whole_numbers_whole(tmp_path):
     row = dict(zip(text.splitlines()[0].split(","), text.splitlines()[1].split(","), strict=True))
     assert (row["seed"], row["subjects"], row["times"], row["dose"], row["Cmax_plasma"]) == ("1", "200", "241", "10.0", "1.5")
     assert pd.read_csv(tmp_path / "batch.csv")["seed"].isna().tolist() == [False, True]
+
+
+def test_out_of_range_batch_options_come_in_the_one_message(tmp_path):
+    # found by a README audit: Typer's own range check answered --workers 0 with a usage error (exit 2)
+    # and never reported the pipeline's problems
+    from itpk.cli.main import app
+    from typer.testing import CliRunner
+
+    path = write(tmp_path, "[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\ndose = -1\n", "neg.toml")
+    result = CliRunner().invoke(app, ["batch", str(path), "--workers", "0", "--retries", "-1"])
+    assert result.exit_code == 1 and "3 problems:" in result.output, result.output
+    for text in ["--workers must be >= 1, found 0", "--retries must be >= 0, found -1", "dose: amount must be"]:
+        assert text in result.output, text
+    assert not (tmp_path / "neg").exists()
+
+
+def test_readme_lists_every_key_of_each_kind():
+    # found by a README audit: the Keys paragraph had fallen behind (cmt, iiv, mass_matrix, precondition)
+    import re
+    from pathlib import Path
+
+    from itpk.batch.schema import KIND_OPTIONS
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    keys = " ".join(text.split("- **Keys.**", 1)[1].split(". Lists", 1)[0].split())
+    for kind, options in KIND_OPTIONS.items():
+        listed = re.search(rf"`{kind}`: `([a-z_ ]+)`", keys)
+        assert listed is not None, kind
+        assert set(listed.group(1).split()) == set(options), kind

@@ -355,8 +355,20 @@ def test_fit_parameter_lines_have_a_header_naming_the_interval():
     lines = format_parameters(table)
     assert lines[0].split() == ["parameter", "median", "unit", "[95%", "CrI", "lo,", "hi]"]
     assert lines[1].split() == ["CL", "2", "L/h", "[1.5,", "2.5]"]
+    assert lines[2].split() == ["omega_CL", "0.3", "1", "[0.2,", "0.4],", "CV", "30%"]
     one_draw = format_parameters(table.assign(ci_low=np.nan, ci_high=np.nan))
     assert "CrI" not in one_draw[0]
+    assert one_draw[2].split() == ["omega_CL", "0.3", "1", "CV", "30%"]  # no stray comma without an interval
     # a name longer than 16 characters widens the column instead of shifting its own row
     wide = format_parameters(pd.concat([table, table.iloc[[0]].assign(parameter="sigma_prop_plasma", unit="1")]))
     assert len({line.index("[") for line in wide}) == 1 and len({line.index(" L/h") for line in wide if "L/h" in line}) == 1
+
+
+def test_out_of_range_counts_are_bad_input_not_usage_errors(tmp_path):
+    # Typer's min= checks exited 2 with a usage box and hid the other problems; the library lists them all
+    theoph = files("itpk.data") / "theoph.csv"
+    result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 0, "--seed", -1, "--out", tmp_path / "s.csv")
+    assert result.exit_code == 1 and "--doses must be a whole number >= 1, found 0" in result.output
+    assert "--seed must be a whole number >= 0, found -1" in result.output and not (tmp_path / "s.csv").exists()
+    result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "run", "--cores", 0, "--seed", -2)
+    assert result.exit_code == 1 and "2 problems:" in result.output and "--cores must be a whole number >= 1, found 0" in result.output

@@ -399,6 +399,9 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     assert doc["trial_covariates"] == pytest.approx(trial, rel=1e-12)
     exposure = pd.read_csv(run_dir / "exposure.csv").set_index("metric")
     assert doc["metrics"]["G"] == pytest.approx(exposure.loc["G", "median"], rel=1e-9)
+    # one MAP draw: NUTS's columns, but no interval or probability (not a zero-width interval)
+    assert {"ci_low", "ci_high", "P(>1)"} <= set(exposure.columns)
+    assert exposure[["ci_low", "ci_high", "P(>1)"]].isna().all().all()
     assert "covariates of the fitted trial (median): DIAM" in runner.invoke(
         app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir), "--out", str(tmp_path / "c.csv")]).output
     # the CSV says which patient too: one covariate row, in the model's unit

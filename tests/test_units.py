@@ -138,12 +138,17 @@ def test_no_sidecar_means_model_units_assumed(tmp_path):
     assert ds.units_assumed and ds.units.sidecar is None and ds.units.conversions == ()
     assert ds.data.loc[0, "AMT"] == 500
     assert "no units file; values taken to be in the model's units" in ds.units.describe()[0]
+    # the one line a fit prints (SPEC §2: every output says the units were assumed), with the units taken
+    assert ds.units.assumption() == ("units: no units file beside the data; taken to be the model's "
+                                     "(TIME h, AMT[iv] mg, DV[plasma] mg/L)")
 
 
 def test_partial_sidecar_records_what_was_assumed(tmp_path):
     ds = dataset(tmp_path, 'DV = "ng/mL"\n')
     assert ds.units_assumed and ds.units.assumed == ("TIME", "AMT")
     assert any("assumed (not in the units file): TIME, AMT" in line for line in ds.units.describe())
+    assert ds.units.assumption().endswith("taken to be the model's: TIME h, AMT[iv] mg")
+    assert dataset(tmp_path, 'TIME = "h"\nAMT = "mg"\nDV = "mg/L"\n').units.assumption() is None
 
 
 def test_sidecar_without_model_is_recorded_not_applied(tmp_path):
