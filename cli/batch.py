@@ -53,7 +53,7 @@ def batch_command(
 
     # every problem at once, before anything is created: the batch's own options, then the pipeline's
     problems = option_problems(out if out is not None else default_out(pipeline), resume=resume, log=log,
-                               scheduler=scheduler, workers=workers, retries=retries)
+                               scheduler=scheduler, workers=workers, retries=retries, pipeline=pipeline)
     try:
         loaded = load_pipeline(pipeline, preflight=True)
     except ItpkError as exc:

@@ -28,17 +28,16 @@ ModelOpt = Annotated[
 
 
 def _read(data: Path, model: str | None) -> Dataset:
-    """Read a dataset (checked against a model if given); on bad input print and exit 1."""
-    from itpk.dataset import read_dataset
-    from itpk.errors import ItpkError
-    from itpk.spec import load_model
+    """Read a dataset (checked against a model if given); on bad input print every problem and exit 1."""
+    from itpk.errors import problems_error
+    from itpk.workflows import read_data
 
-    try:
-        spec = load_model(model) if model else None
-        return read_dataset(data, spec)
-    except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    problems: list[str] = []
+    _, dataset = read_data(data, model, problems)
+    if problems or dataset is None:
+        typer.echo(f"error: {problems_error(problems)}", err=True)
+        raise typer.Exit(1)
+    return dataset
 
 
 @data_app.command("validate")
@@ -82,28 +81,18 @@ def nca_command(
     end: Annotated[float | None, typer.Option("--end", help="Also report AUC_end: AUClast over samples at or before this time (dataset time unit).", show_default=False)] = None,
 ) -> None:
     """Non-compartmental analysis per subject and output (linear-up/log-down AUC)."""
-    from itpk.io import atomic_write  # temp file beside the target, then os.replace
-    from itpk.nca import nca
+    from itpk.errors import ItpkError
+    from itpk.workflows import run_nca
 
-    from itpk.errors import ItpkError, problems_error
-    from itpk.io import file_problem
-    from itpk.nca import option_problems
-
-    problems = [*option_problems(end=end), *[p for p in [file_problem("--out", out)] if p]]  # before any work
-    if problems:
-        typer.echo(f"error: {problems_error(problems)}", err=True)
-        raise typer.Exit(1)
-    dataset = _read(data, model)
     try:
-        table = nca(dataset, end=end)
+        result = run_nca(data, out=out, model=model, end=end)
     except ItpkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    try:
-        atomic_write(out, lambda temp: table.to_csv(temp, index=False))
     except OSError as exc:
         typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
+    table, dataset = result.table, result.dataset
     typer.echo(f"wrote {len(table)} rows to {out}")
     typer.echo(f"  BLQ handling: {table.attrs['blq']}")
     for line in dataset.units.describe():

@@ -44,6 +44,12 @@ def user_errors() -> Iterator[None]:
         where = f" {exc.filename}" if exc.filename else ""
         typer.echo(f"error: cannot write or read{where}: {exc.strerror or exc}", err=True)
         raise typer.Exit(code=1) from None
+    except SystemError as exc:
+        # Ctrl-C inside a numba-compiled solver surfaces as "returned a result with an exception set"
+        if not isinstance(exc.__cause__, KeyboardInterrupt):
+            raise
+        typer.echo("interrupted (Ctrl-C): outputs are written whole or not at all", err=True)
+        raise typer.Exit(code=130) from None
 
 
 @contextmanager

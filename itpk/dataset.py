@@ -38,6 +38,7 @@ STANDARD_COLUMNS = (
 )
 REQUIRED_COLUMNS = ("ID", "TIME", "EVID")
 ALIASES = {"CENS": "BLQ"}
+MAX_ADDL = 100_000  # additional doses of one row: 270 years of daily doses; more is a typo that would run for hours
 ROUTES = ("it", "ia", "iv", "sc", "po")
 EVIDS = {0: "observation", 1: "dose", 2: "other", 3: "reset", 4: "reset and dose"}
 DOSE_EVIDS = (1, 4)
@@ -239,6 +240,8 @@ def _build(
             converted = convert_units(checked, sidecar, spec)
         except DatasetError as exc:
             reader.extra += _listed(exc)
+    if converted is not None:
+        reader.problems += _flag_problems(converted[0])
     reader.raise_if_problems()
     assert frame is not None and converted is not None  # no problems: the whole frame was converted
     frame, units = converted
@@ -249,6 +252,17 @@ def _listed(exc: DatasetError) -> list[str]:
     """The ``  - `` items of a multi-line error message (or the message itself)."""
     lines = [line[4:] for line in str(exc).splitlines() if line.startswith("  - ")]
     return lines or [str(exc)]
+
+
+def _flag_problems(frame: pd.DataFrame) -> list[Problem]:
+    """A measured value above its limit on a row flagged below it (BLQ=1): the flag or the value is
+    wrong, and the fit would silently drop the value. Checked after unit conversion, since DV and
+    LLOQ may be in different units."""
+    obs = (frame["EVID"] == 0) & (frame["MDV"] == 0) & (frame["BLQ"] == 1)
+    above = obs & frame["DV"].notna() & frame["LLOQ"].notna() & (frame["DV"] > frame["LLOQ"])
+    return [Problem(int(row), "DV", f"found {_fmt(dv)} above LLOQ {_fmt(lloq)} on a row flagged BLQ=1",
+                    "a value at or below LLOQ (or blank) when BLQ=1, or BLQ=0 for a measured value")
+            for row, dv, lloq in zip(frame.loc[above, "ROW"], frame.loc[above, "DV"], frame.loc[above, "LLOQ"], strict=True)]
 
 
 def _censor(frame: pd.DataFrame) -> pd.DataFrame:
@@ -562,6 +576,11 @@ class _Reader:
         self.add_rows(dose & ss.isin((1, 2)) & ~(ii > 0) & ~(rate > 0), "II", lambda i: f"found {_fmt(ii.fillna(0).iat[i])} with SS={_fmt(ss.iat[i])}",
                       "II > 0 at steady state (or RATE > 0 with II=0 for a constant infusion)")
         not_dose = evid.notna() & ~dose
+        self.add_rows(dose & (addl > MAX_ADDL), "ADDL", lambda i: f"found {_fmt(addl.iat[i])}",
+                      f"at most {MAX_ADDL} additional doses on one row")
+        blq = values["BLQ"]
+        self.add_rows(evid.notna() & (evid != 0) & (blq > 0), "BLQ", lambda i: f"found {_fmt(blq.iat[i])} on an EVID={_fmt(evid.iat[i])} row",
+                      "blank or 0 (BLQ marks observations, EVID=0)")
         for column in ("AMT", "RATE", "DUR", "II", "ADDL", "SS"):
             series = values[column]
             self.add_rows(not_dose & (series > 0), column, lambda i, s=series: f"found {_fmt(s.iat[i])} on an EVID={_fmt(evid.iat[i])} row, where it would be ignored",
@@ -572,7 +591,7 @@ class _Reader:
         counted = (evid == 0) & (mdv.fillna(0) == 0)
         with_limit = (blq == 1) & lloq.notna()  # BLQ=1 and LLOQ given: DV may be blank
         self._blank(values, "DV", counted & ~with_limit, "blank on an observation row (EVID=0)",
-                    "a measured value (a finite number), or MDV=1 to ignore the row")
+                    "a measured value (a finite number), MDV=1 to ignore the row, or with BLQ=1 the limit in LLOQ")
         self.add_rows(lloq <= 0, "LLOQ", lambda i: f"found {_fmt(lloq.iat[i])}", "a limit > 0 or blank")
 
     def _check_routes_and_cmt(self, values: dict[str, pd.Series]) -> None:

@@ -34,6 +34,7 @@ from itpk.dosecuts import cut_doses
 from itpk.errors import FitError, problems_error
 from itpk.expr import pytensor_backend
 from itpk.interrupts import checkpoint
+from itpk.population import MAX_SEED
 from itpk.residuals import location_scale, observed_outputs, pointwise, sigma_names
 from itpk.spec import ELIMINATION, ERROR_MODELS, ModelSpec, Parameter
 from itpk.subjects import ExpandedDoses, Subject, expand_doses, last_reset, subjects
@@ -620,8 +621,8 @@ def argument_problems(
             problems.append(f"--{label} must be a whole number >= {low}, found {value!r}")
     if cores is not None and not (whole(cores) and cores >= 1):
         problems.append(f"--cores must be a whole number >= 1, found {cores!r}")
-    if seed is not None and not (whole(seed) and seed >= 0):
-        problems.append(f"--seed must be a whole number >= 0, found {seed!r}")
+    if seed is not None and not (whole(seed) and 0 <= seed <= MAX_SEED):
+        problems.append(f"--seed must be a whole number from 0 to {MAX_SEED}, found {seed!r}")
     if not (isinstance(target_accept, int | float) and not isinstance(target_accept, bool) and 0.5 <= target_accept < 1.0):
         problems.append(f"--target-accept must be in [0.5, 1), found {target_accept!r}")
     if mass_matrix not in MASS_MATRICES:

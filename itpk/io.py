@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -75,6 +75,42 @@ def file_problem(option: str, path: str | Path) -> str | None:
     if problem is None and target.exists() and not os.access(target, os.W_OK):
         return f"{option} {path}: the file exists and is read-only"
     return problem
+
+
+# the files of a fit's run directory (SPEC §5) that other commands read: never an output of theirs
+RUN_DIRECTORY_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "exposure.csv", "run.json", "model.toml")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """One file under two names (symlinks and hard links too)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def clash_problems(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None] | None = None) -> list[str]:
+    """Outputs that would overwrite what the command reads or writes besides: an input (``inputs``
+    maps a description, e.g. "the dataset", to its path), another output, or a file of a fit's run
+    directory. ``outputs`` maps an option (``--out``) to its path; None or "" is not given.
+
+    Checked before any work, because the atomic rename would otherwise replace the input for good.
+    """
+    given = {option: Path(path) for option, path in outputs.items() if path is not None and str(path) != ""}
+    sources = {what: Path(path) for what, path in (inputs or {}).items() if path is not None and str(path) != ""}
+    problems = []
+    options = list(given)
+    for k, option in enumerate(options):
+        path = given[option]
+        same_input = next((what for what, source in sources.items() if _same(path, source)), None)
+        same_output = next((other for other in options[:k] if _same(path, given[other])), None)
+        if same_input:
+            problems.append(f"{option} {path}: is {same_input}, which this command reads; give another file name")
+        elif same_output:
+            problems.append(f"{option} {path}: is also {same_output}; give each output its own file")
+        elif path.name in RUN_DIRECTORY_FILES and (path.parent / "run.json").is_file():
+            problems.append(f"{option} {path}: is a file of the run directory {path.parent}; write it elsewhere")
+    return problems
 
 
 def temporary_sibling(target: Path, *, directory: bool) -> Path:

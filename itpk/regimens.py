@@ -31,8 +31,9 @@ def tvec_volume(diameter_cm: float) -> float:
     return next(volume for lower, volume in _VOLUME_BY_DIAMETER if diameter_cm > lower)
 
 
-def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it", site: str | None = None) -> Schedule:
-    """T-VEC visits into one lesion: amounts in PFU, times in hours.
+def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it", site: str | None = None,
+                  hours: float = 1.0) -> Schedule:
+    """T-VEC visits into one lesion: amounts in PFU, times in the model's time unit (``hours``: that unit per hour).
 
     Visit 1 at day 0 with 10^6 PFU/mL, visit 2 at day 21 with 10^8 PFU/mL, then
     every 14 days; each visit injects ``tvec_volume(diameter_cm)`` mL into the
@@ -46,10 +47,10 @@ def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it", sit
     if visits > 1:
         doses.append(
             Dose(
-                SECOND_VISIT_DAY * HOURS_PER_DAY,
+                SECOND_VISIT_DAY * HOURS_PER_DAY * hours,
                 LATER_CONCENTRATION * volume,
                 target,
-                ii=INTERVAL_DAYS * HOURS_PER_DAY if visits > 2 else 0.0,
+                ii=INTERVAL_DAYS * HOURS_PER_DAY * hours if visits > 2 else 0.0,
                 addl=visits - 2,
             )
         )
@@ -57,3 +58,13 @@ def tvec_schedule(diameter_cm: float, *, visits: int = 6, route: str = "it", sit
 
 
 REGIMENS = {"tvec": tvec_schedule}
+AMOUNT_UNITS = {"tvec": "PFU"}  # what a regimen's amounts count: the receiving compartment must count the same
+
+
+def unit_problem(name: str, amount_unit: str, route: str) -> str | None:
+    """Why regimen ``name`` cannot dose a compartment counted in ``amount_unit`` by ``route``, or None."""
+    wanted = AMOUNT_UNITS.get(name)
+    if wanted is None or amount_unit == wanted:
+        return None
+    return (f"--regimen {name} doses {wanted} (a virus), but route {route} doses {amount_unit}: "
+            f"give --dose in {amount_unit} instead, or a model whose {route} route doses {wanted}")

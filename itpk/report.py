@@ -31,6 +31,7 @@ TEMPLATE = "templates/report.html.j2"
 SUBJECTS_PER_FIGURE = 12
 PREDICTION_COLUMNS = ("ID", "TIME", "CMT", "DV", "BLQ", "PRED", "IPRED", "IRES", "PIT")
 SUMMARY_REQUIRED = ("parameter", "unit", "median", "ci_low", "ci_high")
+TEXT_COLUMNS = ("parameter", "unit", "metric", "CMT")  # the others of the required columns hold numbers
 DPI = 96
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 
@@ -98,9 +99,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, progress
 
 
 def _check_target(target: Path) -> None:
-    from itpk.io import file_problem
+    from itpk.io import clash_problems, file_problem
 
-    problem = file_problem("--out", target)
+    problem = file_problem("--out", target) or next(iter(clash_problems({"--out": target})), None)
     if problem:
         raise ItpkError(problem + (f", e.g. {target / 'report.html'}" if target.is_dir() else ""))
 
@@ -138,6 +139,13 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ItpkError(f"{path}: missing column(s) {', '.join(missing)}; the run directory is from an incompatible itpk version")
+    for column in (c for c in required if c not in TEXT_COLUMNS):  # a hand-edited cell: say where, not a ValueError later
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() & frame[column].notna()
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            raise ItpkError(f"{path}: row {row + 2}, {column}: found {frame[column].iat[row]!r}; allowed: a number")
+        frame[column] = values
     return frame
 
 

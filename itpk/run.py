@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from itpk import jsontext
-from itpk.errors import ItpkError
+from itpk.errors import ItpkError, problems_error
 from itpk.inference import CENSORING_METHOD, FitResult
 
 RUN_FORMAT = 1
@@ -318,18 +318,33 @@ def typical_predictions(result: FitResult) -> np.ndarray:
     return out
 
 
-def check_run_target(out: str | Path) -> Path:
+def check_run_target(out: str | Path, inputs: Mapping[str, str | Path | None] | None = None) -> Path:
     """Refuse, before any work, a run directory that could not be written or must not be replaced.
+
+    A run directory is replaced as a whole, so an earlier one may hold only what itpk writes there
+    (:data:`RUN_OUTPUTS`), and none of ``inputs`` (description -> path: the dataset, its units file,
+    the model file) may lie inside it.
 
     Raises
     ------
     ItpkError
-        If ``out`` is a file, a folder that is not a run directory, or in a folder that cannot be made or written.
+        If ``out`` is a file, a folder that is not a run directory, a run directory holding other
+        files or an input, or in a folder that cannot be made or written.
     """
     target = Path(out)
     if target.exists() and not (target / "run.json").is_file():
         kind = "a folder that is not a run directory" if target.is_dir() else "a file"
         raise ItpkError(f"--out {target} exists and is {kind}; refusing to replace it (give a new path or an earlier run directory)")
+    inside = [f"{what} {path}" for what, path in (inputs or {}).items()
+              if path is not None and Path(path).exists() and target.resolve() in Path(path).resolve().parents]
+    if inside:
+        raise ItpkError(f"--out {target}: holds {' and '.join(inside)}, which replacing the run directory would delete; "
+                        "give another --out")
+    if target.is_dir():
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir() if p.name not in RUN_OUTPUTS)
+        if foreign:
+            raise ItpkError(f"--out {target}: the run directory also holds {', '.join(foreign)}, which replacing it "
+                            "would delete; move them out or give another --out")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -512,6 +527,7 @@ EXPOSURE_DRAWS = 1000  # posterior draws (evenly thinned) behind exposure.csv
 EXPOSURE_DRAWS_NONLINEAR = 200  # the same for nonlinear models (ODE solves and a dose search per draw)
 
 REQUIRED_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "run.json", "model.toml")
+RUN_OUTPUTS = (*REQUIRED_FILES, "exposure.csv", "report.html")  # what itpk writes in a run directory
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
@@ -537,8 +553,9 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
         record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ItpkError(f"{folder / 'run.json'}: unreadable ({exc})") from None
-    if record.get("format") != RUN_FORMAT:
-        raise ItpkError(f"{folder}: run format {record.get('format')!r} is not supported (this itpk reads format {RUN_FORMAT})")
+    problems = record_problems(record)
+    if problems:
+        raise problems_error([f"{folder / 'run.json'}: {p}" for p in problems])
     try:
         raw = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -555,6 +572,25 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
     draws = {name: np.asarray(post[name]).reshape(-1) for name in post.data_vars
              if name in spec.parameters or str(name).startswith("omega_")}
     return spec, draws, record
+
+
+# the keys of run.json that commands read, and the JSON type each must have
+RECORD_TYPES: dict[str, tuple[type, ...]] = {"diagnostics": (dict,), "settings": (dict,), "warnings": (list,),
+                                             "typical_covariates": (dict,), "units": (dict, list, str)}
+
+
+def record_problems(record: Any) -> list[str]:
+    """What makes a parsed run.json unusable (a hand edit, another tool's file), one line each."""
+    if not isinstance(record, dict):
+        return [f"found a JSON {type(record).__name__}; allowed: an object (the run record itpk fit writes)"]
+    problems = []
+    if record.get("format") != RUN_FORMAT:
+        problems.append(f"format: found {record.get('format')!r}; allowed: {RUN_FORMAT} (the run format this itpk reads)")
+    for key, types in RECORD_TYPES.items():
+        if key in record and record[key] is not None and not isinstance(record[key], types):
+            allowed = " or ".join({dict: "an object", list: "a list", str: "a string"}[t] for t in types)
+            problems.append(f"{key}: found {json.dumps(record[key])[:60]}; allowed: {allowed}")
+    return problems
 
 
 def posterior_values(spec: Any, draws: Mapping[str, np.ndarray], *, overrides: Mapping[str, float] | None = None,

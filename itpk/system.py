@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from itpk.errors import ModelSpecError
+from itpk.errors import ModelSpecError, problems_error, raise_problems
 from itpk.events import Target
 from itpk.spec import ELIMINATION, ModelSpec
 
@@ -118,33 +118,57 @@ def _derive(spec: ModelSpec, env: dict[str, np.ndarray], size: int) -> dict[str,
     return env
 
 
-def check_volumes(values: Values, outputs: Sequence[str]) -> None:
-    """The volumes behind ``outputs`` finite and > 0 in every parameter set.
+def check_volumes(values: Values, outputs: Sequence[str], *, zero: bool = False) -> None:
+    """The volumes behind ``outputs`` finite and > 0 (``zero``: >= 0) in every parameter set.
 
     A lesion of diameter 0 makes its concentration 0/0. Only the compartments the named outputs
     read are checked: a patient without a second lesion (``DIAM2 = 0``) is fine as long as
-    nothing asks for ``lesion2``.
+    nothing asks for ``lesion2``; ``simulate``, which writes every output, passes ``zero`` and
+    notes such outputs (:func:`zero_volumes`).
 
     Raises
     ------
     ModelSpecError
-        Naming the compartment, its volume expression and the inputs behind it.
+        Naming each compartment, its volume expression and the inputs behind it, one per line.
     """
+    problems = [f"compartment {c}: volume {text} = {v:g} with {inputs}; a volume must be {'>= 0' if zero else '> 0'}"
+                for c, text, v, inputs in _volumes(values, outputs) if not (np.isfinite(v) and (v >= 0 if zero else v > 0))]
+    if problems:
+        raise problems_error(problems, ModelSpecError)
+
+
+def zero_volumes(values: Values, outputs: Sequence[str]) -> list[str]:
+    """The compartments read by ``outputs`` whose volume is 0 in some parameter set (their concentrations are undefined)."""
+    return [f"{c} (volume {text} = 0 with {inputs})" for c, text, v, inputs in _volumes(values, outputs) if v == 0]
+
+
+def _volumes(values: Values, outputs: Sequence[str]) -> list[tuple[str, str, float, str]]:
+    """Per compartment read by ``outputs``: name, volume expression, its worst value (non-finite, else the
+    smallest) over the parameter sets, and the inputs behind it there."""
     spec, env = values.spec, values.env
-    problems = []
     wanted = {name for o in outputs for name in spec.outputs[o].expr.names}
+    found = []
     for c in spec.compartments:
         if c.volume is None or c.name not in wanted:
             continue
         with np.errstate(all="ignore"):
             volume = np.broadcast_to(np.asarray(c.volume.evaluate(env), dtype=float), (values.size,))
-        bad = ~(np.isfinite(volume) & (volume > 0))
-        if np.any(bad):
-            at = int(np.argmax(bad))
-            inputs = ", ".join(f"{n}={env[n][at]:g}" for n in inputs_of(spec, c.volume.names))
-            problems.append(f"compartment {c.name}: volume {c.volume.text} = {volume[at]:g} with {inputs}; a volume must be > 0")
-    if problems:
-        raise ModelSpecError("; ".join(problems))
+        finite = np.isfinite(volume)
+        at = int(np.argmin(finite)) if not finite.all() else int(np.argmin(volume))
+        inputs = ", ".join(f"{n}={np.broadcast_to(env[n], (values.size,))[at]:g}" for n in inputs_of(spec, c.volume.names))
+        found.append((c.name, c.volume.text, float(volume[at]), inputs))
+    return found
+
+
+def rate_problems(values: Values) -> list[str]:
+    """First-order flows whose rate is not finite or < 0 in some parameter set (one line)."""
+    spec = values.spec
+    with np.errstate(all="ignore"):
+        bad = sorted({
+            f"{f.key} = {f.rate}" for f in spec.flows
+            if not np.all(np.isfinite(r := np.asarray(f.rate.evaluate(values.env)))) or np.any(r < 0)
+        })
+    return [f"model {spec.name!r}: first-order rate(s) {'; '.join(bad)} must be finite and >= 0 for the given parameters"] if bad else []
 
 
 def inputs_of(spec: ModelSpec, names: Any) -> list[str]:
@@ -170,15 +194,7 @@ def rate_matrix(values: Values) -> np.ndarray:
             K[:, i, i] -= k
             if flow.target != ELIMINATION:
                 K[:, spec.index(flow.target), i] += k
-    with np.errstate(all="ignore"):
-        bad = sorted({
-            f"{f.key} = {f.rate}" for f in spec.flows
-            if not np.all(np.isfinite(r := np.asarray(f.rate.evaluate(values.env)))) or np.any(r < 0)
-        })
-    if bad:
-        raise ModelSpecError(
-            f"model {spec.name!r}: first-order rate(s) {'; '.join(bad)} must be finite and >= 0 for the given parameters"
-        )
+    raise_problems(rate_problems(values), ModelSpecError)
     return K
 
 
@@ -202,11 +218,18 @@ def input_fractions(values: Values, target: Target) -> np.ndarray:
     for cmt, frac in spec.dose_into(target).items():
         out[:, spec.index(cmt)] += np.broadcast_to(np.asarray(frac.evaluate(values.env), dtype=float), (values.size,))
     if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out.sum(axis=1) > 1 + 1e-12):
+        shares = "; ".join(f"into {cmt}: {frac.text} = {_span(out[:, spec.index(cmt)])}" for cmt, frac in spec.dose_into(target).items())
         raise ModelSpecError(
-            f"model {spec.name!r}, route {target.name!r}: fractions must be finite, >= 0 and sum to <= 1; "
-            f"found sums {np.unique(np.round(out.sum(axis=1), 6))[:5].tolist()}"
+            f"model {spec.name!r}, route {target.name!r}: the fractions of a dose must be finite, >= 0 and sum to <= 1; "
+            f"found {shares}"
         )
     return out
+
+
+def _span(values: np.ndarray) -> str:
+    """One value, or the range of several: ``-0.5`` or ``-0.5 to 0.8``."""
+    low, high = float(np.min(values)), float(np.max(values))
+    return f"{low:g}" if low == high else f"{low:g} to {high:g}"
 
 
 def evaluate_outputs(values: Values, amounts: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ concentrations per volume (``mg/L``) with a tissue density of 1 g/mL
 from __future__ import annotations
 
 import functools
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -146,6 +147,14 @@ def conversion(source: str, target: str) -> Conversion:
     """
     if source == target:
         return Conversion(source, target, 1.0)
+    try:
+        return _conversion(source, target)
+    except ArithmeticError:  # pint overflows on a unit such as mg/L**1000 while reducing it
+        raise DatasetError(f"{source!r} -> {target!r}: no finite conversion factor (is the unit written as meant?)") from None
+
+
+def _conversion(source: str, target: str) -> Conversion:
+    """:func:`conversion` of two different unit texts (pint may raise ArithmeticError)."""
     ureg = registry()
     src, dst = parse_unit(source), parse_unit(target)
     one = ureg.Quantity(1.0, src)
@@ -159,8 +168,26 @@ def conversion(source: str, target: str) -> Conversion:
         candidates.append((one / density, f"tissue density {TISSUE_DENSITY}"))
     for quantity, note in candidates:
         if quantity.dimensionality == ureg.Quantity(1.0, dst).dimensionality:
-            return Conversion(source, target, float(quantity.to(dst).magnitude), note)
+            zero = ureg.Quantity(0.0, src) if not note else 0.0 * quantity  # a density changes no offset
+            return Conversion(source, target, _factor(quantity, zero, dst, source, target), note)
     raise DatasetError(f"{source!r} cannot be converted to {target!r} (they measure different things)")
+
+
+def _factor(one: Any, zero: Any, dst: Any, source: str, target: str) -> float:
+    """The multiplier taking 1 ``source`` to ``target``; DatasetError when there is none (an offset
+    scale such as degF, or a unit whose size overflows a float, e.g. ``mg/L**1000``)."""
+    import pint
+
+    try:
+        factor, offset = float(one.to(dst).magnitude), float(zero.to(dst).magnitude)
+    except (ArithmeticError, ValueError, TypeError, pint.errors.PintError):
+        factor, offset = math.nan, 0.0
+    if offset != 0.0:
+        raise DatasetError(f"{source!r} -> {target!r} is an offset scale (0 {source} is {offset:g} {target}), not a factor: "
+                           f"give these values in {target!r}")
+    if not (math.isfinite(factor) and factor > 0):
+        raise DatasetError(f"{source!r} -> {target!r}: no finite conversion factor (is the unit written as meant?)")
+    return factor
 
 
 def _per_mass(unit: pint.Unit) -> bool:

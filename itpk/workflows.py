@@ -19,16 +19,19 @@ from itpk.errors import Interrupted, ItpkError, problems_error, raise_problems  
 from itpk.events import Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
-from itpk.population import sample_population
+from itpk.population import MAX_SEED, MAX_SUBJECTS, sample_population
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
-from itpk.system import Values, check_volumes, inputs_of, resolve, unknown_names
+from itpk.system import Values, check_volumes, inputs_of, rate_problems, resolve, unknown_names, zero_volumes
 
 if TYPE_CHECKING:
+    from itpk.dataset import Dataset
     import pandas as pd
 
 MAX_GRID = 200_000
+MAX_VALUES = 100_000_000  # numbers a simulation holds at once (0.8 GB of float64)
+MAX_DOSES = 100_000  # doses of one regimen (as a dataset row's ADDL): more is a typo that would run for hours
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def build_schedule(
     if doses is not None and doses < 1:
         raise ItpkError(f"--doses must be >= 1, found {doses}")
     if regimen_name is not None:
-        from itpk.regimens import REGIMENS
+        from itpk.regimens import REGIMENS, unit_problem
 
         if regimen_name not in REGIMENS:
             raise ItpkError(f"--regimen {regimen_name!r} is unknown; regimens: {', '.join(REGIMENS)}")
@@ -106,7 +109,10 @@ def build_schedule(
             size = "DIAM"  # a regimen by a route that injects no lesion (iv): the patient's lesion still has that size
         if size is not None:
             overrides.setdefault(size, diam)
-        return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site), route
+        problem = unit_problem(regimen_name, _dose_unit(spec, route), route) if route in spec.routes else None
+        if problem:
+            raise ItpkError(problem)
+        return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site, hours=_per_hour(spec)), route
     if route is None or dose is None:
         raise ItpkError("give the route and --dose (or --regimen tvec --diam CM)")
     site = check_sites(spec, [route], site)
@@ -132,6 +138,9 @@ def option_problems(spec: ModelSpec, *, routes: Sequence[str] = (), overrides: M
     if unknown:
         problems.append(f"model {spec.name!r} has no route(s) {', '.join(unknown)}; routes: {', '.join(spec.routes)}")
     problems += [p for p in [unknown_names(spec, overrides or {})] if p]
+    problems += [f"--set {name}={_shown(value)}: {name} is a fraction; allowed: a number from 0 to 1"
+                 for name, value in (overrides or {}).items()
+                 if name in spec.parameters and spec.parameters[name].fraction and _is_number(value) and not 0 <= value <= 1]
     bad_targets = sorted(set(targets or {}) - set(spec.outputs))
     if bad_targets:
         problems.append(f"--target: unknown output(s) {', '.join(bad_targets)}; outputs: {', '.join(spec.outputs)}")
@@ -167,9 +176,10 @@ def value_problems(*, dose: float | None = None, diam: float | None = None, ever
     for name, value in (("every", every), ("infusion", infusion), ("horizon", horizon), ("step", step)):
         if value is not None and not (_is_number(value) and value > 0):
             problems.append(f"--{name} must be a finite number > 0, found {_shown(value)}")
-    for name, value, low in (("doses", doses, 1), ("subjects", subjects, 1), ("seed", seed, 0)):
-        if value is not None and not (_is_whole(value) and value >= low):
-            problems.append(f"--{name} must be a whole number >= {low}, found {_shown(value)}")
+    for name, value, low, high in (("doses", doses, 1, MAX_DOSES), ("subjects", subjects, 1, MAX_SUBJECTS),
+                                   ("seed", seed, 0, MAX_SEED)):
+        if value is not None and not (_is_whole(value) and low <= value <= high):
+            problems.append(f"--{name} must be a whole number from {low} to {high}, found {_shown(value)}")
     if at is not None:
         bad = [t for t in at if not (_is_number(t) and t >= 0)]
         if bad or not len(at):
@@ -185,10 +195,12 @@ def _schedule_problems(spec: ModelSpec, *, route: str | None, dose: float | None
     """What :func:`build_schedule` would refuse, without building anything."""
     problems = []
     if regimen_name is not None:
-        from itpk.regimens import REGIMENS
+        from itpk.regimens import REGIMENS, unit_problem
 
         if regimen_name not in REGIMENS:
             problems.append(f"--regimen {regimen_name!r} is unknown; regimens: {', '.join(REGIMENS)}")
+        dosed = route or "it"
+        problems += [p for p in [unit_problem(regimen_name, _dose_unit(spec, dosed), dosed)] if p] if dosed in spec.routes else []
         if dose is not None or every is not None or infusion is not None:
             problems.append(f"--regimen {regimen_name} sets amounts and times: do not give --dose, --every or --infusion")
         if diam is None and required:
@@ -264,13 +276,21 @@ def comparison_problems(spec: ModelSpec | None, *, dose: float | None = None, ro
     return problems
 
 
-def output_problems(**paths: str | Path | None) -> list[str]:
+def output_problems(inputs: Mapping[str, str | Path | None] | None = None, **paths: str | Path | None) -> list[str]:
     """What keeps a command from writing its files, before any work: ``--out``/``--plot`` (by keyword) that is
-    a folder, or whose folder is a file or cannot be written. Names the option and the path as given."""
-    from itpk.io import file_problem
+    a folder, or whose folder is a file or cannot be written, or that would overwrite one of ``inputs``
+    (description -> path), the other output or a run directory's file (:func:`itpk.io.clash_problems`).
+    Names the option and the path as given."""
+    from itpk.io import clash_problems, file_problem
 
-    return [problem for option, path in paths.items() if path is not None and str(path) != ""
-            for problem in [file_problem(f"--{option}", path)] if problem]
+    problems = [problem for option, path in paths.items() if path is not None and str(path) != ""
+                for problem in [file_problem(f"--{option}", path)] if problem]
+    return problems + clash_problems({f"--{option}": path for option, path in paths.items()}, inputs)
+
+
+def model_file(model: str | Path | ModelSpec) -> Path | None:
+    """The file a model was given as (None for a built-in name or a model already loaded)."""
+    return Path(model) if isinstance(model, str | Path) and Path(model).is_file() else None
 
 
 def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
@@ -284,6 +304,25 @@ def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
     except ItpkError as exc:
         problems.append(str(exc))
         return None, None, {}
+
+
+def read_data(data: str | Path, model: str | Path | ModelSpec | None, problems: list[str]) -> tuple[ModelSpec | None, Dataset | None]:
+    """The model (when given) and the dataset checked against it, or None for what could not be read,
+    after recording why in ``problems``. A model that does not load still gets its dataset checked
+    alone, so that one message lists the problems of both."""
+    from itpk.dataset import read_dataset
+
+    spec = None
+    if model is not None:
+        spec, _, _ = _load_spec(model, None, problems)
+    try:
+        dataset = read_dataset(data, spec) if spec is not None or model is None else None
+        if dataset is None:
+            read_dataset(data, None)  # for its own problems only: it was meant for another model
+    except ItpkError as exc:
+        problems.append(str(exc))
+        dataset = None
+    return spec, dataset
 
 
 def _trial_covariates(spec: ModelSpec, overrides: dict[str, float], trial: Mapping[str, float] | None,
@@ -371,16 +410,25 @@ def run_simulation(
     problems += simulation_problems(spec, route=route, dose=dose, site=site, regimen_name=regimen_name, diam=diam,
                                     every=every, doses=doses, infusion=infusion, horizon=horizon, step=step, at=at,
                                     overrides=overrides, subjects=subjects, seed=seed)
-    problems += output_problems(out=out, plot=plot)
+    problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
                                      regimen_name=regimen_name, diam=diam, overrides=overrides, site=site)
     added, unrecorded = _trial_covariates(spec, overrides, trial, posterior=draws is not None)
-    resolve(spec, overrides)  # and the values themselves (finite, one length)
+    typical = resolve(spec, overrides)  # and the values themselves (finite, one length)
+    # as compare does, before any work: negative volumes and rates give numbers that mean nothing (a
+    # volume of 0, a patient without that lesion, is allowed: its output is undefined, and said so)
+    raise_problems([*rate_problems(typical), *_volume_problems(typical)])
+    empty = zero_volumes(typical, list(spec.outputs))
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
         raise ItpkError(f"--subjects must be >= 1, found {subjects}")
+    held = subjects * times.size * (len(spec.compartments) + len(spec.outputs))  # amounts and outputs, float64
+    if held > MAX_VALUES:
+        raise ItpkError(f"--subjects {subjects} × {times.size} output times × {len(spec.compartments) + len(spec.outputs)} "
+                        f"amounts and outputs = {held:.3g} numbers ({8 * held / 1e9:.1f} GB), more than the {MAX_VALUES:.0e} "
+                        "itpk holds at once: use fewer --subjects, a coarser --step or --at")
     if draws is not None:
         params = _posterior_parameters(spec, draws, subjects, seed, overrides)
     else:
@@ -406,8 +454,18 @@ def run_simulation(
     message = f"simulated {spec.name}: {who} × {times.size} times × {len(profiles.outputs)} output(s)" + (
         f"; wrote {written}" if written else ""
     ) + ("\n" + TRIAL_LINE.format(_listed(added, {k: spec.covariates[k].unit for k in added})) if added else "") + (
-        f"\n  note: {unrecorded}" if unrecorded else "")
+        f"\n  note: {unrecorded}" if unrecorded else "") + (
+        f"\n  note: concentrations undefined in {', '.join(empty)}" if empty else "")
     return SimulationResult(profiles, schedule, csv, png, message)
+
+
+def _volume_problems(values: Values) -> list[str]:
+    """:func:`itpk.system.check_volumes` over every output (volumes >= 0), as a list."""
+    try:
+        check_volumes(values, list(values.spec.outputs), zero=True)
+    except ItpkError as exc:
+        return [str(exc)]
+    return []
 
 
 # Parameter sets per simulate() call: both solve a chunk in one call (a linear model vectorised,
@@ -476,6 +534,15 @@ def _posterior_parameters(spec: ModelSpec, draws: Mapping[str, np.ndarray], subj
     return posterior_values(spec, draws, overrides=overrides, max_draws=POSTERIOR_PROFILES)
 
 
+def _per_hour(spec: ModelSpec) -> float:
+    """The model's time unit per hour (named regimens are written in hours and days)."""
+    if spec.time_unit == "h":
+        return 1.0
+    from itpk.units import conversion
+
+    return conversion("h", spec.time_unit).factor
+
+
 def _dose_unit(spec: ModelSpec, route: str) -> str:
     cmts = list(spec.routes[route].into)
     return next(c.amount_unit for c in spec.compartments if c.name == cmts[0])
@@ -532,7 +599,7 @@ def run_comparison(
     problems += comparison_problems(spec, dose=dose, routes=routes, site=site, regimen_name=regimen_name, diam=diam,
                                     every=every, doses=doses, infusion=infusion, overrides=overrides, targets=targets,
                                     thresholds=thresholds, horizon=horizon)
-    problems += output_problems(out=out, plot=plot)
+    problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     local = [r for r in routes if r in LOCAL_ROUTES]
@@ -732,6 +799,34 @@ def format_parameters(table: pd.DataFrame) -> list[str]:
 
 
 @dataclass(frozen=True)
+class NcaResult:
+    """``itpk nca``'s table, the dataset it came from, and the file written."""
+
+    table: pd.DataFrame
+    dataset: Dataset
+    csv: Path
+
+
+def run_nca(data: str | Path, *, out: str | Path, model: str | Path | None = None, end: float | None = None) -> NcaResult:
+    """Read the dataset (checked against ``model`` when given), run :func:`itpk.nca.nca` and write the CSV.
+
+    Every problem (``--end``, ``--out`` including an output that would replace the dataset, its
+    units file or the model file, the model, the dataset) is raised at once, before any work.
+    """
+    from itpk.nca import nca, option_problems
+    from itpk.units import sidecar_path
+
+    problems = option_problems(end=end)
+    problems += output_problems(inputs={"the dataset": data, "its units file": sidecar_path(data),
+                                        "the model file": model_file(model) if model is not None else None}, out=out)
+    _, dataset = read_data(data, model, problems)
+    raise_problems(problems)
+    assert dataset is not None
+    table = nca(dataset, end=end)
+    return NcaResult(table, dataset, atomic_write(out, lambda tmp: table.to_csv(tmp, index=False)))
+
+
+@dataclass(frozen=True)
 class FitRunResult:
     """A fit written to its run directory."""
 
@@ -766,26 +861,21 @@ def run_fit(
     :func:`itpk.inference.argument_problems`, the dataset, and ``problems`` a caller found already,
     e.g. the CLI's unparsable ``--error``) is raised at once in one :class:`ItpkError`, before the fit.
     """
-    from itpk.dataset import read_dataset
     from itpk.inference import argument_problems, fit
     from itpk.interrupts import watch_interrupts
     from itpk.run import check_run_target, summary_table, write_run
+    from itpk.units import sidecar_path
 
     problems = list(problems)
-    try:
-        check_run_target(out)  # before the fit, not after it
+    try:  # before the fit, not after it; replacing the run directory must not delete what the fit reads
+        check_run_target(out, inputs={"the dataset": data, "its units file": sidecar_path(data),
+                                      "the model file": model_file(model)})
     except ItpkError as exc:
         problems.append(str(exc))
-    spec, _, _ = _load_spec(model, None, problems)
+    spec, dataset = read_data(data, model, problems)
     problems += argument_problems(spec, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                                   errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
                                   precondition=precondition)
-    dataset = None
-    if spec is not None:
-        try:
-            dataset = read_dataset(data, spec)
-        except ItpkError as exc:
-            problems.append(str(exc))
     raise_problems(problems)
     assert spec is not None and dataset is not None
     kept = f"; {out} is unchanged" if Path(out).exists() else ""

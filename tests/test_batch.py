@@ -251,7 +251,7 @@ def test_option_values_stop_the_batch_before_any_job(tmp_path):
     result = runner.invoke(app, ["batch", str(path), "--out", str(out)])
     assert result.exit_code == 1, result.output
     for text in ["4 problems:", "jobs #1: dose: amount must be a finite number > 0, found -10",
-                 "jobs #2: every must be a finite number > 0, found -3", "jobs #3: subjects must be a whole number >= 1, found 0",
+                 "jobs #2: every must be a finite number > 0, found -3", "jobs #3: subjects must be a whole number from 1 to 1000000, found 0",
                  "jobs #4: draws must be a whole number >= 1, found 0"]:
         assert text in result.output, text
     assert not out.exists()

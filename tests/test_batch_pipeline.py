@@ -262,7 +262,7 @@ def test_preflight_reports_form_and_option_problems_together(tmp_path):
     for text in ["[defaults] bogus: unknown key", "[[jobs]] #2 dose: found 'x'; allowed: a finite number",
                  "grid #1: model 'it_antibody' has no route(s) xx", "jobs #1: dose: amount must be a finite number > 0, found -10",
                  "jobs #1: every must be a finite number > 0, found -3", "jobs #1: model 'it_antibody' has no parameter or covariate 'FOO'",
-                 "jobs #2: subjects must be a whole number >= 1, found 0", "jobs #3: draws must be a whole number >= 1, found 0",
+                 "jobs #2: subjects must be a whole number from 1 to 1000000, found 0", "jobs #3: draws must be a whole number >= 1, found 0",
                  "jobs #3: error plasma=quad: error model 'quad' is unknown", "row 2, TIME: found -1"]:
         assert text in message, text
     assert "jobs #2: dose" not in message  # its unreadable dose is reported once, not replaced by a default
@@ -280,7 +280,7 @@ def test_batch_command_reports_every_problem_and_creates_nothing(tmp_path):
     result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out"), "--log", str(tmp_path / "runs")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"--log {tmp_path / 'runs'}: is a folder; give a file" in result.output
-    assert "jobs #2: subjects must be a whole number >= 1, found 0" in result.output
+    assert "jobs #2: subjects must be a whole number from 1 to 1000000, found 0" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,7 @@
 """Exposure metrics (SPEC §6) against exact answers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,7 +264,8 @@ def test_compare_cli_cmt(tmp_path):
     assert "AUC_lesion2" in doc["routes"]["it"] and doc["metrics"]["G"] > 1
     assert doc["routes"]["iv"] == default["routes"]["iv"]  # the reference route is untouched
     # a named regimen: --diam sizes the injected lesion (DIAM2), whichever route is listed first
-    tvec = ["compare", "it_linear", "--regimen", "tvec", "--diam", "4", "--doses", "1", "--cmt", "lesion2", "--json"]
+    pfu = str(Path(__file__).parent / "data" / "it_linear_pfu.toml")  # the regimen doses PFU
+    tvec = ["compare", pfu, "--regimen", "tvec", "--diam", "4", "--doses", "1", "--cmt", "lesion2", "--json"]
     first_it, first_iv = (json.loads(runner.invoke(app, [*tvec, "--routes", r]).output) for r in ("it,iv", "iv,it"))
     sized = json.loads(runner.invoke(app, [*tvec, "--set", "DIAM2=4"]).output)
     small = json.loads(runner.invoke(app, [*tvec, "--set", "DIAM2=2"]).output)  # --set wins over --diam

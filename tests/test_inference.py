@@ -413,10 +413,13 @@ def test_compare_with_posterior_of_a_run(tmp_path):
     given = json.loads(runner.invoke(app, ["compare", "it_antibody", "--dose", "10", "--posterior", str(run_dir),
                                            "--set", "DIAM=2.0", "--json"]).output)
     assert "DIAM" not in given.get("trial_covariates", {}) and given["metrics"]["G"] != pytest.approx(doc["metrics"]["G"], rel=1e-3)
-    # a regimen's --diam sizes the lesion it injects, over the trial's median
-    at_diam = json.loads(runner.invoke(app, ["compare", "it_antibody", "--regimen", "tvec", "--diam", "2.0", "--doses", "1",
-                                             "--posterior", str(run_dir), "--json"]).output)
-    assert "trial_covariates" not in at_diam and at_diam["metrics"]["G"] == pytest.approx(given["metrics"]["G"], rel=1e-9)
+    # a regimen's --diam (which build_schedule puts in the overrides) wins over the trial's median too;
+    # the T-VEC regimen itself doses PFU, which this antibody model does not count
+    from itpk.workflows import _trial_covariates
+
+    assert _trial_covariates(spec, {"DIAM": 2.0}, trial, posterior=True)[0] == {}
+    refused = runner.invoke(app, ["compare", "it_antibody", "--regimen", "tvec", "--diam", "2.0", "--posterior", str(run_dir)])
+    assert refused.exit_code == 1 and "--regimen tvec doses PFU (a virus), but route it doses mg" in refused.output
     # simulate takes the trial's covariates too: the same lesion profile as --set DIAM=<median>
     median = f"DIAM={trial['DIAM']!r}"
     sims = [runner.invoke(app, ["simulate", "it_antibody", "--route", "it", "--dose", "10", "--at", "1,24", "--posterior", str(run_dir),
@@ -596,7 +599,7 @@ def test_a_dataset_without_doses_is_refused_before_fitting():
 
 
 def test_a_negative_seed_is_refused():
-    with pytest.raises(FitError, match=r"--seed must be a whole number >= 0, found -1"):
+    with pytest.raises(FitError, match=r"--seed must be a whole number from 0 to 4294967295, found -1"):
         fit(load_model("one_cpt_iv"), tiny_dataset(), method="map", seed=-1)
 
 

@@ -1,5 +1,7 @@
 """Atomic writes: an interrupted write leaves the previous file intact and no debris."""
 
+from pathlib import Path
+
 import pytest
 
 from itpk.io import atomic_write, write_text
@@ -129,3 +131,75 @@ def test_a_failed_second_rename_puts_the_previous_folder_back(tmp_path, monkeypa
         io.replace_directory(new, target)
     assert (target / "a").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", new.name])
+
+
+# -- outputs that would overwrite what a command reads (found by a robustness audit: each exited 0) -----------
+
+
+def test_an_output_may_not_be_an_input_another_output_or_a_run_file(tmp_path):
+    from itpk.io import clash_problems
+
+    data = tmp_path / "d.csv"
+    data.write_text("x")
+    (tmp_path / "link.csv").symlink_to(data)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    problems = clash_problems({"--out": tmp_path / "link.csv", "--plot": tmp_path / "p.png", "--log": tmp_path / "p.png",
+                               "--x": run / "summary.csv", "--y": run / "report.html", "--z": None},
+                              {"the dataset": data, "the model file": None})
+    assert problems == [f"--out {tmp_path / 'link.csv'}: is the dataset, which this command reads; give another file name",
+                        f"--log {tmp_path / 'p.png'}: is also --plot; give each output its own file",
+                        f"--x {run / 'summary.csv'}: is a file of the run directory {run}; write it elsewhere"]
+    assert clash_problems({"--out": tmp_path / "new.csv"}, {"the dataset": data}) == []
+
+
+def test_commands_refuse_to_overwrite_their_inputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from itpk.cli.main import app
+
+    theoph = tmp_path / "theoph.csv"
+    theoph.write_bytes((Path(__file__).resolve().parents[1] / "data" / "theoph.csv").read_bytes())
+    model = tmp_path / "m.toml"
+    model.write_bytes((Path(__file__).resolve().parents[1] / "models" / "one_cpt_iv.toml").read_bytes())
+    before = theoph.read_bytes(), model.read_bytes()
+    runner = CliRunner()
+    for args, text in [
+        (["nca", theoph, "--out", theoph], "is the dataset"),
+        (["nca", theoph, "--out", tmp_path / "theoph.units.toml"], "is its units file"),
+        (["simulate", model, "--route", "iv", "--dose", "1", "--out", model], "is the model file"),
+        (["compare", model, "--dose", "1", "--routes", "iv", "--out", tmp_path / "c.csv", "--plot", model], "is the model file"),
+        (["simulate", "one_cpt_iv", "--route", "iv", "--dose", "1", "--out", tmp_path / "a.csv", "--plot", tmp_path / "a.csv"],
+         "is also --out"),
+    ]:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1 and text in result.output, (args, result.output)
+    assert (theoph.read_bytes(), model.read_bytes()) == before and not (tmp_path / "a.csv").exists()
+
+
+def test_a_fit_keeps_what_replacing_its_run_directory_would_delete(tmp_path):
+    from typer.testing import CliRunner
+
+    from itpk.cli.main import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "summary.csv").write_text("old")
+    data = run / "trial.csv"
+    data.write_bytes((Path(__file__).resolve().parents[1] / "data" / "theoph.csv").read_bytes())
+    runner = CliRunner()
+    result = runner.invoke(app, ["fit", str(data), "--model", "one_cpt_oral", "--out", str(run), "--method", "map"])
+    assert result.exit_code == 1 and f"--out {run}: holds the dataset {data}" in result.output, result.output
+    data.rename(tmp_path / "trial.csv")
+    (run / "notes.txt").write_text("mine")
+    (run / "plots").mkdir()
+    result = runner.invoke(app, ["fit", str(tmp_path / "trial.csv"), "--model", "one_cpt_oral", "--out", str(run), "--method", "map"])
+    assert result.exit_code == 1 and "the run directory also holds notes.txt, plots/" in result.output, result.output
+    assert (run / "notes.txt").read_text() == "mine" and (run / "summary.csv").read_text() == "old"
+    from itpk.errors import ItpkError
+    from itpk.report import _check_target
+
+    with pytest.raises(ItpkError, match="is a file of the run directory"):
+        _check_target(run / "posterior.nc")  # itpk report RUN --out RUN/posterior.nc

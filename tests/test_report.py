@@ -174,8 +174,22 @@ def test_incomplete_and_incompatible_run_directories(runs, tmp_path):
     record = json.loads((old / "run.json").read_text())
     record["format"] = 99
     (old / "run.json").write_text(json.dumps(record))
-    with pytest.raises(ItpkError, match="format 99 is not supported"):
+    with pytest.raises(ItpkError, match="format: found 99; allowed: 1 "):
         write_report(old)
+    # hand edits (found by a robustness audit: each was an AttributeError or ValueError traceback)
+    for edit, message in [(lambda r: [r], "found a JSON list; allowed: an object"),
+                          (lambda r: {**r, "diagnostics": "bad"}, 'diagnostics: found "bad"; allowed: an object')]:
+        (old / "run.json").write_text(json.dumps(edit({**record, "format": 1})))
+        with pytest.raises(ItpkError, match=re.escape(message)):
+            write_report(old)
+    edited = tmp_path / "edited"
+    shutil.copytree(runs["map"], edited)
+    summary = pd.read_csv(edited / "summary.csv")
+    summary["median"] = summary["median"].astype(object)
+    summary.loc[1, "median"] = "abc"
+    summary.to_csv(edited / "summary.csv", index=False)
+    with pytest.raises(ItpkError, match=r"summary.csv: row 3, median: found 'abc'; allowed: a number"):
+        write_report(edited)
     cols = tmp_path / "cols"
     shutil.copytree(runs["map"], cols)
     pd.read_csv(cols / "predictions.csv").drop(columns=["PIT"]).to_csv(cols / "predictions.csv", index=False)

@@ -155,7 +155,7 @@ ERRORS = [
     ({"covariates__WT": {"value": 70.0, "unit": "kg", "time_varying": "yes"}}, r"\[covariates\] 'WT' time_varying: must be true or false"),
     ({"routes__IM": {"into": {"central": 1}}}, r"\[routes\] 'IM': route names are lower-case ASCII identifiers"),
     ({"routes__iv__into": {"central": 1.5}},
-     r"\[routes\] 'iv': at the model's own values: model 'm', route 'iv': fractions must be finite, >= 0 and sum to <= 1; found sums \[1.5\]"),
+     r"\[routes\] 'iv': at the model's own values: model 'm', route 'iv': the fractions of a dose must be finite, >= 0 and sum to <= 1; found into central: 1.5 = 1.5"),
     ({"references": 7}, r"key 'references': must be a list of texts \(citations\), found 7"),
     ({"time_unit": 24}, r"key 'time_unit' \(e.g. \"h\"\): must be text, found 24"),
     ({"covariates": {"DIAM": 2.0, "TVOL": "pi/6*DIAM**3"}},
@@ -267,7 +267,7 @@ def test_units_and_route_fractions_are_checked_even_when_other_parts_are_broken(
     text = str(info.value)
     for part in ("'robot' is unknown", "key 'colour'", "source 'blood'",
                  "[outputs] 'plasma': 'central / V' is in mg/L, but must be in mg",
-                 "[routes] 'iv': at the model's own values: model 'm', route 'iv': fractions must be finite, >= 0 and sum to <= 1"):
+                 "[routes] 'iv': at the model's own values: model 'm', route 'iv': the fractions of a dose must be finite, >= 0 and sum to <= 1"):
         assert part in text, part
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,12 @@ def test_lloq_table_without_an_output_takes_dv_unit(tmp_path):
     csv = "ID,TIME,EVID,AMT,ROUTE,CMT,DV,LLOQ\n1,0,1,2,it,,,\n1,1,0,,,plasma,100,50\n1,1,0,,,tumor,800,20\n"
     ds = dataset(tmp_path, '[DV]\nplasma = "ng/mL"\ntumor = "ng/g"\n[LLOQ]\ntumor = "ug/g"\n', csv, "it_mini")
     assert ds.data["LLOQ"].tolist()[1:] == pytest.approx([0.05, 20.0], rel=REL)  # plasma: DV's ng/mL
+
+
+@pytest.mark.parametrize(("source", "target", "message"), [
+    ("degF", "degC", "is an offset scale (0 degF is -17.7778 degC), not a factor"),  # was a ValueError traceback
+    ("mg/L**1000", "mg/L", "no finite conversion factor"),  # was pint's OverflowError traceback
+])
+def test_units_without_a_conversion_factor_are_data_errors(source, target, message):
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        conversion(source, target)

@@ -68,6 +68,9 @@ def test_tvec_schedule_times_and_amounts():
     sch = tvec_schedule(3.2, visits=5)
     doses = [(t, d.amount) for d in sch.doses for t in d.times()]
     assert doses == [(0.0, 2e6), (504.0, 2e8), (840.0, 2e8), (1176.0, 2e8), (1512.0, 2e8)]
+    # a model counting time in days: the same visits on day 0, 21, 35 (exact)
+    in_days = tvec_schedule(3.2, visits=3, hours=1 / 24)
+    assert [t for d in in_days.doses for t in d.times()] == pytest.approx([0.0, 21.0, 35.0], rel=1e-15)
 
 
 def test_tvec_refuses_bad_diameter():

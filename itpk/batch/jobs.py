@@ -235,9 +235,12 @@ def verify(folder: Path, job: ResolvedJob) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"{MANIFEST} is missing or unreadable"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e) for e in files.values()):
+        return f"{MANIFEST} is not a manifest itpk wrote"
     if manifest.get("digest") != job.digest:
         return f"{MANIFEST} belongs to another job"
-    for rel, entry in manifest.get("files", {}).items():
+    for rel, entry in files.items():
         path = folder / rel
         if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             return f"{rel} is missing or changed since the job finished"
@@ -245,11 +248,13 @@ def verify(folder: Path, job: ResolvedJob) -> str | None:
 
 
 def read_record(folder: Path) -> dict[str, Any]:
-    """The ``job.json`` of a finished job (empty when unreadable)."""
+    """The ``job.json`` of a finished job (empty when unreadable or not an object)."""
     try:
-        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
+
 
 
 # ---------------------------------------------------------------- execution (on a worker)

@@ -31,7 +31,7 @@ from itpk.batch.pipeline import Pipeline
 from itpk.batch.progress import EventLog, Progress
 from itpk.batch.records import JobRecord, counts, write_batch_csv, write_batch_json
 from itpk.errors import ItpkError, problems_error
-from itpk.io import folder_problem
+from itpk.io import clash_problems, folder_problem
 
 EXIT_OK, EXIT_FAILED = 0, 4
 
@@ -70,11 +70,11 @@ def default_out(pipeline_path: Path) -> Path:
 
 
 def option_problems(out: Path, *, resume: bool = False, log: str | Path | None = None, scheduler: str | None = None,
-                    workers: int | None = None, retries: int = 2) -> list[str]:
+                    workers: int | None = None, retries: int = 2, pipeline: str | Path | None = None) -> list[str]:
     """Every problem of ``itpk batch``'s own options, one line each, checked before anything is created:
     the batch directory ``out`` (a file, in a folder that cannot be written, or holding an earlier batch
-    without ``resume``), the ``log`` file (a folder, read-only, in a folder that cannot be written), the
-    scheduler, the counts."""
+    without ``resume``), the ``log`` file (a folder, read-only, in a folder that cannot be written, the
+    ``pipeline`` file or one the batch writes), the scheduler, the counts."""
     problems = []
     if retries is None or isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         problems.append(f"--retries must be >= 0, found {retries}")
@@ -103,6 +103,8 @@ def option_problems(out: Path, *, resume: bool = False, log: str | Path | None =
             problems.append(f"--log {log}: the file is read-only")
         elif not log.exists():
             problems += [p for p in [folder_problem("--log", log)] if p]
+        problems += clash_problems({"--log": log}, {"the pipeline file": pipeline, "the batch's batch.json": out / "batch.json",
+                                                    "the batch's batch.csv": out / "batch.csv"})
     return problems
 
 
@@ -170,7 +172,8 @@ def run_batch(
     started = time.monotonic()
     out = Path(out) if out is not None else default_out(pipeline.source)
     scheduler = scheduler or pipeline.cluster.scheduler or "local"
-    problems = option_problems(out, resume=resume, log=log, scheduler=scheduler, workers=workers, retries=retries)
+    problems = option_problems(out, resume=resume, log=log, scheduler=scheduler, workers=workers, retries=retries,
+                               pipeline=pipeline.source)
     if problems:  # before anything is created
         raise problems_error(problems)
     workers = workers or pipeline.cluster.workers
