@@ -76,9 +76,13 @@ def _parse_sets(pairs: list[str], problems: list[str], *, option: str = "--set",
         try:
             if not sep or not name.strip():
                 raise ValueError
-            out[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             problems.append(f"{option} {pair!r}: expected NAME=NUMBER (e.g. {example})")
+            continue
+        if name.strip() in out and out[name.strip()] != number:  # which one was meant is the user's to say
+            problems.append(f"{option} {name.strip()}: given twice ({out[name.strip()]:g} and {number:g}); give it once")
+        out[name.strip()] = number
     return out
 
 
@@ -103,6 +107,8 @@ def _parse_errors(items: list[str], problems: list[str]) -> dict[str, str]:
         name, sep, kind = item.partition("=")
         if not sep or not name.strip():
             problems.append(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
+        elif name.strip() in errors and errors[name.strip()] != kind.strip():
+            problems.append(f"--error {name.strip()}: given twice ({errors[name.strip()]} and {kind.strip()}); give it once")
         else:
             errors[name.strip()] = kind.strip()
     return errors

@@ -242,6 +242,10 @@ def _build(
             reader.extra += _listed(exc)
     if converted is not None:
         reader.problems += _flag_problems(converted[0])
+        if spec is not None:
+            from itpk.covcheck import covariate_problems
+
+            reader.problems += [Problem(*p) for p in covariate_problems(converted[0], spec)]
     reader.raise_if_problems()
     assert frame is not None and converted is not None  # no problems: the whole frame was converted
     frame, units = converted

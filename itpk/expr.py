@@ -195,8 +195,8 @@ def _check(node: ast.AST, source: str, where: str, names: set[str]) -> None:
 
 def _check_call(node: ast.Call, source: str, where: str, names: set[str]) -> None:
     if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
-        called = node.func.id if isinstance(node.func, ast.Name) else _describe(node.func)
-        _refuse(node, source, where, f"call of {called!r}")
+        called = repr(node.func.id) if isinstance(node.func, ast.Name) else f"the result of {_describe(node.func)}"
+        _refuse(node, source, where, f"call of {called}")
     if node.keywords:
         _refuse(node, source, where, "keyword arguments")
     fname = node.func.id  # type: ignore[union-attr]

@@ -655,7 +655,7 @@ def _iiv_problems(spec: ModelSpec | None, iiv: Any) -> list[str]:
         table = dict(iiv)
     else:
         return [f"--iiv {iiv!r} is unknown; {choices}"]
-    problems += [f"--iiv {kind!r} is unknown; {choices}" for kind in dict.fromkeys(table.values())
+    problems += [f"--iiv {name}={kind}: {kind!r} is unknown; {choices}" for name, kind in table.items()
                  if kind not in IIV_PARAMETRISATIONS]
     if spec is not None:
         with_iiv = [n for n, p in spec.parameters.items() if p.iiv_cv is not None and p.prior is not None and not p.fixed]

@@ -11,6 +11,15 @@ from itpk.io import atomic_write
 from itpk.simulate import Profiles
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")  # by the file name's suffix (matplotlib writes each without extra packages)
+
+
+def figure_format(path: str | Path) -> str:
+    """The figure format a ``--plot`` file name asks for (its suffix), ``png`` when it has none of :data:`PLOT_FORMATS`."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in PLOT_FORMATS else "png"
+
+
 def plot_profiles(
     profiles: Profiles,
     path: str | Path,
@@ -53,7 +62,7 @@ def plot_profiles(
                     ax.set_ylim(max(positive.min(), positive.max() * 1e-6) * 0.8, positive.max() * 1.5)
             ax.set_title(f"{name} — {scale} scale", fontsize=10)
     fig.suptitle(title or profiles.spec.name)
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=figure_format(path)))
     plt.close(fig)
     return out
 
@@ -110,6 +119,6 @@ def plot_routes(spec, values, schedules, path, *, roles=None, title: str = "") -
         ax.grid(alpha=0.3)
         ax.legend(title="route", fontsize=8)
     fig.suptitle(title or spec.name)
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=figure_format(path)))
     plt.close(fig)
     return out

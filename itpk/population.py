@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,14 @@ def cv_percent(omega: float, scale: str = "log", typical: float | None = None) -
 
 MAX_SEED = 2**32 - 1  # seeds are 32-bit everywhere (numpy, nutpie and PyMC take them; nutpie overflows past 64 bits)
 MAX_SUBJECTS = 1_000_000  # a virtual population: past this, the profiles alone outgrow memory
+
+
+def estimated_problem(spec: ModelSpec, draws: Mapping[str, Any], overrides: Mapping[str, Any]) -> str | None:
+    """``--set`` names that a posterior estimates (they cannot be set beside its draws), in one line, or None."""
+    clash = sorted(name for name in overrides if name in spec.parameters and name in draws)
+    if not clash:
+        return None
+    return f"--set {', '.join(clash)}: estimated in the posterior; only fixed parameters and covariates can be set"
 
 
 def sample_population(
@@ -133,9 +142,9 @@ def sample_posterior_population(
     """
     typical = _checked(n, typical)
     estimated = [name for name in spec.parameters if name in draws]
-    clash = sorted(set(typical) & set(estimated))
+    clash = estimated_problem(spec, draws, typical)
     if clash:
-        raise ModelSpecError(f"--set {', '.join(clash)}: estimated in the posterior; only fixed parameters and covariates can be set")
+        raise ModelSpecError(clash)
     rng = np.random.default_rng(seed)
     size = len(draws[estimated[0]]) if estimated else 1
     pick = rng.integers(0, size, size=n)

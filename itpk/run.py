@@ -600,8 +600,11 @@ def posterior_values(spec: Any, draws: Mapping[str, np.ndarray], *, overrides: M
     n = len(next(iter(typical.values())))
     thin = max(1, -(-n // max_draws))
     values = {k: v[::thin] for k, v in typical.items()}
+    from itpk.population import estimated_problem
+
+    clash = estimated_problem(spec, draws, overrides or {})
+    if clash:
+        raise ItpkError(clash)
     for name, value in (overrides or {}).items():
-        if name in values:
-            raise ItpkError(f"--set {name}: {name} is estimated in the posterior; only fixed parameters and covariates can be set")
         values[name] = np.full(len(next(iter(values.values()))), value)
     return values

@@ -726,7 +726,7 @@ class _Parser:
             where = f"[parameters] {name!r}"
             number = self._number(entry.get("value"), f"{where} value")
             unit = entry.get("unit")
-            if not isinstance(unit, str):
+            if not isinstance(unit, str) or not unit.strip():  # "" would pass as dimensionless, and blame a flow later
                 self.fail(where, f"needs a unit (text; \"1\" for dimensionless), found {unit!r}")
             prior = self._prior(entry.get("prior"), where)
             iiv = self._iiv(entry.get("iiv"), where)
@@ -818,6 +818,7 @@ class _Parser:
 
     def _flows(self, states: tuple[str, ...], known: set[str]) -> tuple[Flow, ...]:
         out = []
+        seen: dict[tuple[str, str], str] = {}
         for key, value in self._table("flows").items():
             where = f"[flows] {key!r}"
             parts = [p.strip() for p in key.split("->")]
@@ -825,6 +826,10 @@ class _Parser:
                 self.fail(where, "key must read 'source -> target'")
                 continue
             source, target = parts
+            if (source, target) in seen:  # 'a -> b' and 'a->b': one flow written twice, which would add up silently
+                self.fail(where, f"the same flow as {seen[source, target]!r}; write each flow once")
+                continue
+            seen[source, target] = key
             if source not in states:
                 self.fail(where, f"source {source!r} is not a compartment; compartments: {', '.join(states)}")
             if target not in states and target != ELIMINATION:

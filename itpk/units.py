@@ -250,6 +250,8 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = (), *,
         unit texts, units pint does not know.
     """
     path = sidecar_path(csv_path)
+    if path.is_dir():  # ignoring it would take every unit to be the model's without a word
+        raise DatasetError(f"units file {path}: is a folder; allowed: a TOML file of units (or no such name)")
     if not path.is_file():
         return None
     try:

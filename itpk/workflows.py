@@ -19,7 +19,7 @@ from itpk.errors import Interrupted, ItpkError, problems_error, raise_problems  
 from itpk.events import Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
-from itpk.population import MAX_SEED, MAX_SUBJECTS, sample_population
+from itpk.population import MAX_SEED, MAX_SUBJECTS, estimated_problem, sample_population
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
@@ -114,7 +114,8 @@ def build_schedule(
             raise ItpkError(problem)
         return REGIMENS[regimen_name](diam, visits=doses or 6, route=route, site=site, hours=_per_hour(spec)), route
     if route is None or dose is None:
-        raise ItpkError("give the route and --dose (or --regimen tvec --diam CM)")
+        raise ItpkError(f"give {' and '.join(o for o, v in (('--route', route), ('--dose', dose)) if v is None)} "
+                        "(or --regimen tvec --diam CM)")
     site = check_sites(spec, [route], site)
     return regimen(Target(route, site=site), dose, every=every, doses=doses or 1, infusion=infusion), route
 
@@ -191,7 +192,7 @@ def value_problems(*, dose: float | None = None, diam: float | None = None, ever
 
 def _schedule_problems(spec: ModelSpec, *, route: str | None, dose: float | None, every: float | None,
                        doses: int | None, infusion: float | None, regimen_name: str | None, diam: float | None,
-                       required: bool, need: str) -> list[str]:
+                       required: bool) -> list[str]:
     """What :func:`build_schedule` would refuse, without building anything."""
     problems = []
     if regimen_name is not None:
@@ -206,9 +207,13 @@ def _schedule_problems(spec: ModelSpec, *, route: str | None, dose: float | None
         if diam is None and required:
             problems.append(f"--regimen {regimen_name} needs the lesion's longest diameter: --diam CM")
     elif required and (route is None or dose is None):
-        problems.append(f"give {need} (or --regimen tvec --diam CM)")
+        missing = [option for option, value in (("--route", route), ("--dose", dose)) if value is None]
+        problems.append(f"give {' and '.join(missing)} (or --regimen tvec --diam CM)")
     elif required and doses is not None and _is_whole(doses) and doses > 1 and every is None:
-        problems.append(f"{doses} doses need an interval > 0 (--every), found None")
+        problems.append(f"--doses {doses}: several doses need their interval, --every H (none given)")
+    elif every is not None and doses is None:
+        problems.append(f"--every {_shown(every)}: gives the interval between doses, but --doses is not given (one dose); "
+                        "add --doses N")
     return problems
 
 
@@ -236,8 +241,7 @@ def simulation_problems(spec: ModelSpec | None, *, route: str | None = None, dos
     if spec is None:
         return problems
     problems += _schedule_problems(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
-                                   regimen_name=regimen_name, diam=diam, required=required,
-                                   need="the route and --dose")
+                                   regimen_name=regimen_name, diam=diam, required=required)
     if route is None and regimen_name is not None:
         route = "it"  # what build_schedule does
     problems += option_problems(spec, routes=[route] if route else [], overrides=overrides)
@@ -266,7 +270,7 @@ def comparison_problems(spec: ModelSpec | None, *, dose: float | None = None, ro
         problems.append(f"model {spec.name!r}: give the routes to compare; routes: {', '.join(spec.routes)}")
     problems += _schedule_problems(spec, route=(routes or [None])[0], dose=dose, every=every, doses=doses,
                                    infusion=None, regimen_name=regimen_name, diam=diam,
-                                   required=required and bool(routes), need="--dose")
+                                   required=required and bool(routes))
     problems += option_problems(spec, routes=routes, overrides=overrides, targets=targets)
     local = [r for r in routes if r in LOCAL_ROUTES]
     if site is not None and routes and not local:
@@ -283,8 +287,14 @@ def output_problems(inputs: Mapping[str, str | Path | None] | None = None, **pat
     Names the option and the path as given."""
     from itpk.io import clash_problems, file_problem
 
+    from itpk.plot import PLOT_FORMATS
+
     problems = [problem for option, path in paths.items() if path is not None and str(path) != ""
                 for problem in [file_problem(f"--{option}", path)] if problem]
+    plot = paths.get("plot")
+    suffix = Path(plot).suffix.lower().lstrip(".") if plot else ""
+    if suffix and suffix not in PLOT_FORMATS:  # matplotlib would write PNG bytes under another name
+        problems.append(f"--plot {plot}: found a .{suffix} file name; allowed: {', '.join('.' + f for f in PLOT_FORMATS)}")
     return problems + clash_problems({f"--{option}": path for option, path in paths.items()}, inputs)
 
 
@@ -296,14 +306,24 @@ def model_file(model: str | Path | ModelSpec) -> Path | None:
 def _load_spec(model: str | Path | ModelSpec, posterior: str | Path | None,
                problems: list[str]) -> tuple[ModelSpec | None, dict[str, np.ndarray] | None, dict[str, float] | None]:
     """The model (and a posterior's draws and its trial's covariates, None for a run that did not
-    record them), or None after recording why it could not be read."""
+    record them), or None after recording why it could not be read. When only the run directory
+    is unusable, the model named is returned without draws (its problem recorded), so that the
+    command's other options are checked too before it refuses."""
     try:
         if posterior is not None:
             return fitted_model(model, posterior)
         return (model if isinstance(model, ModelSpec) else load_model(model)), None, {}
     except ItpkError as exc:
         problems.append(str(exc))
+    if posterior is None or model in (None, "") or isinstance(model, ModelSpec):
         return None, None, {}
+    try:  # an unusable run directory: the other options are still checked against the model named
+        named = load_model(model)
+    except ItpkError as exc:
+        if str(exc) not in problems:
+            problems.append(str(exc))
+        return None, None, {}
+    return named, None, {}
 
 
 def read_data(data: str | Path, model: str | Path | ModelSpec | None, problems: list[str]) -> tuple[ModelSpec | None, Dataset | None]:
@@ -411,6 +431,7 @@ def run_simulation(
                                     every=every, doses=doses, infusion=infusion, horizon=horizon, step=step, at=at,
                                     overrides=overrides, subjects=subjects, seed=seed)
     problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
+    problems += [p for p in [estimated_problem(spec, draws, overrides)] if p] if spec is not None and draws else []
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
@@ -600,6 +621,7 @@ def run_comparison(
                                     every=every, doses=doses, infusion=infusion, overrides=overrides, targets=targets,
                                     thresholds=thresholds, horizon=horizon)
     problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
+    problems += [p for p in [estimated_problem(spec, draws, overrides)] if p] if spec is not None and draws else []
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     local = [r for r in routes if r in LOCAL_ROUTES]

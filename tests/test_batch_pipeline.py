@@ -345,3 +345,10 @@ def test_readme_lists_every_key_of_each_kind():
         listed = re.search(rf"`{kind}`: `([a-z_ ]+)`", keys)
         assert listed is not None, kind
         assert set(listed.group(1).split()) == set(options), kind
+
+
+def test_a_compare_job_s_run_directory_is_checked_before_any_job_runs(tmp_path):
+    # found by a robustness audit: a posterior that is not a run directory failed at run time (exit 4)
+    path = write(tmp_path, f"[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\ndose = 1\nposterior = '{tmp_path}'\n", "pp.toml")
+    with pytest.raises(PipelineError, match=r"jobs #1: run directory .* is incomplete: missing posterior.nc"):
+        load_pipeline(path, preflight=True)

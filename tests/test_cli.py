@@ -118,8 +118,11 @@ BAD = [
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "1,x"], "--at '1,x': expected comma-separated numbers"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--at", "-1,2"], "--at: output times must be finite and >= 0, found -1"),
     (["simulate", "two_cpt_iv", "--route", "it", "--dose", 1], "model 'two_cpt_iv' has no route(s) it; routes: iv"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 3], "3 doses need an interval > 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 3], "--doses 3: several doses need their interval, --every H (none given)"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be a finite number > 0, found 0"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--every", 12], "--every 12: gives the interval between doses, but --doses"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL=1", "--set", "CL=2"], "--set CL: given twice (1 and 2)"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--plot", "p.jpg"], "found a .jpg file name; allowed: .png, .pdf, .svg"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "--subjects must be a whole number from 1 to 1000000, found 0"),
     (["simulate", "it_linear", "--route", "iv", "--dose", 1, "--cmt", "lesion2"], "--cmt: route 'iv' cannot inject 'lesion2' (sites: central)"),
     (["simulate", "it_linear", "--route", "it", "--dose", 1, "--cmt", "lymph"], "--cmt: route 'it' cannot inject 'lymph' (sites: tumor, lesion2)"),
@@ -395,3 +398,11 @@ def test_ctrl_c_inside_a_compiled_solver_exits_130(monkeypatch, tmp_path):
     monkeypatch.setattr(itpk.workflows, "run_simulation", interrupted)
     result = run("simulate", "one_cpt_mm", "--route", "iv", "--dose", 10, "--out", tmp_path / "s.csv")
     assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.output and not (tmp_path / "s.csv").exists()
+
+
+def test_a_bad_run_directory_does_not_hide_the_other_options_problems(tmp_path):
+    # found by a robustness audit: with an unusable --posterior only that was reported
+    result = run("compare", "it_antibody", "--dose", 10, "--posterior", tmp_path, "--routes", "xx,iv", "--target", "blood=1")
+    assert result.exit_code == 1 and "3 problems:" in result.output, result.output
+    for text in ["is incomplete: missing posterior.nc", "has no route(s) xx", "--target: unknown output(s) blood"]:
+        assert text in result.output, text

@@ -449,7 +449,7 @@ def test_missing_value_marker_where_a_value_is_needed_says_what_was_found(tmp_pa
     # found by a user walkthrough: a DV of 'nan' was reported as "blank"
     message = problem(tmp_path, edited((3, "DV", value), (4, "TIME", value)))
     assert (f"row 3, DV: found {value!r} (read as a missing value) on an observation row (EVID=0); "
-            "allowed: a measured value (a finite number), or MDV=1 to ignore the row") in message
+            "allowed: a measured value (a finite number), MDV=1 to ignore the row, or with BLQ=1 the limit in LLOQ") in message
     assert f"row 4, TIME: found {value!r} (read as a missing value); allowed: a finite number" in message
     assert "blank" not in message
 
@@ -583,7 +583,7 @@ def test_amount_on_observation_row(tmp_path):
 
 
 def test_dv_blank_on_observation_row(tmp_path):
-    with pytest.raises(DatasetError, match=r"row 3, DV: blank on an observation row \(EVID=0\); allowed: a measured value \(a finite number\), or MDV=1 to ignore the row"):
+    with pytest.raises(DatasetError, match=r"row 3, DV: blank on an observation row \(EVID=0\); allowed: a measured value \(a finite number\), MDV=1 to ignore the row, or with BLQ=1 the limit in LLOQ"):
         read_dataset(write(tmp_path, edited((3, "DV", ""))))
 
 
@@ -851,3 +851,41 @@ def test_a_model_with_one_output_offers_number_1_not_a_range():
                           "CMT": ["", "blood"], "DV": [None, 1.0]})
     with pytest.raises(DatasetError, match=r"an output of model one_cpt_iv: plasma \(or its number 1\)"):
         read_frame(frame, load_model("one_cpt_iv"))
+
+
+# -- covariates the model cannot use, and contradictory BLQ flags (found by a robustness audit) ----------------
+
+
+def test_covariates_that_make_a_rate_or_volume_invalid_are_data_errors(tmp_path):
+    # DIAM=-2 validated, and the fit stopped 56 s later naming a rate but no row
+    frame = pd.read_csv(files("itpk.data") / "example_it_vs_iv.csv")
+    frame.loc[frame["ID"] == 2, "DIAM"] = -3.0  # an IV subject: plasma only, so the uptake rate
+    frame.loc[frame["ID"] == 7, "DIAM"] = -2.0  # an IT subject: the rate, and the lesion volume it observes
+    path = tmp_path / "trial.csv"
+    frame.to_csv(path, index=False)
+    (tmp_path / "trial.units.toml").write_bytes((files("itpk.data") / "example_it_vs_iv.units.toml").read_bytes())
+    with pytest.raises(DatasetError) as info:
+        read_dataset(path, load_model("it_antibody"))
+    message = str(info.value)
+    assert "invalid dataset, 3 problems:" in message, message
+    # CL_in = k_out*Kp*V_T, V_T = pi/6*DIAM**3/1000 L: -2 cm gives V_T = -0.004189 L (rel 1e-4 as printed)
+    v_t = np.pi / 6 * (-2.0) ** 3 / 1000
+    assert f"row 73, DIAM: found DIAM=-2 (ID 7), for which the volume of tumor (observed as tumor) V_T = {v_t:.4g}" in message
+    assert "row 13, DIAM: found DIAM=-3 (ID 2), for which the rate of central -> tumor CL_in / V = " in message
+    frame.loc[frame["ID"].isin([2, 7]), "DIAM"] = 2.5
+    frame.to_csv(path, index=False)
+    assert read_dataset(path, load_model("it_antibody")).data["DIAM"].min() > 0  # valid again
+
+
+def test_blq_flags_that_contradict_the_row_are_data_errors(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV,BLQ,LLOQ,II,ADDL\n1,0,1,10,iv,,,1,,1,1000000\n"
+                    "1,1,0,,,plasma,5,1,0.5,,\n1,3,0,,,plasma,0.2,1,0.5,,\n")
+    with pytest.raises(DatasetError) as info:
+        read_dataset(path, load_model("one_cpt_iv"))
+    message = str(info.value)
+    for text in ["row 2, ADDL: found 1000000; allowed: at most 100000 additional doses on one row",
+                 "row 2, BLQ: found 1 on an EVID=1 row; allowed: blank or 0 (BLQ marks observations, EVID=0)",
+                 "row 3, DV: found 5 above LLOQ 0.5 on a row flagged BLQ=1"]:
+        assert text in message, text
+    assert "row 4" not in message  # 0.2 below a limit of 0.5 is what BLQ=1 means

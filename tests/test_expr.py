@@ -39,7 +39,7 @@ def test_names_exclude_constants():
 
 
 HOSTILE = [
-    ("__import__('os').system('touch /tmp/itpk_pwned')", "call of 'attribute access'"),
+    ("__import__('os').system('touch /tmp/itpk_pwned')", "call of the result of attribute access"),
     ("__import__('os')", "call of '__import__'"),
     ("().__class__.__bases__[0].__subclasses__()", "attribute access|tuple|subscript"),
     ("CL.real", "attribute access"),

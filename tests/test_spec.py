@@ -157,6 +157,8 @@ ERRORS = [
     ({"routes__iv__into": {"central": 1.5}},
      r"\[routes\] 'iv': at the model's own values: model 'm', route 'iv': the fractions of a dose must be finite, >= 0 and sum to <= 1; found into central: 1.5 = 1.5"),
     ({"references": 7}, r"key 'references': must be a list of texts \(citations\), found 7"),
+    ({"flows__central->out": "CL / V"}, r"\[flows\] 'central->out': the same flow as 'central -> out'; write each flow once"),
+    ({"parameters__CL__unit": ""}, r"\[parameters\] 'CL': needs a unit \(text; \"1\" for dimensionless\), found ''"),
     ({"time_unit": 24}, r"key 'time_unit' \(e.g. \"h\"\): must be text, found 24"),
     ({"covariates": {"DIAM": 2.0, "TVOL": "pi/6*DIAM**3"}},
      (r"\[covariates\] 'TVOL' value: found 'pi/6\*DIAM\*\*3': a covariate is a number read from the data \(this is its "

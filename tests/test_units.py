@@ -354,3 +354,9 @@ def test_lloq_table_without_an_output_takes_dv_unit(tmp_path):
 def test_units_without_a_conversion_factor_are_data_errors(source, target, message):
     with pytest.raises(DatasetError, match=re.escape(message)):
         conversion(source, target)
+
+
+def test_a_units_file_that_is_a_folder_is_an_error_not_ignored(tmp_path):
+    (tmp_path / "trial.units.toml").mkdir()
+    with pytest.raises(DatasetError, match=r"trial.units.toml: is a folder; allowed: a TOML file of units"):
+        dataset(tmp_path, None)

@@ -181,7 +181,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
     from itpk.dataset import read_dataset
     from itpk.inference import argument_problems
     from itpk.spec import load_model
-    from itpk.workflows import comparison_problems, simulation_problems
+    from itpk.workflows import comparison_problems, fitted_model, simulation_problems
 
     o = dict(spec.options)
     if ("model", o["model"]) not in checked:
@@ -196,8 +196,18 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
               "every": o.get("every"), "doses": o.get("doses"), "infusion": o.get("infusion"), "horizon": o.get("horizon"),
               "overrides": dict(o.get("set", ())), "required": required}
     if spec.kind == "compare":
-        return comparison_problems(model, routes=o.get("routes", ("it", "iv")), targets=dict(o.get("target", ())),
-                                   thresholds=o.get("threshold", ()), **common)
+        problems = comparison_problems(model, routes=o.get("routes", ("it", "iv")), targets=dict(o.get("target", ())),
+                                       thresholds=o.get("threshold", ()), **common)
+        if o.get("posterior") is not None:  # the run directory, as the job would read it (once per pre-flight)
+            key = ("posterior", str(o["posterior"]), str(o["model"]))
+            if key not in checked:
+                try:
+                    fitted_model(model, o["posterior"])
+                    checked[key] = ""
+                except (ItpkError, OSError) as exc:
+                    checked[key] = str(exc)
+            problems += [checked[key]] if checked[key] else []
+        return problems
     if spec.kind == "simulate":
         return simulation_problems(model, route=o.get("route"), step=o.get("step"), at=o.get("at"),
                                    subjects=o.get("subjects", 1), seed=o.get("seed"), **common)
