@@ -155,7 +155,7 @@ def simulate(
     subjects: Annotated[int, typer.Option(help="Virtual population size drawn from the model's IIV (1 = typical subject).")] = 1,
     seed: Annotated[int | None, typer.Option(help="Seed of the virtual population draw.")] = None,
     posterior: Annotated[Path | None, typer.Option(help="Run directory of `itpk fit`: parameters from its posterior (with --subjects N: N subjects, each a posterior draw with its own IIV; else the typical subject at up to 500 draws).")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Also write a PNG figure (linear and log axes).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also write a figure (linear and log axes); its format by suffix: .png, .pdf, .svg, .jpg, ….")] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success.")] = False,
 ) -> None:
     """Concentration-time profiles of a regimen (a virtual population with --subjects)."""
@@ -209,7 +209,7 @@ def compare(
     posterior: Annotated[Path | None, typer.Option(help="Run directory of a fit: metrics over its posterior (median, 95% CrI, P(>x)).")] = None,
     out: Annotated[Path | None, typer.Option(help="CSV: one row per route quantity or metric.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the SPEC §4 JSON document on stdout.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="PNG of tumour and plasma profiles for each route.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Figure of tumour and plasma profiles for each route; its format by suffix: .png, .pdf, .svg, .jpg, ….")] = None,
     quiet: Annotated[bool, typer.Option(help="Print nothing on success (except --json).")] = False,
 ) -> None:
     """Intratumoral vs systemic exposure: AUC/Cmax/Tmax per route and the local-gain metrics."""

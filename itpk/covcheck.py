@@ -9,21 +9,39 @@ negative there, or when the volume behind the output it observes is not > 0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from itpk.errors import ItpkError
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from itpk.expr import Expr
     from itpk.spec import ModelSpec
+    from itpk.system import Values
 
-MAX_PER_RULE = 5  # rows listed for one bad rate or volume: the first ones say what is wrong
+MAX_PER_RULE = 5  # subjects listed for one bad rate or volume: the first ones say what is wrong
+
+Problem = tuple[int, str, str, str]  # file row, column, found, allowed (itpk.dataset.Problem's fields)
 
 
-def covariate_problems(frame: pd.DataFrame, spec: ModelSpec) -> list[tuple[int, str, str, str]]:
+@dataclass(frozen=True)
+class _Rows:
+    """The rows checked (those with every covariate finite): file rows, subjects, covariate values, units."""
+
+    rows: np.ndarray
+    ids: np.ndarray
+    covariates: dict[str, np.ndarray]
+    units: dict[str, str]
+
+    def describe(self, i: int, names: list[str]) -> str:
+        """``DIAM=-3 cm (ID 2)``: the covariates of row ``i`` in the model's units."""
+        shown = ", ".join(f"{n}={self.covariates[n][i]:g} {self.units[n]}".rstrip() for n in names)
+        return f"{shown} (ID {_id(self.ids[i])})"
+
+
+def covariate_problems(frame: pd.DataFrame, spec: ModelSpec) -> list[Problem]:
     """(row, column, found, allowed) for rows whose covariates make a rate or a volume invalid.
 
     ``frame`` is the converted dataset (model units, ``ROW`` the file row); only the model's
@@ -34,60 +52,60 @@ def covariate_problems(frame: pd.DataFrame, spec: ModelSpec) -> list[tuple[int, 
     given = [name for name in spec.covariates if name in frame.columns]
     if not given or frame.empty:
         return []
-    columns = {name: frame[name].to_numpy(dtype=float) for name in given}
-    usable = np.all([np.isfinite(v) for v in columns.values()], axis=0)
+    values = {name: frame[name].to_numpy(dtype=float) for name in given}
+    usable = np.all([np.isfinite(v) for v in values.values()], axis=0)
     if not usable.any():
         return []
-    rows = frame["ROW"].to_numpy()[usable]
-    ids = frame["ID"].to_numpy()[usable]
-    try:
-        values = resolve(spec, {name: v[usable] for name, v in columns.items()})
-    except ItpkError:  # a derived quantity that is not finite for some row: reported per rule below is not possible
-        return []
-    def involved(expr: Any) -> list[str]:
+    rows = _Rows(frame["ROW"].to_numpy()[usable], frame["ID"].to_numpy()[usable],
+                 {name: v[usable] for name, v in values.items()}, {name: spec.covariates[name].unit for name in given})
+    model = resolve(spec, rows.covariates)  # finite inputs: resolve refuses nothing here
+
+    def involved(expr: Expr) -> list[str]:
         return [n for n in inputs_of(spec, expr.names) if n in given]
 
     problems = []
     for flow in spec.flows:
-        rate = _evaluate(flow.rate, values)
+        rate = _evaluate(flow.rate, model)
         bad = ~(np.isfinite(rate) & (rate >= 0))
-        problems += _listed(rows, ids, bad, rate, columns, usable, involved(flow.rate), flow.rate.text, f"the rate of {flow.key}", ">= 0")
+        problems += _listed(rows, bad, rate, involved(flow.rate), f"the rate of {flow.key} {flow.rate.text}", ">= 0")
     observed = frame["CMT"].to_numpy()[usable]
-    obs = (frame["EVID"].to_numpy()[usable] == 0) & (frame["MDV"].to_numpy()[usable] == 0)
+    counted = (frame["EVID"].to_numpy()[usable] == 0) & (frame["MDV"].to_numpy()[usable] == 0)
     for name, output in spec.outputs.items():
         for c in spec.compartments:
             if c.volume is None or c.name not in output.expr.names:
                 continue
-            volume = _evaluate(c.volume, values)
-            bad = obs & (observed == name) & ~(np.isfinite(volume) & (volume > 0))
-            problems += _listed(rows, ids, bad, volume, columns, usable, involved(c.volume), c.volume.text,
-                                f"the volume of {c.name} (observed as {name})", "> 0")
+            volume = _evaluate(c.volume, model)
+            bad = counted & (observed == name) & ~(np.isfinite(volume) & (volume > 0))
+            problems += _listed(rows, bad, volume, involved(c.volume), f"the volume of {c.name} (observed as {name}) {c.volume.text}", "> 0")
     return sorted(problems)
 
 
-def _evaluate(expr: Any, values: Any) -> np.ndarray:
+def _evaluate(expr: Expr, values: Values) -> np.ndarray:
+    """``expr`` over the parameter sets of ``values`` (one per row), as floats."""
     with np.errstate(all="ignore"):
         return np.broadcast_to(np.asarray(expr.evaluate(values.env), dtype=float), (values.size,))
 
 
-def _listed(rows: np.ndarray, ids: np.ndarray, bad: np.ndarray, computed: np.ndarray, columns: dict[str, np.ndarray],
-            usable: np.ndarray, given: list[str], text: str, what: str, allowed: str) -> list[tuple[int, str, str, str]]:
-    """The first bad row of each subject (a covariate is usually constant within one), at most :data:`MAX_PER_RULE`."""
-    if not given:  # not the covariates' doing: the model's own values (checked when it loads)
+def _listed(rows: _Rows, bad: np.ndarray, computed: np.ndarray, names: list[str], what: str, allowed: str) -> list[Problem]:
+    """The first bad row of each subject (a covariate is usually constant within one), at most :data:`MAX_PER_RULE`
+    of them, the last saying how many more subjects there are."""
+    if not names:  # not the covariates' doing: the model's own values (checked when it loads)
         return []
-    found, seen = [], set()
+    first: dict[object, int] = {}
     for i in np.flatnonzero(bad):
-        if ids[i] in seen:
-            continue
-        seen.add(ids[i])
-        covariates = ", ".join(f"{n}={columns[n][usable][i]:g}" for n in given)
-        found.append((int(rows[i]), "/".join(given),
-                      (f"found {covariates} (ID {_id(ids[i])}), for which {what} {text} = {computed[i]:.4g} at the model's "
-                       "parameter values"), f"covariate values that keep it {allowed}"))
-        if len(found) == MAX_PER_RULE:
-            break
+        first.setdefault(rows.ids[i], int(i))
+    found = []
+    for k, i in enumerate(list(first.values())[:MAX_PER_RULE]):
+        more = len(first) - MAX_PER_RULE
+        tail = f" (and {more} more subject(s))" if k == MAX_PER_RULE - 1 and more > 0 else ""
+        found.append((int(rows.rows[i]), "/".join(names),
+                      f"found {rows.describe(i, names)}, for which {what} = {computed[i]:.4g} at the model's parameter values{tail}",
+                      f"covariate values that keep it {allowed}"))
     return found
 
 
-def _id(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, int | float | np.number) else str(value)
+def _id(value: object) -> str:
+    """A subject ID as the file would show it (123456789, not 1.23457e+08)."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)

@@ -241,7 +241,7 @@ def _build(
         except DatasetError as exc:
             reader.extra += _listed(exc)
     if converted is not None:
-        reader.problems += _flag_problems(converted[0])
+        reader.problems += _flag_problems(converted[0], spec)
         if spec is not None:
             from itpk.covcheck import covariate_problems
 
@@ -258,15 +258,19 @@ def _listed(exc: DatasetError) -> list[str]:
     return lines or [str(exc)]
 
 
-def _flag_problems(frame: pd.DataFrame) -> list[Problem]:
+def _flag_problems(frame: pd.DataFrame, spec: ModelSpec | None) -> list[Problem]:
     """A measured value above its limit on a row flagged below it (BLQ=1): the flag or the value is
     wrong, and the fit would silently drop the value. Checked after unit conversion, since DV and
-    LLOQ may be in different units."""
+    LLOQ may be in different units (with a relative tolerance: each went through its own factor)."""
     obs = (frame["EVID"] == 0) & (frame["MDV"] == 0) & (frame["BLQ"] == 1)
-    above = obs & frame["DV"].notna() & frame["LLOQ"].notna() & (frame["DV"] > frame["LLOQ"])
-    return [Problem(int(row), "DV", f"found {_fmt(dv)} above LLOQ {_fmt(lloq)} on a row flagged BLQ=1",
-                    "a value at or below LLOQ (or blank) when BLQ=1, or BLQ=0 for a measured value")
-            for row, dv, lloq in zip(frame.loc[above, "ROW"], frame.loc[above, "DV"], frame.loc[above, "LLOQ"], strict=True)]
+    above = obs & frame["DV"].notna() & frame["LLOQ"].notna() & (frame["DV"] > frame["LLOQ"] * (1 + 1e-9))
+    problems = []
+    for row, cmt, dv, lloq in zip(*(frame.loc[above, c] for c in ("ROW", "CMT", "DV", "LLOQ")), strict=True):
+        unit = f" {spec.outputs[cmt].unit}" if spec is not None and cmt in spec.outputs else ""
+        units = f" ({cmt} in the model's unit)" if unit else ""
+        problems.append(Problem(int(row), "DV", f"found {_fmt(dv)}{unit} above LLOQ {_fmt(lloq)}{unit} on a row flagged BLQ=1{units}",
+                                "a value at or below LLOQ (or blank) when BLQ=1, or BLQ=0 for a measured value"))
+    return problems
 
 
 def _censor(frame: pd.DataFrame) -> pd.DataFrame:
@@ -300,6 +304,8 @@ def _read_cells(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], tup
         raw = path.read_bytes()
     except OSError as exc:
         raise _fail(source, f"cannot be read ({exc.strerror})", allowed) from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text" export
+        raise _fail(source, "is UTF-16 text", "CSV saved as UTF-8 (e.g. Excel's 'CSV UTF-8')")
     if b"\x00" in raw[:65536]:
         raise _fail(source, "contains binary data (NUL bytes), not text", allowed)
     try:

@@ -11,13 +11,17 @@ from itpk.io import atomic_write
 from itpk.simulate import Profiles
 
 
-PLOT_FORMATS = ("png", "pdf", "svg")  # by the file name's suffix (matplotlib writes each without extra packages)
+def plot_formats() -> tuple[str, ...]:
+    """The figure formats matplotlib writes here, by file suffix (not pgf, which needs LaTeX; not raw pixels)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf", "raw", "rgba"}))
 
 
 def figure_format(path: str | Path) -> str:
-    """The figure format a ``--plot`` file name asks for (its suffix), ``png`` when it has none of :data:`PLOT_FORMATS`."""
+    """The figure format a ``--plot`` file name asks for (its suffix), ``png`` without a suffix matplotlib knows."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    return suffix if suffix in PLOT_FORMATS else "png"
+    return suffix if suffix in plot_formats() else "png"
 
 
 def plot_profiles(

@@ -40,7 +40,7 @@ def cv_percent(omega: float, scale: str = "log", typical: float | None = None) -
     return 100 * float(np.sqrt(max(weights @ (values - mean) ** 2, 0.0))) / mean
 
 
-MAX_SEED = 2**32 - 1  # seeds are 32-bit everywhere (numpy, nutpie and PyMC take them; nutpie overflows past 64 bits)
+MAX_SEED = 2**63 - 1  # numpy takes any seed, nutpie an unsigned 64-bit one (a larger one overflows after compiling)
 MAX_SUBJECTS = 1_000_000  # a virtual population: past this, the profiles alone outgrow memory
 
 

@@ -31,7 +31,7 @@ TEMPLATE = "templates/report.html.j2"
 SUBJECTS_PER_FIGURE = 12
 PREDICTION_COLUMNS = ("ID", "TIME", "CMT", "DV", "BLQ", "PRED", "IPRED", "IRES", "PIT")
 SUMMARY_REQUIRED = ("parameter", "unit", "median", "ci_low", "ci_high")
-TEXT_COLUMNS = ("parameter", "unit", "metric", "CMT")  # the others of the required columns hold numbers
+TEXT_COLUMNS = ("ID", "parameter", "unit", "metric", "CMT")  # the others of the required columns hold numbers
 DPI = 96
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 

@@ -25,6 +25,7 @@ import pandas as pd
 from itpk import jsontext
 from itpk.errors import ItpkError, problems_error
 from itpk.inference import CENSORING_METHOD, FitResult
+from itpk.io import RUN_DIRECTORY_FILES
 
 RUN_FORMAT = 1
 R_HAT_MAX = 1.01
@@ -336,12 +337,15 @@ def check_run_target(out: str | Path, inputs: Mapping[str, str | Path | None] | 
         kind = "a folder that is not a run directory" if target.is_dir() else "a file"
         raise ItpkError(f"--out {target} exists and is {kind}; refusing to replace it (give a new path or an earlier run directory)")
     inside = [f"{what} {path}" for what, path in (inputs or {}).items()
-              if path is not None and Path(path).exists() and target.resolve() in Path(path).resolve().parents]
+              if path is not None and Path(path).exists() and target.resolve() in Path(path).resolve().parents
+              and Path(path).resolve() != (target / "model.toml").resolve()]  # the run's own model: written back
     if inside:
         raise ItpkError(f"--out {target}: holds {' and '.join(inside)}, which replacing the run directory would delete; "
                         "give another --out")
     if target.is_dir():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir() if p.name not in RUN_OUTPUTS)
+        # hidden names (a killed write's temporary sibling, .DS_Store) are not the user's work
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir()
+                         if p.name not in RUN_OUTPUTS and not p.name.startswith("."))
         if foreign:
             raise ItpkError(f"--out {target}: the run directory also holds {', '.join(foreign)}, which replacing it "
                             "would delete; move them out or give another --out")
@@ -527,7 +531,7 @@ EXPOSURE_DRAWS = 1000  # posterior draws (evenly thinned) behind exposure.csv
 EXPOSURE_DRAWS_NONLINEAR = 200  # the same for nonlinear models (ODE solves and a dose search per draw)
 
 REQUIRED_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "run.json", "model.toml")
-RUN_OUTPUTS = (*REQUIRED_FILES, "exposure.csv", "report.html")  # what itpk writes in a run directory
+RUN_OUTPUTS = (*RUN_DIRECTORY_FILES, "report.html")  # what itpk writes in a run directory
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
@@ -576,7 +580,9 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
 
 # the keys of run.json that commands read, and the JSON type each must have
 RECORD_TYPES: dict[str, tuple[type, ...]] = {"diagnostics": (dict,), "settings": (dict,), "warnings": (list,),
-                                             "typical_covariates": (dict,), "units": (dict, list, str)}
+                                             "typical_covariates": (dict,), "units": (dict, list, str),
+                                             "observations": (dict,), "censored": (dict,), "arms": (list,),
+                                             "command": (list,), "timings_s": (dict,), "versions": (dict,)}
 
 
 def record_problems(record: Any) -> list[str]:
@@ -590,6 +596,16 @@ def record_problems(record: Any) -> list[str]:
         if key in record and record[key] is not None and not isinstance(record[key], types):
             allowed = " or ".join({dict: "an object", list: "a list", str: "a string"}[t] for t in types)
             problems.append(f"{key}: found {json.dumps(record[key])[:60]}; allowed: {allowed}")
+    numbers = {"typical_covariates": record.get("typical_covariates"), "observations": record.get("observations"),
+               "censored": record.get("censored")}
+    for key, table in numbers.items():
+        if isinstance(table, dict):
+            problems += [f"{key}.{name}: found {json.dumps(v)[:40]}; allowed: a number" for name, v in table.items()
+                         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)]
+    diagnostics = record.get("diagnostics")
+    if isinstance(diagnostics, dict):
+        problems += [f"diagnostics.{key}: found {json.dumps(diagnostics[key])[:40]}; allowed: a list"
+                     for key in ("reasons", "advice") if key in diagnostics and not isinstance(diagnostics[key], list)]
     return problems
 
 

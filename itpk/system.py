@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from itpk.errors import ModelSpecError, problems_error, raise_problems
+from itpk.errors import ModelSpecError, raise_problems
 from itpk.events import Target
 from itpk.spec import ELIMINATION, ModelSpec
 
@@ -131,10 +131,13 @@ def check_volumes(values: Values, outputs: Sequence[str], *, zero: bool = False)
     ModelSpecError
         Naming each compartment, its volume expression and the inputs behind it, one per line.
     """
-    problems = [f"compartment {c}: volume {text} = {v:g} with {inputs}; a volume must be {'>= 0' if zero else '> 0'}"
-                for c, text, v, inputs in _volumes(values, outputs) if not (np.isfinite(v) and (v >= 0 if zero else v > 0))]
-    if problems:
-        raise problems_error(problems, ModelSpecError)
+    raise_problems(volume_problems(values, outputs, zero=zero), ModelSpecError)
+
+
+def volume_problems(values: Values, outputs: Sequence[str], *, zero: bool = False) -> list[str]:
+    """:func:`check_volumes`' problems, one line per compartment."""
+    return [f"compartment {c}: volume {text} = {v:g} with {inputs}; a volume must be {'>= 0' if zero else '> 0'}"
+            for c, text, v, inputs in _volumes(values, outputs) if not (np.isfinite(v) and (v >= 0 if zero else v > 0))]
 
 
 def zero_volumes(values: Values, outputs: Sequence[str]) -> list[str]:

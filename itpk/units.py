@@ -183,8 +183,8 @@ def _factor(one: Any, zero: Any, dst: Any, source: str, target: str) -> float:
     except (ArithmeticError, ValueError, TypeError, pint.errors.PintError):
         factor, offset = math.nan, 0.0
     if offset != 0.0:
-        raise DatasetError(f"{source!r} -> {target!r} is an offset scale (0 {source} is {offset:g} {target}), not a factor: "
-                           f"give these values in {target!r}")
+        raise DatasetError(f"{source!r} -> {target!r} is not a conversion by a factor (an offset or logarithmic scale: "
+                           f"0 {source} is {offset:g} {target}): give these values in {target!r}")
     if not (math.isfinite(factor) and factor > 0):
         raise DatasetError(f"{source!r} -> {target!r}: no finite conversion factor (is the unit written as meant?)")
     return factor

@@ -23,11 +23,12 @@ from itpk.population import MAX_SEED, MAX_SUBJECTS, estimated_problem, sample_po
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
-from itpk.system import Values, check_volumes, inputs_of, rate_problems, resolve, unknown_names, zero_volumes
+from itpk.system import Values, check_volumes, inputs_of, rate_problems, resolve, unknown_names, volume_problems, zero_volumes
 
 if TYPE_CHECKING:
-    from itpk.dataset import Dataset
     import pandas as pd
+
+    from itpk.dataset import Dataset
 
 MAX_GRID = 200_000
 MAX_VALUES = 100_000_000  # numbers a simulation holds at once (0.8 GB of float64)
@@ -272,6 +273,10 @@ def comparison_problems(spec: ModelSpec | None, *, dose: float | None = None, ro
                                    infusion=None, regimen_name=regimen_name, diam=diam,
                                    required=required and bool(routes))
     problems += option_problems(spec, routes=routes, overrides=overrides, targets=targets)
+    if regimen_name is not None:  # the regimen's amounts go to every route compared, not just the first
+        from itpk.regimens import unit_problem
+
+        problems += [p for r in routes[1:] if r in spec.routes for p in [unit_problem(regimen_name, _dose_unit(spec, r), r)] if p]
     local = [r for r in routes if r in LOCAL_ROUTES]
     if site is not None and routes and not local:
         problems.append(f"--cmt {site}: names the lesion a local route ({', '.join(LOCAL_ROUTES)}) injects; none is compared")
@@ -287,14 +292,15 @@ def output_problems(inputs: Mapping[str, str | Path | None] | None = None, **pat
     Names the option and the path as given."""
     from itpk.io import clash_problems, file_problem
 
-    from itpk.plot import PLOT_FORMATS
-
     problems = [problem for option, path in paths.items() if path is not None and str(path) != ""
                 for problem in [file_problem(f"--{option}", path)] if problem]
     plot = paths.get("plot")
     suffix = Path(plot).suffix.lower().lstrip(".") if plot else ""
-    if suffix and suffix not in PLOT_FORMATS:  # matplotlib would write PNG bytes under another name
-        problems.append(f"--plot {plot}: found a .{suffix} file name; allowed: {', '.join('.' + f for f in PLOT_FORMATS)}")
+    if suffix:
+        from itpk.plot import plot_formats
+
+        if suffix not in plot_formats():  # matplotlib would write PNG bytes under another name
+            problems.append(f"--plot {plot}: found a .{suffix} file name; allowed: {', '.join('.' + f for f in plot_formats())}")
     return problems + clash_problems({f"--{option}": path for option, path in paths.items()}, inputs)
 
 
@@ -440,7 +446,7 @@ def run_simulation(
     typical = resolve(spec, overrides)  # and the values themselves (finite, one length)
     # as compare does, before any work: negative volumes and rates give numbers that mean nothing (a
     # volume of 0, a patient without that lesion, is allowed: its output is undefined, and said so)
-    raise_problems([*rate_problems(typical), *_volume_problems(typical)])
+    raise_problems([*rate_problems(typical), *volume_problems(typical, list(spec.outputs), zero=True)])
     empty = zero_volumes(typical, list(spec.outputs))
     times = np.asarray(at, dtype=float) if at is not None else output_grid(schedule, horizon=horizon, step=step)
     if subjects < 1:
@@ -479,14 +485,6 @@ def run_simulation(
         f"\n  note: concentrations undefined in {', '.join(empty)}" if empty else "")
     return SimulationResult(profiles, schedule, csv, png, message)
 
-
-def _volume_problems(values: Values) -> list[str]:
-    """:func:`itpk.system.check_volumes` over every output (volumes >= 0), as a list."""
-    try:
-        check_volumes(values, list(values.spec.outputs), zero=True)
-    except ItpkError as exc:
-        return [str(exc)]
-    return []
 
 
 # Parameter sets per simulate() call: both solve a chunk in one call (a linear model vectorised,

@@ -352,3 +352,24 @@ def test_a_compare_job_s_run_directory_is_checked_before_any_job_runs(tmp_path):
     path = write(tmp_path, f"[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\ndose = 1\nposterior = '{tmp_path}'\n", "pp.toml")
     with pytest.raises(PipelineError, match=r"jobs #1: run directory .* is incomplete: missing posterior.nc"):
         load_pipeline(path, preflight=True)
+
+
+def test_a_batch_whose_cluster_cannot_start_leaves_no_empty_folders(tmp_path, monkeypatch):
+    # found by a robustness audit: an unreachable tcp:// scheduler left OUT/jobs behind
+    from itpk.batch import run_batch, runner
+
+    def unreachable(*args, **kwargs):
+        raise ItpkError("--scheduler tcp://127.0.0.1:9: cannot connect")
+
+    monkeypatch.setattr(runner, "make_client", unreachable)
+    path = write(tmp_path, "[[jobs]]\nkind = 'compare'\nmodel = 'it_antibody'\ndose = 1\n", "p.toml")
+    with pytest.raises(ItpkError, match="cannot connect"):
+        run_batch(load_pipeline(path), out=tmp_path / "out", scheduler="tcp://127.0.0.1:9")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is left as it was
+    with pytest.raises(ItpkError, match="cannot connect"):
+        run_batch(load_pipeline(path), out=tmp_path / "kept", scheduler="tcp://127.0.0.1:9")
+    assert list((tmp_path / "kept").iterdir()) == []
+    with pytest.raises(ItpkError, match="cannot connect"):  # a log asked for inside the new folder is kept, and so is it
+        run_batch(load_pipeline(path), out=tmp_path / "b", scheduler="tcp://127.0.0.1:9", log=tmp_path / "b" / "ev.jsonl")
+    assert (tmp_path / "b" / "ev.jsonl").is_file() and not (tmp_path / "b" / "jobs").exists()

@@ -122,7 +122,7 @@ BAD = [
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--step", 0], "--step must be a finite number > 0, found 0"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--every", 12], "--every 12: gives the interval between doses, but --doses"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--set", "CL=1", "--set", "CL=2"], "--set CL: given twice (1 and 2)"),
-    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--plot", "p.jpg"], "found a .jpg file name; allowed: .png, .pdf, .svg"),
+    (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--plot", "p.v2"], "found a .v2 file name; allowed: .avif, .eps,"),
     (["simulate", "two_cpt_iv", "--route", "iv", "--dose", 1, "--subjects", 0], "--subjects must be a whole number from 1 to 1000000, found 0"),
     (["simulate", "it_linear", "--route", "iv", "--dose", 1, "--cmt", "lesion2"], "--cmt: route 'iv' cannot inject 'lesion2' (sites: central)"),
     (["simulate", "it_linear", "--route", "it", "--dose", 1, "--cmt", "lymph"], "--cmt: route 'it' cannot inject 'lymph' (sites: tumor, lesion2)"),
@@ -297,12 +297,12 @@ def test_fit_library_raises_one_error_listing_every_argument_problem():
     with pytest.raises(FitError) as caught:
         fit(spec, data, draws=0, chains=0, seed=-1, errors={"plasma": "quad"}, iiv="centred,ka=wobbly")
     message = str(caught.value)
-    assert message.startswith("6 problems:\n") and "--iiv 'wobbly' is unknown" in message
+    assert message.startswith("6 problems:\n") and "--iiv ka=wobbly: 'wobbly' is unknown" in message
     for text in ["--draws must be a whole number >= 1, found 0", "--chains must be a whole number >= 1, found 0",
-                 "--seed must be a whole number from 0 to 4294967295, found -1", "--error plasma=quad: error model 'quad' is unknown",
+                 "--seed must be a whole number from 0 to 9223372036854775807, found -1", "--error plasma=quad: error model 'quad' is unknown",
                  "--iiv 'centred': expected PARAM=centred|non-centred"]:
         assert text in message
-    with pytest.raises(FitError, match="^--iiv 'wobbly' is unknown"):
+    with pytest.raises(FitError, match="^--iiv ka=wobbly: 'wobbly' is unknown"):
         fit(spec, data, iiv="ka=wobbly")
 
 
@@ -366,7 +366,7 @@ def test_out_of_range_counts_are_bad_input_not_usage_errors(tmp_path):
     theoph = files("itpk.data") / "theoph.csv"
     result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", 1, "--doses", 0, "--seed", -1, "--out", tmp_path / "s.csv")
     assert result.exit_code == 1 and "--doses must be a whole number from 1 to 100000, found 0" in result.output
-    assert "--seed must be a whole number from 0 to 4294967295, found -1" in result.output and not (tmp_path / "s.csv").exists()
+    assert "--seed must be a whole number from 0 to 9223372036854775807, found -1" in result.output and not (tmp_path / "s.csv").exists()
     result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "run", "--cores", 0, "--seed", -2)
     assert result.exit_code == 1 and "2 problems:" in result.output and "--cores must be a whole number >= 1, found 0" in result.output
 
@@ -382,7 +382,7 @@ def test_counts_and_seeds_have_an_upper_bound(tmp_path):
     assert result.exit_code == 1 and "= 4.82e+08 numbers (3.9 GB), more than the 1e+08 itpk holds at once" in result.output
     theoph = files("itpk.data") / "theoph.csv"
     result = run("fit", theoph, "--model", "one_cpt_oral", "--out", tmp_path / "run", "--seed", 10**23)
-    assert result.exit_code == 1 and "--seed must be a whole number from 0 to 4294967295" in result.output
+    assert result.exit_code == 1 and "--seed must be a whole number from 0 to 9223372036854775807" in result.output
 
 
 def test_ctrl_c_inside_a_compiled_solver_exits_130(monkeypatch, tmp_path):
@@ -406,3 +406,11 @@ def test_a_bad_run_directory_does_not_hide_the_other_options_problems(tmp_path):
     assert result.exit_code == 1 and "3 problems:" in result.output, result.output
     for text in ["is incomplete: missing posterior.nc", "has no route(s) xx", "--target: unknown output(s) blood"]:
         assert text in result.output, text
+
+
+def test_a_named_regimen_must_suit_every_route_compared():
+    # from a review: only the first route's unit was checked; the iv route of this model doses copies, not PFU
+    mini = str(Path(__file__).parent / "data" / "virus_mini.toml")
+    for routes in ("it,iv", "iv,it"):
+        result = run("compare", mini, "--regimen", "tvec", "--diam", 3, "--routes", routes)
+        assert result.exit_code == 1 and "--regimen tvec doses PFU (a virus), but route iv doses copies" in result.output

@@ -870,8 +870,8 @@ def test_covariates_that_make_a_rate_or_volume_invalid_are_data_errors(tmp_path)
     assert "invalid dataset, 3 problems:" in message, message
     # CL_in = k_out*Kp*V_T, V_T = pi/6*DIAM**3/1000 L: -2 cm gives V_T = -0.004189 L (rel 1e-4 as printed)
     v_t = np.pi / 6 * (-2.0) ** 3 / 1000
-    assert f"row 73, DIAM: found DIAM=-2 (ID 7), for which the volume of tumor (observed as tumor) V_T = {v_t:.4g}" in message
-    assert "row 13, DIAM: found DIAM=-3 (ID 2), for which the rate of central -> tumor CL_in / V = " in message
+    assert f"row 73, DIAM: found DIAM=-2 cm (ID 7), for which the volume of tumor (observed as tumor) V_T = {v_t:.4g}" in message
+    assert "row 13, DIAM: found DIAM=-3 cm (ID 2), for which the rate of central -> tumor CL_in / V = " in message
     frame.loc[frame["ID"].isin([2, 7]), "DIAM"] = 2.5
     frame.to_csv(path, index=False)
     assert read_dataset(path, load_model("it_antibody")).data["DIAM"].min() > 0  # valid again
@@ -886,6 +886,17 @@ def test_blq_flags_that_contradict_the_row_are_data_errors(tmp_path):
     message = str(info.value)
     for text in ["row 2, ADDL: found 1000000; allowed: at most 100000 additional doses on one row",
                  "row 2, BLQ: found 1 on an EVID=1 row; allowed: blank or 0 (BLQ marks observations, EVID=0)",
-                 "row 3, DV: found 5 above LLOQ 0.5 on a row flagged BLQ=1"]:
+                 "row 3, DV: found 5 mg/L above LLOQ 0.5 mg/L on a row flagged BLQ=1 (plasma in the model's unit)"]:
         assert text in message, text
     assert "row 4" not in message  # 0.2 below a limit of 0.5 is what BLQ=1 means
+    # DV holding the limit, in other units than LLOQ: equal up to the round-off of two conversion factors
+    path.write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV,BLQ,LLOQ\n1,0,1,10,iv,,,,\n1,1,0,,,plasma,700,1,0.7\n")
+    (tmp_path / "b.units.toml").write_text('DV = "ng/mL"\nLLOQ = "ug/mL"\n')
+    assert read_dataset(path, load_model("one_cpt_iv")).censored.sum() == 1
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "u16.csv"
+    path.write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,10,iv,,\n", encoding="utf-16")  # with its byte-order mark
+    with pytest.raises(DatasetError, match=r"file: is UTF-16 text; allowed: CSV saved as UTF-8"):
+        read_dataset(path)

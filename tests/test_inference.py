@@ -599,7 +599,7 @@ def test_a_dataset_without_doses_is_refused_before_fitting():
 
 
 def test_a_negative_seed_is_refused():
-    with pytest.raises(FitError, match=r"--seed must be a whole number from 0 to 4294967295, found -1"):
+    with pytest.raises(FitError, match=r"--seed must be a whole number from 0 to 9223372036854775807, found -1"):
         fit(load_model("one_cpt_iv"), tiny_dataset(), method="map", seed=-1)
 
 

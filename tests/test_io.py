@@ -203,3 +203,15 @@ def test_a_fit_keeps_what_replacing_its_run_directory_would_delete(tmp_path):
 
     with pytest.raises(ItpkError, match="is a file of the run directory"):
         _check_target(run / "posterior.nc")  # itpk report RUN --out RUN/posterior.nc
+
+
+def test_a_run_directory_s_own_model_and_hidden_files_do_not_block_a_refit(tmp_path):
+    # from a review: --model RUN/model.toml (written back by the fit) and a .DS_Store or a killed write's
+    # temporary sibling are not the user's work that replacing the directory would lose
+    from itpk.run import check_run_target
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.json", "model.toml", "report.html", ".DS_Store", ".report.html.host-9.abc.tmp"):
+        (run / name).write_text("x")
+    assert check_run_target(run, inputs={"the model file": run / "model.toml", "the dataset": tmp_path / "d.csv"}) == run

@@ -481,3 +481,23 @@ def test_exposure_profiles_use_the_covariates_of_exposure_csv(runs, monkeypatch)
     from itpk.report import exposure_section
 
     assert exposure_section(run)["covariates"] == exposure["covariates"].iloc[0]
+
+
+def test_text_subject_ids_are_not_a_hand_edit(tmp_path):
+    # from a review: the numeric check of the run's tables refused predictions.csv with IDs such as P01
+    from itpk.report import PREDICTION_COLUMNS, _read_csv
+
+    path = tmp_path / "predictions.csv"
+    pd.DataFrame({c: [1.0] for c in PREDICTION_COLUMNS}).assign(ID=["P01"], CMT=["plasma"]).to_csv(path, index=False)
+    assert _read_csv(path, PREDICTION_COLUMNS)["ID"].tolist() == ["P01"]
+    pd.DataFrame({c: [1.0] for c in PREDICTION_COLUMNS}).assign(ID=["P01"], CMT=["plasma"], IPRED=["x"]).to_csv(path, index=False)
+    with pytest.raises(ItpkError, match=r"row 2, IPRED: found 'x'; allowed: a number"):
+        _read_csv(path, PREDICTION_COLUMNS)
+
+
+def test_run_records_with_wrong_types_inside_are_listed():
+    from itpk.run import record_problems
+
+    record = {"format": 1, "typical_covariates": {"DIAM": "abc"}, "observations": [1], "diagnostics": {"reasons": 5}}
+    assert record_problems(record) == ['observations: found [1]; allowed: an object', 'typical_covariates.DIAM: found "abc"; allowed: a number',
+                                       "diagnostics.reasons: found 5; allowed: a list"]

@@ -348,7 +348,7 @@ def test_lloq_table_without_an_output_takes_dv_unit(tmp_path):
 
 
 @pytest.mark.parametrize(("source", "target", "message"), [
-    ("degF", "degC", "is an offset scale (0 degF is -17.7778 degC), not a factor"),  # was a ValueError traceback
+    ("degF", "degC", "is not a conversion by a factor (an offset or logarithmic scale: 0 degF is -17.7778 degC)"),  # a ValueError traceback
     ("mg/L**1000", "mg/L", "no finite conversion factor"),  # was pint's OverflowError traceback
 ])
 def test_units_without_a_conversion_factor_are_data_errors(source, target, message):

@@ -180,6 +180,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
     """
     from itpk.dataset import read_dataset
     from itpk.inference import argument_problems
+    from itpk.population import estimated_problem
     from itpk.spec import load_model
     from itpk.workflows import comparison_problems, fitted_model, simulation_problems
 
@@ -202,11 +203,11 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
             key = ("posterior", str(o["posterior"]), str(o["model"]))
             if key not in checked:
                 try:
-                    fitted_model(model, o["posterior"])
-                    checked[key] = ""
+                    checked[key] = fitted_model(model, o["posterior"])[1]  # the draws
                 except (ItpkError, OSError) as exc:
                     checked[key] = str(exc)
-            problems += [checked[key]] if checked[key] else []
+            found = checked[key]
+            problems += [found] if isinstance(found, str) else [p for p in [estimated_problem(model, found, dict(o.get("set", ())))] if p]
         return problems
     if spec.kind == "simulate":
         return simulation_problems(model, route=o.get("route"), step=o.get("step"), at=o.get("at"),
@@ -264,7 +265,6 @@ def read_record(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
-
 
 
 # ---------------------------------------------------------------- execution (on a worker)

@@ -178,6 +178,7 @@ def run_batch(
         raise problems_error(problems)
     workers = workers or pipeline.cluster.workers
     jobs = resolve_jobs(pipeline)
+    created = not out.exists()
     jobs_dir = prepare_out(out, resume=resume)
     meta = {"pipeline": str(pipeline.source), "out": str(out.resolve()), "scheduler": scheduler, "workers": workers,
             "retries": retries, "resume": resume, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -199,8 +200,22 @@ def run_batch(
         bar.close()
         result = _finish(out, records, meta, started, events, "interrupted")
         raise KeyboardInterrupt(result.message) from None
+    except Exception:
+        _remove_if_empty(jobs_dir, out if created else None)  # e.g. no scheduler at that address
+        raise
     finally:
         events.close()
+
+
+def _remove_if_empty(*folders: Path | None) -> None:
+    """Remove the folders a batch made, in order, while they are empty (a --log inside keeps them)."""
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something worth keeping is inside
+            return
 
 
 def _pending(job: ResolvedJob) -> JobRecord:
