@@ -543,6 +543,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
 
     import xarray as xr
 
+    from itpk import __version__
     from itpk.spec import parse_model
 
     folder = Path(run_dir)
@@ -564,8 +565,14 @@ def load_run(run_dir: str | Path) -> tuple[Any, dict[str, np.ndarray], dict[str,
         raw = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ItpkError(f"{folder / 'model.toml'}: unreadable ({exc})") from None
+    current = "time_unit" in raw
     raw.setdefault("time_unit", "h")  # runs made before time_unit was required (session 19): it defaulted to h then
     spec = parse_model(raw, source=str(folder / "model.toml"))
+    # a model.toml swapped or edited after the fit would describe other parameters than the posterior's; the
+    # hash is of the parsed model, comparable when this itpk version wrote it
+    if current and record.get("itpk_version") == __version__ and record.get("model_sha256") not in (None, spec.sha256):
+        raise ItpkError(f"{folder / 'model.toml'}: is not the model this run was fitted with (run.json model_sha256 "
+                        "differs): restore it, or fit again")
     try:
         tree = xr.open_datatree(folder / "posterior.nc")
     except Exception as exc:  # noqa: BLE001 - any netCDF/HDF5 failure is a broken run directory

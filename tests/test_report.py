@@ -204,6 +204,17 @@ def test_incomplete_and_incompatible_run_directories(runs, tmp_path):
     for read in (write_report, load_run):
         with pytest.raises(ItpkError, match=r"posterior.nc: unreadable \("):
             read(corrupt)
+    # a model.toml edited after the fit (another k_out, say) would describe other parameters than the posterior's
+    swapped = tmp_path / "swapped"
+    shutil.copytree(runs["map"], swapped)
+    text = (swapped / "model.toml").read_text(encoding="utf-8")
+    (swapped / "model.toml").write_text(text + "\n# a comment changes nothing\n", encoding="utf-8")
+    load_run(swapped)
+    edited_model = re.sub(r"(?m)^(CL = \{ value = )[0-9.e+-]+", r"\g<1>9.75", text)
+    assert edited_model != text
+    (swapped / "model.toml").write_text(edited_model, encoding="utf-8")
+    with pytest.raises(ItpkError, match=r"model.toml: is not the model this run was fitted with"):
+        load_run(swapped)
     garbled = tmp_path / "garbled"
     shutil.copytree(runs["map"], garbled)
     (garbled / "model.toml").write_text("name = [unclosed", encoding="utf-8")
