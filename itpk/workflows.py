@@ -338,17 +338,15 @@ def read_data(data: str | Path, model: str | Path | ModelSpec | None, problems: 
     alone, so that one message lists the problems of both."""
     from itpk.dataset import read_dataset
 
-    spec = None
-    if model is not None:
-        spec, _, _ = _load_spec(model, None, problems)
+    spec = _load_spec(model, None, problems)[0] if model is not None else None
     try:
-        dataset = read_dataset(data, spec) if spec is not None or model is None else None
-        if dataset is None:
-            read_dataset(data, None)  # for its own problems only: it was meant for another model
+        if model is not None and spec is None:
+            read_dataset(data, None)  # for its own problems only: it was meant for the model that did not load
+            return None, None
+        return spec, read_dataset(data, spec)
     except ItpkError as exc:
         problems.append(str(exc))
-        dataset = None
-    return spec, dataset
+        return spec, None
 
 
 def _trial_covariates(spec: ModelSpec, overrides: dict[str, float], trial: Mapping[str, float] | None,
@@ -484,7 +482,6 @@ def run_simulation(
         f"\n  note: {unrecorded}" if unrecorded else "") + (
         f"\n  note: concentrations undefined in {', '.join(empty)}" if empty else "")
     return SimulationResult(profiles, schedule, csv, png, message)
-
 
 
 # Parameter sets per simulate() call: both solve a chunk in one call (a linear model vectorised,
