@@ -105,7 +105,7 @@ def clash_problems(outputs: Mapping[str, str | Path | None], inputs: Mapping[str
         same_input = next((what for what, source in sources.items() if _same(path, source)), None)
         same_output = next((other for other in options[:k] if _same(path, given[other])), None)
         if same_input:
-            problems.append(f"{option} {path}: is {same_input}, which this command reads; give another file name")
+            problems.append(f"{option} {path}: is {same_input}, which this command uses; give another file name")
         elif same_output:
             problems.append(f"{option} {path}: is also {same_output}; give each output its own file")
         elif path.name in RUN_DIRECTORY_FILES and (path.parent / "run.json").is_file():

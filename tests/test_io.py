@@ -148,7 +148,7 @@ def test_an_output_may_not_be_an_input_another_output_or_a_run_file(tmp_path):
     problems = clash_problems({"--out": tmp_path / "link.csv", "--plot": tmp_path / "p.png", "--log": tmp_path / "p.png",
                                "--x": run / "summary.csv", "--y": run / "report.html", "--z": None},
                               {"the dataset": data, "the model file": None})
-    assert problems == [f"--out {tmp_path / 'link.csv'}: is the dataset, which this command reads; give another file name",
+    assert problems == [f"--out {tmp_path / 'link.csv'}: is the dataset, which this command uses; give another file name",
                         f"--log {tmp_path / 'p.png'}: is also --plot; give each output its own file",
                         f"--x {run / 'summary.csv'}: is a file of the run directory {run}; write it elsewhere"]
     assert clash_problems({"--out": tmp_path / "new.csv"}, {"the dataset": data}) == []
