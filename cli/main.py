@@ -72,17 +72,18 @@ def _parse_sets(pairs: list[str], problems: list[str], *, option: str = "--set",
     command's other problems)."""
     out: dict[str, float] = {}
     for pair in pairs:
-        name, sep, value = pair.partition("=")
+        raw, sep, value = pair.partition("=")
+        name = raw.strip()
         try:
-            if not sep or not name.strip():
+            if not sep or not name:
                 raise ValueError
             number = float(value)
         except ValueError:
             problems.append(f"{option} {pair!r}: expected NAME=NUMBER (e.g. {example})")
             continue
-        if name.strip() in out and out[name.strip()] != number:  # which one was meant is the user's to say
-            problems.append(f"{option} {name.strip()}: given twice ({out[name.strip()]:g} and {number:g}); give it once")
-        out[name.strip()] = number
+        if name in out and out[name] != number:  # which one was meant is the user's to say
+            problems.append(f"{option} {name}: given twice ({out[name]:g} and {number:g}); give it once")
+        out[name] = number
     return out
 
 
@@ -104,13 +105,14 @@ def _parse_errors(items: list[str], problems: list[str]) -> dict[str, str]:
     """``OUTPUT=MODEL`` pairs of ``--error``; every malformed one is added to ``problems``."""
     errors = {}
     for item in items:
-        name, sep, kind = item.partition("=")
-        if not sep or not name.strip():
+        raw, sep, text = item.partition("=")
+        name, kind = raw.strip(), text.strip()
+        if not sep or not name:
             problems.append(f"--error {item!r}: expected OUTPUT=MODEL (e.g. --error plasma=additive)")
-        elif name.strip() in errors and errors[name.strip()] != kind.strip():
-            problems.append(f"--error {name.strip()}: given twice ({errors[name.strip()]} and {kind.strip()}); give it once")
+        elif name in errors and errors[name] != kind:
+            problems.append(f"--error {name}: given twice ({errors[name]} and {kind}); give it once")
         else:
-            errors[name.strip()] = kind.strip()
+            errors[name] = kind
     return errors
 
 

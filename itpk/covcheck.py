@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     from itpk.expr import Expr
     from itpk.spec import ModelSpec
-    from itpk.system import Values
 
 MAX_PER_RULE = 5  # subjects listed for one bad rate or volume: the first ones say what is wrong
 
@@ -65,7 +64,7 @@ def covariate_problems(frame: pd.DataFrame, spec: ModelSpec) -> list[Problem]:
 
     problems = []
     for flow in spec.flows:
-        rate = _evaluate(flow.rate, model)
+        rate = model.evaluate(flow.rate)
         bad = ~(np.isfinite(rate) & (rate >= 0))
         problems += _listed(rows, bad, rate, involved(flow.rate), f"the rate of {flow.key} {flow.rate.text}", ">= 0")
     observed = frame["CMT"].to_numpy()[usable]
@@ -74,16 +73,10 @@ def covariate_problems(frame: pd.DataFrame, spec: ModelSpec) -> list[Problem]:
         for c in spec.compartments:
             if c.volume is None or c.name not in output.expr.names:
                 continue
-            volume = _evaluate(c.volume, model)
+            volume = model.evaluate(c.volume)
             bad = counted & (observed == name) & ~(np.isfinite(volume) & (volume > 0))
             problems += _listed(rows, bad, volume, involved(c.volume), f"the volume of {c.name} (observed as {name}) {c.volume.text}", "> 0")
     return sorted(problems)
-
-
-def _evaluate(expr: Expr, values: Values) -> np.ndarray:
-    """``expr`` over the parameter sets of ``values`` (one per row), as floats."""
-    with np.errstate(all="ignore"):
-        return np.broadcast_to(np.asarray(expr.evaluate(values.env), dtype=float), (values.size,))
 
 
 def _listed(rows: _Rows, bad: np.ndarray, computed: np.ndarray, names: list[str], what: str, allowed: str) -> list[Problem]:

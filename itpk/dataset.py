@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.errors import DatasetError
+from itpk.events import MAX_DOSES
 from itpk.units import DatasetUnits, convert_units, read_sidecar
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ STANDARD_COLUMNS = (
 )
 REQUIRED_COLUMNS = ("ID", "TIME", "EVID")
 ALIASES = {"CENS": "BLQ"}
-MAX_ADDL = 100_000  # additional doses of one row: 270 years of daily doses; more is a typo that would run for hours
 ROUTES = ("it", "ia", "iv", "sc", "po")
 EVIDS = {0: "observation", 1: "dose", 2: "other", 3: "reset", 4: "reset and dose"}
 DOSE_EVIDS = (1, 4)
@@ -586,8 +586,8 @@ class _Reader:
         self.add_rows(dose & ss.isin((1, 2)) & ~(ii > 0) & ~(rate > 0), "II", lambda i: f"found {_fmt(ii.fillna(0).iat[i])} with SS={_fmt(ss.iat[i])}",
                       "II > 0 at steady state (or RATE > 0 with II=0 for a constant infusion)")
         not_dose = evid.notna() & ~dose
-        self.add_rows(dose & (addl > MAX_ADDL), "ADDL", lambda i: f"found {_fmt(addl.iat[i])}",
-                      f"at most {MAX_ADDL} additional doses on one row")
+        self.add_rows(dose & (addl > MAX_DOSES), "ADDL", lambda i: f"found {_fmt(addl.iat[i])}",
+                      f"at most {MAX_DOSES} additional doses on one row")
         blq = values["BLQ"]
         self.add_rows(evid.notna() & (evid != 0) & (blq > 0), "BLQ", lambda i: f"found {_fmt(blq.iat[i])} on an EVID={_fmt(evid.iat[i])} row",
                       "blank or 0 (BLQ marks observations, EVID=0)")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from itpk.errors import ScheduleError
 
+MAX_DOSES = 100_000  # doses of one regimen or dataset row (ADDL): 270 years of daily doses; more is a typo that runs for hours
+
 RESET, STEADY_STATE, BOLUS, INFUSION_ON, INFUSION_OFF = "reset", "steady_state", "bolus", "infusion_on", "infusion_off"
 COVARIATE = "covariate"
 _ORDER = {RESET: 0, STEADY_STATE: 1, BOLUS: 2, INFUSION_OFF: 3, INFUSION_ON: 4, COVARIATE: 5}

@@ -530,7 +530,7 @@ def typical_covariates(result: FitResult) -> dict[str, float]:
 EXPOSURE_DRAWS = 1000  # posterior draws (evenly thinned) behind exposure.csv
 EXPOSURE_DRAWS_NONLINEAR = 200  # the same for nonlinear models (ODE solves and a dose search per draw)
 
-REQUIRED_FILES = ("posterior.nc", "summary.csv", "predictions.csv", "run.json", "model.toml")
+REQUIRED_FILES = tuple(f for f in RUN_DIRECTORY_FILES if f != "exposure.csv")  # exposure.csv: models with an it route
 RUN_OUTPUTS = (*RUN_DIRECTORY_FILES, "report.html")  # what itpk writes in a run directory
 
 

@@ -29,6 +29,11 @@ class Values:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.env[name]
 
+    def evaluate(self, expr: Any) -> np.ndarray:
+        """An expression of the model over the parameter sets, (S,) floats (inf and nan where it has no value)."""
+        with np.errstate(all="ignore"):
+            return np.broadcast_to(np.asarray(expr.evaluate(self.env), dtype=float), (self.size,))
+
     def take(self, index: np.ndarray | slice) -> Values:
         """The parameter sets at ``index`` (for working through a population in chunks)."""
         env = {k: np.asarray(v)[index] for k, v in self.env.items()}
@@ -154,8 +159,7 @@ def _volumes(values: Values, outputs: Sequence[str]) -> list[tuple[str, str, flo
     for c in spec.compartments:
         if c.volume is None or c.name not in wanted:
             continue
-        with np.errstate(all="ignore"):
-            volume = np.broadcast_to(np.asarray(c.volume.evaluate(env), dtype=float), (values.size,))
+        volume = values.evaluate(c.volume)
         finite = np.isfinite(volume)
         at = int(np.argmin(finite)) if not finite.all() else int(np.argmin(volume))
         inputs = ", ".join(f"{n}={np.broadcast_to(env[n], (values.size,))[at]:g}" for n in inputs_of(spec, c.volume.names))
@@ -163,14 +167,13 @@ def _volumes(values: Values, outputs: Sequence[str]) -> list[tuple[str, str, flo
     return found
 
 
-def rate_problems(values: Values) -> list[str]:
-    """First-order flows whose rate is not finite or < 0 in some parameter set (one line)."""
+def rate_problems(values: Values, rates: Sequence[np.ndarray] | None = None) -> list[str]:
+    """First-order flows whose rate is not finite or < 0 in some parameter set (one line); ``rates``:
+    the flows' rates when the caller has them already (:func:`rate_matrix`)."""
     spec = values.spec
-    with np.errstate(all="ignore"):
-        bad = sorted({
-            f"{f.key} = {f.rate}" for f in spec.flows
-            if not np.all(np.isfinite(r := np.asarray(f.rate.evaluate(values.env)))) or np.any(r < 0)
-        })
+    rates = [values.evaluate(f.rate) for f in spec.flows] if rates is None else rates
+    bad = sorted({f"{f.key} = {f.rate}" for f, r in zip(spec.flows, rates, strict=True)
+                  if not (np.all(np.isfinite(r)) and np.all(r >= 0))})
     return [f"model {spec.name!r}: first-order rate(s) {'; '.join(bad)} must be finite and >= 0 for the given parameters"] if bad else []
 
 
@@ -190,14 +193,13 @@ def rate_matrix(values: Values) -> np.ndarray:
     spec = values.spec
     n = len(spec.compartments)
     K = np.zeros((values.size, n, n))
-    with np.errstate(all="ignore"):
-        for flow in spec.flows:
-            k = np.broadcast_to(np.asarray(flow.rate.evaluate(values.env), dtype=float), (values.size,))
-            i = spec.index(flow.source)
-            K[:, i, i] -= k
-            if flow.target != ELIMINATION:
-                K[:, spec.index(flow.target), i] += k
-    raise_problems(rate_problems(values), ModelSpecError)
+    rates = [values.evaluate(flow.rate) for flow in spec.flows]
+    for flow, k in zip(spec.flows, rates, strict=True):
+        i = spec.index(flow.source)
+        K[:, i, i] -= k
+        if flow.target != ELIMINATION:
+            K[:, spec.index(flow.target), i] += k
+    raise_problems(rate_problems(values, rates), ModelSpecError)  # from the same rates, not evaluated again
     return K
 
 
@@ -205,10 +207,9 @@ def initial_state(values: Values) -> np.ndarray:
     """Amounts at time 0 and after a reset, (S, n): the compartments' ``initial`` (default 0)."""
     spec = values.spec
     x0 = np.zeros((values.size, len(spec.compartments)))
-    with np.errstate(all="ignore"):
-        for i, c in enumerate(spec.compartments):
-            if c.initial is not None:
-                x0[:, i] = np.broadcast_to(np.asarray(c.initial.evaluate(values.env), dtype=float), (values.size,))
+    for i, c in enumerate(spec.compartments):
+        if c.initial is not None:
+            x0[:, i] = values.evaluate(c.initial)
     if not np.all(np.isfinite(x0)) or np.any(x0 < 0):
         raise ModelSpecError(f"model {spec.name!r}: initial amounts must be finite and >= 0 for the given parameters")
     return x0
@@ -219,7 +220,7 @@ def input_fractions(values: Values, target: Target) -> np.ndarray:
     spec = values.spec
     out = np.zeros((values.size, len(spec.compartments)))
     for cmt, frac in spec.dose_into(target).items():
-        out[:, spec.index(cmt)] += np.broadcast_to(np.asarray(frac.evaluate(values.env), dtype=float), (values.size,))
+        out[:, spec.index(cmt)] += values.evaluate(frac)
     if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out.sum(axis=1) > 1 + 1e-12):
         shares = "; ".join(f"into {cmt}: {frac.text} = {_span(out[:, spec.index(cmt)])}" for cmt, frac in spec.dose_into(target).items())
         raise ModelSpecError(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from itpk.errors import Interrupted, ItpkError, problems_error, raise_problems  # noqa: F401 - re-exported
-from itpk.events import Schedule, Target, regimen
+from itpk.events import MAX_DOSES, Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
 from itpk.population import MAX_SEED, MAX_SUBJECTS, estimated_problem, sample_population
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 MAX_GRID = 200_000
 MAX_VALUES = 100_000_000  # numbers a simulation holds at once (0.8 GB of float64)
-MAX_DOSES = 100_000  # doses of one regimen (as a dataset row's ADDL): more is a typo that would run for hours
 
 
 @dataclass(frozen=True)
@@ -299,8 +298,9 @@ def output_problems(inputs: Mapping[str, str | Path | None] | None = None, **pat
     if suffix:
         from itpk.plot import plot_formats
 
-        if suffix not in plot_formats():  # matplotlib would write PNG bytes under another name
-            problems.append(f"--plot {plot}: found a .{suffix} file name; allowed: {', '.join('.' + f for f in plot_formats())}")
+        formats = plot_formats()
+        if suffix not in formats:  # matplotlib would write PNG bytes under another name
+            problems.append(f"--plot {plot}: found a .{suffix} file name; allowed: {', '.join('.' + f for f in formats)}")
     return problems + clash_problems({f"--{option}": path for option, path in paths.items()}, inputs)
 
 
