@@ -2,7 +2,7 @@
 
 Thin: read the pipeline (:func:`itpk.batch.load_pipeline`), run it
 (:func:`itpk.batch.run_batch`), print, exit 0 / 1 (bad pipeline or options) /
-4 (some job failed) / 130 (interrupted). Register with::
+4 (some job failed) / 130 (Ctrl-C) / 143 (SIGTERM). Register with::
 
     app.command("batch")(batch_command)
 """
@@ -32,9 +32,6 @@ LogOpt = Annotated[Path | None, typer.Option(help="Append a JSON-lines event log
                                              show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line and no summary (errors still print).")]
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-
 def batch_command(
     pipeline: PipelineArg,
     out: OutOpt = None,
@@ -48,8 +45,8 @@ def batch_command(
     """Run many compare/simulate/fit jobs on Dask; one directory per job plus batch.json and batch.csv."""
     from itpk.batch import load_pipeline, run_batch
     from itpk.batch.runner import default_out, option_problems
-    from itpk.errors import ItpkError
-    from itpk.errors import problems_error
+    from itpk.errors import ItpkError, problems_error
+    from itpk.interrupts import described, exit_code, signal_of
 
     # every problem at once, before anything is created: the batch's own options, then the pipeline's
     problems = option_problems(out if out is not None else default_out(pipeline), resume=resume, log=log,
@@ -69,9 +66,10 @@ def batch_command(
     except OSError as exc:  # the batch directory or --log could not be written after all (a race, a full disk)
         typer.echo(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt as exc:
-        typer.echo(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (scancel, a time limit): batch.json says what finished
+        signum = signal_of(exc)
+        typer.echo(f"\n{described(signum)}: {exc}" if str(exc) else f"\n{described(signum)}", err=True)
+        raise typer.Exit(exit_code(signum)) from None
     failed = result.exit_code != 0
     if failed or not quiet:
         typer.echo(result.message, err=failed)

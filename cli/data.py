@@ -43,7 +43,10 @@ def _read(data: Path, model: str | None) -> Dataset:
 @data_app.command("validate")
 def validate(data: DataArg, model: ModelOpt = None) -> None:
     """Check a dataset and print a short summary; list every problem and exit 1 if invalid."""
-    dataset = _read(data, model)
+    from itpk.cli.edge import user_errors
+
+    with user_errors():
+        dataset = _read(data, model)
     for line in summary(dataset):
         typer.echo(line)
 
@@ -81,17 +84,15 @@ def nca_command(
     end: Annotated[float | None, typer.Option("--end", help="Also report AUC_end: AUClast over samples at or before this time (dataset time unit).", show_default=False)] = None,
 ) -> None:
     """Non-compartmental analysis per subject and output (linear-up/log-down AUC)."""
-    from itpk.errors import ItpkError
+    from itpk.cli.edge import user_errors
     from itpk.workflows import run_nca
 
-    try:
-        result = run_nca(data, out=out, model=model, end=end)
-    except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(1) from None
+    with user_errors():
+        try:
+            result = run_nca(data, out=out, model=model, end=end)
+        except OSError as exc:
+            typer.echo(f"error: cannot write {out}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from None
     table, dataset = result.table, result.dataset
     typer.echo(f"wrote {len(table)} rows to {out}")
     typer.echo(f"  BLQ handling: {table.attrs['blq']}")

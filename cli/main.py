@@ -17,7 +17,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from itpk import jsontext
-from itpk.errors import ItpkError
+from itpk.cli.edge import user_errors
+from itpk.interrupts import terminate_gently
 
 app = typer.Typer(
     name="itpk",
@@ -26,30 +27,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _every_command() -> None:
+    # kill, scancel and SLURM's time limit send SIGTERM: clean up as for Ctrl-C (exit 143)
+    terminate_gently()
+
+
 models_app = typer.Typer(help="The model library: list models, show one.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn domain errors into one message on stderr and exit code 1."""
-    try:
-        yield
-    except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=getattr(exc, "exit_code", 1)) from None
-    except OSError as exc:  # an output path that cannot be written (a folder, a file as parent, no permission)
-        where = f" {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: cannot write or read{where}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(code=1) from None
-    except SystemError as exc:
-        # Ctrl-C inside a numba-compiled solver surfaces as "returned a result with an exception set"
-        if not isinstance(exc.__cause__, KeyboardInterrupt):
-            raise
-        typer.echo("interrupted (Ctrl-C): outputs are written whole or not at all", err=True)
-        raise typer.Exit(code=130) from None
 
 
 @contextmanager

@@ -22,13 +22,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on 
 
 def report_command(run_dir: RunDirArg, out: OutOpt = None, quiet: QuietOpt = False) -> None:
     """Write the posterior report of a fit: one self-contained HTML file (figures embedded, printable)."""
-    from itpk.errors import ItpkError
+    from itpk.cli.edge import user_errors
     from itpk.report import write_report
 
-    try:
+    with user_errors():
         path = write_report(run_dir, out, progress=not quiet)
-    except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if not quiet:
         typer.echo(f"wrote {path}")

@@ -404,7 +404,8 @@ class _Reader:
     # -- the pipeline --------------------------------------------------------------
     def run(self) -> pd.DataFrame | None:
         names = self._header()
-        if self.problems:
+        absent = [name for name in REQUIRED_COLUMNS if name not in self.present]
+        if len(self.problems) > len(absent):  # the header itself cannot be read (duplicates, a separator)
             self.raise_if_problems()
         text = self._text_frame(names)
         self.text = text
@@ -412,12 +413,15 @@ class _Reader:
         values = self._coerce(text)
         self._check_columns(values)
         self._check_subjects(values)
-        self._check_evid(values)
-        self._check_doses(values)
-        self._check_observations(values)
-        self._check_routes_and_cmt(values)
+        if "EVID" in self.present:  # without it no row is a dose or an observation
+            self._check_evid(values)
+            self._check_doses(values)
+            self._check_observations(values)
+            self._check_routes_and_cmt(values)
         self._check_covariates(values)
         self._check_duplicates(text)
+        if absent:  # reported with every problem the rows have without the missing columns
+            self.raise_if_problems()
         return self._normalise(values)
 
     def _header(self) -> list[str]:
@@ -531,9 +535,9 @@ class _Reader:
 
     def _check_columns(self, values: dict[str, pd.Series]) -> None:
         everywhere = pd.Series(True, index=values["ID"].index)
-        self._blank(values, "ID", everywhere, "blank", "a subject identifier")
-        self._blank(values, "TIME", everywhere, "blank", _NUMBER)
-        self._blank(values, "EVID", everywhere, "blank", _EVID_TEXT)
+        for column, allowed in (("ID", "a subject identifier"), ("TIME", _NUMBER), ("EVID", _EVID_TEXT)):
+            if column in self.present:  # a missing column is one problem of the header's
+                self._blank(values, column, everywhere, "blank", allowed)
         time = values["TIME"]  # the models start from their initial amounts at time 0
         self.add_rows(time < 0, "TIME", lambda i: f"found {_fmt(time.iat[i])}", "a time >= 0 (time 0 is the start of the model's clock)")
 

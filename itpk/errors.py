@@ -35,9 +35,14 @@ class PipelineError(ItpkError):
 
 
 class Interrupted(ItpkError):
-    """The user interrupted (Ctrl-C) a command before it finished; nothing was written. Exit code 130."""
+    """A signal stopped a command before it finished; nothing was written.
 
-    exit_code = 130
+    Exit code 130 after Ctrl-C (SIGINT), 143 after SIGTERM (128 + the signal's number).
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def problems_error(problems: Sequence[str], error: type[ItpkError] = ItpkError, *, where: str | None = None) -> ItpkError:

@@ -1,4 +1,4 @@
-"""Noticing Ctrl-C even when a library swallows it.
+"""Noticing Ctrl-C and SIGTERM even when a library swallows them.
 
 nutpie and PyMC's samplers and ADVI catch ``KeyboardInterrupt`` and return what they
 have drawn so far; a numba callback may print it and carry on. A fit that a user
@@ -6,6 +6,13 @@ interrupted must not then be written as if it had finished (it would replace the
 previous run directory with a truncated posterior): :func:`watch_interrupts`
 remembers the signal, the caller refuses to write, and work done in stages calls
 :func:`checkpoint` between them so that it stops at once.
+
+SIGTERM is what ``kill``, ``scancel`` and a SLURM time limit send (SIGKILL follows
+after the cluster's grace period, 30 s by default). Python's default is to die on
+the spot, leaving hidden temporary siblings and, for a batch, no ``batch.json``.
+:func:`terminate_gently` makes it raise :class:`Terminated`, a ``KeyboardInterrupt``,
+so every clean-up that Ctrl-C runs runs for it too; the exit code says which (130 or
+143, as shells report them).
 """
 
 from __future__ import annotations
@@ -17,44 +24,102 @@ from contextlib import contextmanager
 from typing import Any
 
 _seen = threading.Event()  # set by the handler while a watch is active (the main thread's, at most one)
+_terminated = threading.Event()  # ... and the signal was SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (after :func:`terminate_gently`): stop as for Ctrl-C."""
+
+
+def terminate_gently() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` that ``exc`` is or was caused by, if any.
+
+    A signal handled while numba-compiled code runs surfaces as a ``SystemError``
+    ("returned a result with an exception set") whose causes, a few levels down, hold it.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def signal_of(exc: BaseException | None) -> int:
+    """SIGTERM for a :class:`Terminated` (or what it caused), else SIGINT."""
+    return signal.SIGTERM if isinstance(interrupt_behind(exc), Terminated) else signal.SIGINT
+
+
+def exit_code(signum: int) -> int:
+    """128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + int(signum)
+
+
+def described(signum: int) -> str:
+    """"interrupted (Ctrl-C)" or "terminated (SIGTERM)", for messages."""
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
 
 
 def checkpoint() -> None:
-    """Raise ``KeyboardInterrupt`` if Ctrl-C arrived during the current watch and a library swallowed it.
+    """Raise ``KeyboardInterrupt`` (:class:`Terminated` for SIGTERM) if a signal arrived during the
+    current watch and a library swallowed it.
 
     For work in stages (nutpie's pilot run, then its main run): without it, the next stage would
     start after the swallowed interrupt and run to its end before the result was thrown away.
     Outside a watch it does nothing.
     """
     if _seen.is_set():
-        raise KeyboardInterrupt
+        raise Terminated if _terminated.is_set() else KeyboardInterrupt
 
 
 @contextmanager
-def watch_interrupts() -> Iterator[Callable[[], bool]]:
-    """Within the block, SIGINT still raises ``KeyboardInterrupt`` and is also remembered.
+def watch_interrupts() -> Iterator[Callable[[], int]]:
+    """Within the block, SIGINT (and SIGTERM after :func:`terminate_gently`) still raise and are
+    also remembered.
 
-    Yields a function that tells whether SIGINT arrived (also after the block). Outside the
-    main thread (a Dask worker) signals cannot be handled, and it always answers False.
+    Yields a function that gives the signal that arrived, 0 for none (also after the block).
+    Outside the main thread (a Dask worker) signals cannot be handled, and it always answers 0.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
-    state = {"seen": False}
+    state = {"signal": 0}
     _seen.clear()
-    previous = signal.getsignal(signal.SIGINT)
+    _terminated.clear()
+    # an ignored SIGINT (a job started with & from a script) stays ignored
+    watched = [signum for signum in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(signum) not in (signal.SIG_IGN, None)
+               and (signum == signal.SIGINT or signal.getsignal(signum) is _raise_terminated)]
+    previous = {signum: signal.getsignal(signum) for signum in watched}
 
     def handler(signum: int, frame: Any) -> None:
-        state["seen"] = True
+        state["signal"] = signum
         _seen.set()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
+        if signum == signal.SIGTERM:
+            _terminated.set()
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        else:  # SIG_DFL: Python's own SIGINT handler was replaced by the default action
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in watched:
+        signal.signal(signum, handler)
     try:
-        yield lambda: state["seen"]
+        yield lambda: state["signal"]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
         _seen.clear()
+        _terminated.clear()

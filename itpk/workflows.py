@@ -879,7 +879,7 @@ def run_fit(
     e.g. the CLI's unparsable ``--error``) is raised at once in one :class:`ItpkError`, before the fit.
     """
     from itpk.inference import argument_problems, fit
-    from itpk.interrupts import watch_interrupts
+    from itpk.interrupts import described, exit_code, interrupt_behind, signal_of, watch_interrupts
     from itpk.run import check_run_target, summary_table, write_run
     from itpk.units import sidecar_path
 
@@ -896,20 +896,23 @@ def run_fit(
     raise_problems(problems)
     assert spec is not None and dataset is not None
     kept = f"; {out} is unchanged" if Path(out).exists() else ""
-    stopped = Interrupted(f"interrupted (Ctrl-C) before the fit finished: nothing was written{kept}")
+
+    def stopped(signum: int) -> Interrupted:
+        return Interrupted(f"{described(signum)} before the fit finished: nothing was written{kept}", exit_code(signum))
+
     with watch_interrupts() as interrupted:
         try:
             result = fit(spec, dataset, method=method, draws=draws, tune=tune, chains=chains, cores=cores, seed=seed,
                          errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
                          precondition=precondition, progress=progress)
-        except KeyboardInterrupt:
-            raise stopped from None
-        except Exception:
-            if interrupted():  # a stage that returned a partial result the next one could not use
-                raise stopped from None
+        except KeyboardInterrupt as exc:
+            raise stopped(signal_of(exc)) from None
+        except Exception as exc:
+            if interrupted() or interrupt_behind(exc):  # a stage that returned a partial result the next one could not use
+                raise stopped(interrupted() or signal_of(exc)) from None
             raise
     if interrupted():  # nutpie, PyMC and ADVI return what they have on Ctrl-C: never a run directory
-        raise stopped
+        raise stopped(interrupted())
     run_dir = write_run(result, out, command=command)
     recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))  # diagnostics and warnings, as written
     diag = recorded["diagnostics"]

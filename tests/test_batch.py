@@ -257,7 +257,10 @@ def test_option_values_stop_the_batch_before_any_job(tmp_path):
     assert not out.exists()
 
 
-def test_sigint_leaves_no_half_written_job_directory(tmp_path):
+@pytest.mark.parametrize(("signum", "code", "said"), [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                                     (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_signal_leaves_no_half_written_job_directory(tmp_path, signum, code, said):
+    # SIGTERM is what scancel and a SLURM time limit send: before, the batch died at once without batch.json
     # simulate jobs of ~0.5 s so the batch is mid-way when interrupted
     path = write(tmp_path, """
         [defaults]
@@ -284,12 +287,12 @@ def test_sigint_leaves_no_half_written_job_directory(tmp_path):
         while time.monotonic() < deadline and not any(
                 not p.name.startswith(".") for p in (out / "jobs").glob("*")):
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert proc.returncode == code, err
+    assert said in err
     assert_clean_and_verified(out, path)
     record = json.loads((out / "batch.json").read_text())
     finished = {j["name"] for j in record["jobs"] if j["status"] == "done"}

@@ -127,7 +127,8 @@ def test_every_problem_is_listed_once_with_where_key_found_allowed(tmp_path):
         "[grid] draws: unknown key for kind 'compare'; allowed: kind, cmt, diam, dose",
         "[[jobs]] #1 data: found 'missing.csv': no such file",
         "[[jobs]] #1 routes: unknown key for kind 'fit'; allowed: kind, chains, data",
-        "[[jobs]] #2 kind: found 'simulat'; allowed: compare, simulate, fit",
+        "[[jobs]] #2 kind: found 'simulat' (did you mean 'simulate'?); allowed: compare, simulate, fit; its other keys are checked "
+        "once the kind is known",
         "[[jobs]] #3 set: found {'CL': 'x'}; allowed: a table such as {NAME = NUMBER}",
         "[cluster] cores: found '4'; allowed: a whole number >= 1",
         "[cluster] scheduler: found 'pbs'; allowed: local, tcp://HOST:PORT, slurm",

@@ -385,19 +385,46 @@ def test_counts_and_seeds_have_an_upper_bound(tmp_path):
     assert result.exit_code == 1 and "--seed must be a whole number from 0 to 9223372036854775807" in result.output
 
 
-def test_ctrl_c_inside_a_compiled_solver_exits_130(monkeypatch, tmp_path):
-    # found by a robustness audit: SIGINT inside numba code surfaced as a SystemError traceback (exit 1)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_ctrl_c_inside_a_compiled_solver_exits_130(monkeypatch, tmp_path, depth):
+    # found by a robustness audit: SIGINT inside numba code surfaced as a SystemError traceback (exit 1);
+    # then found again with the KeyboardInterrupt two causes down (numba's _numba_unpickle, then _forward)
     import itpk.workflows
 
     def interrupted(*args, **kwargs):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as exc:
-            raise SystemError("CPUDispatcher(<function _forward>) returned a result with an exception set") from exc
+        exc: BaseException = KeyboardInterrupt()
+        for _ in range(depth):
+            try:
+                raise exc
+            except BaseException as caught:  # noqa: BLE001 - rebuilding numba's chain
+                try:
+                    raise SystemError("CPUDispatcher(<function _forward>) returned a result with an exception set") from caught
+                except SystemError as wrapped:
+                    exc = wrapped
+        raise exc
 
     monkeypatch.setattr(itpk.workflows, "run_simulation", interrupted)
     result = run("simulate", "one_cpt_mm", "--route", "iv", "--dose", 10, "--out", tmp_path / "s.csv")
     assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.output and not (tmp_path / "s.csv").exists()
+
+
+def test_sigterm_exits_143_and_writes_nothing(monkeypatch, tmp_path):
+    # kill, scancel and SLURM time limits send SIGTERM; Python's default died on the spot (no clean-up)
+    import signal
+
+    import itpk.workflows
+
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # the CLI made it an exception; else this kills the test run
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(itpk.workflows, "run_simulation", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = run("simulate", "one_cpt_iv", "--route", "iv", "--dose", 10, "--out", tmp_path / "s.csv")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 143 and "terminated (SIGTERM)" in result.output and not (tmp_path / "s.csv").exists()
 
 
 def test_a_bad_run_directory_does_not_hide_the_other_options_problems(tmp_path):

@@ -409,6 +409,18 @@ def test_required_column_missing(tmp_path, column):
         read_dataset(write(tmp_path, rows, header))
 
 
+def test_a_missing_column_does_not_hide_the_rows_problems(tmp_path):
+    # found by a robustness audit: without EVID only the header's problem was reported
+    j = HEADER.index("EVID")
+    header = HEADER[:j] + HEADER[j + 1 :]
+    rows = [r[:j] + r[j + 1 :] for r in ROWS]
+    rows[2][header.index("TIME")] = "abc"
+    message = str(pytest.raises(DatasetError, read_dataset, write(tmp_path, rows, header)).value)
+    assert "column EVID: missing; allowed: a header with the required columns" in message
+    assert "row 4, TIME: found 'abc', not a number" in message
+    assert "2 problems" in message  # nothing that needs EVID (doses, observations) is guessed at
+
+
 def test_too_many_cells(tmp_path):
     rows = [list(r) for r in ROWS]
     rows[1] += ["", "9"]

@@ -87,3 +87,74 @@ def test_a_checkpoint_stops_the_next_stage_after_a_swallowed_interrupt():
             checkpoint()  # the next stage does not start
     assert interrupted()
     checkpoint()  # the watch is over: nothing
+
+
+@pytest.fixture
+def gentle_sigterm():
+    """SIGTERM as the CLI handles it (itpk.interrupts.terminate_gently), restored afterwards."""
+    from itpk.interrupts import terminate_gently
+
+    before = signal.getsignal(signal.SIGTERM)
+    terminate_gently()
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_is_remembered_as_sigterm_and_stops_the_next_stage(gentle_sigterm):
+    from itpk.interrupts import Terminated, checkpoint
+
+    with watch_interrupts() as interrupted:
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Terminated:
+            pass  # swallowed, as nutpie swallows KeyboardInterrupt
+        with pytest.raises(Terminated):
+            checkpoint()
+    assert interrupted() == signal.SIGTERM
+
+
+def test_an_ignored_sigint_stays_ignored():
+    # a command started with & from a script inherits SIGINT ignored; the watch must not turn it on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with watch_interrupts() as interrupted:
+        signal.raise_signal(signal.SIGINT)
+    assert interrupted() == 0
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_a_terminated_fit_keeps_the_previous_run_and_exits_143(tmp_path, monkeypatch, gentle_sigterm):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"previous": True}))
+
+    def partial_fit(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass
+        return "a truncated posterior"
+
+    monkeypatch.setattr(inference, "fit", partial_fit)
+    with pytest.raises(Interrupted, match=r"terminated \(SIGTERM\) before the fit finished: nothing was written") as caught:
+        run_fit(THEOPH, model="one_cpt_oral", out=out, method="map")
+    assert caught.value.exit_code == 143
+    assert json.loads((out / "run.json").read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_interrupt_behind_numbas_system_errors():
+    from itpk.interrupts import Terminated, interrupt_behind, signal_of
+
+    def chained(first: BaseException, levels: int) -> BaseException:
+        exc = first
+        for _ in range(levels):
+            try:
+                raise SystemError("returned a result with an exception set") from exc
+            except SystemError as wrapped:
+                exc = wrapped
+        return exc
+
+    assert isinstance(interrupt_behind(chained(KeyboardInterrupt(), 3)), KeyboardInterrupt)
+    assert signal_of(chained(Terminated(), 2)) == signal.SIGTERM
+    assert signal_of(chained(KeyboardInterrupt(), 2)) == signal.SIGINT
+    assert interrupt_behind(chained(ValueError(), 2)) is None

@@ -9,6 +9,7 @@ collected and reported at once in one :class:`PipelineError`.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import tomllib
@@ -174,7 +175,11 @@ def _read_toml(source: Path) -> dict[str, Any]:
 def _kind(value: Any, where: str, problems: _Problems) -> str | None:
     if value in KINDS:
         return value
-    problems.append(f"{where} kind: found {value!r}; allowed: {', '.join(KINDS)}")
+    close = difflib.get_close_matches(str(value), KINDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    # the job's other keys depend on its kind: they are checked once it is one of these
+    problems.append(f"{where} kind: found {value!r}{hint}; allowed: {', '.join(KINDS)}; its other keys are checked "
+                    "once the kind is known")
     return None
 
 

@@ -194,12 +194,12 @@ def run_batch(
             remove_partial(jobs_dir)  # what attempts on workers that died were writing
         bar.close()
         return _finish(out, records, meta, started, events, "finish")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as itpk.interrupts.Terminated (its type is kept)
         remove_partial(jobs_dir)  # the cluster is closed by now: no worker is still writing
         _reconcile(jobs, jobs_dir, records)
         bar.close()
         result = _finish(out, records, meta, started, events, "interrupted")
-        raise KeyboardInterrupt(result.message) from None
+        raise type(exc)(result.message) from None
     except Exception:
         _remove_if_empty(jobs_dir, out if created else None)  # e.g. no scheduler at that address
         raise
