@@ -75,7 +75,7 @@ def total_input(values: Values, schedule: Schedule) -> np.ndarray:
 
 def auc_linear(values: Values, schedule: Schedule, outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Exact AUC over [0, ∞) of each output (output unit × time unit), (S,) each."""
-    x_auc = auc_infinity(rate_matrix(values), total_input(values, schedule))
+    x_auc = auc_infinity(rate_matrix(values), total_input(values, schedule), tuple(values.spec.state_names))
     return {name: np.einsum("sn,sn->s", output_coefficients(values, name), x_auc) for name in outputs}
 
 

@@ -182,9 +182,44 @@ def _solve_steady_state(lhs: np.ndarray, rhs: np.ndarray, dose: Dose) -> np.ndar
     return np.linalg.solve(lhs, rhs[..., None])[..., 0]
 
 
-def auc_infinity(K: np.ndarray, x0: np.ndarray) -> np.ndarray:
+def auc_infinity(K: np.ndarray, x0: np.ndarray, names: tuple[str, ...] | None = None) -> np.ndarray:
     """∫₀^∞ x(t) dt = −K⁻¹ x₀ for each system, amount·time; (S, n).
 
-    Requires every amount to be eventually eliminated (K invertible).
+    Only the compartments that x₀ reaches through K's flows take part: a compartment
+    cut off from the doses (a peripheral compartment with Q = 0) has AUC 0, although it
+    makes K singular. Every amount reached must be eventually eliminated, else the AUC
+    is infinite and a :class:`~itpk.errors.ScheduleError` (naming the compartment from
+    ``names``) says so.
     """
-    return -np.linalg.solve(K, x0[..., None])[..., 0]
+    reached = _reached(K, x0)
+    out = np.zeros(x0.shape)
+    for pattern in np.unique(reached, axis=0):  # usually one: every system has the same structure
+        systems = np.flatnonzero((reached == pattern).all(axis=1))
+        idx = np.flatnonzero(pattern)
+        if idx.size == 0:
+            continue
+        sub = K[np.ix_(systems, idx, idx)]
+        cond = np.linalg.cond(sub)
+        if not np.all(np.isfinite(cond)) or np.any(cond > 1e12):
+            worst = systems[int(np.argmax(np.where(np.isfinite(cond), cond, np.inf)))]
+            tol = 1e-12 * np.abs(K[worst]).max()
+            # a compartment with no way out at all holds the amount; else those with no elimination (a closed group)
+            stuck = [int(j) for j in idx if np.abs(K[worst, :, j]).max() <= tol] or \
+                [int(j) for j in idx if K[worst, :, j].sum() >= -tol]
+            where = ", ".join(names[j] if names else str(j) for j in stuck) or "some compartment"
+            raise ScheduleError(f"exposure over [0, ∞) is infinite: the amount reaching {where} is never eliminated "
+                                "(no flow out of the system from there; a linear model's AUC is over [0, ∞)): give an elimination rate > 0")
+        out[np.ix_(systems, idx)] = -np.linalg.solve(sub, x0[np.ix_(systems, idx)][..., None])[..., 0]
+    return out
+
+
+def _reached(K: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """(S, n) bool: the compartments holding some of x₀ or fed by a flow from one that does (K[j, i] > 0: i → j)."""
+    flows = K > 0  # off-diagonal entries of a rate matrix are >= 0; the diagonal is <= 0
+    reached = x0 != 0
+    for _ in range(K.shape[-1]):
+        grown = reached | np.einsum("sji,si->sj", flows, reached)
+        if (grown == reached).all():
+            break
+        reached = grown
+    return reached

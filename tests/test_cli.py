@@ -441,3 +441,12 @@ def test_a_named_regimen_must_suit_every_route_compared():
     for routes in ("it,iv", "iv,it"):
         result = run("compare", mini, "--regimen", "tvec", "--diam", 3, "--routes", routes)
         assert result.exit_code == 1 and "--regimen tvec doses PFU (a virus), but route iv doses copies" in result.output
+
+
+def test_compare_with_a_compartment_cut_off_and_without_elimination(tmp_path):
+    # found by an audit: --set Q=0 (a legitimate input) died with numpy's "Singular matrix" traceback
+    result = run("compare", "it_linear", "--dose", 1, "--set", "Q=0")
+    assert result.exit_code == 0, result.output
+    result = run("compare", "one_cpt_iv", "--dose", 1, "--routes", "iv", "--set", "CL=0")
+    assert result.exit_code == 1 and "the amount reaching central is never eliminated" in result.output
+

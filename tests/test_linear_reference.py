@@ -527,6 +527,27 @@ def test_auc_infinity_matches_closed_form(name, model, p):
     np.testing.assert_allclose(p["CL"] * auc[0] / v, 100.0, rtol=1e-10)
 
 
+def test_auc_infinity_of_a_compartment_cut_off_from_the_doses_is_zero():
+    # found by an audit: Q = 0 made K singular and `compare` died with numpy's "Singular matrix".
+    # Exact: the peripheral compartment gets nothing, the central one the one-compartment AUC D/k10; rtol 1e-12
+    p = {**P2, "Q": 0.0}
+    values = resolve(load_model("two_cpt_iv"), p)
+    auc = auc_infinity(rate_matrix(values), np.array([[100.0, 0.0]]))[0]
+    np.testing.assert_allclose(auc, [100.0 * p["V1"] / p["CL"], 0.0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("name", "p", "stuck"), [("one_cpt_iv", {**P1, "CL": 0.0}, "central"),
+                                                  ("two_cpt_iv", {**P2, "CL": 0.0}, "central, peripheral")])
+def test_auc_infinity_without_elimination_names_where_the_amount_stays(name, p, stuck):
+    from itpk.errors import ScheduleError
+
+    values = resolve(load_model(name), p)
+    x0 = np.zeros((1, len(values.spec.state_names)))
+    x0[0, 0] = 100.0
+    with pytest.raises(ScheduleError, match=rf"infinite: the amount reaching {stuck} is never eliminated"):
+        auc_infinity(rate_matrix(values), x0, values.spec.state_names)
+
+
 # -- event edge cases, each against its exact answer -------------------------------
 
 
