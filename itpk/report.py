@@ -279,6 +279,14 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits - 1}e}"
 
 
+def fmt_interval(lo: Any, hi: Any, digits: int = 3) -> str:
+    """"lo – hi" with both ends in one notation: scientific for both when :func:`fmt` needs it for either."""
+    ends = [fmt(v, digits) for v in (lo, hi)]
+    if any("e" in e for e in ends) and not all("e" in e or e in ("0", "—") for e in ends):
+        ends = [e if e in ("0", "—") or "e" in e else f"{float(v):.{digits - 1}e}" for e, v in zip(ends, (lo, hi), strict=True)]
+    return f"{ends[0]} – {ends[1]}"
+
+
 # --------------------------------------------------------------------------------------------- 1 verdict
 
 
@@ -328,7 +336,8 @@ def fitted_rows(run: RunData) -> list[tuple[str, str]]:
     if r.get("units_assumed"):
         units_text = (units_text + " " if units_text else "") + "(assumed: no units file beside the data)"
     settings = r.get("settings", {})
-    sampler = ", ".join(f"{k} {settings[k]}" for k in ("method", "chains", "draws", "tune", "target_accept") if k in settings)
+    sampler = ", ".join(f"{k} {settings[k]}" for k in _SAMPLER_KEYS.get(settings.get("method"), ("method",))
+                        if k in settings)
     return [
         ("model", f"{spec.name} — {spec.description}" if spec.description else spec.name),
         ("data file", str(r.get("data", "?"))),
@@ -345,10 +354,18 @@ def fitted_rows(run: RunData) -> list[tuple[str, str]]:
     ]
 
 
+# The settings that describe each method: run.json records every fit() argument, and a laplace fit's
+# chains, tune and target_accept are defaults that did nothing (an audit found them reported as if used).
+_SAMPLER_KEYS = {"nuts": ("method", "chains", "draws", "tune", "target_accept"),
+                 "pymc": ("method", "chains", "draws", "tune", "target_accept"),
+                 "laplace": ("method", "draws"), "advi": ("method", "draws")}
+
+
 def provenance_rows(run: RunData) -> list[tuple[str, str]]:
     r = run.record
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items() if v != "absent")
     timings = r.get("timings_s", {})
+    method = r.get("settings", {}).get("method")
     return [
         ("itpk", str(r.get("itpk_version", "?"))),
         ("libraries", f"Python {r.get('python', '?')}; {versions}"),
@@ -356,9 +373,15 @@ def provenance_rows(run: RunData) -> list[tuple[str, str]]:
         ("command", " ".join(r.get("command", [])) or "—"),
         ("model SHA-256", str(r.get("model_sha256", "—"))),
         ("data SHA-256", str(r.get("data_sha256", "—"))),
-        ("wall time", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items()) or "—"),
+        ("wall time", ", ".join(f"{_timing_label(k, method)} {v:.1f} s" for k, v in timings.items()) or "—"),
         ("run directory", str(run.folder.resolve())),
     ]
+
+
+def _timing_label(key: str, method: str | None) -> str:
+    """A timing's name; "sampling" only for the MCMC methods (the others fit an approximation, then draw)."""
+    label = key.removesuffix("_s")
+    return f"fitting ({method})" if label == "sampling" and method not in ("nuts", "pymc") else label
 
 
 # --------------------------------------------------------------------------------------------- 2 parameters
@@ -383,7 +406,7 @@ def parameter_rows(run: RunData) -> dict[str, list[dict[str, str]]]:
         name = str(row["parameter"])
         unit = str(row.get("unit", "")) if pd.notna(row.get("unit")) else ""
         base = {"name": name, "unit": unit if unit and unit != "1" else "—", "median": fmt(row["median"]),
-                "ci": f"{fmt(row['ci_low'])} – {fmt(row['ci_high'])}", "r_hat": fmt(row.get("r_hat"), 4),
+                "ci": fmt_interval(row["ci_low"], row["ci_high"]), "r_hat": fmt(row.get("r_hat"), 4),
                 "ess": fmt(row.get("ess_bulk"), 3)}
         if name.startswith("omega_"):
             target = name.removeprefix("omega_")
@@ -546,7 +569,9 @@ def gof_figures(run: RunData) -> list[dict[str, str]]:
             ax.set_title(f"IRES vs {'time' if k == 0 else 'IPRED'}", fontsize=10)
         if cens.any():
             axes[0, 0].legend(fontsize=8, loc="upper left")
-        fig.suptitle(f"{output} ({unit}) — {int((~cens).sum())} observed, {int(cens.sum())} censored", fontsize=11)
+        off_log = int(((d["PRED"] <= 0) | (d["IPRED"] <= 0)).sum())  # e.g. samples at a dose time, before any drug arrives
+        fig.suptitle(f"{output} ({unit}) — {int((~cens).sum())} observed, {int(cens.sum())} censored"
+                     + (f"; {off_log} with PRED or IPRED = 0 are not on the log-axis panels" if off_log else ""), fontsize=11)
         figures.append({"output": output, "unit": unit, "image": png(fig), "pit": pit_ok})
     return figures
 
@@ -866,9 +891,11 @@ def _individual_legend(run: RunData, outputs: list[str]) -> tuple[list[Any], lis
         color = COLORS[k % len(COLORS)]
         handles.append((Patch(color=color, alpha=0.2, lw=0), Line2D([], [], color=color, lw=1.3)))
         labels.append(f"{output} ({run.spec.outputs[output].unit}): posterior median, 90% band")
-    handles += [Line2D([], [], ls="", marker="o", color="0.3", ms=4),
-                Line2D([], [], ls="", marker="v", mfc="none", color="0.3", ms=5)]
-    labels += ["observed", "censored (BLQ, drawn at the LLOQ)"]
+    handles.append(Line2D([], [], ls="", marker="o", color="0.3", ms=4))
+    labels.append("observed")
+    if (run.predictions["BLQ"] == 1).any():
+        handles.append(Line2D([], [], ls="", marker="v", mfc="none", color="0.3", ms=5))
+        labels.append("censored (BLQ, drawn at the LLOQ)")
     if run.doses:  # unknown without the data file
         handles.append(Line2D([], [], color="0.35", lw=0.9, ls=":", marker="^", ms=6, mfc="0.2", mec="0.2"))
         labels.append("dose")
@@ -1029,14 +1056,27 @@ def _pc_panel(ax: Any, run: RunData, output: str, d: pd.DataFrame, sim: np.ndarr
     ax.plot(t[~cens], pc_dv[~cens], ".", color="0.6", ms=3, zorder=0)
     if cens.any():
         ax.plot(t[cens], pc_dv[cens], "v", color=COLORS[1], mfc="none", ms=4, zorder=0)
+    bands = []
     for q in PERCENTILES:
         sim_q = np.stack([np.percentile(pc_sim[:, b == i], q, axis=1) for i in range(nb)])  # (bins, replicates)
-        lo, hi = np.percentile(sim_q, [5, 95], axis=1)
+        bands.append((q, *np.percentile(sim_q, [5, 95], axis=1), np.array([np.percentile(pc_dv[b == i], q) for i in range(nb)])))
+    log_y = bool((pc_dv > 0).any())
+    clipped = []
+    if log_y:  # an additive error term simulates values <= 0, which a log axis cannot show: drawn at its floor, and said
+        shown = np.concatenate([pc_dv[pc_dv > 0], *[band[2][band[2] > 0] for band in bands]])
+        floor = float(shown.min()) / 3
+        for k, (q, lo, hi, obs_q) in enumerate(bands):
+            if (lo <= 0).any():
+                clipped.append(f"{q}th: {int((lo <= 0).sum())} of {nb} bins")
+                bands[k] = (q, np.where(lo > 0, lo, floor), hi, obs_q)
+    for q, lo, hi, obs_q in bands:
         ax.fill_between(mid, lo, hi, color=COLORS[0] if q == 50 else COLORS[1], alpha=0.2, lw=0)
-        obs_q = np.array([np.percentile(pc_dv[b == i], q) for i in range(nb)])
         ax.plot(mid, obs_q, color="k", ls="-" if q == 50 else "--", lw=1.3, marker="o" if q == 50 else None, ms=3)
-    if (pc_dv > 0).any():
+    if log_y:
         log_axis(ax, "y")
+    if clipped:
+        ax.text(0.01, 0.01, "simulated percentile interval reaching <= 0 (drawn at the axis bottom): " + "; ".join(clipped),
+                transform=ax.transAxes, fontsize=7, color="0.3", va="bottom")
     ax.set_xlabel(f"time ({tu})", fontsize=9)
     ax.set_ylabel(f"prediction-corrected {output} ({unit})", fontsize=9)
     ax.set_title(f"prediction-corrected VPC — {output}, {stratum}", fontsize=10)
@@ -1173,7 +1213,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
         p = row.get(pcol) if pcol else None
         interval = pd.notna(lo) and pd.notna(hi)  # none from a single parameter set (map)
         rows.append({"metric": METRIC_NAMES.get(name, name), "key": name, "median": fmt(med),
-                     "ci": f"{fmt(lo)} – {fmt(hi)}" if interval else "—",
+                     "ci": fmt_interval(lo, hi) if interval else "—",
                      "p": f"{float(p):.2f}" if p is not None and pd.notna(p) else "—"})
         if name in METRIC_TEXT and pd.notna(med):
             value = f"{fmt(med, 2)}× (95% CrI {fmt(lo, 2)}–{fmt(hi, 2)})" if interval else f"{fmt(med, 2)}× (a point estimate)"

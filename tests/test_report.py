@@ -512,3 +512,47 @@ def test_run_records_with_wrong_types_inside_are_listed():
     record = {"format": 1, "typical_covariates": {"DIAM": "abc"}, "observations": [1], "diagnostics": {"reasons": 5}}
     assert record_problems(record) == ['observations: found [1]; allowed: an object', 'typical_covariates.DIAM: found "abc"; allowed: a number',
                                        "diagnostics.reasons: found 5; allowed: a list"]
+
+
+def test_sampler_row_shows_only_what_the_method_used(runs, tmp_path):
+    # found by an audit: a laplace report listed chains 4, tune 1000, target_accept 0.9 (defaults that did
+    # nothing) and "sampling" time
+    from itpk.report import fitted_rows, provenance_rows, read_run
+
+    run = read_run(runs["map"])
+    rows = dict(fitted_rows(run))
+    assert rows["sampler"] == "method map"
+    assert "sampling" not in dict(provenance_rows(run))["wall time"]
+    rows = dict(fitted_rows(read_run(runs["nuts"])))
+    assert rows["sampler"].startswith("method nuts, chains 2, draws 40, tune 40, target_accept")
+
+
+def test_intervals_use_one_notation():
+    from itpk.report import fmt_interval
+
+    assert fmt_interval(7.67e-4, 0.00773) == "7.67e-04 – 7.73e-03"
+    assert fmt_interval(0.5, 2.0) == "0.5 – 2"
+    assert fmt_interval(0.0, 3e-4) == "0 – 3.00e-04"
+
+
+def test_vpc_says_when_a_simulated_percentile_interval_reaches_zero(runs):
+    # found by an audit: with an additive error term the 5th percentile's band went below 0 in one bin and
+    # its edge vanished from the log axis for the bins before it, unexplained
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from itpk.report import _pc_panel, read_run
+
+    run = read_run(runs["nuts"])
+    d = run.predictions[run.predictions["CMT"].astype(str) == "plasma"]
+    d = d[d["BLQ"] != 1]
+    rng = np.random.default_rng(1)
+    pred = d["PRED"].to_numpy(dtype=float)
+    sim = pred + rng.normal(0.0, 3 * np.nanmedian(pred), size=(200, pred.size))  # many values <= 0
+    fig, ax = plt.subplots()
+    _pc_panel(ax, run, "plasma", d.assign(LLOQ=np.nan) if "LLOQ" in d else d, sim, "all")
+    notes = [t.get_text() for t in ax.texts]
+    plt.close(fig)
+    assert any("simulated percentile interval reaching <= 0" in note and "5th:" in note for note in notes), notes
