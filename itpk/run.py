@@ -30,6 +30,9 @@ from itpk.io import RUN_DIRECTORY_FILES
 RUN_FORMAT = 1
 R_HAT_MAX = 1.01
 ESS_BULK_MIN = 400
+# Tail ESS: the smaller of the ESS of the 5% and 95% quantiles (Vehtari et al. 2021, Stan, ArviZ 0.x). Given
+# explicitly: ArviZ 1.x otherwise takes rcParams["stats.ci_prob"] (0.89, i.e. the 11% and 89% quantiles)
+TAIL_PROBS = (0.05, 0.95)
 # Bulk ESS of the slowest variable at which max R-hat <= 1.01 becomes likely with 4 chains: AR(1)
 # chains, 4 x 500, 24 scalars, give P(max R-hat <= 1.01) = 0.81 with the worst at 700 and the rest
 # at 800, 0.14 with the worst at 450 (benchmarks/posterior_geometry.py --ess; benchmarks/README.md,
@@ -68,7 +71,7 @@ def summary_table(result: FitResult) -> pd.DataFrame:
         stats = pd.DataFrame({
             "r_hat": _per_variable(az.rhat(result.tree, var_names=names), names),
             "ess_bulk": _per_variable(az.ess(result.tree, var_names=names, method="bulk"), names),
-            "ess_tail": _per_variable(az.ess(result.tree, var_names=names, method="tail"), names),
+            "ess_tail": _per_variable(az.ess(result.tree, var_names=names, method="tail", prob=TAIL_PROBS), names),
         }, index=names)
     rows = []
     for name in names:
@@ -133,7 +136,7 @@ def diagnostics(result: FitResult) -> dict[str, Any]:
         warnings.simplefilter("ignore", RuntimeWarning)
         max_rhat, worst = _extreme(az.rhat(result.tree, var_names=names), largest=True)
         min_ess, slowest = _extreme(az.ess(result.tree, var_names=names, method="bulk"), largest=False)
-        min_tail, _ = _extreme(az.ess(result.tree, var_names=names, method="tail"), largest=False)
+        min_tail, _ = _extreme(az.ess(result.tree, var_names=names, method="tail", prob=TAIL_PROBS), largest=False)
     named = slowest if math.isfinite(max_rhat) else worst  # the advice names the variable that did not move
     stats = result.tree["sample_stats"]
     divergences = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0

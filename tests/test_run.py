@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from itpk.run import ESS_FOR_R_HAT, R_HAT_MAX, R_HAT_STUCK, advice, rhat_noise
 
 
@@ -152,3 +154,24 @@ def test_slow_mixing_in_the_models_own_coordinates_is_also_told_to_whiten():
     apart = _good(rng) + np.array([0, 0, 0, 3.0])[:, None]
     split = _diagnosed({"CL": apart, "eta_CL": rng.normal(size=(4, 1000, 3))}, settings={"precondition": {"method": "none"}})
     assert "disagree" in split["advice"][0] and WHITEN_ADVICE not in split["advice"]
+
+
+def test_tail_ess_is_that_of_the_5_and_95_percent_quantiles_whatever_arviz_defaults_to():
+    # found by an audit: arviz 1.x's tail ESS without `prob` took rcParams["stats.ci_prob"] (0.89), i.e. the
+    # 11% and 89% quantiles, about half the standard (Vehtari et al. 2021) figure on a slow chain
+    import arviz as az
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x = np.zeros((4, 1000))
+    for t in range(1, 1000):  # AR(1), phi 0.9: the quantiles' ESS differ
+        x[:, t] = 0.9 * x[:, t - 1] + rng.normal(size=4)
+    expected = min(float(az.ess(x, method="quantile", prob=q)) for q in (0.05, 0.95))
+    before = az.rcParams["stats.ci_prob"]
+    try:
+        az.rcParams["stats.ci_prob"] = 0.5  # a user's setting must not change the diagnostics
+        diag = _diagnosed({"CL": x}, iiv=())
+    finally:
+        az.rcParams["stats.ci_prob"] = before
+    assert diag["min_ess_tail"] == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(min(float(az.ess(x, method="quantile", prob=q)) for q in (0.25, 0.75)), rel=1e-3)
