@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -343,6 +343,9 @@ class Comparison:
     size: int
     roles: Mapping[str, str]
     site: str | None = None
+    # nonlinear models: per local route, how many local dose factors match the reference's lesion AUC
+    # for each parameter set (DSF takes the one nearest the compared dose)
+    matches: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 LOCAL_ROUTES = ("it", "ia")
@@ -377,10 +380,13 @@ def compare_routes(
     exposures = {r: route_exposure(values, sch, outputs=outputs, targets=targets, horizon=horizon) for r, sch in schedules.items()}
     reference = next((r for r in REFERENCE_ROUTES if r in schedules), None)
     metrics: dict[str, dict[str, np.ndarray]] = {}
+    matches: dict[str, np.ndarray] = {}
     if reference and "systemic" in roles and "local" in roles:
         for route in (r for r in LOCAL_ROUTES if r in schedules):
-            metrics[route] = _metrics(values, exposures[route], exposures[reference], roles, schedules[route], horizon)
-    return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site)
+            metrics[route], found = _metrics(values, exposures[route], exposures[reference], roles, schedules[route], horizon)
+            if found is not None:
+                matches[route] = found
+    return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site, matches)
 
 
 def injected_site(spec: ModelSpec, schedules: Mapping[str, Schedule]) -> str | None:
@@ -438,7 +444,9 @@ def _metrics(
     roles: Mapping[str, str],
     local_schedule: Schedule,
     horizon: float | None,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The metrics of one local route against the reference, and (nonlinear models) how many dose
+    factors matched the lesion AUC per parameter set."""
     sys_, loc = roles["systemic"], roles["local"]
     with np.errstate(all="ignore"):
         G = local.auc[loc] / ref.auc[loc]
@@ -450,11 +458,12 @@ def _metrics(
             # reference tumour AUC is 1/G of it, with S/G of the systemic AUC.
             out["DSF"] = G
             out["systemic_sparing"] = G / S
+            matches = None
         else:
-            out["DSF"], out["systemic_sparing"] = _matched_doses(values, local_schedule, loc, sys_, ref, horizon)
+            out["DSF"], out["systemic_sparing"], matches = _matched_doses(values, local_schedule, loc, sys_, ref, horizon)
         if "abscopal" in roles:
             out["abscopal"] = local.auc[roles["abscopal"]] / ref.auc[roles["abscopal"]]
-    return out
+    return out, matches
 
 
 def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: ANN001, ANN202
@@ -471,6 +480,7 @@ def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: AN
     from scipy.optimize import brentq
 
     dsf, sparing = np.full(values.size, np.nan), np.full(values.size, np.nan)
+    matches = np.zeros(values.size, dtype=np.int64)
     for s in range(values.size):
         one = values.take([s])
 
@@ -478,20 +488,32 @@ def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: AN
             scaled = schedule.scaled(factor)
             return float(auc_nonlinear(one, scaled, [name], _nonlinear_end(values.spec, scaled, horizon))[name][0])
 
-        b = _solve_factor(lambda f: auc(local_schedule, f, loc) - ref.auc[loc][s], brentq)
+        b, matches[s] = _solve_factor(lambda f: auc(local_schedule, f, loc) - ref.auc[loc][s], brentq)
         if np.isfinite(b):
             dsf[s] = 1.0 / b
             sparing[s] = ref.auc[sys_][s] / auc(local_schedule, b, sys_)
-    return dsf, sparing
+    return dsf, sparing, matches
 
 
-def _solve_factor(fn, brentq) -> float:  # noqa: ANN001
-    """Root of an increasing function of a dose factor in [1e-6, 1e6]; nan when none is there."""
-    lo, hi = np.log(1e-6), np.log(1e6)
-    f_lo, f_hi = fn(np.exp(lo)), fn(np.exp(hi))
-    if not (np.isfinite(f_lo) and np.isfinite(f_hi)) or f_lo * f_hi > 0:
-        return float("nan")
-    return float(np.exp(brentq(lambda z: fn(np.exp(z)), lo, hi, xtol=1e-10, rtol=1e-8)))
+# Dose factors scanned for sign changes: half a decade apart over [1e-6, 1e6]. A lesion AUC need not
+# rise with the dose in a nonlinear model (the virus model's is U-shaped: a small dose replicates
+# before antibodies rise), so checking the two ends alone missed the crossings between them.
+FACTOR_GRID = np.logspace(-6.0, 6.0, 25)
+
+
+def _solve_factor(fn, brentq) -> tuple[float, int]:  # noqa: ANN001
+    """The dose factor in [1e-6, 1e6] where ``fn`` crosses 0 nearest to 1 (on a log scale), and how
+    many crossings the scan found (nan and 0 when none). Two crossings within one step of the grid
+    cancel and are not seen."""
+    z = np.log(FACTOR_GRID)
+    f = np.array([fn(np.exp(v)) for v in z])
+    roots = [float(z[i]) for i in range(z.size) if f[i] == 0.0]
+    for i in range(z.size - 1):
+        if np.isfinite(f[i]) and np.isfinite(f[i + 1]) and f[i] * f[i + 1] < 0:
+            roots.append(float(brentq(lambda v: fn(np.exp(v)), z[i], z[i + 1], xtol=1e-10, rtol=1e-8)))
+    if not roots:
+        return float("nan"), 0
+    return float(np.exp(min(roots, key=abs))), len(roots)
 
 
 def summarize(values: np.ndarray, thresholds: Sequence[float] = ()) -> float | dict[str, float]:
