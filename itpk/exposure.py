@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -343,9 +343,6 @@ class Comparison:
     size: int
     roles: Mapping[str, str]
     site: str | None = None
-    # nonlinear models: per local route, how many local dose factors match the reference's lesion AUC
-    # for each parameter set (DSF takes the one nearest the compared dose)
-    matches: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 LOCAL_ROUTES = ("it", "ia")
@@ -380,13 +377,10 @@ def compare_routes(
     exposures = {r: route_exposure(values, sch, outputs=outputs, targets=targets, horizon=horizon) for r, sch in schedules.items()}
     reference = next((r for r in REFERENCE_ROUTES if r in schedules), None)
     metrics: dict[str, dict[str, np.ndarray]] = {}
-    matches: dict[str, np.ndarray] = {}
     if reference and "systemic" in roles and "local" in roles:
         for route in (r for r in LOCAL_ROUTES if r in schedules):
-            metrics[route], found = _metrics(values, exposures[route], exposures[reference], roles, schedules[route], horizon)
-            if found is not None:
-                matches[route] = found
-    return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site, matches)
+            metrics[route] = _metrics(values, exposures[route], exposures[reference], roles, schedules[route], horizon)
+    return Comparison(spec, dose, exposures, metrics, reference, values.size, roles, site)
 
 
 def injected_site(spec: ModelSpec, schedules: Mapping[str, Schedule]) -> str | None:
@@ -444,9 +438,7 @@ def _metrics(
     roles: Mapping[str, str],
     local_schedule: Schedule,
     horizon: float | None,
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The metrics of one local route against the reference, and (nonlinear models) how many dose
-    factors matched the lesion AUC per parameter set."""
+) -> dict[str, np.ndarray]:
     sys_, loc = roles["systemic"], roles["local"]
     with np.errstate(all="ignore"):
         G = local.auc[loc] / ref.auc[loc]
@@ -458,15 +450,14 @@ def _metrics(
             # reference tumour AUC is 1/G of it, with S/G of the systemic AUC.
             out["DSF"] = G
             out["systemic_sparing"] = G / S
-            matches = None
         else:
-            out["DSF"], out["systemic_sparing"], matches = _matched_doses(values, local_schedule, loc, sys_, ref, horizon)
+            out["DSF"], out["systemic_sparing"] = _matched_doses(values, local, local_schedule, loc, sys_, ref, horizon)
         if "abscopal" in roles:
             out["abscopal"] = local.auc[roles["abscopal"]] / ref.auc[roles["abscopal"]]
-    return out, matches
+    return out
 
 
-def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: ANN001, ANN202
+def _matched_doses(values, local, local_schedule, loc, sys_, ref, horizon):  # noqa: ANN001, ANN202
     """DSF and systemic sparing of a nonlinear model by solving for the matched tumour AUC.
 
     Both start from the reference (iv) regimen at dose D, as SPEC §6 words them: the local
@@ -474,13 +465,11 @@ def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: AN
     DSF = D / (b·D) = 1/b (the iv dose over the it dose that gives the same tumour AUC) and
     systemic sparing = AUC_plasma(reference, D) / AUC_plasma(local, b·D). (Solving instead for
     the iv dose that matches the it regimen at D answers another question, at another exposure,
-    and disagreed with systemic sparing.) Solved per parameter set with Brent's method on
-    log(factor) (relative tolerance 1e-8).
+    and disagreed with systemic sparing.) b is found per parameter set by :func:`_solve_factor`.
     """
     from scipy.optimize import brentq
 
     dsf, sparing = np.full(values.size, np.nan), np.full(values.size, np.nan)
-    matches = np.zeros(values.size, dtype=np.int64)
     for s in range(values.size):
         one = values.take([s])
 
@@ -488,32 +477,50 @@ def _matched_doses(values, local_schedule, loc, sys_, ref, horizon):  # noqa: AN
             scaled = schedule.scaled(factor)
             return float(auc_nonlinear(one, scaled, [name], _nonlinear_end(values.spec, scaled, horizon))[name][0])
 
-        b, matches[s] = _solve_factor(lambda f: auc(local_schedule, f, loc) - ref.auc[loc][s], brentq)
+        target = ref.auc[loc][s]
+        b = _solve_factor(lambda f: auc(local_schedule, f, loc) - target, local.auc[loc][s] - target, brentq)
         if np.isfinite(b):
             dsf[s] = 1.0 / b
             sparing[s] = ref.auc[sys_][s] / auc(local_schedule, b, sys_)
-    return dsf, sparing, matches
+    return dsf, sparing
 
 
-# Dose factors scanned for sign changes: half a decade apart over [1e-6, 1e6]. A lesion AUC need not
-# rise with the dose in a nonlinear model (the virus model's is U-shaped: a small dose replicates
-# before antibodies rise), so checking the two ends alone missed the crossings between them.
-FACTOR_GRID = np.logspace(-6.0, 6.0, 25)
+FACTOR_STEP = np.log(10.0) / 2  # half a decade
+FACTOR_RANGE = np.log(1e6)  # factors from 1e-6 to 1e6
 
 
-def _solve_factor(fn, brentq) -> tuple[float, int]:  # noqa: ANN001
-    """The dose factor in [1e-6, 1e6] where ``fn`` crosses 0 nearest to 1 (on a log scale), and how
-    many crossings the scan found (nan and 0 when none). Two crossings within one step of the grid
-    cancel and are not seen."""
-    z = np.log(FACTOR_GRID)
-    f = np.array([fn(np.exp(v)) for v in z])
-    roots = [float(z[i]) for i in range(z.size) if f[i] == 0.0]
-    for i in range(z.size - 1):
-        if np.isfinite(f[i]) and np.isfinite(f[i + 1]) and f[i] * f[i + 1] < 0:
-            roots.append(float(brentq(lambda v: fn(np.exp(v)), z[i], z[i + 1], xtol=1e-10, rtol=1e-8)))
-    if not roots:
-        return float("nan"), 0
-    return float(np.exp(min(roots, key=abs))), len(roots)
+def _solve_factor(fn, at_one: float, brentq) -> float:  # noqa: ANN001
+    """The dose factor where ``fn`` (local lesion AUC − the reference's) first crosses 0, going from
+    factor 1 (``fn(1)`` = ``at_one``) the way that moves an AUC rising with the dose toward the
+    reference: down when the local regimen gives more, up when it gives less. Half a decade at a
+    time to the first change of sign, then Brent (relative 1e-8); if none within [1e-6, 1e6], the
+    other way. nan when there is none.
+
+    Going down, this is the dose-sparing question itself: the smallest dose that still gives the
+    reference's exposure at every dose between it and the compared one. A lesion AUC need not rise
+    with the dose in a nonlinear model (the virus model's falls, then rises: a small dose replicates
+    before antibodies rise), so the two ends of the range alone do not tell whether a crossing
+    lies between them.
+    """
+    if at_one == 0.0:
+        return 1.0
+    if not np.isfinite(at_one):
+        return float("nan")
+    first = -1.0 if at_one > 0 else 1.0
+    for direction in (first, -first):
+        z0, f0 = 0.0, at_one
+        while abs(z0) < FACTOR_RANGE - 1e-9:
+            z1 = z0 + direction * FACTOR_STEP
+            f1 = fn(np.exp(z1))
+            if not np.isfinite(f1):
+                break
+            if f1 == 0.0:
+                return float(np.exp(z1))
+            if f0 * f1 < 0:
+                lo, hi = sorted((z0, z1))
+                return float(np.exp(brentq(lambda v: fn(np.exp(v)), lo, hi, xtol=1e-10, rtol=1e-8)))
+            z0, f0 = z1, f1
+    return float("nan")
 
 
 def summarize(values: np.ndarray, thresholds: Sequence[float] = ()) -> float | dict[str, float]:

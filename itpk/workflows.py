@@ -702,11 +702,6 @@ def _unsolved_notes(comparison: Comparison) -> list[str]:
             if infinite:
                 notes.append(f"{where}: infinite for {infinite}{of} parameter set(s): a ratio whose denominator is 0 "
                              "(e.g. no exposure of that lesion by the reference route)")
-            several = int(np.count_nonzero(comparison.matches.get(route, np.zeros(0)) > 1)) if name in solved else 0
-            if several:
-                notes.append(f"{where}: {several}{of} parameter set(s) have several {route} doses matching the lesion AUC "
-                             f"of {comparison.reference} (in a nonlinear model it need not rise with the dose); the one "
-                             "nearest the compared dose is used")
             if undefined and name in solved and not comparison.spec.is_linear:
                 notes.append(f"{where}: no dose factor in [1e-6, 1e6] matches the lesion AUC between the routes for "
                              f"{undefined}{of} parameter set(s) (in a nonlinear model it need not rise with the dose)")

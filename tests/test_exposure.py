@@ -182,34 +182,46 @@ def _strict(text: str) -> dict:
 def test_a_dose_factor_is_found_where_the_lesion_auc_falls_then_rises():
     # found by an audit: the virus model's lesion AUC is U-shaped in the it dose (a small dose replicates
     # before antibodies rise), and checking the two ends of [1e-6, 1e6] alone found no crossing. Independent
-    # reference (the audit's Radau solve at rtol 1e-11 of AUC_tumor(it, f·D) / AUC_tumor(iv, D)): crossings at
-    # f = 0.04789 and 3.308; the one nearest the compared dose gives DSF = 1/3.308 (4 digits: rtol 2e-4)
+    # reference (the audit's Radau solve at rtol 1e-11 of AUC_tumor(it, f·D) / AUC_tumor(iv, D)): 0.874 at
+    # f = 1, crossings at f = 0.04789 and 3.308; the it regimen falls short at the compared dose, so the dose
+    # is raised to the first crossing: DSF = 1/3.308 (4 digits: rtol 2e-4)
     result = runner.invoke(app, VIRUS_DSF_ARGS)
     assert result.exit_code == 0, result.output
     report = _strict(result.output)
+    assert report["metrics"]["G"] == pytest.approx(0.874, rel=2e-3)
     assert report["metrics"]["DSF"] == pytest.approx(1 / 3.308, rel=2e-4)
     assert report["metrics"]["systemic_sparing"] == pytest.approx(0.923, rel=2e-3)  # the audit's 0.923
-    assert [n.split(":")[0] for n in report["notes"]] == ["DSF (it vs iv)", "systemic_sparing (it vs iv)"]
-    assert "several it doses matching" in report["notes"][0] and "nearest the compared dose" in report["notes"][0]
+    assert "notes" not in report
 
 
-def test_solve_factor_takes_the_crossing_nearest_the_compared_dose():
+@pytest.mark.parametrize(("fn", "expected"), [
+    (lambda f: np.log(f / 0.05) * np.log(f / 3.0), 3.0),  # short at f = 1: raised to the first crossing
+    (lambda f: -np.log(f / 0.05) * np.log(f / 3.0), 0.05),  # more at f = 1: lowered to the first crossing
+    (lambda f: np.log(f / 0.2), 0.2),  # monotone
+    (lambda f: -np.log(f / 1e-3) - 0.0 * f, 1e-3),  # short at f = 1 and never reached by raising: lowered
+])
+def test_solve_factor_goes_from_the_compared_dose_to_the_first_crossing(fn, expected):
     from itpk.exposure import _solve_factor
 
-    assert _solve_factor(lambda f: np.log(f / 0.05) * np.log(f / 3.0), brentq) == (pytest.approx(3.0, rel=1e-8), 2)
-    assert _solve_factor(lambda f: np.log(f / 0.2), brentq) == (pytest.approx(0.2, rel=1e-8), 1)
-    value, count = _solve_factor(lambda f: 1.0 + f, brentq)
-    assert np.isnan(value) and count == 0
+    assert _solve_factor(fn, fn(1.0), brentq) == pytest.approx(expected, rel=1e-8)
+
+
+def test_solve_factor_without_a_crossing_is_nan():
+    from itpk.exposure import _solve_factor
+
+    assert np.isnan(_solve_factor(lambda f: 1.0 + f, 2.0, brentq))
+    assert np.isnan(_solve_factor(lambda f: 1.0, float("nan"), brentq))
 
 
 def test_unsolvable_dose_factors_are_null_in_strict_json_and_explained(monkeypatch):
-    # No crossing in the scanned factors: DSF and systemic_sparing are null (not NaN, which strict JSON
-    # readers reject), and a note says why, in the JSON and on the terminal. The scan is narrowed to
-    # [0.1, 0.3], where the virus lesion AUC by it stays below iv's (ratio 0.95 to 0.96 by the audit's solve)
+    # No crossing in the factors searched: DSF and systemic_sparing are null (not NaN, which strict JSON
+    # readers reject), and a note says why, in the JSON and on the terminal. The search is narrowed to one
+    # step each way (0.32 and 3.2), where the virus lesion AUC by it stays below iv's (the audit's solve:
+    # ratio 0.96 at 0.3, crossing at 3.308)
     import itpk.exposure
     from itpk.workflows import format_comparison
 
-    monkeypatch.setattr(itpk.exposure, "FACTOR_GRID", np.array([0.1, 0.2, 0.3]))
+    monkeypatch.setattr(itpk.exposure, "FACTOR_RANGE", np.log(3.0))
     result = runner.invoke(app, VIRUS_DSF_ARGS)
     assert result.exit_code == 0, result.output
     report = _strict(result.output)
