@@ -47,6 +47,25 @@ def test_infusion_peak_at_end_and_repeated_doses():
     assert ex.auc["plasma"][0] == pytest.approx(300.0 / CL, rel=1e-10)
 
 
+def test_nearly_equal_peaks_of_repeated_doses_find_the_true_maximum():
+    # found by an audit: only the grid intervals around the grid's largest point were refined, and a
+    # rising tumour peak after three iv infusions read 25.03 h (Cmax 1.1e-6 low) for the true 49.03 h.
+    # Reference: the exact linear solution on a 1e-4 h grid around both peaks, and the audit's own figure
+    # (expm superposition, checked by DOP853): 0.0678406017 at 49.03 h
+    from itpk.simulate import simulate
+
+    spec = load_model("it_small_molecule")
+    values = resolve(spec)
+    schedule = regimen("iv", 5.0, every=24, doses=3, infusion=1)
+    ex = route_exposure(values, schedule, outputs=["tumor"])
+    times = np.concatenate([np.arange(24.5, 26.0, 1e-4), np.arange(48.5, 50.0, 1e-4)])
+    dense = simulate(spec, schedule, values, times).outputs["tumor"][0]
+    assert times[np.argmax(dense)] == pytest.approx(49.03, abs=0.01)
+    assert ex.tmax["tumor"][0] == pytest.approx(times[np.argmax(dense)], abs=2e-4)
+    assert ex.cmax["tumor"][0] == pytest.approx(dense.max(), rel=2e-8)  # the dense grid's own accuracy
+    assert ex.cmax["tumor"][0] == pytest.approx(0.0678406017, rel=2e-9)
+
+
 def test_time_above_after_bolus_is_log_ratio():
     spec = load_model("one_cpt_iv")
     ex = route_exposure(resolve(spec, {"CL": 5.0, "V": 50.0}), regimen("iv", 100.0), outputs=["plasma"], targets={"plasma": 0.5})
