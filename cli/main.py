@@ -8,6 +8,7 @@ prints one message and exits 1, never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -281,8 +282,23 @@ app.command("report")(report_command)
 app.command("batch")(batch_command)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: the app, with SIGTERM's exit code where Typer made it 130.
+
+    A command handles SIGTERM like Ctrl-C (``terminate_gently``); one that arrives while a command
+    imports its libraries, before its own handling, reaches Typer, which exits 130 for any
+    ``KeyboardInterrupt`` and says nothing.
+    """
+    from itpk.cli.edge import STOPPED
+    from itpk.interrupts import described, exit_code, sigterm_received
+
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == exit_code(signal.SIGINT) and sigterm_received():
+            typer.echo(f"\n{described(signal.SIGTERM)}: {STOPPED}", err=True)
+            raise SystemExit(exit_code(signal.SIGTERM)) from None
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

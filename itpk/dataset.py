@@ -417,7 +417,7 @@ class _Reader:
             self._check_evid(values)
             self._check_doses(values)
             self._check_observations(values)
-            self._check_routes_and_cmt(values)
+        self._check_routes_and_cmt(values)  # route names are checked on every row; the rest needs EVID
         self._check_covariates(values)
         self._check_duplicates(text)
         if absent:  # reported with every problem the rows have without the missing columns

@@ -517,6 +517,10 @@ def _solve_factor(fn, at_one: float, brentq) -> float:  # noqa: ANN001
             if f1 == 0.0:
                 return float(np.exp(z1))
             if f0 * f1 < 0:
+                if z0 == 0.0:  # at_one came from another solve; within its error of 0 the signs may disagree
+                    f0 = fn(1.0)
+                    if f0 * f1 >= 0:  # then factor 1 is the crossing, to the solver's accuracy
+                        return 1.0
                 lo, hi = sorted((z0, z1))
                 return float(np.exp(brentq(lambda v: fn(np.exp(v)), lo, hi, xtol=1e-10, rtol=1e-8)))
             z0, f0 = z1, f1

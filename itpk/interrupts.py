@@ -32,13 +32,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def terminate_gently() -> None:
-    """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere, and
+    when SIGTERM is ignored: whoever started the process wanted it to survive one)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+_received = threading.Event()  # a SIGTERM arrived since terminate_gently (for the console entry point)
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _received.set()
     raise Terminated
+
+
+def sigterm_received() -> bool:
+    """Whether :class:`Terminated` was raised in this process: an exit code 130 that Typer made of it
+    (outside the commands' own handling) is then 143."""
+    return _received.is_set()
 
 
 def interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
@@ -119,7 +130,13 @@ def watch_interrupts() -> Iterator[Callable[[], int]]:
     try:
         yield lambda: state["signal"]
     finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
-        _seen.clear()
-        _terminated.clear()
+        # blocked while the handlers are put back, so that a signal arriving in between cannot raise out
+        # of this block with half of them restored; it is delivered to the restored handler after
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        try:
+            for signum, before in previous.items():
+                signal.signal(signum, before)
+            _seen.clear()
+            _terminated.clear()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -381,7 +381,7 @@ def provenance_rows(run: RunData) -> list[tuple[str, str]]:
 def _timing_label(key: str, method: str | None) -> str:
     """A timing's name; "sampling" only for the MCMC methods (the others fit an approximation, then draw)."""
     label = key.removesuffix("_s")
-    return f"fitting ({method})" if label == "sampling" and method not in ("nuts", "pymc") else label
+    return f"fitting ({method})" if label == "sampling" and method not in (None, "nuts", "pymc") else label
 
 
 # --------------------------------------------------------------------------------------------- 2 parameters
@@ -569,9 +569,11 @@ def gof_figures(run: RunData) -> list[dict[str, str]]:
             ax.set_title(f"IRES vs {'time' if k == 0 else 'IPRED'}", fontsize=10)
         if cens.any():
             axes[0, 0].legend(fontsize=8, loc="upper left")
-        off_log = int(((d["PRED"] <= 0) | (d["IPRED"] <= 0)).sum())  # e.g. samples at a dose time, before any drug arrives
+        # e.g. samples at a dose time, before any drug arrives: a log axis cannot show them
+        off_log = int(((d["PRED"] <= 0) | (d["IPRED"] <= 0) | (d["DV"] <= 0)).sum())
         fig.suptitle(f"{output} ({unit}) — {int((~cens).sum())} observed, {int(cens.sum())} censored"
-                     + (f"; {off_log} with PRED or IPRED = 0 are not on the log-axis panels" if off_log else ""), fontsize=11)
+                     + (f"; {off_log} with DV, PRED or IPRED <= 0 are missing from the log-axis panels that use it"
+                        if off_log else ""), fontsize=11)
         figures.append({"output": output, "unit": unit, "image": png(fig), "pit": pit_ok})
     return figures
 
@@ -1062,9 +1064,10 @@ def _pc_panel(ax: Any, run: RunData, output: str, d: pd.DataFrame, sim: np.ndarr
         bands.append((q, *np.percentile(sim_q, [5, 95], axis=1), np.array([np.percentile(pc_dv[b == i], q) for i in range(nb)])))
     log_y = bool((pc_dv > 0).any())
     clipped = []
-    if log_y:  # an additive error term simulates values <= 0, which a log axis cannot show: drawn at its floor, and said
-        shown = np.concatenate([pc_dv[pc_dv > 0], *[band[2][band[2] > 0] for band in bands]])
-        floor = float(shown.min()) / 3
+    floor = np.nan
+    if log_y:  # an additive error term simulates values <= 0, which a log axis cannot show: drawn at its bottom, and said
+        shown = np.concatenate([pc_dv, *[np.concatenate(band[1:]) for band in bands]])
+        floor = float(shown[np.isfinite(shown) & (shown > 0)].min()) / 3
         for k, (q, lo, hi, obs_q) in enumerate(bands):
             if (lo <= 0).any():
                 clipped.append(f"{q}th: {int((lo <= 0).sum())} of {nb} bins")
@@ -1075,6 +1078,7 @@ def _pc_panel(ax: Any, run: RunData, output: str, d: pd.DataFrame, sim: np.ndarr
     if log_y:
         log_axis(ax, "y")
     if clipped:
+        ax.set_ylim(bottom=floor)  # the clipped edges sit on the axis' bottom, below every value shown
         ax.text(0.01, 0.01, "simulated percentile interval reaching <= 0 (drawn at the axis bottom): " + "; ".join(clipped),
                 transform=ax.transAxes, fontsize=7, color="0.3", va="bottom")
     ax.set_xlabel(f"time ({tu})", fontsize=9)
@@ -1216,7 +1220,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
                      "ci": fmt_interval(lo, hi) if interval else "—",
                      "p": f"{float(p):.2f}" if p is not None and pd.notna(p) else "—"})
         if name in METRIC_TEXT and pd.notna(med):
-            value = f"{fmt(med, 2)}× (95% CrI {fmt(lo, 2)}–{fmt(hi, 2)})" if interval else f"{fmt(med, 2)}× (a point estimate)"
+            value = f"{fmt(med, 2)}× (95% CrI {fmt_interval(lo, hi, 2).replace(' – ', '–')})" if interval else f"{fmt(med, 2)}× (a point estimate)"
             text = METRIC_TEXT[name].format(v=value, ref=ref)
             if p is not None and pd.notna(p):
                 text += f"; P(>1) = {float(p):.2f}"

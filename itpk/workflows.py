@@ -906,7 +906,7 @@ def run_fit(
                          errors=errors, target_accept=target_accept, mass_matrix=mass_matrix, iiv=iiv,
                          precondition=precondition, progress=progress)
         except KeyboardInterrupt as exc:
-            raise stopped(signal_of(exc)) from None
+            raise stopped(interrupted() or signal_of(exc)) from None
         except Exception as exc:
             if interrupted() or interrupt_behind(exc):  # a stage that returned a partial result the next one could not use
                 raise stopped(interrupted() or signal_of(exc)) from None

@@ -415,10 +415,12 @@ def test_a_missing_column_does_not_hide_the_rows_problems(tmp_path):
     header = HEADER[:j] + HEADER[j + 1 :]
     rows = [r[:j] + r[j + 1 :] for r in ROWS]
     rows[2][header.index("TIME")] = "abc"
+    rows[0][header.index("ROUTE")] = "xx"
     message = str(pytest.raises(DatasetError, read_dataset, write(tmp_path, rows, header)).value)
     assert "column EVID: missing; allowed: a header with the required columns" in message
     assert "row 4, TIME: found 'abc', not a number" in message
-    assert "2 problems" in message  # nothing that needs EVID (doses, observations) is guessed at
+    assert "row 2, ROUTE: found 'xx'" in message
+    assert "3 problems" in message  # nothing that needs EVID (doses, observations) is guessed at
 
 
 def test_too_many_cells(tmp_path):

@@ -225,6 +225,15 @@ def test_solve_factor_goes_from_the_compared_dose_to_the_first_crossing(fn, expe
     assert _solve_factor(fn, fn(1.0), brentq) == pytest.approx(expected, rel=1e-8)
 
 
+def test_solve_factor_when_the_first_solve_put_factor_1_on_the_wrong_side():
+    # review: at_one comes from another solve than fn(1); within the solver's error of a crossing at 1 their
+    # signs can differ, and brentq raised "f(a) and f(b) must have different signs"
+    from itpk.exposure import _solve_factor
+
+    assert _solve_factor(lambda f: np.log(f / 1.0000001), +1e-7, brentq) == 1.0
+    assert _solve_factor(lambda f: np.log(f / 1.0000001), -1e-9, brentq) == pytest.approx(1.0000001, rel=1e-8)
+
+
 def test_solve_factor_without_a_crossing_is_nan():
     from itpk.exposure import _solve_factor
 

@@ -158,3 +158,40 @@ def test_the_interrupt_behind_numbas_system_errors():
     assert signal_of(chained(Terminated(), 2)) == signal.SIGTERM
     assert signal_of(chained(KeyboardInterrupt(), 2)) == signal.SIGINT
     assert interrupt_behind(chained(ValueError(), 2)) is None
+
+
+def test_the_console_entry_point_turns_typers_130_after_sigterm_into_143(monkeypatch, capsys, gentle_sigterm):
+    # review: a SIGTERM while a command imported its libraries (before its own handling) reached Typer,
+    # which exits 130 for any KeyboardInterrupt and says nothing
+    import itpk.cli.main as cli
+    import itpk.interrupts
+
+    def typer_app():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+
+    monkeypatch.setattr(cli, "app", typer_app)
+    try:
+        with pytest.raises(SystemExit) as caught:
+            cli.main()
+    finally:
+        itpk.interrupts._received.clear()
+    assert caught.value.code == 143 and "terminated (SIGTERM)" in capsys.readouterr().err
+
+    def ctrl_c():
+        raise SystemExit(130)
+
+    monkeypatch.setattr(cli, "app", ctrl_c)  # Ctrl-C stays 130
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 130
+
+
+def test_an_ignored_sigterm_stays_ignored():
+    from itpk.interrupts import terminate_gently
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    terminate_gently()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN

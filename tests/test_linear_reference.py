@@ -537,15 +537,25 @@ def test_auc_infinity_of_a_compartment_cut_off_from_the_doses_is_zero():
 
 
 @pytest.mark.parametrize(("name", "p", "stuck"), [("one_cpt_iv", {**P1, "CL": 0.0}, "central"),
-                                                  ("two_cpt_iv", {**P2, "CL": 0.0}, "central, peripheral")])
+                                                  ("two_cpt_iv", {**P2, "CL": 0.0}, "central, peripheral"),
+                                                  # the depot passes its amount on: not where it stays
+                                                  ("two_cpt_oral", {**P2, "CL": 0.0, "ka": 1.0}, "central, peripheral")])
 def test_auc_infinity_without_elimination_names_where_the_amount_stays(name, p, stuck):
     from itpk.errors import ScheduleError
 
     values = resolve(load_model(name), p)
     x0 = np.zeros((1, len(values.spec.state_names)))
-    x0[0, 0] = 100.0
+    x0[0, 0] = 100.0  # the first compartment: central, or the oral model's depot
     with pytest.raises(ScheduleError, match=rf"infinite: the amount reaching {stuck} is never eliminated"):
         auc_infinity(rate_matrix(values), x0, values.spec.state_names)
+
+
+def test_auc_infinity_of_slow_elimination_is_large_not_refused():
+    # review: a condition-number test called CL = 1e-10 with Q = 100 "never eliminated"; it is D/CL·V1 (exact)
+    p = {**P2, "CL": 1e-10, "Q": 100.0}
+    values = resolve(load_model("two_cpt_iv"), p)
+    auc = auc_infinity(rate_matrix(values), np.array([[100.0, 0.0]]))[0]
+    assert auc[0] == pytest.approx(100.0 * p["V1"] / p["CL"], rel=1e-4)
 
 
 # -- event edge cases, each against its exact answer -------------------------------

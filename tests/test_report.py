@@ -554,5 +554,8 @@ def test_vpc_says_when_a_simulated_percentile_interval_reaches_zero(runs):
     fig, ax = plt.subplots()
     _pc_panel(ax, run, "plasma", d.assign(LLOQ=np.nan) if "LLOQ" in d else d, sim, "all")
     notes = [t.get_text() for t in ax.texts]
+    bottom = ax.get_ylim()[0]
+    drawn = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()])
     plt.close(fig)
+    assert 0 < bottom <= drawn[np.isfinite(drawn) & (drawn > 0)].min()  # the clipped edges sit at the bottom
     assert any("simulated percentile interval reaching <= 0" in note and "5th:" in note for note in notes), notes
