@@ -34,6 +34,10 @@ def user_errors() -> Iterator[None]:
         # with an exception set") with the KeyboardInterrupt a few causes down
         if interrupt_behind(exc) is None:
             raise
-        signum = signal_of(exc)
-        typer.echo(f"\n{described(signum)}: {STOPPED}", err=True)
-        raise typer.Exit(code=exit_code(signum)) from None
+        raise typer.Exit(code=stopped_by(signal_of(exc))) from None
+
+
+def stopped_by(signum: int) -> int:
+    """Say which signal stopped the command (on stderr); its exit code (130 or 143)."""
+    typer.echo(f"\n{described(signum)}: {STOPPED}", err=True)
+    return exit_code(signum)

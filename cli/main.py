@@ -289,15 +289,14 @@ def main() -> None:
     imports its libraries, before its own handling, reaches Typer, which exits 130 for any
     ``KeyboardInterrupt`` and says nothing.
     """
-    from itpk.cli.edge import STOPPED
-    from itpk.interrupts import described, exit_code, sigterm_received
+    from itpk.cli.edge import stopped_by
+    from itpk.interrupts import exit_code, sigterm_received
 
     try:
         app()
     except SystemExit as exc:
         if exc.code == exit_code(signal.SIGINT) and sigterm_received():
-            typer.echo(f"\n{described(signal.SIGTERM)}: {STOPPED}", err=True)
-            raise SystemExit(exit_code(signal.SIGTERM)) from None
+            raise SystemExit(stopped_by(signal.SIGTERM)) from None
         raise
 
 

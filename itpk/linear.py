@@ -196,38 +196,36 @@ def auc_infinity(K: np.ndarray, x0: np.ndarray, names: tuple[str, ...] | None = 
         message names where it stays (from ``names``, the compartments in K's order).
     """
     reached = _reached(K, x0)
+    stuck = _trapped(K) & reached
+    if stuck.any():
+        s = int(np.flatnonzero(stuck.any(axis=1))[0])
+        where = ", ".join(names[j] if names else str(j) for j in np.flatnonzero(stuck[s]))
+        raise ScheduleError(f"exposure over [0, ∞) is infinite: the amount reaching {where} is never eliminated "
+                            "(no path out of the system from there; a linear model's AUC is over [0, ∞)): "
+                            "give an elimination rate > 0")
     out = np.zeros(x0.shape)
     for pattern in np.unique(reached, axis=0):  # usually one: every system has the same structure
         systems = np.flatnonzero((reached == pattern).all(axis=1))
         idx = np.flatnonzero(pattern)
-        if idx.size == 0:
-            continue
-        for s in systems:
-            stuck = _trapped(K[s], pattern)
-            if stuck:
-                where = ", ".join(names[j] if names else str(j) for j in stuck)
-                raise ScheduleError(f"exposure over [0, ∞) is infinite: the amount reaching {where} is never eliminated "
-                                    "(no path out of the system from there; a linear model's AUC is over [0, ∞)): "
-                                    "give an elimination rate > 0")
-        sub = K[np.ix_(systems, idx, idx)]
-        out[np.ix_(systems, idx)] = -np.linalg.solve(sub, x0[np.ix_(systems, idx)][..., None])[..., 0]
+        if idx.size:
+            sub = K[np.ix_(systems, idx, idx)]
+            out[np.ix_(systems, idx)] = -np.linalg.solve(sub, x0[np.ix_(systems, idx)][..., None])[..., 0]
     return out
 
 
-def _trapped(K: np.ndarray, reached: np.ndarray) -> list[int]:
-    """The reached compartments that hold amount for ever: those of a closed group (every compartment
-    they flow to flows back to them) without elimination. A compartment that only passes amount on
-    to such a group (a depot) is not named: the group is where it stays."""
-    n = K.shape[0]
-    tol = 1e-13 * np.abs(K).max(initial=0.0)  # column sums carry round-off of ~1e-16 of the largest rate
-    flows = (K > tol) & ~np.eye(n, dtype=bool)  # flows[j, i]: i -> j
-    path = np.eye(n, dtype=bool) | flows.T  # path[i, j]: i reaches j
+def _trapped(K: np.ndarray) -> np.ndarray:
+    """(S, n) bool: the compartments that hold amount for ever, those of a closed group (every compartment
+    they flow to flows back to them) without elimination. A compartment that only passes amount on to such
+    a group (a depot) is not one: the group is where it stays."""
+    n = K.shape[-1]
+    tol = 1e-13 * np.abs(K).max(axis=(1, 2), initial=0.0)[:, None]  # column sums carry ~1e-16 of the largest rate
+    off = ~np.eye(n, dtype=bool)
+    path = np.eye(n, dtype=bool) | ((K > tol[:, :, None]) & off).transpose(0, 2, 1)  # path[s, i, j]: i reaches j
     for _ in range(n):  # transitive closure (n: a handful of compartments)
-        path = path | (path.astype(np.int64) @ path.astype(np.int64) > 0)
-    eliminates = -K.sum(axis=0) > tol
-    escapes = (path & eliminates[None, :]).any(axis=1)
-    closed = [i for i in range(n) if reached[i] and not escapes[i] and all(path[j, i] for j in range(n) if path[i, j])]
-    return closed
+        path = path | (np.einsum("sik,skj->sij", path, path.astype(np.int64)) > 0)
+    escapes = (path & (-K.sum(axis=1) > tol)[:, None, :]).any(axis=2)
+    closed = (~path | path.transpose(0, 2, 1)).all(axis=2)  # everything i reaches reaches i back
+    return closed & ~escapes
 
 
 def _reached(K: np.ndarray, x0: np.ndarray) -> np.ndarray:

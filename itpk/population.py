@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from itpk.errors import ModelSpecError
+from itpk.errors import ModelSpecError, raise_problems
 from itpk.spec import ModelSpec
 
 
@@ -44,12 +44,11 @@ MAX_SEED = 2**63 - 1  # numpy takes any seed, nutpie an unsigned 64-bit one (a l
 MAX_SUBJECTS = 1_000_000  # a virtual population: past this, the profiles alone outgrow memory
 
 
-def estimated_problem(spec: ModelSpec, draws: Mapping[str, Any], overrides: Mapping[str, Any]) -> str | None:
-    """``--set`` names that a posterior estimates (they cannot be set beside its draws), in one line, or None."""
-    clash = sorted(name for name in overrides if name in spec.parameters and name in draws)
-    if not clash:
-        return None
-    return f"--set {', '.join(clash)}: estimated in the posterior; only fixed parameters and covariates can be set"
+def estimated_problems(spec: ModelSpec, draws: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> list[str]:
+    """``--set`` names that a posterior estimates (they cannot be set beside its draws), in one line; none
+    without draws."""
+    clash = sorted(name for name in overrides if name in spec.parameters and name in (draws or {}))
+    return [f"--set {', '.join(clash)}: estimated in the posterior; only fixed parameters and covariates can be set"] if clash else []
 
 
 def sample_population(
@@ -142,9 +141,7 @@ def sample_posterior_population(
     """
     typical = _checked(n, typical)
     estimated = [name for name in spec.parameters if name in draws]
-    clash = estimated_problem(spec, draws, typical)
-    if clash:
-        raise ModelSpecError(clash)
+    raise_problems(estimated_problems(spec, draws, typical), ModelSpecError)
     rng = np.random.default_rng(seed)
     size = len(draws[estimated[0]]) if estimated else 1
     pick = rng.integers(0, size, size=n)

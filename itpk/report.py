@@ -279,12 +279,12 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits - 1}e}"
 
 
-def fmt_interval(lo: Any, hi: Any, digits: int = 3) -> str:
+def fmt_interval(lo: Any, hi: Any, digits: int = 3, sep: str = " – ") -> str:
     """"lo – hi" with both ends in one notation: scientific for both when :func:`fmt` needs it for either."""
     ends = [fmt(v, digits) for v in (lo, hi)]
     if any("e" in e for e in ends) and not all("e" in e or e in ("0", "—") for e in ends):
         ends = [e if e in ("0", "—") or "e" in e else f"{float(v):.{digits - 1}e}" for e, v in zip(ends, (lo, hi), strict=True)]
-    return f"{ends[0]} – {ends[1]}"
+    return f"{ends[0]}{sep}{ends[1]}"
 
 
 # --------------------------------------------------------------------------------------------- 1 verdict
@@ -1220,7 +1220,7 @@ def exposure_section(run: RunData) -> dict[str, Any] | None:
                      "ci": fmt_interval(lo, hi) if interval else "—",
                      "p": f"{float(p):.2f}" if p is not None and pd.notna(p) else "—"})
         if name in METRIC_TEXT and pd.notna(med):
-            value = f"{fmt(med, 2)}× (95% CrI {fmt_interval(lo, hi, 2).replace(' – ', '–')})" if interval else f"{fmt(med, 2)}× (a point estimate)"
+            value = f"{fmt(med, 2)}× (95% CrI {fmt_interval(lo, hi, 2, sep='–')})" if interval else f"{fmt(med, 2)}× (a point estimate)"
             text = METRIC_TEXT[name].format(v=value, ref=ref)
             if p is not None and pd.notna(p):
                 text += f"; P(>1) = {float(p):.2f}"

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from itpk import jsontext
-from itpk.errors import ItpkError, problems_error
+from itpk.errors import ItpkError, problems_error, raise_problems
 from itpk.inference import CENSORING_METHOD, FitResult
 from itpk.io import RUN_DIRECTORY_FILES
 
@@ -622,15 +622,13 @@ def record_problems(record: Any) -> list[str]:
 def posterior_values(spec: Any, draws: Mapping[str, np.ndarray], *, overrides: Mapping[str, float] | None = None,
                      max_draws: int = 4000) -> dict[str, np.ndarray]:
     """Population-parameter draws (thinned to at most ``max_draws``) for exposure metrics."""
+    from itpk.population import estimated_problems
+
+    raise_problems(estimated_problems(spec, draws, overrides or {}))
     typical = {k: v for k, v in draws.items() if k in spec.parameters}
     n = len(next(iter(typical.values())))
     thin = max(1, -(-n // max_draws))
     values = {k: v[::thin] for k, v in typical.items()}
-    from itpk.population import estimated_problem
-
-    clash = estimated_problem(spec, draws, overrides or {})
-    if clash:
-        raise ItpkError(clash)
     for name, value in (overrides or {}).items():
         values[name] = np.full(len(next(iter(values.values()))), value)
     return values

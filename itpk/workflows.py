@@ -19,7 +19,7 @@ from itpk.errors import Interrupted, ItpkError, problems_error, raise_problems  
 from itpk.events import MAX_DOSES, Schedule, Target, regimen
 from itpk.exposure import LOCAL_ROUTES, Comparison, compare_routes, quantity_units, roles_at, route_quantities, summarize
 from itpk.io import atomic_write
-from itpk.population import MAX_SEED, MAX_SUBJECTS, estimated_problem, sample_population
+from itpk.population import MAX_SEED, MAX_SUBJECTS, estimated_problems, sample_population
 from itpk.progress import Progress
 from itpk.simulate import Profiles, simulate
 from itpk.spec import ModelSpec, load_model
@@ -435,7 +435,7 @@ def run_simulation(
                                     every=every, doses=doses, infusion=infusion, horizon=horizon, step=step, at=at,
                                     overrides=overrides, subjects=subjects, seed=seed)
     problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
-    problems += [p for p in [estimated_problem(spec, draws, overrides)] if p] if spec is not None and draws else []
+    problems += estimated_problems(spec, draws, overrides) if spec is not None else []
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     schedule, route = build_schedule(spec, route=route, dose=dose, every=every, doses=doses, infusion=infusion,
@@ -616,7 +616,7 @@ def run_comparison(
                                     every=every, doses=doses, infusion=infusion, overrides=overrides, targets=targets,
                                     thresholds=thresholds, horizon=horizon)
     problems += output_problems(inputs={"the model file": model_file(model)}, out=out, plot=plot)
-    problems += [p for p in [estimated_problem(spec, draws, overrides)] if p] if spec is not None and draws else []
+    problems += estimated_problems(spec, draws, overrides) if spec is not None else []
     raise_problems(problems)
     assert spec is not None  # a model that did not load is a problem
     local = [r for r in routes if r in LOCAL_ROUTES]

@@ -180,7 +180,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
     """
     from itpk.dataset import read_dataset
     from itpk.inference import argument_problems
-    from itpk.population import estimated_problem
+    from itpk.population import estimated_problems
     from itpk.spec import load_model
     from itpk.workflows import comparison_problems, fitted_model, simulation_problems
 
@@ -207,7 +207,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
                 except (ItpkError, OSError) as exc:
                     checked[key] = str(exc)
             found = checked[key]
-            problems += [found] if isinstance(found, str) else [p for p in [estimated_problem(model, found, dict(o.get("set", ())))] if p]
+            problems += [found] if isinstance(found, str) else estimated_problems(model, found, dict(o.get("set", ())))
         return problems
     if spec.kind == "simulate":
         return simulation_problems(model, route=o.get("route"), step=o.get("step"), at=o.get("at"),
