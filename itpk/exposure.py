@@ -22,8 +22,8 @@ import numpy as np
 from itpk.errors import ItpkError, ScheduleError
 from itpk.events import Schedule
 from itpk.linear import auc_infinity
-from itpk.peaks import Trace, grid_modes, peak, time_above, trajectory
-from itpk.simulate import Profiles, simulate
+from itpk.peaks import PEAK_CANDIDATES, Trace, grid_modes, local_maxima, peak, time_above, trajectory
+from itpk.simulate import Profiles, simulate, simulate_each
 from itpk.spec import ModelSpec
 from itpk.system import Values, evaluate_outputs, input_fractions, rate_matrix
 from itpk.threads import single_blas_thread
@@ -192,67 +192,102 @@ def _nonlinear_end(spec: ModelSpec, schedule: Schedule, horizon: float | None) -
     return max(schedule.dose_times(), default=0.0) + 720.0 * hours
 
 
-PEAK_ROUNDS = 3  # zoom rounds after the grid: each solves at more times around every set's best so far
-PEAK_POINTS = 25  # per window of one parameter set (neighbouring windows share theirs)
-PEAK_MAX_POINTS = 2000  # per output and round, however spread the sets' peaks are
+PEAK_ROUNDS = 4  # zoom rounds after the grid: each solves at more times around every peak candidate's best so far
+PEAK_POINTS = 25  # per window of one peak candidate
 
 
 def _refined_peaks(values: Values, schedule: Schedule, outputs: Sequence[str], grid: np.ndarray,
                    prof: Profiles) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Cmax and Tmax (S,) of each output: the grid's best, then zoomed in by solving at more times.
+    """Cmax and Tmax (S,) of each output: the grid's best peaks, then zoomed in by solving at more times.
 
-    Every value is a solution of the model (no interpolation). Each round puts PEAK_POINTS times
-    across the window around every parameter set's best time so far (its neighbours on the last
-    grid), merging overlapping windows so that all sets share one solve; a set keeps any better
-    value. A window shrinks ~12x a round, so the grid's spacing near a peak (hours on a weeks-long
-    horizon) falls below a minute; a peak at a bolus stays at its dose time, the value just after.
+    Every value is a solution of the model (no interpolation). The candidates of a set are its
+    grid's largest separate peaks (:func:`~itpk.peaks.local_maxima`) within :data:`~itpk.peaks.PEAK_TIE` of the largest (at most
+    :data:`~itpk.peaks.PEAK_CANDIDATES`): repeated doses give nearly equal peaks, and the grid's
+    largest need not be the true one's (an audit found Tmax 25.03 h for 49.03 h). Each round solves
+    every set at PEAK_POINTS times across the window around each of its candidates' best time so
+    far (its neighbours on the last grid), all candidates and outputs of a set in one solve of its
+    own; a candidate keeps any better value. A window shrinks 12x a round, so the spacing near a
+    peak (hours on a weeks-long horizon) falls to seconds; a peak at a bolus stays at its dose
+    time, the value just after. The set's peak is its best candidate, the earliest of equal ones.
     """
-    S = values.size
-    best = {o: np.argmax(prof.outputs[o], axis=1) for o in outputs}
-    cmax = {o: prof.outputs[o][np.arange(S), best[o]] for o in outputs}
-    tmax = {o: grid[best[o]] for o in outputs}
-    gap = {o: np.maximum(grid[np.minimum(best[o] + 1, grid.size - 1)] - grid[best[o]],
-                         grid[best[o]] - grid[np.maximum(best[o] - 1, 0)]) for o in outputs}
     end = float(grid[-1])
+    zooms = {o: _Candidates.of(prof.outputs[o], grid) for o in outputs}
+    slots = _Slots.of(values.size, [z.row for z in zooms.values()])
     for _ in range(PEAK_ROUNDS):
-        times = {o: _window_times(tmax[o], gap[o], end) for o in outputs}
-        times = {o: t for o, t in times.items() if t[0].size}
-        if not times:
-            break
-        extra = np.unique(np.concatenate([t for t, _ in times.values()]))
-        sim = simulate(values.spec, schedule, values, extra, outputs=list(times))
-        for o, (_, step) in times.items():
-            y = sim.outputs[o]
-            k = np.argmax(y, axis=1)
-            found = y[np.arange(S), k]
-            better = found > cmax[o]
-            cmax[o] = np.where(better, found, cmax[o])
-            tmax[o] = np.where(better, extra[k], tmax[o])
-            gap[o] = np.full(S, step)
-    return cmax, tmax
+        windows = [np.clip(z.t[:, None] + z.gap[:, None] * np.linspace(-1.0, 1.0, PEAK_POINTS), 0.0, end)
+                   for z in zooms.values()]
+        times = slots.gather(windows)  # (S, K, PEAK_POINTS)
+        sim = simulate_each(values, schedule, times.reshape(values.size, -1), list(outputs))
+        for (o, z), index in zip(zooms.items(), slots.index, strict=True):
+            y = sim[o].reshape(times.shape)[z.row, index]
+            zooms[o] = z.zoomed(y, times[z.row, index])
+    picked = {o: z.best(values.size) for o, z in zooms.items()}
+    return {o: p[0] for o, p in picked.items()}, {o: p[1] for o, p in picked.items()}
 
 
-def _window_times(centre: np.ndarray, gap: np.ndarray, end: float) -> tuple[np.ndarray, float]:
-    """Evenly spaced times over the union of the windows [centre − gap, centre + gap] (clipped to [0, end]).
+@dataclass(frozen=True)
+class _Candidates:
+    """Peak candidates of all sets, flattened: set index, value, time and half-window width (C,) each."""
 
-    The spacing is the narrowest window's width / (PEAK_POINTS − 1), widened when the union would
-    need more than PEAK_MAX_POINTS times. Returns the times and the spacing.
-    """
-    lo, hi = np.clip(centre - gap, 0.0, end), np.clip(centre + gap, 0.0, end)
-    keep = hi > lo
-    if not keep.any():
-        return np.empty(0), 0.0
-    order = np.argsort(lo[keep])
-    merged: list[list[float]] = []
-    for a, b in zip(lo[keep][order], hi[keep][order], strict=True):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    total = sum(b - a for a, b in merged)
-    step = max(float(np.min((hi - lo)[keep])) / (PEAK_POINTS - 1), total / PEAK_MAX_POINTS)
-    times = np.concatenate([np.append(np.arange(a, b, step), b) for a, b in merged])
-    return times, step
+    row: np.ndarray
+    y: np.ndarray
+    t: np.ndarray
+    gap: np.ndarray
+
+    @classmethod
+    def of(cls, y: np.ndarray, grid: np.ndarray) -> _Candidates:
+        index, valid = local_maxima(y, PEAK_CANDIDATES)
+        row = np.broadcast_to(np.arange(y.shape[0])[:, None], index.shape)[valid]
+        j = index[valid]
+        gap = np.maximum(grid[np.minimum(j + 1, grid.size - 1)] - grid[j], grid[j] - grid[np.maximum(j - 1, 0)])
+        return cls(row, y[row, j], grid[j].astype(float), gap)
+
+    def zoomed(self, y: np.ndarray, times: np.ndarray) -> _Candidates:
+        """Each candidate's best of its window's values ``y`` at ``times`` (C, PEAK_POINTS); windows narrow 12x."""
+        k = np.argmax(np.nan_to_num(y, nan=-np.inf), axis=1)
+        rows = np.arange(k.size)
+        found = y[rows, k]
+        better = found > self.y
+        return _Candidates(self.row, np.where(better, found, self.y), np.where(better, times[rows, k], self.t),
+                           2 * self.gap / (PEAK_POINTS - 1))
+
+    def best(self, sets: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Cmax, Tmax) (S,) each: the largest candidate of each set, the earliest among equal ones."""
+        order = np.lexsort((self.t, -np.nan_to_num(self.y, nan=-np.inf), self.row))
+        first = order[np.unique(self.row[order], return_index=True)[1]]
+        cmax, tmax = np.full(sets, np.nan), np.full(sets, np.nan)
+        cmax[self.row[first]], tmax[self.row[first]] = self.y[first], self.t[first]
+        return cmax, tmax
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """Where each candidate's window sits among its set's: per output, the candidates' sets and slots (C,)."""
+
+    rows: list[np.ndarray]
+    index: list[np.ndarray]
+    sets: int
+    K: int
+
+    @classmethod
+    def of(cls, sets: int, rows: list[np.ndarray]) -> _Slots:
+        used = np.zeros(sets, dtype=np.int64)
+        index = []
+        for row in rows:  # ascending: a set's candidates of one output are consecutive
+            rank = np.arange(row.size) - np.searchsorted(row, row, side="left")
+            index.append(used[row] + rank)
+            np.add.at(used, row, 1)
+        return cls(list(rows), index, sets, int(used.max(initial=1)))
+
+    def gather(self, windows: list[np.ndarray]) -> np.ndarray:
+        """(S, K, P) times: each candidate's window (C, P) in its slot; spare slots repeat the set's first window
+        (every set has its largest grid point as a candidate of the first output, in slot 0)."""
+        out = np.empty((self.sets, self.K, windows[0].shape[1]))
+        filled = np.zeros((self.sets, self.K), dtype=bool)
+        for row, index, w in zip(self.rows, self.index, windows, strict=True):
+            out[row, index] = w
+            filled[row, index] = True
+        return np.where(filled[..., None], out, out[:, :1])
 
 
 def _grid_time_above(y: np.ndarray, grid: np.ndarray, level: float, jumps: np.ndarray) -> np.ndarray:

@@ -71,8 +71,10 @@ def kernel_amounts(values: Values, schedule: Schedule, times: np.ndarray) -> np.
 
 
 def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """Amounts (S, T, n) at sorted, distinct ``times``, the parameter sets whose solve failed
-    (their rows NaN), and the method with its rtol.
+    """Amounts (S, T, n) at sorted, distinct ``times`` (T,), or at each set's own times (S, T), the
+    parameter sets whose solve failed (their rows NaN), and the method with its rtol.
+
+    Own times need not be sorted or distinct: each set's solve stops at its own times only.
 
     Covariate changes (NOCB) go through the fit's machinery: a covariate the right-hand side or
     the outputs use is an extra state that jumps after the observations at its change time
@@ -80,7 +82,9 @@ def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple
     cut doses and restore boluses (:mod:`itpk.dosecuts`).
     """
     spec, S = values.spec, values.size
-    n, T = len(spec.state_names), times.size
+    n, T = len(spec.state_names), times.shape[-1]
+    if times.ndim not in (1, 2) or (times.ndim == 2 and times.shape[0] != S):
+        raise ValueError(f"kernel_solve: times must be (T,) or ({S}, T), found {times.shape}")
     empty = pd.DataFrame()
     subjects = [Subject(s, schedule, {c: float(np.broadcast_to(values[c], (S,))[s]) for c in spec.covariates}, "", empty)
                 for s in range(S)]
@@ -104,9 +108,10 @@ def kernel_solve(values: Values, schedule: Schedule, times: np.ndarray) -> tuple
         late = np.concatenate([late, changes.late & changes.valid], axis=1)
     design = Design(
         dose_time=time, dose_duration=duration, dose_valid=valid,
-        obs_subject=np.repeat(np.arange(S), T * n), obs_time=np.tile(np.repeat(times, n), S),
+        obs_subject=np.repeat(np.arange(S), T * n),
+        obs_time=np.broadcast_to(np.repeat(times, n, axis=-1), (S, T * n)).reshape(-1),
         obs_output=np.tile(np.arange(n), S * T),
-        obs_after=np.tile(np.repeat(last_reset(subjects[0], times), n), S),
+        obs_after=np.broadcast_to(np.repeat(last_reset(subjects[0], times), n, axis=-1), (S, T * n)).reshape(-1),
         dose_ss_period=np.zeros(time.shape),
     )
     p = np.stack([np.broadcast_to(np.asarray(values[name], dtype=float), (S,)) for name in system.input_names], axis=1)
