@@ -197,7 +197,7 @@ def compare(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter or covariate: NAME=VALUE (repeatable).")] = None,
     target: Annotated[list[str] | None, typer.Option(help="OUTPUT=CONC: report the time above this concentration (output unit).")] = None,
     threshold: Annotated[list[float] | None, typer.Option(help="Report P(metric > x) when comparing a population/posterior (repeatable).")] = None,
-    horizon: Annotated[float | None, typer.Option(help="Window, model time unit, for peaks and time above target (default for linear models: last dose + 10 slowest half-lives; AUC over [0, inf)) and for the AUC of nonlinear models (default: last dose + 30 days).")] = None,
+    horizon: Annotated[float | None, typer.Option(help="Window, model time unit. Linear models: bounds the peak search and time above target (default: peaks within last dose + 10 slowest half-lives; AUC and time above target over [0, inf)). Nonlinear models: AUC, peaks and time above target over [0, horizon] (default: last dose + 30 days).")] = None,
     posterior: Annotated[Path | None, typer.Option(help="Run directory of a fit: metrics over its posterior (median, 95% CrI, P(>x)).")] = None,
     out: Annotated[Path | None, typer.Option(help="CSV: one row per route quantity or metric.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the SPEC §4 JSON document on stdout.")] = False,

@@ -481,7 +481,30 @@ def run_simulation(
     ) + ("\n" + TRIAL_LINE.format(_listed(added, {k: spec.covariates[k].unit for k in added})) if added else "") + (
         f"\n  note: {unrecorded}" if unrecorded else "") + (
         f"\n  note: concentrations undefined in {', '.join(empty)}" if empty else "")
+    cut = cut_short(profiles) if horizon is None and at is None else {}
+    if cut:
+        message += (f"\n  note: the default window (last dose + one interval, at least 24) ends at {times[-1]:g} "
+                    f"{spec.time_unit} with {_listed_levels(cut)} of the peak in the window (median profile): "
+                    "pass --horizon for the whole profile")
     return SimulationResult(profiles, schedule, csv, png, message)
+
+
+CUT_SHORT = 0.5  # a profile ending at or above this fraction of its peak in the window was cut short
+
+
+def cut_short(profiles: Profiles) -> dict[str, float]:
+    """Outputs whose median profile ends at or above :data:`CUT_SHORT` of its peak: {output: last/peak}."""
+    out = {}
+    for name, values in profiles.outputs.items():
+        median = np.median(np.asarray(values, dtype=float), axis=0)
+        peak = float(np.nanmax(median)) if np.isfinite(median).any() else 0.0
+        if peak > 0 and median[-1] >= CUT_SHORT * peak:
+            out[name] = float(median[-1] / peak)
+    return out
+
+
+def _listed_levels(levels: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} at {100 * level:.0f}%" for name, level in levels.items())
 
 
 # Parameter sets per simulate() call: both solve a chunk in one call (a linear model vectorised,
@@ -725,7 +748,12 @@ def comparison_table(report: dict) -> pd.DataFrame:
     # which patient the numbers describe when a posterior supplied the covariates (the JSON's
     # trial_covariates), so that the CSV alone says so
     rows += [_row("covariate", "", k, v, units.get(k, "")) for k, v in report.get("trial_covariates", {}).items()]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # one column order whichever rows come first (route rows have no P(>x); covariate rows hold a value)
+    probabilities = [c for c in frame.columns if c.startswith("P(")]
+    order = ["kind", "route", "quantity", *(c for c in ("value", "median", "ci_low", "ci_high") if c in frame.columns),
+             *probabilities, "unit"]
+    return frame[order]
 
 
 def _local_route(report: dict) -> str:

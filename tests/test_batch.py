@@ -184,6 +184,7 @@ def test_bad_job_fails_alone_with_exit_4(tmp_path):
     assert "failed" in result.output and "DIAM=0" in result.output
     sim = next(j for j in record["jobs"] if j["kind"] == "simulate")
     assert sim["headline"]["subjects"] == 5 and sim["headline"]["Cmax_plasma"] > 0
+    assert sim["headline"]["window_end"] == 24.0  # the default window, so that batch.csv says what AUC covers
     assert pd.read_csv(out / "jobs" / sim["name"] / "profiles.csv")["ID"].nunique() == 5
 
 

@@ -374,3 +374,16 @@ def test_a_batch_whose_cluster_cannot_start_leaves_no_empty_folders(tmp_path, mo
     with pytest.raises(ItpkError, match="cannot connect"):  # a log asked for inside the new folder is kept, and so is it
         run_batch(load_pipeline(path), out=tmp_path / "b", scheduler="tcp://127.0.0.1:9", log=tmp_path / "b" / "ev.jsonl")
     assert (tmp_path / "b" / "ev.jsonl").is_file() and not (tmp_path / "b" / "jobs").exists()
+
+
+def test_a_fit_job_without_its_data_file_is_still_checked_for_its_options(tmp_path):
+    # found by a walkthrough: the missing file left the job without its required data key, so it was not
+    # checked at all and its draws = 0 surfaced only once the file was there
+    path = tmp_path / "p.toml"
+    path.write_text('[[jobs]]\nkind = "fit"\ndata = "nope.csv"\nmodel = "it_antibody"\ndraws = 0\n')
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(path, preflight=True)
+    message = str(caught.value)
+    assert "[[jobs]] #1 data: found 'nope.csv': no such file" in message
+    assert "jobs #1: draws must be a whole number >= 1, found 0" in message
+    assert message.startswith(f"{path}: 2 problems:\n")

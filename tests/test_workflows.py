@@ -33,3 +33,29 @@ def test_chunks_give_the_numbers_of_one_call_and_the_bar_counts_profiles(monkeyp
         for output, value in whole.outputs.items():
             np.testing.assert_array_equal(chunked.outputs[output], value)
         assert "simulate: 7 profiles" in stream.getvalue() and "7/7" in stream.getvalue()
+
+
+def test_comparison_csv_columns_keep_one_order_whichever_rows_come_first():
+    # route rows have no P(>x) and covariate rows hold a value: pandas would order the columns by first
+    # appearance (unit before P(>x), value last), and a reader by position would mix them up
+    from itpk.workflows import comparison_table
+
+    interval = {"median": 2.0, "ci_low": 1.0, "ci_high": 3.0}
+    report = {"units": {"AUC_plasma": "mg/L*h", "DIAM": "cm"}, "routes": {"it": {"AUC_plasma": interval}, "iv": {"AUC_plasma": interval}},
+              "metrics": {"G": {**interval, "P(>1)": 0.8, "P(>10)": 0.1}}, "reference_route": "iv", "trial_covariates": {"DIAM": 2.7}}
+    table = comparison_table(report)
+    assert list(table.columns) == ["kind", "route", "quantity", "value", "median", "ci_low", "ci_high", "P(>1)", "P(>10)", "unit"]
+    assert table[table["kind"] == "covariate"]["value"].item() == 2.7
+    assert table[table["quantity"] == "G"]["P(>10)"].item() == 0.1
+
+
+def test_a_profile_cut_short_by_the_default_window_is_noted(tmp_path):
+    # one IT antibody dose: the default window (24 h) ends with plasma still rising (its peak is at
+    # ~106 h); with --horizon the profile is whole and nothing is said
+    from itpk.workflows import run_simulation
+
+    short = run_simulation("it_antibody", route="it", dose=10.0, out=tmp_path / "a.csv")
+    assert "the default window (last dose + one interval, at least 24) ends at 24 h with plasma at 100%" in short.message
+    assert "pass --horizon" in short.message
+    whole = run_simulation("it_antibody", route="it", dose=10.0, horizon=3000.0, out=tmp_path / "b.csv")
+    assert "default window" not in whole.message

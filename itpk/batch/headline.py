@@ -43,10 +43,11 @@ def compare_headline(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def simulate_headline(profiles: Any) -> dict[str, Any]:
-    """Subjects and times, and per output Cmax, Tmax and AUC (trapezoids over the output grid)
-    of the median profile over subjects."""
+    """Subjects, times and the window's end, and per output Cmax, Tmax and AUC (trapezoids over
+    the output grid) of the median profile over subjects."""
     times = np.asarray(profiles.times, dtype=float)
-    out: dict[str, Any] = {"subjects": int(profiles.amounts.shape[0]), "times": int(times.size)}
+    out: dict[str, Any] = {"subjects": int(profiles.amounts.shape[0]), "times": int(times.size),
+                           "window_end": float(times[-1]) if times.size else 0.0}
     for name, values in profiles.outputs.items():
         median = np.median(np.asarray(values, dtype=float), axis=0)
         peak = int(np.argmax(median))

@@ -124,18 +124,24 @@ def resolve_jobs(pipeline: Pipeline) -> tuple[ResolvedJob, ...]:
     return jobs
 
 
-def check_jobs(specs: Sequence[tuple[JobSpec, bool]]) -> tuple[tuple[ResolvedJob, ...], list[str]]:
+def check_jobs(specs: Sequence[tuple[JobSpec, bool]],
+               incomplete: Sequence[tuple[str, Mapping[str, Any], str]] = ()) -> tuple[tuple[ResolvedJob, ...], list[str]]:
     """The jobs with their hashes, and every problem a command would refuse them for (one line per problem,
     prefixed by the jobs that have it): an unreadable model, what :func:`_preflight` finds, duplicates.
 
     A job marked partial (``True``: some of its keys were unreadable, reported already) is checked for the
-    options it has, without the checks that need the missing ones or its hash.
+    options it has, without the checks that need the missing ones or its hash. So is each of
+    ``incomplete`` (kind, options, label): a job that lacks a required key because its value was
+    unreadable (a fit's missing data file), so is no :class:`JobSpec`.
     """
     found: dict[str, list[str]] = {}  # problem -> labels of the jobs that have it, in pipeline order
     jobs, seen, digests = [], {}, {}
     checked: dict[Any, Any] = {}
+    for kind, options, label in incomplete:
+        for p in _preflight(kind, options, checked, required=False):
+            found.setdefault(p, []).append(label)
     for spec, partial in specs:
-        problems = _preflight(spec, checked, required=not partial)
+        problems = _preflight(spec.kind, dict(spec.options), checked, required=not partial)
         if partial:
             for p in problems:
                 found.setdefault(p, []).append(spec.label)
@@ -169,7 +175,7 @@ def _labels(labels: Sequence[str]) -> str:
     return shown if len(labels) <= 3 else f"{shown}, … ({len(labels)} jobs)"
 
 
-def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True) -> list[str]:
+def _preflight(kind: str, o: Mapping[str, Any], checked: dict[Any, Any], *, required: bool = True) -> list[str]:
     """What the job's command would refuse before any work: the same checks as ``itpk compare``,
     ``itpk simulate`` and ``itpk fit`` (:func:`itpk.workflows.comparison_problems`,
     :func:`itpk.workflows.simulation_problems`, :func:`itpk.inference.argument_problems`: numbers, choices,
@@ -184,7 +190,6 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
     from itpk.spec import load_model
     from itpk.workflows import comparison_problems, fitted_model, simulation_problems
 
-    o = dict(spec.options)
     if ("model", o["model"]) not in checked:
         try:
             checked["model", o["model"]] = load_model(o["model"])
@@ -196,7 +201,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
     common = {"dose": o.get("dose"), "site": o.get("cmt"), "regimen_name": o.get("regimen"), "diam": o.get("diam"),
               "every": o.get("every"), "doses": o.get("doses"), "infusion": o.get("infusion"), "horizon": o.get("horizon"),
               "overrides": dict(o.get("set", ())), "required": required}
-    if spec.kind == "compare":
+    if kind == "compare":
         problems = comparison_problems(model, routes=o.get("routes", ("it", "iv")), targets=dict(o.get("target", ())),
                                        thresholds=o.get("threshold", ()), **common)
         if o.get("posterior") is not None:  # the run directory, as the job would read it (once per pre-flight)
@@ -209,7 +214,7 @@ def _preflight(spec: JobSpec, checked: dict[Any, Any], *, required: bool = True)
             found = checked[key]
             problems += [found] if isinstance(found, str) else estimated_problems(model, found, dict(o.get("set", ())))
         return problems
-    if spec.kind == "simulate":
+    if kind == "simulate":
         return simulation_problems(model, route=o.get("route"), step=o.get("step"), at=o.get("at"),
                                    subjects=o.get("subjects", 1), seed=o.get("seed"), **common)
     problems = argument_problems(model, method=o.get("method", "nuts"), draws=o.get("draws", 1000),
