@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings as python_warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -573,6 +574,11 @@ def _likelihood(pm: Any, pt: Any, data: FitData, pred: Any) -> None:
 
 
 METHODS = ("nuts", "pymc", "map", "laplace", "advi")
+# Upper bounds, checked before any work: nutpie allocates a chain's draws up front (--draws 1e10
+# aborted in Rust asking for 80 GB) and runs one thread per chain (--chains 100000 started thousands
+# of threads and ignored SIGTERM while it did). More chains than this belong in a batch of fits.
+MAX_CHAINS = 64
+MAX_ITERATIONS = 1_000_000  # per chain, for draws and for tune
 PRIOR_DRAWS = 200  # draws in the prior and prior_predictive groups
 MASS_MATRICES = ("auto", "diag", "low-rank")
 PRECONDITIONS = ("auto", "mode", "none")
@@ -609,16 +615,19 @@ def argument_problems(
     """Every problem of :func:`fit`'s arguments (``itpk fit``'s options, a batch's fit job), one line each.
 
     Choices must be known, counts whole numbers (``draws``, ``chains``, ``cores`` >= 1; ``tune``,
-    ``seed`` >= 0), ``target_accept`` in [0.5, 1); with ``spec``, ``errors`` must name its outputs and
+    ``seed`` >= 0; ``draws`` and ``tune`` at most :data:`MAX_ITERATIONS`, ``chains`` :data:`MAX_CHAINS`), ``target_accept`` in [0.5, 1); with ``spec``, ``errors`` must name its outputs and
     known error models, and ``iiv`` mappings its parameters with IIV.
     """
     problems = []
     if method not in METHODS:
         problems.append(f"--method {method!r} is unknown; methods: {', '.join(METHODS)}")
     whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)
-    for label, value, low in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
+    for label, value, low, high in (("draws", draws, 1, MAX_ITERATIONS), ("tune", tune, 0, MAX_ITERATIONS),
+                                    ("chains", chains, 1, MAX_CHAINS)):
         if not whole(value) or value < low:
             problems.append(f"--{label} must be a whole number >= {low}, found {value!r}")
+        elif value > high:
+            problems.append(f"--{label} must be a whole number from {low} to {high}, found {value!r}")
     if cores is not None and not (whole(cores) and cores >= 1):
         problems.append(f"--cores must be a whole number >= 1, found {cores!r}")
     if seed is not None and not (whole(seed) and 0 <= seed <= MAX_SEED):
@@ -774,8 +783,12 @@ def fit(
             # whitened coordinates carry the correlations already: diag on top measured better than
             # low-rank (virus, seed 2: min ESS 456 against 203 in the same time)
             mass_matrix = "diag" if uses_exact_solution(spec) or precondition == "mode" else "low-rank"
-        tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings, target_accept, mass_matrix,
-                     frozenset(p for p in data.iiv if _kind(iiv, p) == "centred"), precondition, preconditioning)
+        with python_warnings.catch_warnings():
+            # an interrupted nutpie returns the few draws it has, and ArviZ warns about their shape;
+            # the fit then refuses to write them, so the warning only cluttered the message
+            python_warnings.filterwarnings("ignore", message="Found chain dimension to be longer than draw dimension")
+            tree = _nuts(model, draws, tune, chains, cores, seed, progress, timings, target_accept, mass_matrix,
+                         frozenset(p for p in data.iiv if _kind(iiv, p) == "centred"), precondition, preconditioning)
     elif method == "pymc":
         tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed, model=model,
                          progressbar=progress, compute_convergence_checks=False, target_accept=target_accept,
@@ -1073,8 +1086,6 @@ MAP_RESTARTS = 10
 
 def _map(model: Any, seed: int, progress: bool) -> tuple[Any, str]:
     """The joint posterior mode as a DataTree (one draw), and a note when the optimiser did not converge."""
-    import warnings as python_warnings
-
     import pymc as pm
     import xarray as xr
 

@@ -17,7 +17,9 @@ so every clean-up that Ctrl-C runs runs for it too; the exit code says which (13
 
 from __future__ import annotations
 
+import _thread
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,9 +35,34 @@ class Terminated(KeyboardInterrupt):
 
 def terminate_gently() -> None:
     """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere, and
-    when SIGTERM is ignored: whoever started the process wanted it to survive one)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+    when SIGTERM is ignored: whoever started the process wanted it to survive one); and an interrupt
+    raised inside a C callback, which Python can only print and drop, is redelivered
+    (:func:`_redeliver`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
         signal.signal(signal.SIGTERM, _raise_terminated)
+    if sys.unraisablehook is not _redeliver:
+        _previous_hook["hook"] = sys.unraisablehook
+        sys.unraisablehook = _redeliver
+
+
+_previous_hook: dict[str, Callable[[Any], None]] = {}  # the unraisable hook that :func:`_redeliver` replaced
+
+
+def _redeliver(unraisable: Any) -> None:
+    """``sys.unraisablehook``: an interrupt raised inside a C callback (numba's compiler, nutpie's
+    ctypes callbacks) cannot propagate; Python printed "Exception ignored on calling ctypes callback
+    function" with its traceback and carried on, compiling for minutes under load before the signal
+    took effect. Now nothing is printed, and unless a :func:`watch_interrupts` block has noted it
+    (its caller stops at the next :func:`checkpoint`), the signal is delivered again to the main
+    thread, where the next Python instruction raises it. Anything else goes to the previous hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):
+        if not _seen.is_set():
+            _thread.interrupt_main(signal_of(exc))
+        return
+    _previous_hook.get("hook", sys.__unraisablehook__)(unraisable)
 
 
 _received = threading.Event()  # a SIGTERM arrived since terminate_gently (for the console entry point)

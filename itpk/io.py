@@ -30,10 +30,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The rename is atomic on POSIX file systems, so readers see the old file or
     the complete new one. The temporary file is removed if ``write`` fails.
+    A symbolic link is written through: its target is replaced, the link kept.
+    A device or a named pipe (``/dev/null``, ``/dev/stdout``, a FIFO) is written
+    into directly: renaming over it would replace the device with a file (an
+    audit, as root, turned ``/dev/null`` into a CSV), and a stream has no old
+    content to keep.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     if target.is_dir():  # os.replace would fail only after the work, naming the temporary file
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(target))
+    if target.exists() and not target.is_file():
+        write(target)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target, directory=False)
     try:

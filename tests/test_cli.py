@@ -304,6 +304,12 @@ def test_fit_library_raises_one_error_listing_every_argument_problem():
         assert text in message
     with pytest.raises(FitError, match="^--iiv ka=wobbly: 'wobbly' is unknown"):
         fit(spec, data, iiv="ka=wobbly")
+    # found by an audit: --draws 1e10 aborted inside nutpie (an 80 GB allocation), --chains 100000 started
+    # thousands of threads; both are refused before any work, with what is allowed
+    assert argument_problems(spec, draws=10**10, tune=2_000_000, chains=100_000) == [
+        "--draws must be a whole number from 1 to 1000000, found 10000000000",
+        "--tune must be a whole number from 0 to 1000000, found 2000000",
+        "--chains must be a whole number from 1 to 64, found 100000"]
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):

@@ -195,3 +195,56 @@ def test_an_ignored_sigterm_stays_ignored():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     terminate_gently()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def _unraisable(exc: BaseException):
+    """What Python hands sys.unraisablehook when a C callback raised ``exc``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg="Exception ignored on calling ctypes callback function", object=None)
+
+
+def test_an_interrupt_dropped_by_a_c_callback_is_raised_again_silently(capsys, gentle_sigterm):
+    # found by two audits: SIGTERM during numba's compile (llvmlite's cache callback) or Ctrl-C in nutpie's
+    # ctypes callbacks printed "Exception ignored on calling ctypes callback function" and a traceback,
+    # and outside a watch the compile went on for minutes. Now nothing is printed and the next Python
+    # instruction raises the same signal
+    import sys
+
+    from itpk.interrupts import Terminated
+
+    with pytest.raises(Terminated):
+        sys.unraisablehook(_unraisable(Terminated()))
+        for _ in range(1000):  # the redelivered signal is raised at the next instruction
+            pass
+    with pytest.raises(KeyboardInterrupt) as caught:
+        sys.unraisablehook(_unraisable(KeyboardInterrupt()))
+        for _ in range(1000):
+            pass
+    assert not isinstance(caught.value, Terminated)
+    assert capsys.readouterr().err == ""
+
+
+def test_under_a_watch_the_dropped_interrupt_is_left_to_the_watch(gentle_sigterm, monkeypatch):
+    # a watch that noted the signal stops its caller at the next checkpoint: raising it again would only
+    # interrupt the clean-up; other unraisable exceptions still reach the hook before (pytest's here)
+    import sys
+
+    from itpk.interrupts import Terminated
+
+    import itpk.interrupts
+
+    seen = []
+    monkeypatch.setitem(itpk.interrupts._previous_hook, "hook", lambda u: seen.append(u.exc_value))
+    with watch_interrupts() as interrupted:
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Terminated:
+            pass
+        sys.unraisablehook(_unraisable(Terminated()))
+        for _ in range(1000):
+            pass
+        error = ValueError("a real bug")
+        sys.unraisablehook(_unraisable(error))
+    assert interrupted() == signal.SIGTERM
+    assert seen == [error]

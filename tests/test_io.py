@@ -215,3 +215,32 @@ def test_a_run_directory_s_own_model_and_hidden_files_do_not_block_a_refit(tmp_p
     for name in ("run.json", "model.toml", "report.html", ".DS_Store", ".report.html.host-9.abc.tmp"):
         (run / name).write_text("x")
     assert check_run_target(run, inputs={"the model file": run / "model.toml", "the dataset": tmp_path / "d.csv"}) == run
+
+
+def test_a_symlink_is_written_through_and_kept(tmp_path):
+    # found by an audit: the rename replaced the link with a file and left its target as it was
+    target = tmp_path / "real" / "target.csv"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    atomic_write(link, lambda tmp: tmp.write_text("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["target.csv"]  # no temporary file left beside it
+
+
+def test_a_named_pipe_is_written_into_not_replaced(tmp_path):
+    # renaming over a FIFO (or a device: an audit, as root, turned /dev/null into a CSV) replaces it with a
+    # file; a stream is written into directly
+    import os
+    import threading
+
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    atomic_write(fifo, lambda path: path.write_text("ID,TIME\n"))
+    reader.join(timeout=10)
+    assert received == ["ID,TIME\n"]
+    assert fifo.is_fifo()
