@@ -45,6 +45,7 @@ def batch_command(
     """Run many compare/simulate/fit jobs on Dask; one directory per job plus batch.json and batch.csv."""
     from itpk.batch import load_pipeline, run_batch
     from itpk.batch.runner import default_out, option_problems
+    from itpk.cli.edge import shortened
     from itpk.errors import ItpkError, problems_error
     from itpk.interrupts import described, exit_code, signal_of
 
@@ -61,7 +62,7 @@ def batch_command(
         result = run_batch(loaded, out=out, scheduler=scheduler, workers=workers, resume=resume,
                            retries=retries, log=log, progress=not quiet and sys.stderr.isatty())
     except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {shortened(str(exc))}", err=True)
         raise typer.Exit(1) from None
     except OSError as exc:  # the batch directory or --log could not be written after all (a race, a full disk)
         typer.echo(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}", err=True)

@@ -35,8 +35,7 @@ def _read(data: Path, model: str | None) -> Dataset:
     problems: list[str] = []
     _, dataset = read_data(data, model, problems)
     if problems or dataset is None:
-        typer.echo(f"error: {problems_error(problems)}", err=True)
-        raise typer.Exit(1)
+        raise problems_error(problems)  # printed by user_errors
     return dataset
 
 

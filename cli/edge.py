@@ -23,7 +23,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ItpkError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {shortened(str(exc))}", err=True)
         raise typer.Exit(code=getattr(exc, "exit_code", 1)) from None
     except OSError as exc:  # an output path that cannot be written (a folder, a file as parent, no permission)
         where = f" {exc.filename}" if exc.filename else ""
@@ -35,6 +35,20 @@ def user_errors() -> Iterator[None]:
         if interrupt_behind(exc) is None:
             raise
         raise typer.Exit(code=stopped_by(signal_of(exc))) from None
+
+
+LINE_LIMIT = 400  # characters of one line of an error message
+
+
+def shortened(message: str) -> str:
+    """Each line cut to :data:`LINE_LIMIT` characters: a message quotes what it found, and a cell of
+    100 000 digits, a quote left open over the rest of a file or a huge expression made one problem
+    fill many screens."""
+    lines = []
+    for line in message.splitlines() or [message]:
+        cut = len(line) - LINE_LIMIT
+        lines.append(line if cut <= 0 else f"{line[:LINE_LIMIT]}… ({cut} more characters)")
+    return "\n".join(lines)
 
 
 def stopped_by(signum: int) -> int:

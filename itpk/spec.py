@@ -402,14 +402,22 @@ def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ModelSpecError(f"{source}: not valid TOML ({exc})") from None
-    parent = raw.pop("extends", None)
+    parent = raw_parent = raw.pop("extends", None)
     if parent is None:
         return raw, source, []
     if not isinstance(parent, str):
         raise ModelSpecError(f"{source}: 'extends' must be a model name or path, found {parent!r}")
-    if not parent.endswith(".toml") and (Path(source).parent / f"{parent}.toml").is_file():
-        parent = str(Path(source).parent / f"{parent}.toml")
-    base, base_source, problems = _read_resolved(parent, seen=(*seen, source))
+    here = Path(source).parent  # a relative path is relative to the file that names it, as a name is
+    if not parent.endswith(".toml") and (here / f"{parent}.toml").is_file():
+        parent = str(here / f"{parent}.toml")
+    elif parent.endswith(".toml") and not Path(parent).expanduser().is_absolute() and not source.startswith("models/"):
+        parent = str(here / parent)
+    try:
+        base, base_source, problems = _read_resolved(parent, seen=(*seen, source))
+    except ModelSpecError as exc:
+        if not str(exc).startswith(("cannot read model file", "unknown model")):  # the parent's own problems name it
+            raise
+        raise ModelSpecError(f"{source}: extends {raw_parent!r}: {exc}") from None
     return _merge(base, raw), source, problems + _prior_unit_problems(base, raw, base_source)
 
 
@@ -459,7 +467,7 @@ def _read_text(name_or_path: str) -> tuple[str, str]:
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.is_file():
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            return path.read_text(encoding="utf-8-sig"), str(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ModelSpecError(f"cannot read model file {str(path)!r}: {exc}") from None
     names = builtin_models()

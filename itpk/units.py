@@ -255,7 +255,7 @@ def read_sidecar(csv_path: str | Path, covariates: tuple[str, ...] = (), *,
     if not path.is_file():
         return None
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise DatasetError(f"units file {path}: cannot be read as TOML ({exc})") from None
     problems: list[str] = []

@@ -460,6 +460,7 @@ def run_simulation(
         params = sample_population(spec, subjects, seed=seed, typical=overrides) if subjects > 1 else overrides
     profiles = simulate_population(spec, schedule, resolve(spec, params), times, progress=progress)
     count = profiles.amounts.shape[0]  # with a posterior and one subject: one profile per draw
+    raise_problems(infinite_outputs(spec, profiles))  # before anything is written
     if draws is None:
         who = f"{count} subject(s)"
     elif subjects > 1:
@@ -487,6 +488,20 @@ def run_simulation(
                     f"{spec.time_unit} with {_listed_levels(cut)} of the peak in the window (median profile): "
                     "pass --horizon for the whole profile")
     return SimulationResult(profiles, schedule, csv, png, message)
+
+
+def infinite_outputs(spec: ModelSpec, profiles: Profiles) -> list[str]:
+    """Outputs that are infinite somewhere: an expression that divides by 0 or overflows at these values
+    (``--set DIAM=1e-102`` gave a lesion volume of ~0 and a CSV of inf; its plot failed in matplotlib)."""
+    problems = []
+    for name, values in profiles.outputs.items():
+        bad = np.isinf(np.asarray(values, dtype=float))
+        if bad.any():
+            subject, k = np.argwhere(bad)[0]
+            problems.append(f"output {name} = {spec.outputs[name].expr.text} is infinite for {int(bad.any(axis=1).sum())} "
+                            f"profile(s) (first: profile {int(subject) + 1} at {profiles.times[k]:g} {spec.time_unit}): "
+                            "it divides by 0 or overflows at these values; check --set and the model file")
+    return problems
 
 
 CUT_SHORT = 0.5  # a profile ending at or above this fraction of its peak in the window was cut short

@@ -456,3 +456,15 @@ def test_compare_with_a_compartment_cut_off_and_without_elimination(tmp_path):
     result = run("compare", "one_cpt_iv", "--dose", 1, "--routes", "iv", "--set", "CL=0")
     assert result.exit_code == 1 and "the amount reaching central is never eliminated" in result.output
 
+
+
+def test_a_huge_cell_is_quoted_in_part(tmp_path):
+    # found by an audit: a DV of 100 000 digits (or a quote left open over the rest of the file) was
+    # echoed whole, a 100 KB message; each line is cut at 400 characters and says how much is left out
+    data = tmp_path / "long.csv"
+    data.write_text("ID,TIME,EVID,AMT,ROUTE,CMT,DV\n1,0,1,10,iv,,\n1,1,0,,,plasma," + "9" * 100_000 + "\n")
+    result = runner.invoke(app, ["data", "validate", str(data)])
+    assert result.exit_code == 1
+    line = next(line for line in result.output.splitlines() if "row 3, DV" in line)
+    assert "…" in line and line.endswith("more characters)") and len(line) < 450
+    assert len(result.output) < 2000

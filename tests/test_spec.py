@@ -1,6 +1,7 @@
 """Model files: loading, inheritance, and every ModelSpecError message."""
 
 import copy
+from importlib.resources import files
 import textwrap
 
 import pytest
@@ -367,3 +368,24 @@ def test_extends_refuses_a_new_unit_with_the_inherited_prior(tmp_path):
     assert load_model(path).parameters["CL"].prior.args["median"] == 0.1
     path.write_text(CHILD_CL.format(parent="one_cpt_iv", unit="L / h", prior=""))  # the same unit, written otherwise
     assert load_model(path).parameters["CL"].prior.args["median"] == 5
+
+
+def test_a_relative_extends_path_is_relative_to_the_file_that_names_it(tmp_path, monkeypatch):
+    # found by an audit: extends = "sibling.toml" was read from the working directory (extends = "sibling",
+    # without the suffix, from the file's folder), and the error named neither file nor key
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "base.toml").write_text(files("itpk.models").joinpath("one_cpt_iv.toml").read_text())
+    (folder / "child.toml").write_text('extends = "base.toml"\nname = "child"\n')
+    (folder / "orphan.toml").write_text('extends = "gone.toml"\nname = "orphan"\n')
+    monkeypatch.chdir(tmp_path)  # not the models' folder
+    assert load_model(folder / "child.toml").name == "child"
+    with pytest.raises(ModelSpecError, match=r"orphan.toml: extends 'gone.toml': cannot read model file '.*models/gone.toml'"):
+        load_model(folder / "orphan.toml")
+
+
+def test_a_model_file_saved_with_a_byte_order_mark_loads(tmp_path):
+    # Windows editors save UTF-8 with a BOM; tomllib read it as "Invalid statement (at line 1, column 1)"
+    path = tmp_path / "bom.toml"
+    path.write_text("\ufeff" + files("itpk.models").joinpath("one_cpt_iv.toml").read_text(), encoding="utf-8")
+    assert load_model(path).parameters["CL"].value == load_model("one_cpt_iv").parameters["CL"].value

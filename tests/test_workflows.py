@@ -4,6 +4,7 @@ import io
 import sys
 
 import numpy as np
+import pytest
 
 from itpk import load_model, workflows
 from itpk.events import regimen
@@ -59,3 +60,14 @@ def test_a_profile_cut_short_by_the_default_window_is_noted(tmp_path):
     assert "pass --horizon" in short.message
     whole = run_simulation("it_antibody", route="it", dose=10.0, horizon=3000.0, out=tmp_path / "b.csv")
     assert "default window" not in whole.message
+
+
+def test_an_infinite_output_is_refused_before_anything_is_written(tmp_path):
+    # found by an audit: DIAM=1e-102 makes the lesion's volume ~1e-309 L, the tumour concentration inf;
+    # the CSV of inf was written and the plot failed with matplotlib's traceback
+    from itpk.errors import ItpkError
+    from itpk.workflows import run_simulation
+
+    with pytest.raises(ItpkError, match=r"output tumor = tumor / V_T is infinite for 1 profile\(s\) \(first: profile 1 at 0 h\)"):
+        run_simulation("it_antibody", route="it", dose=10.0, overrides={"DIAM": 1e-102}, out=tmp_path / "t.csv", plot=tmp_path / "t.png")
+    assert list(tmp_path.iterdir()) == []

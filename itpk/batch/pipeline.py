@@ -167,7 +167,7 @@ def load_pipeline(path: str | Path, *, preflight: bool = False) -> Pipeline:
 
 def _read_toml(source: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(source.read_text(encoding="utf-8"))
+        return tomllib.loads(source.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise PipelineError(f"pipeline file {str(source)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
