@@ -44,9 +44,13 @@ def validate(data: DataArg, model: ModelOpt = None) -> None:
     """Check a dataset and print a short summary; list every problem and exit 1 if invalid."""
     from itpk.cli.edge import user_errors
 
+    from itpk.dataset import log_error_notes
+    from itpk.spec import load_model
+
     with user_errors():
         dataset = _read(data, model)
-    for line in summary(dataset):
+        notes = log_error_notes(dataset, load_model(model)) if model else []
+    for line in summary(dataset) + [f"  note: {note}" for note in notes]:
         typer.echo(line)
 
 

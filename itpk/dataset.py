@@ -166,6 +166,26 @@ def read_dataset(path: str | Path, spec: ModelSpec | None = None) -> Dataset:
     return _build(header, rows, blank, source, spec, Path(str(path)))
 
 
+def log_error_notes(dataset: Dataset, spec: ModelSpec) -> list[str]:
+    """Quantified DV <= 0 of the outputs whose model-file error model is ``log``, one line per output.
+
+    Not a problem of the dataset (a fit with ``--error OUTPUT=additive`` takes them), but a fit with the
+    model's own error model refuses them: ``itpk data validate --model`` says so beforehand.
+    """
+    obs = dataset.observations
+    notes = []
+    for name, output in spec.outputs.items():
+        if output.error != "log":
+            continue
+        rows = obs[(obs["CMT"] == name) & (obs["BLQ"] == 0) & ~(obs["DV"] > 0)]
+        if len(rows):
+            listed = ", ".join(f"{r} ({dv:g})" for r, dv in zip(rows["ROW"][:10], rows["DV"][:10], strict=True))
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            notes.append(f"{name}: DV <= 0 on rows {listed}{more}; the model file's log error model needs DV > 0: mark "
+                         f"them BLQ=1 with their LLOQ, or fit with --error {name}=additive")
+    return notes
+
+
 def check_against(dataset: Dataset, spec: ModelSpec) -> None:
     """Check the routes, sites, compartments and outputs of a dataset read without ``spec``.
 

@@ -433,3 +433,17 @@ def test_cmt_key_injects_the_second_lesion_in_compare_and_simulate_jobs(tmp_path
     runner.invoke(app, ["simulate", "it_linear", "--route", "it", "--cmt", "lesion2", "--dose", "10", "--at", "1,6",
                         "--out", str(tmp_path / "cli.csv")])
     pd.testing.assert_frame_equal(profiles, pd.read_csv(tmp_path / "cli.csv"))
+
+
+def test_leftover_clusters_are_closed_quietly_at_exit():
+    # found by a walkthrough: Ctrl-C while the LocalCluster started left it in Status.init, and distributed's
+    # exit hook printed a 20-line AssertionError after the batch's own message
+    from itpk.batch import cluster
+
+    def fails() -> None:
+        raise AssertionError("Status.init")
+
+    cluster._close_clusters_quietly(fails)  # no exception, nothing printed
+    cluster._close_quietly_at_exit()
+    cluster._close_quietly_at_exit()
+    assert cluster._QUIET_EXIT == [True]  # replaced once per process

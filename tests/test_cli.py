@@ -468,3 +468,24 @@ def test_a_huge_cell_is_quoted_in_part(tmp_path):
     line = next(line for line in result.output.splitlines() if "row 3, DV" in line)
     assert "…" in line and line.endswith("more characters)") and len(line) < 450
     assert len(result.output) < 2000
+
+
+def test_validate_against_a_model_notes_dv_its_log_error_model_refuses(tmp_path):
+    # found by an audit: DV 0 and -1 on virus_blood (log error model) validated silently and only the fit
+    # refused them; the dataset is valid (an additive error takes them), so it is a note, exit 0
+    import shutil
+
+    import pandas as pd
+
+    source = files("itpk.data")
+    frame = pd.read_csv(source / "example_virus.csv")
+    rows = frame.index[(frame["CMT"] == "virus_blood") & (frame["BLQ"] == 0)][:2]
+    frame.loc[rows, "DV"] = [0.0, -1.0]
+    frame.to_csv(tmp_path / "v.csv", index=False)
+    shutil.copy(source / "example_virus.units.toml", tmp_path / "v.units.toml")
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "v.csv"), "--model", "it_oncolytic_virus"])
+    assert result.exit_code == 0, result.output
+    assert f"note: virus_blood: DV <= 0 on rows {rows[0] + 2} (0), {rows[1] + 2} (-1); the model file's log error model" in result.output
+    assert "--error virus_blood=additive" in result.output
+    plain = runner.invoke(app, ["data", "validate", str(source / "example_virus.csv"), "--model", "it_oncolytic_virus"])
+    assert "note: virus_blood" not in plain.output

@@ -168,6 +168,7 @@ def make_client(scheduler: str, *, workers: int | None, config: ClusterConfig) -
 def _local(client_type: Any, workers: int | None) -> Iterator[Any]:
     from distributed import LocalCluster
 
+    _close_quietly_at_exit()
     cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=logging.ERROR, env=dict(THREAD_ENV))
     try:
@@ -175,6 +176,32 @@ def _local(client_type: Any, workers: int | None) -> Iterator[Any]:
             yield client
     finally:
         cluster.close()
+
+
+def _close_quietly_at_exit() -> None:
+    """Replace distributed's exit hook, which closes the clusters left open, by one that does it quietly.
+
+    A Ctrl-C while a ``LocalCluster`` starts leaves it half made (status ``init``), and closing it at
+    exit raised an ``AssertionError`` whose 20-line traceback followed the batch's own message.
+    """
+    import atexit
+
+    from distributed.deploy import spec
+
+    if not _QUIET_EXIT:
+        atexit.unregister(spec.close_clusters)
+        atexit.register(_close_clusters_quietly, spec.close_clusters)
+        _QUIET_EXIT.append(True)
+
+
+_QUIET_EXIT: list[bool] = []  # the hook is replaced once per process
+
+
+def _close_clusters_quietly(close: Any) -> None:
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - at exit, after the batch has reported; nothing left to tell the user
+        pass
 
 
 def _slurm(client_type: Any, workers: int | None, config: ClusterConfig) -> Iterator[Any]:
