@@ -92,7 +92,9 @@ def summary_table(result: FitResult) -> pd.DataFrame:
             typical = float(np.median(np.asarray(post[name[6:]]))) if name[6:] in post else None
             row["cv_percent"] = cv_percent(omega, target.iiv_scale, typical)
             eta = np.asarray(post[f"eta_{name[6:]}"]).reshape(-1, len(data.subjects)).mean(axis=0)
-            row["shrinkage_percent"] = 100 * (1 - float(np.std(eta, ddof=1)) / omega) if omega > 0 else float("nan")
+            # η-shrinkage needs the spread of two or more subjects' η (one subject: not defined)
+            row["shrinkage_percent"] = (100 * (1 - float(np.std(eta, ddof=1)) / omega) if omega > 0 and eta.size > 1
+                                        else float("nan"))
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

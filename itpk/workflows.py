@@ -960,8 +960,9 @@ def run_fit(
     recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))  # diagnostics and warnings, as written
     diag = recorded["diagnostics"]
     table = summary_table(result)
-    lines = [f"fitted {spec.name} to {dataset.source} ({len(result.data.subjects)} subjects, "
-             f"{len(result.data.observations)} observations) with {method}; wrote {run_dir}"]
+    n, m = len(result.data.subjects), len(result.data.observations)
+    lines = [f"fitted {spec.name} to {dataset.source} ({n} subject{'s' * (n != 1)}, "
+             f"{m} observation{'s' * (m != 1)}) with {method}; wrote {run_dir}"]
     assumed = dataset.units.assumption()
     lines += [assumed] if assumed else []
     lines += format_parameters(table)
