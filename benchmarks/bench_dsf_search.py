@@ -11,7 +11,6 @@ virus lesion AUC falls, then rises with the dose, so the old check found a cross
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,10 +53,9 @@ def run(sets: int, seed: int = 1) -> dict[str, tuple[float, np.ndarray]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    from sets_args import sets_arguments
+
+    args = sets_arguments(__doc__)
     results = run(args.sets, args.seed)
     for label, (wall, dsf) in results.items():
         defined = np.isfinite(dsf)

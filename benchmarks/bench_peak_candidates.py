@@ -13,7 +13,6 @@ Prints each side's wall time, the ratio, and for how many sets Tmax and Cmax dif
 
 from __future__ import annotations
 
-import argparse
 import time
 import tomllib
 from importlib.resources import files
@@ -126,10 +125,9 @@ def run(sets: int, seed: int = 1) -> dict[str, dict[str, tuple[float, Any]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    from sets_args import sets_arguments
+
+    args = sets_arguments(__doc__)
     for label, sides in run(args.sets, args.seed).items():
         (new_wall, new), (old_wall, old) = sides["own peaks"], sides["session 23"]
         print(f"{label} ({args.sets} sets): own peaks {new_wall:.2f} s, session 23 {old_wall:.2f} s, "

@@ -198,10 +198,10 @@ _QUIET_EXIT: list[bool] = []  # the hook is replaced once per process
 
 
 def _close_clusters_quietly(close: Any) -> None:
-    try:
+    import contextlib
+
+    with contextlib.suppress(Exception):  # at exit, after the batch has reported: nothing left to tell the user
         close()
-    except Exception:  # noqa: BLE001 - at exit, after the batch has reported; nothing left to tell the user
-        pass
 
 
 def _slurm(client_type: Any, workers: int | None, config: ClusterConfig) -> Iterator[Any]:
