@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 SHARED_MAX_POINTS = 2000  # session 23's cap on the shared windows' times, per output and round
+SESSION23_ROUNDS = 3  # and its zoom rounds (now 4)
 
 
 def session23_refined_peaks(values: Any, schedule: Any, outputs: Any, grid: np.ndarray, prof: Any) -> tuple[dict, dict]:
     """Session 23's zoom: the grid's largest point of each set, every round one solve of all sets at the
     union of all sets' windows (so every set stops at every other set's times)."""
-    from itpk.exposure import PEAK_POINTS, PEAK_ROUNDS
+    from itpk.exposure import PEAK_POINTS
     from itpk.simulate import simulate
 
     S = values.size
@@ -36,7 +37,7 @@ def session23_refined_peaks(values: Any, schedule: Any, outputs: Any, grid: np.n
     gap = {o: np.maximum(grid[np.minimum(best[o] + 1, grid.size - 1)] - grid[best[o]],
                          grid[best[o]] - grid[np.maximum(best[o] - 1, 0)]) for o in outputs}
     end = float(grid[-1])
-    for _ in range(PEAK_ROUNDS):
+    for _ in range(SESSION23_ROUNDS):
         times = {o: _shared_windows(tmax[o], gap[o], end, PEAK_POINTS) for o in outputs}
         times = {o: t for o, t in times.items() if t[0].size}
         if not times:

@@ -210,6 +210,8 @@ def _refined_peaks(values: Values, schedule: Schedule, outputs: Sequence[str], g
     peak (hours on a weeks-long horizon) falls to seconds; a peak at a bolus stays at its dose
     time, the value just after. The set's peak is its best candidate, the earliest of equal ones.
     """
+    if not outputs:
+        return {}, {}
     end = float(grid[-1])
     zooms = {o: _Candidates.of(prof.outputs[o], grid) for o in outputs}
     slots = _Slots.of(values.size, [z.row for z in zooms.values()])

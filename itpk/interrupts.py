@@ -18,9 +18,11 @@ so every clean-up that Ctrl-C runs runs for it too; the exit code says which (13
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,14 +57,24 @@ def _redeliver(unraisable: Any) -> None:
     ctypes callbacks) cannot propagate; Python printed "Exception ignored on calling ctypes callback
     function" with its traceback and carried on, compiling for minutes under load before the signal
     took effect. Now nothing is printed, and unless a :func:`watch_interrupts` block has noted it
-    (its caller stops at the next :func:`checkpoint`), the signal is delivered again to the main
-    thread, where the next Python instruction raises it. Anything else goes to the previous hook."""
+    (its caller stops at the next :func:`checkpoint`), the same signal is sent again a moment later
+    (:data:`REDELIVERY_DELAY`) from another thread: raised inside the hook it would be dropped too,
+    and a callback that runs again only passes it on again, until it reaches Python code that can
+    raise it, when the C call returns. Anything else goes to the previous hook."""
     exc = unraisable.exc_value
     if isinstance(exc, KeyboardInterrupt):
         if not _seen.is_set():
-            _thread.interrupt_main(signal_of(exc))
+            _thread.start_new_thread(_signal_later, (signal_of(exc),))  # does not wait for the thread, unlike Thread.start
         return
     _previous_hook.get("hook", sys.__unraisablehook__)(unraisable)
+
+
+REDELIVERY_DELAY = 0.05  # s: long enough for the hook and the callback to return
+
+
+def _signal_later(signum: int) -> None:
+    time.sleep(REDELIVERY_DELAY)
+    os.kill(os.getpid(), signum)
 
 
 _received = threading.Event()  # a SIGTERM arrived since terminate_gently (for the console entry point)

@@ -30,18 +30,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The rename is atomic on POSIX file systems, so readers see the old file or
     the complete new one. The temporary file is removed if ``write`` fails.
-    A symbolic link is written through: its target is replaced, the link kept.
-    A device or a named pipe (``/dev/null``, ``/dev/stdout``, a FIFO) is written
+    A symbolic link is written through: its target is replaced, the link kept
+    (a dangling link's target is created, with its folders). A device or a named
+    pipe (``/dev/null``, ``/dev/stdout``, a FIFO, also behind links) is written
     into directly: renaming over it would replace the device with a file (an
     audit, as root, turned ``/dev/null`` into a CSV), and a stream has no old
     content to keep.
     """
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    if target.is_dir():  # os.replace would fail only after the work, naming the temporary file
-        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(target))
-    if target.exists() and not target.is_file():
-        write(target)
-        return target
+    given = Path(path)
+    streams = given.exists() and not given.is_file() and not given.is_dir()  # through any links: /dev/stdout -> pipe
+    if streams or given.absolute().parts[1:2] in (("dev",), ("proc",)):  # /dev/stdout >> log.csv: append, not replace
+        write(given)
+        return given
+    if given.is_dir():  # os.replace would fail only after the work, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(given))
+    target = _link_target(given) if given.is_symlink() else given
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target, directory=False)
     try:
@@ -54,6 +57,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _link_target(link: Path) -> Path:
+    """The file a symbolic link ends at (to be created when it dangles); OSError for a loop of links."""
+    try:
+        return Path(os.path.realpath(link, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(link))
+    except OSError as exc:
+        raise OSError(exc.errno, f"a symbolic link that never reaches a file ({exc.strerror})", str(link)) from None
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -410,7 +410,7 @@ def _read_resolved(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, 
     here = Path(source).parent  # a relative path is relative to the file that names it, as a name is
     if not parent.endswith(".toml") and (here / f"{parent}.toml").is_file():
         parent = str(here / f"{parent}.toml")
-    elif parent.endswith(".toml") and not Path(parent).expanduser().is_absolute() and not source.startswith("models/"):
+    elif parent.endswith(".toml") and not Path(parent).expanduser().is_absolute() and not _builtin(name_or_path):
         parent = str(here / parent)
     try:
         base, base_source, problems = _read_resolved(parent, seen=(*seen, source))
@@ -463,9 +463,14 @@ def _unit_changed(old: Any, new: Any) -> bool:
         return True
 
 
+def _builtin(name_or_path: str) -> bool:
+    """Whether :func:`_read_text` reads ``name_or_path`` from the model library (not from a file)."""
+    return not (name_or_path.endswith(".toml") or Path(name_or_path).is_file())
+
+
 def _read_text(name_or_path: str) -> tuple[str, str]:
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.is_file():
+    if not _builtin(name_or_path):
         try:
             return path.read_text(encoding="utf-8-sig"), str(path)
         except (OSError, UnicodeDecodeError) as exc:

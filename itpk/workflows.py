@@ -491,11 +491,12 @@ def run_simulation(
 
 
 def infinite_outputs(spec: ModelSpec, profiles: Profiles) -> list[str]:
-    """Outputs that are infinite somewhere: an expression that divides by 0 or overflows at these values
-    (``--set DIAM=1e-102`` gave a lesion volume of ~0 and a CSV of inf; its plot failed in matplotlib)."""
+    """Outputs that are +inf somewhere: an expression that divides by 0 or overflows at these values
+    (``--set DIAM=1e-102`` gave a lesion volume of ~0 and a CSV of inf; its plot failed in matplotlib).
+    -inf is allowed: the log of an empty compartment before its first dose."""
     problems = []
     for name, values in profiles.outputs.items():
-        bad = np.isinf(np.asarray(values, dtype=float))
+        bad = np.isposinf(np.asarray(values, dtype=float))  # -inf is a log output of an empty compartment
         if bad.any():
             subject, k = np.argwhere(bad)[0]
             problems.append(f"output {name} = {spec.outputs[name].expr.text} is infinite for {int(bad.any(axis=1).sum())} "
@@ -765,10 +766,10 @@ def comparison_table(report: dict) -> pd.DataFrame:
     rows += [_row("covariate", "", k, v, units.get(k, "")) for k, v in report.get("trial_covariates", {}).items()]
     frame = pd.DataFrame(rows)
     # one column order whichever rows come first (route rows have no P(>x); covariate rows hold a value)
+    first = ["kind", "route", "quantity", *(c for c in ("value", "median", "ci_low", "ci_high") if c in frame.columns)]
     probabilities = [c for c in frame.columns if c.startswith("P(")]
-    order = ["kind", "route", "quantity", *(c for c in ("value", "median", "ci_low", "ci_high") if c in frame.columns),
-             *probabilities, "unit"]
-    return frame[order]
+    others = [c for c in frame.columns if c not in {*first, *probabilities, "unit"}]  # e.g. undefined_fraction
+    return frame[[*first, *probabilities, *others, "unit"]]
 
 
 def _local_route(report: dict) -> str:

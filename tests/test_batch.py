@@ -440,10 +440,23 @@ def test_leftover_clusters_are_closed_quietly_at_exit():
     # exit hook printed a 20-line AssertionError after the batch's own message
     from itpk.batch import cluster
 
-    def fails() -> None:
-        raise AssertionError("Status.init")
+    closed = []
 
-    cluster._close_clusters_quietly(fails)  # no exception, nothing printed
+    class Cluster:
+        shutdown_on_close = True
+        status = "Status.init"
+
+        def __init__(self, fails: bool) -> None:
+            self.fails = fails
+
+        def close(self, timeout: float) -> None:
+            if self.fails:
+                raise AssertionError("Status.init")
+            closed.append(self)
+
+    half_started, running = Cluster(True), Cluster(False)
+    cluster._close_clusters_quietly([half_started, running])  # no exception, nothing printed
+    assert closed == [running]  # the failing one does not keep the next open
     cluster._close_quietly_at_exit()
     cluster._close_quietly_at_exit()
     assert cluster._QUIET_EXIT == [True]  # replaced once per process

@@ -515,3 +515,10 @@ def test_nonlinear_peaks_are_zoomed_in_to_the_exact_ones():
     cmax = 100.0 / 50.0 * ka / (ka - k) * (np.exp(-k * tmax) - np.exp(-ka * tmax))
     np.testing.assert_allclose(ex.tmax["plasma"], tmax, atol=1e-4)
     np.testing.assert_allclose(ex.cmax["plasma"], cmax, rtol=1e-9)
+
+
+def test_no_outputs_asked_gives_no_peaks():
+    # the zoom's per-set windows start from the first output's candidates: with none it has nothing to do
+    spec = _as_nonlinear("it_small_molecule")
+    ex = route_exposure(resolve(spec), regimen("iv", 5.0), outputs=[], horizon=24.0)
+    assert ex.cmax == {} and ex.tmax == {}

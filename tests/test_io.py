@@ -244,3 +244,30 @@ def test_a_named_pipe_is_written_into_not_replaced(tmp_path):
     reader.join(timeout=10)
     assert received == ["ID,TIME\n"]
     assert fifo.is_fifo()
+
+
+def test_a_loop_of_links_is_refused_and_left_as_it_is(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(OSError, match="a symbolic link that never reaches a file"):
+        atomic_write(a, lambda tmp: tmp.write_text("new"))
+    assert a.is_symlink() and b.is_symlink()
+
+
+def test_a_pipe_behind_a_link_is_written_into(tmp_path):
+    # /dev/stdout is a link to /proc/self/fd/1, a pipe under `| head`: the link used to be followed to a
+    # folder of /proc where no temporary file can be made
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "out.csv"
+    link.symlink_to(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    atomic_write(link, lambda path: path.write_text("ID\n"))
+    reader.join(timeout=10)
+    assert received == ["ID\n"] and link.is_symlink() and fifo.is_fifo()

@@ -380,6 +380,7 @@ def test_a_relative_extends_path_is_relative_to_the_file_that_names_it(tmp_path,
     (folder / "orphan.toml").write_text('extends = "gone.toml"\nname = "orphan"\n')
     monkeypatch.chdir(tmp_path)  # not the models' folder
     assert load_model(folder / "child.toml").name == "child"
+    assert load_model("models/child.toml").name == "child"  # a relative folder named models/ too (not the library's)
     with pytest.raises(ModelSpecError, match=r"orphan.toml: extends 'gone.toml': cannot read model file '.*models/gone.toml'"):
         load_model(folder / "orphan.toml")
 

@@ -43,9 +43,11 @@ def test_comparison_csv_columns_keep_one_order_whichever_rows_come_first():
 
     interval = {"median": 2.0, "ci_low": 1.0, "ci_high": 3.0}
     report = {"units": {"AUC_plasma": "mg/L*h", "DIAM": "cm"}, "routes": {"it": {"AUC_plasma": interval}, "iv": {"AUC_plasma": interval}},
-              "metrics": {"G": {**interval, "P(>1)": 0.8, "P(>10)": 0.1}}, "reference_route": "iv", "trial_covariates": {"DIAM": 2.7}}
+              "metrics": {"G": {**interval, "P(>1)": 0.8, "P(>10)": 0.1, "undefined_fraction": 0.25}},
+              "reference_route": "iv", "trial_covariates": {"DIAM": 2.7}}
     table = comparison_table(report)
-    assert list(table.columns) == ["kind", "route", "quantity", "value", "median", "ci_low", "ci_high", "P(>1)", "P(>10)", "unit"]
+    assert list(table.columns) == ["kind", "route", "quantity", "value", "median", "ci_low", "ci_high", "P(>1)", "P(>10)",
+                                   "undefined_fraction", "unit"]  # any other key of summarize() kept, before unit
     assert table[table["kind"] == "covariate"]["value"].item() == 2.7
     assert table[table["quantity"] == "G"]["P(>10)"].item() == 0.1
 

@@ -190,18 +190,22 @@ def _close_quietly_at_exit() -> None:
 
     if not _QUIET_EXIT:
         atexit.unregister(spec.close_clusters)
-        atexit.register(_close_clusters_quietly, spec.close_clusters)
+        atexit.register(_close_clusters_quietly, spec.SpecCluster._instances)
         _QUIET_EXIT.append(True)
 
 
 _QUIET_EXIT: list[bool] = []  # the hook is replaced once per process
 
 
-def _close_clusters_quietly(close: Any) -> None:
+def _close_clusters_quietly(clusters: Any) -> None:
+    """distributed's ``close_clusters``, each cluster on its own: one that fails to close (a half-started
+    one) no longer keeps the others open or prints its traceback."""
     import contextlib
 
-    with contextlib.suppress(Exception):  # at exit, after the batch has reported: nothing left to tell the user
-        close()
+    for cluster in list(clusters):
+        if getattr(cluster, "shutdown_on_close", False) and str(getattr(cluster, "status", "closed")) != "Status.closed":
+            with contextlib.suppress(Exception):  # at exit, after the batch has reported: nothing left to tell the user
+                cluster.close(timeout=10)
 
 
 def _slurm(client_type: Any, workers: int | None, config: ClusterConfig) -> Iterator[Any]:

@@ -47,7 +47,7 @@ def simulate_headline(profiles: Any) -> dict[str, Any]:
     the output grid) of the median profile over subjects."""
     times = np.asarray(profiles.times, dtype=float)
     out: dict[str, Any] = {"subjects": int(profiles.amounts.shape[0]), "times": int(times.size),
-                           "window_end": float(times[-1]) if times.size else 0.0}
+                           "window_end": float(times.max()) if times.size else 0.0}
     for name, values in profiles.outputs.items():
         median = np.median(np.asarray(values, dtype=float), axis=0)
         peak = int(np.argmax(median))
