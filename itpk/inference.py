@@ -615,7 +615,8 @@ def argument_problems(
     """Every problem of :func:`fit`'s arguments (``itpk fit``'s options, a batch's fit job), one line each.
 
     Choices must be known, counts whole numbers (``draws``, ``chains``, ``cores`` >= 1; ``tune``,
-    ``seed`` >= 0; ``draws`` and ``tune`` at most :data:`MAX_ITERATIONS`, ``chains`` :data:`MAX_CHAINS`), ``target_accept`` in [0.5, 1); with ``spec``, ``errors`` must name its outputs and
+    ``seed`` >= 0; ``draws`` and ``tune`` at most :data:`MAX_ITERATIONS`, ``chains`` :data:`MAX_CHAINS`),
+    ``target_accept`` in [0.5, 1); with ``spec``, ``errors`` must name its outputs and
     known error models, and ``iiv`` mappings its parameters with IIV.
     """
     problems = []

@@ -18,5 +18,6 @@ def test_both_zooms_run_and_the_current_one_is_restored():
             # the same peaks or better ones: both are solutions of the model at the times they chose, to the
             # ODE solver's error (its steps follow the times asked for) and session 23's coarser zoom
             np.testing.assert_array_less(old.cmax[o] * (1 - 1e-7), new.cmax[o])
-    (_, new), (_, old) = results["small molecule, 3 iv infusions"]["own peaks"], results["small molecule, 3 iv infusions"]["session 23"]
+    small = results["small molecule, 3 iv infusions"]
+    (_, new), (_, old) = small["own peaks"], small["session 23"]
     assert np.all(new.tmax["tumor"] > 48.0)  # the third infusion's peak, the true one

@@ -201,7 +201,8 @@ def _unraisable(exc: BaseException):
     """What Python hands sys.unraisablehook when a C callback raised ``exc``."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg="Exception ignored on calling ctypes callback function", object=None)
+    return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                           err_msg="Exception ignored on calling ctypes callback function", object=None)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

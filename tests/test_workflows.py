@@ -42,7 +42,8 @@ def test_comparison_csv_columns_keep_one_order_whichever_rows_come_first():
     from itpk.workflows import comparison_table
 
     interval = {"median": 2.0, "ci_low": 1.0, "ci_high": 3.0}
-    report = {"units": {"AUC_plasma": "mg/L*h", "DIAM": "cm"}, "routes": {"it": {"AUC_plasma": interval}, "iv": {"AUC_plasma": interval}},
+    report = {"units": {"AUC_plasma": "mg/L*h", "DIAM": "cm"},
+              "routes": {"it": {"AUC_plasma": interval}, "iv": {"AUC_plasma": interval}},
               "metrics": {"G": {**interval, "P(>1)": 0.8, "P(>10)": 0.1, "undefined_fraction": 0.25}},
               "reference_route": "iv", "trial_covariates": {"DIAM": 2.7}}
     table = comparison_table(report)
@@ -71,5 +72,6 @@ def test_an_infinite_output_is_refused_before_anything_is_written(tmp_path):
     from itpk.workflows import run_simulation
 
     with pytest.raises(ItpkError, match=r"output tumor = tumor / V_T is infinite for 1 profile\(s\) \(first: profile 1 at 0 h\)"):
-        run_simulation("it_antibody", route="it", dose=10.0, overrides={"DIAM": 1e-102}, out=tmp_path / "t.csv", plot=tmp_path / "t.png")
+        run_simulation("it_antibody", route="it", dose=10.0, overrides={"DIAM": 1e-102}, out=tmp_path / "t.csv",
+                       plot=tmp_path / "t.png")
     assert list(tmp_path.iterdir()) == []

@@ -157,7 +157,8 @@ def load_pipeline(path: str | Path, *, preflight: bool = False) -> Pipeline:
         # a job that lacks only keys whose values were unreadable is still checked for its other options
         # (a fit's missing data file used to hide its draws = 0); without its model there is nothing to check
         incomplete = [(kind, options, label) for (spec, _), (kind, options, label, bad) in zip(specs, jobs, strict=True)
-                      if spec is None and "model" in options and all(k in (unread | bad) for k in REQUIRED[kind] if k not in options)]
+                      if spec is None and "model" in options
+                      and all(k in (unread | bad) for k in REQUIRED[kind] if k not in options)]
         resolved, job_problems = check_jobs([(s, partial) for s, partial in specs if s is not None], incomplete)
         problems.extend(job_problems)
     if problems:
