@@ -17,6 +17,7 @@ import typer
 
 if TYPE_CHECKING:
     from itpk.dataset import Dataset
+    from itpk.spec import ModelSpec
 
 data_app = typer.Typer(help="Check datasets (SPEC.md §2) before fitting or NCA.", no_args_is_help=True)
 
@@ -27,16 +28,16 @@ ModelOpt = Annotated[
 ]
 
 
-def _read(data: Path, model: str | None) -> Dataset:
-    """Read a dataset (checked against a model if given); on bad input print every problem and exit 1."""
+def _read(data: Path, model: str | None) -> tuple[ModelSpec | None, Dataset]:
+    """The model (when given) and the dataset checked against it; on bad input every problem in one error."""
     from itpk.errors import problems_error
     from itpk.workflows import read_data
 
     problems: list[str] = []
-    _, dataset = read_data(data, model, problems)
+    spec, dataset = read_data(data, model, problems)
     if problems or dataset is None:
         raise problems_error(problems)  # printed by user_errors
-    return dataset
+    return spec, dataset
 
 
 @data_app.command("validate")
@@ -45,11 +46,10 @@ def validate(data: DataArg, model: ModelOpt = None) -> None:
     from itpk.cli.edge import user_errors
 
     from itpk.dataset import log_error_notes
-    from itpk.spec import load_model
 
     with user_errors():
-        dataset = _read(data, model)
-        notes = log_error_notes(dataset, load_model(model)) if model else []
+        spec, dataset = _read(data, model)
+    notes = log_error_notes(dataset, spec) if spec is not None else []
     for line in summary(dataset) + [f"  note: {note}" for note in notes]:
         typer.echo(line)
 

@@ -179,11 +179,15 @@ def log_error_notes(dataset: Dataset, spec: ModelSpec) -> list[str]:
             continue
         rows = obs[(obs["CMT"] == name) & (obs["BLQ"] == 0) & ~(obs["DV"] > 0)]
         if len(rows):
-            listed = ", ".join(f"{r} ({dv:g})" for r, dv in zip(rows["ROW"][:10], rows["DV"][:10], strict=True))
-            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-            notes.append(f"{name}: DV <= 0 on rows {listed}{more}; the model file's log error model needs DV > 0: mark "
+            notes.append(f"{name}: DV <= 0 on rows {listed_dv(rows)}; the model file's log error model needs DV > 0: mark "
                          f"them BLQ=1 with their LLOQ, or fit with --error {name}=additive")
     return notes
+
+
+def listed_dv(rows: pd.DataFrame, shown: int = 10) -> str:
+    """``4 (0), 5 (-1) and 3 more``: the file rows (``ROW``) and DV of the first ``shown`` rows."""
+    listed = ", ".join(f"{r} ({dv:g})" for r, dv in zip(rows["ROW"][:shown], rows["DV"][:shown], strict=True))
+    return listed + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 def check_against(dataset: Dataset, spec: ModelSpec) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from itpk.covdoses import CovariateDoses, changing_inputs, covariate_doses
-from itpk.dataset import DOSE_EVIDS, Dataset, check_against
+from itpk.dataset import DOSE_EVIDS, Dataset, check_against, listed_dv
 from itpk.dosecuts import cut_doses
 from itpk.errors import FitError, problems_error
 from itpk.expr import pytensor_backend
@@ -114,9 +114,7 @@ def _check_log_dv(obs: pd.DataFrame, errors: Mapping[str, str]) -> None:
     for output, kind in errors.items():
         rows = obs[(obs["output"] == output) & ~obs["censored"] & ~(obs["DV"] > 0)] if kind == "log" else obs.iloc[:0]
         if len(rows):
-            listed = ", ".join(f"{r} ({dv:g})" for r, dv in zip(rows["ROW"][:10], rows["DV"][:10], strict=True))
-            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-            problems.append(f"{output}: DV <= 0 on rows {listed}{more} under the log error model, which needs DV > 0; "
+            problems.append(f"{output}: DV <= 0 on rows {listed_dv(rows)} under the log error model, which needs DV > 0; "
                             f"mark them BLQ=1 with their LLOQ, or use --error {output}=additive")
     if problems:
         raise FitError("; ".join(problems))

@@ -155,12 +155,7 @@ def simulate_each(values: Values, schedule: Schedule, times: np.ndarray, outputs
         part = values.take([s])
         amounts[s] = _run(make_stepper(segment_values(part, schedule), schedule, labels=np.array([s])), schedule,
                           unique)[0][inverse]
-    which = np.searchsorted([c.time for c in schedule.changes], t, side="left")  # a change at τ holds for t > τ
-    out = {name: np.empty(t.shape) for name in outputs}
-    for j in np.unique(which):
-        for name, value in evaluate_outputs(segments[j], amounts, list(outputs)).items():
-            np.copyto(out[name], value, where=which == j)
-    return out
+    return _outputs(segments, schedule, t, amounts, list(outputs))
 
 
 def segment_values(values: Values, schedule: Schedule) -> list[Values]:
@@ -225,15 +220,20 @@ class SegmentedStepper:
 
 def _outputs(segments: Sequence[Values], schedule: Schedule, times: np.ndarray, amounts: np.ndarray,
              names: list[str]) -> dict[str, np.ndarray]:
-    """Outputs at each time with the values in force there (a change at τ holds for t > τ)."""
+    """Outputs (S, T) at each time with the values in force there (a change at τ holds for t > τ);
+    ``times`` (T,) shared by the sets or (S, T) each their own."""
     if len(segments) == 1:
         return evaluate_outputs(segments[0], amounts, names)
     which = np.searchsorted([c.time for c in schedule.changes], times, side="left")
     out = {name: np.empty(amounts.shape[:2]) for name in names}
     for j in np.unique(which):
-        cols = which == j
-        for name, value in evaluate_outputs(segments[j], amounts[:, cols], names).items():
-            out[name][:, cols] = value
+        here = which == j
+        if times.ndim == 1:  # shared times: each segment's values on its own columns only
+            for name, value in evaluate_outputs(segments[j], amounts[:, here], names).items():
+                out[name][:, here] = value
+        else:
+            for name, value in evaluate_outputs(segments[j], amounts, names).items():
+                np.copyto(out[name], value, where=here)
     return out
 
 
